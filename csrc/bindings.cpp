@@ -1,0 +1,84 @@
+// pybind11 bindings: buffers in (anything with the buffer protocol), bounds checked here,
+// GIL released around every kernel.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <omp.h>
+
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "soupkern.h"
+
+namespace py = pybind11;
+using soupkern::DType;
+
+namespace {
+
+DType parse_dtype(const std::string& s) {
+  if (s == "F32") return soupkern::F32;
+  if (s == "F16") return soupkern::F16;
+  if (s == "BF16") return soupkern::BF16;
+  if (s == "F64") return soupkern::F64;
+  throw py::value_error("unsupported dtype '" + s + "' (expected F64, F32, F16 or BF16)");
+}
+
+// A contiguous byte view of obj with at least nbytes; keeps the buffer alive while held.
+py::buffer_info byte_view(const py::handle& obj, std::size_t nbytes, bool writable, const char* what) {
+  py::buffer buf = py::reinterpret_borrow<py::buffer>(obj);
+  py::buffer_info info = buf.request(writable);
+  std::size_t size = static_cast<std::size_t>(info.size) * static_cast<std::size_t>(info.itemsize);
+  bool contiguous = info.ndim <= 1 && (info.ndim == 0 || info.strides[0] == info.itemsize);
+  if (!contiguous) throw py::value_error(std::string(what) + " must be a contiguous 1-d buffer");
+  if (size < nbytes)
+    throw py::value_error(std::string(what) + " holds " + std::to_string(size) + " bytes, needs " +
+                          std::to_string(nbytes));
+  return info;
+}
+
+void weighted_sum_py(const py::object& out, const std::string& out_dtype, const py::sequence& inputs,
+                     const std::vector<std::string>& in_dtypes, const std::vector<double>& weights,
+                     std::size_t n, int threads) {
+  const std::size_t k = py::len(inputs);
+  if (k == 0) throw py::value_error("weighted_sum needs at least one input");
+  if (in_dtypes.size() != k || weights.size() != k)
+    throw py::value_error("inputs, in_dtypes and weights must have the same length");
+  const DType od = parse_dtype(out_dtype);
+  std::vector<DType> dts(k);
+  std::vector<py::buffer_info> infos;
+  std::vector<const void*> ptrs(k);
+  infos.reserve(k + 1);
+  infos.push_back(byte_view(out, n * soupkern::itemsize(od), true, "out"));
+  for (std::size_t j = 0; j < k; ++j) {
+    dts[j] = parse_dtype(in_dtypes[j]);
+    infos.push_back(byte_view(inputs[j], n * soupkern::itemsize(dts[j]), false,
+                              ("input " + std::to_string(j)).c_str()));
+    ptrs[j] = infos.back().ptr;
+  }
+  void* optr = infos[0].ptr;
+  py::gil_scoped_release release;
+  soupkern::weighted_sum(optr, od, ptrs.data(), dts.data(), weights.data(), static_cast<int>(k), n, threads);
+}
+
+void copy_py(const py::object& dst, const py::object& src, std::size_t nbytes, int threads) {
+  py::buffer_info d = byte_view(dst, nbytes, true, "dst");
+  py::buffer_info s = byte_view(src, nbytes, false, "src");
+  py::gil_scoped_release release;
+  soupkern::parallel_copy(d.ptr, s.ptr, nbytes, threads);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_native, m) {
+  m.doc() = "soupkern C++ kernels (framework-free; see csrc/soupkern.h for the contract)";
+  m.def("weighted_sum", &weighted_sum_py, py::arg("out"), py::arg("out_dtype"), py::arg("inputs"),
+        py::arg("in_dtypes"), py::arg("weights"), py::arg("n"), py::arg("threads") = 0,
+        "out[i] = sum_k w_k * x_k[i] over n elements; contract in csrc/soupkern.h.");
+  m.def("copy", &copy_py, py::arg("dst"), py::arg("src"), py::arg("nbytes"), py::arg("threads") = 0,
+        "OpenMP memcpy of nbytes: the same-run memory-copy baseline for the kernel.");
+  const char* isa = nullptr;
+  soupkern::select_isa(&isa);
+  m.attr("isa") = isa;
+  m.def("max_threads", []() { return omp_get_max_threads(); });
+}

@@ -1,0 +1,70 @@
+// Run-time ISA selection and the OpenMP-threaded entry points.
+#include <omp.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "soupkern.h"
+
+namespace soupkern {
+
+WeightedSumFn select_isa(const char** name) {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+      __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
+    if (name) *name = "avx512";
+    return isa_avx512::weighted_sum_range;
+  }
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
+    if (name) *name = "avx2";
+    return isa_avx2::weighted_sum_range;
+  }
+#endif
+  if (name) *name = "generic";
+  return isa_generic::weighted_sum_range;
+}
+
+namespace {
+// Below this many elements a kernel runs on the calling thread: waking the team costs more.
+constexpr std::size_t kMinParallel = 1 << 16;
+// Work is split on multiples of this many elements (cache-line and block friendly).
+constexpr std::size_t kGrain = 1024;
+
+int resolve_threads(int threads) { return threads > 0 ? threads : omp_get_max_threads(); }
+}  // namespace
+
+void weighted_sum(void* out, DType out_dtype, const void* const* inputs, const DType* in_dtypes,
+                  const double* weights, int k, std::size_t n, int threads) {
+  static const WeightedSumFn fn = select_isa(nullptr);
+  if (n == 0) return;
+  const int t = n < kMinParallel ? 1 : resolve_threads(threads);
+  if (t == 1) {
+    fn(out, out_dtype, inputs, in_dtypes, weights, k, 0, n);
+    return;
+  }
+  const std::size_t grains = (n + kGrain - 1) / kGrain;
+#pragma omp parallel num_threads(t)
+  {
+    const std::size_t nt = static_cast<std::size_t>(omp_get_num_threads());
+    const std::size_t id = static_cast<std::size_t>(omp_get_thread_num());
+    const std::size_t g0 = grains * id / nt, g1 = grains * (id + 1) / nt;
+    const std::size_t b = std::min(n, g0 * kGrain), e = std::min(n, g1 * kGrain);
+    if (b < e) fn(out, out_dtype, inputs, in_dtypes, weights, k, b, e);
+  }
+}
+
+void parallel_copy(void* dst, const void* src, std::size_t nbytes, int threads) {
+  const int t = nbytes < (kMinParallel * 4) ? 1 : resolve_threads(threads);
+#pragma omp parallel num_threads(t)
+  {
+    const std::size_t nt = static_cast<std::size_t>(omp_get_num_threads());
+    const std::size_t id = static_cast<std::size_t>(omp_get_thread_num());
+    const std::size_t b = (nbytes * id / nt) & ~std::size_t(63);
+    const std::size_t e = id + 1 == nt ? nbytes : (nbytes * (id + 1) / nt) & ~std::size_t(63);
+    if (b < e) std::memcpy(static_cast<char*>(dst) + b, static_cast<const char*>(src) + b, e - b);
+  }
+}
+
+}  // namespace soupkern

@@ -1,0 +1,37 @@
+"""The C++/OpenMP backend (soupkern._native): AVX-512 / AVX2 / portable code chosen at run time."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+
+class CppBackend:
+    name = "cpp"
+
+    def __init__(self, threads: int = 0):
+        from soupkern import _native
+
+        self._native = _native
+        self.threads = threads
+        self.isa = _native.isa
+
+    def weighted_sum(
+        self,
+        out: np.ndarray,
+        out_dtype: str,
+        inputs: Sequence[np.ndarray],
+        in_dtypes: Sequence[str],
+        weights: Sequence[float],
+        n: int,
+    ) -> None:
+        self._native.weighted_sum(out, out_dtype, list(inputs), list(in_dtypes), [float(w) for w in weights], n, self.threads)
+
+
+def load() -> tuple[CppBackend | None, str]:
+    try:
+        backend = CppBackend()
+    except ImportError as e:
+        return None, f"the C++ extension is not built ({e}); reinstall with `pip install -e .`"
+    return backend, f"C++ extension, {backend.isa} code, {backend._native.max_threads()} OpenMP threads"

@@ -1,0 +1,59 @@
+"""The plain torch backend: same contract as the C++ kernel in ordinary torch ops.
+
+fp32 (or fp64) accumulation in the same order, but multiply and add are separate roundings
+(torch has no guaranteed fused multiply-add on CPU), so its results may differ from the C++
+backend in the last bit of the accumulator; both stay within the same error bound.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Sequence
+
+import numpy as np
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self) -> None:
+        import torch
+
+        self.torch = torch
+        self.dtypes = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+    def _tensor(self, buf: np.ndarray, dtype: str, n: int):  # -> torch.Tensor
+        with warnings.catch_warnings():  # read-only mmap views: we never write through them
+            warnings.simplefilter("ignore", UserWarning)
+            return self.torch.from_numpy(buf[: n * (8 if dtype == "F64" else 4 if dtype == "F32" else 2)]).view(self.dtypes[dtype])
+
+    def weighted_sum(
+        self,
+        out: np.ndarray,
+        out_dtype: str,
+        inputs: Sequence[np.ndarray],
+        in_dtypes: Sequence[str],
+        weights: Sequence[float],
+        n: int,
+    ) -> None:
+        if n == 0:
+            return
+        wide = out_dtype == "F64" or "F64" in in_dtypes
+        acc_dtype = self.torch.float64 if wide else self.torch.float32
+        acc = None
+        for buf, dt, w in zip(inputs, in_dtypes, weights):
+            x = self._tensor(buf, dt, n).to(acc_dtype)
+            w_acc = float(np.float64(w) if wide else np.float32(w))
+            if acc is None:
+                acc = x.mul_(w_acc)
+            else:
+                acc.add_(x, alpha=w_acc)
+        self._tensor(out, out_dtype, n).copy_(acc)
+
+
+def load() -> tuple[TorchBackend | None, str]:
+    try:
+        backend = TorchBackend()
+    except ImportError as e:
+        return None, f"torch is not installed ({e})"
+    return backend, f"torch {backend.torch.__version__} on CPU"

@@ -1,0 +1,92 @@
+"""The streaming core: for each chunk, K zero-copy input views -> backend.weighted_sum -> output.
+
+Working memory is bounded by `budget_bytes` whatever the model size: a chunk's mapped input
+pages plus the writer's staging window fit in it, and input pages are unmapped (they stay in the
+page cache) as soon as their chunk is done.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterator
+
+import numpy as np
+
+from soupkern.backends import Backend
+from soupkern.io import SoupWriter, dtype_itemsize
+from soupkern.plan import SoupPlan, TensorPlan
+
+DEFAULT_BUDGET_BYTES = 64 << 20
+MIN_BUDGET_BYTES = 1 << 20
+Progress = Callable[[int], None]
+
+
+def staging_bytes_for(budget_bytes: int) -> int:
+    """The writer's share of the budget: a quarter of it, at most 8 MiB (measured: larger windows
+    are no faster, see benchmarks/README.md)."""
+    return max(min(budget_bytes // 4, 8 << 20), 4096)
+
+
+def _chunks(numel: int, step: int) -> Iterator[tuple[int, int]]:
+    for start in range(0, numel, step):
+        yield start, min(step, numel - start)
+
+
+def _average(tp: TensorPlan, coeffs: tuple[float, ...], writer: SoupWriter, backend: Backend,
+             budget_bytes: int, progress: Progress | None) -> None:
+    out_size = dtype_itemsize(tp.out.dtype)
+    in_sizes = [dtype_itemsize(info.dtype) for _, info in tp.sources]
+    in_dtypes = [info.dtype for _, info in tp.sources]
+    staging = writer.staging_bytes
+    step = min((budget_bytes - staging) // sum(in_sizes), staging // out_size)
+    step = max(step - step % 1024, 1024) if step >= 1024 else max(step, 1)
+    for start, m in _chunks(tp.numel, step):
+        views = []
+        for (f, info), size in zip(tp.sources, in_sizes):
+            f.prefetch(info.begin + start * size, info.begin + (start + m) * size)
+            views.append(f.view(info, start * size, (start + m) * size))
+        out = writer.reserve(tp.out.name, start * out_size, m * out_size)
+        backend.weighted_sum(out, tp.out.dtype, views, in_dtypes, coeffs, m)
+        del views
+        for (f, info), size in zip(tp.sources, in_sizes):
+            f.release(info.begin + start * size, info.begin + (start + m) * size)
+        if progress is not None:
+            progress(m * (out_size + sum(in_sizes)))
+
+
+def _copy(tp: TensorPlan, writer: SoupWriter, progress: Progress | None) -> None:
+    f, info = tp.sources[0]
+    step = writer.staging_bytes
+    for start in range(0, info.nbytes, step):
+        stop = min(start + step, info.nbytes)
+        np.copyto(writer.reserve(tp.out.name, start, stop - start), f.view(info, start, stop))
+        f.release(info.begin + start, info.begin + stop)
+        if progress is not None:
+            progress(2 * (stop - start))
+
+
+def execute(plan: SoupPlan, writer: SoupWriter, backend: Backend, *, budget_bytes: int = DEFAULT_BUDGET_BYTES,
+            progress: Progress | None = None) -> None:
+    """Compute every tensor of `plan` into `writer`, in output-file order (sequential writes)."""
+    by_name = {tp.out.name: tp for tp in plan.tensors}
+    order = sorted(by_name, key=lambda n: writer.layout.where[n])
+    for name in order:
+        tp = by_name[name]
+        if tp.average:
+            _average(tp, plan.coefficients, writer, backend, budget_bytes, progress)
+        else:
+            _copy(tp, writer, progress)
+    writer.flush()
+
+
+def fill_tensor(tp: TensorPlan, coeffs: tuple[float, ...], out: np.ndarray, backend: Backend) -> None:
+    """Compute one whole tensor into `out` (a writable uint8 array of its output bytes)."""
+    if tp.average:
+        views = [f.view(info) for f, info in tp.sources]
+        backend.weighted_sum(out, tp.out.dtype, views, [i.dtype for _, i in tp.sources], coeffs, math.prod(tp.out.shape))
+        del views
+    else:
+        f, info = tp.sources[0]
+        np.copyto(out, f.view(info))
+    for f, info in tp.sources:
+        f.release(info.begin, info.end)

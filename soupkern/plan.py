@@ -1,0 +1,141 @@
+"""Plan a soup before any byte is written: names, shapes and dtypes checked across ingredients,
+coefficients validated, the output dtype of every tensor fixed, chunk sizes bounded."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import numpy as np
+
+from soupkern.errors import InputError, MismatchError
+from soupkern.io import FLOAT_DTYPES, Checkpoint, OutputTensor, SafetensorsFile, TensorInfo, dtype_itemsize
+
+KeyPolicy = Literal["same", "intersection"]
+DTYPE_ALIASES = {
+    "fp32": "F32", "float32": "F32", "f32": "F32",
+    "fp16": "F16", "float16": "F16", "half": "F16", "f16": "F16",
+    "bf16": "BF16", "bfloat16": "BF16",
+    "fp64": "F64", "float64": "F64", "f64": "F64",
+}
+_COMPARE_BLOCK = 16 << 20
+
+
+def normalize_dtype(dtype: str | None) -> str | None:
+    """'bf16', 'bfloat16', 'BF16', ... -> the safetensors name; None stays None."""
+    if dtype is None:
+        return None
+    name = DTYPE_ALIASES.get(dtype.lower(), dtype.upper())
+    if name not in FLOAT_DTYPES:
+        raise InputError(f"output dtype must be one of fp32, fp16, bf16, fp64; got '{dtype}'")
+    return name
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """How one output tensor is made: averaged from every source, or copied from the first."""
+
+    out: OutputTensor
+    sources: tuple[tuple[SafetensorsFile, TensorInfo], ...]
+    average: bool
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.out.shape)
+
+
+@dataclass(frozen=True)
+class SoupPlan:
+    tensors: tuple[TensorPlan, ...]
+    coefficients: tuple[float, ...]
+
+    @property
+    def bytes_read(self) -> int:
+        return sum(sum(i.nbytes for _, i in t.sources) if t.average else t.sources[0][1].nbytes for t in self.tensors)
+
+    @property
+    def bytes_written(self) -> int:
+        return sum(t.out.nbytes for t in self.tensors)
+
+
+def check_coefficients(coefficients: Sequence[float], k: int) -> tuple[float, ...]:
+    if len(coefficients) != k:
+        raise InputError(f"{len(coefficients)} coefficients given for {k} ingredients")
+    out = tuple(float(c) for c in coefficients)
+    bad = [c for c in out if not math.isfinite(c)]
+    if bad:
+        raise InputError(f"coefficients must be finite numbers, got {bad[0]}")
+    return out
+
+
+def _identical(a: tuple[SafetensorsFile, TensorInfo], b: tuple[SafetensorsFile, TensorInfo]) -> bool:
+    (fa, ia), (fb, ib) = a, b
+    for start in range(0, ia.nbytes, _COMPARE_BLOCK):
+        stop = min(start + _COMPARE_BLOCK, ia.nbytes)
+        same = np.array_equal(fa.view(ia, start, stop), fb.view(ib, start, stop))
+        fa.release(ia.begin + start, ia.begin + stop)
+        fb.release(ib.begin + start, ib.begin + stop)
+        if not same:
+            return False
+    return True
+
+
+def build_plan(
+    checkpoints: Sequence[Checkpoint],
+    coefficients: Sequence[float],
+    *,
+    dtype: str | None = None,
+    keys: KeyPolicy = "same",
+) -> SoupPlan:
+    """Check every ingredient against the first and decide every output tensor.
+
+    Float tensors (F64/F32/F16/BF16, any mix) are averaged; the output dtype is `dtype` when
+    given, else the first ingredient's. Other dtypes (integers, bool, fp8) are copied when
+    byte-identical in every ingredient and refused otherwise. With keys="same" every
+    ingredient must hold the same tensor names; with "intersection" only shared names are kept.
+    """
+    if not checkpoints:
+        raise InputError("a soup needs at least one ingredient")
+    if keys not in ("same", "intersection"):
+        raise InputError(f"keys must be 'same' or 'intersection', got '{keys}'")
+    coeffs = check_coefficients(coefficients, len(checkpoints))
+    out_dtype = normalize_dtype(dtype)
+    first = checkpoints[0]
+    names = set(first.tensors)
+    for ck in checkpoints[1:]:
+        other = set(ck.tensors)
+        if keys == "same" and other != names:
+            missing, extra = sorted(names - other), sorted(other - names)
+            what = []
+            if missing:
+                what.append(f"lacks {len(missing)} tensor(s) of {first.path}, e.g. '{missing[0]}'")
+            if extra:
+                what.append(f"has {len(extra)} tensor(s) not in {first.path}, e.g. '{extra[0]}'")
+            raise MismatchError(" and ".join(what) + " (use keys='intersection' / --intersection to soup the shared ones)", path=ck.path, tensor=(missing or extra)[0])
+        names &= other
+    if not names:
+        raise MismatchError("the ingredients share no tensor names", path=first.path)
+
+    plans = []
+    for name in sorted(names):
+        sources = tuple(ck.tensors[name] for ck in checkpoints)
+        f0, i0 = sources[0]
+        is_float = i0.dtype in FLOAT_DTYPES
+        for (f, info) in sources[1:]:
+            if info.shape != i0.shape:
+                raise MismatchError(f"shape {list(info.shape)} differs from {list(i0.shape)} in {f0.path}", path=f.path, tensor=name)
+            if (info.dtype in FLOAT_DTYPES) != is_float or (not is_float and info.dtype != i0.dtype):
+                raise MismatchError(f"dtype {info.dtype} cannot be souped with {i0.dtype} from {f0.path}", path=f.path, tensor=name)
+        if is_float:
+            out = OutputTensor(name, out_dtype or i0.dtype, i0.shape)
+        else:
+            for src in sources[1:]:
+                if not _identical(sources[0], src):
+                    raise MismatchError(
+                        f"{i0.dtype} tensors are copied, not averaged, and this one differs from {f0.path}",
+                        path=src[0].path, tensor=name,
+                    )
+            out = OutputTensor(name, i0.dtype, i0.shape)
+        plans.append(TensorPlan(out, sources, is_float))
+    return SoupPlan(tuple(plans), coeffs)

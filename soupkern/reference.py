@@ -1,0 +1,66 @@
+"""The definition of "correct": fp64 numpy computations that tests and benchmarks compare with.
+
+Independent of the kernels: decoding is plain numpy bit manipulation, rounding to F16 uses numpy's
+float64 -> float16 conversion (correctly rounded), rounding to BF16 picks the nearest of the
+neighbouring bf16 values by exact float64 distances (ties to even).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+NUMPY_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16}
+
+
+def decode(raw: np.ndarray, dtype: str) -> np.ndarray:
+    """Raw little-endian bytes (uint8) of a float dtype -> float64 values (exact)."""
+    raw = np.ascontiguousarray(raw)
+    if dtype == "BF16":
+        return (raw.view("<u2").astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    return raw.view(np.dtype(NUMPY_DTYPES[dtype]).newbyteorder("<")).astype(np.float64)
+
+
+def _round_bf16_bits(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64).ravel()
+    with np.errstate(over="ignore"):
+        f = x.astype(np.float32)  # within an fp32 ulp of x: x lies between bf16 neighbours of it
+    t = (f.view(np.uint32) >> 16).astype(np.int64)  # f truncated to bf16 bits (toward zero)
+    cands = np.stack([t - 1, t, t + 1])  # sign-magnitude bits: -1 / +1 step the magnitude
+    mag = cands & 0x7FFF
+    ok = ((cands >> 15) == (t >> 15)[None]) & (mag < 0x7F80)  # same sign, finite
+    with np.errstate(invalid="ignore"):
+        vals = ((cands & 0xFFFF).astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    # neighbours within a factor of 2 of x: the float64 differences are exact (Sterbenz)
+    dist = np.where(ok, np.abs(np.where(ok, vals, 0.0) - x[None]), np.inf)
+    nearest = dist == dist.min(axis=0)[None]
+    score = np.where(nearest, cands & 1, 2)  # among the nearest, the even one
+    out = cands[np.argmin(score, axis=0), np.arange(x.size)]
+    limit = (2.0 - 2.0**-8) * 2.0**127  # max bf16 + half an ulp: from here on, Inf
+    inf_bits = np.where(x > 0, 0x7F80, 0xFF80)
+    out = np.where(np.abs(x) >= limit, inf_bits, out)
+    out = np.where(np.isnan(x), 0x7FC0, out)
+    return out.astype(np.uint16)
+
+
+def encode(x64: np.ndarray, dtype: str) -> np.ndarray:
+    """float64 values -> raw bytes (uint8) of `dtype`, correctly rounded to nearest even."""
+    x64 = np.asarray(x64, dtype=np.float64).ravel()
+    if dtype == "BF16":
+        return _round_bf16_bits(x64).view(np.uint8)
+    with np.errstate(over="ignore"):
+        return x64.astype(np.dtype(NUMPY_DTYPES[dtype]).newbyteorder("<")).view(np.uint8)
+
+
+def weighted_sum_f64(values: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
+    """sum_k w_k * x_k in float64, k in order (the exact result up to fp64 rounding)."""
+    acc = np.zeros_like(np.asarray(values[0], dtype=np.float64))
+    for x, w in zip(values, weights):
+        acc = acc + np.float64(w) * np.asarray(x, dtype=np.float64)
+    return acc
+
+
+def reference_weighted_sum(raws: Sequence[np.ndarray], dtypes: Sequence[str], weights: Sequence[float], out_dtype: str) -> np.ndarray:
+    """round_{out_dtype}(sum_k w_k * x_k computed in fp64), as raw bytes."""
+    return encode(weighted_sum_f64([decode(r, d) for r, d in zip(raws, dtypes)], weights), out_dtype)
