@@ -64,3 +64,38 @@ def weighted_sum_f64(values: Sequence[np.ndarray], weights: Sequence[float]) -> 
 def reference_weighted_sum(raws: Sequence[np.ndarray], dtypes: Sequence[str], weights: Sequence[float], out_dtype: str) -> np.ndarray:
     """round_{out_dtype}(sum_k w_k * x_k computed in fp64), as raw bytes."""
     return encode(weighted_sum_f64([decode(r, d) for r, d in zip(raws, dtypes)], weights), out_dtype)
+
+
+def accumulation_bound(values: Sequence[np.ndarray], weights: Sequence[float], acc_dtype: str = "F32",
+                       roundings_per_term: int = 1) -> np.ndarray:
+    """Error bound of the contract's accumulation against the exact sum.
+
+    Each weight is rounded once to the accumulator (relative error u) and each term adds at most
+    `roundings_per_term` roundings of a partial sum bounded by sum_k |w_k x_k|, so
+    |acc - exact| <= ((1 + roundings_per_term) * K) * u * sum_k |w_k x_k|, plus K smallest
+    subnormals for underflow. u = 2^-24 (fp32) or 2^-53 (fp64). The C++ kernel uses one
+    rounding per term (fma); plain torch uses two (multiply, then add).
+    """
+    u, tiny = (2.0**-24, 2.0**-149) if acc_dtype == "F32" else (2.0**-53, 2.0**-1074)
+    k = len(values)
+    mag = np.zeros_like(np.asarray(values[0], dtype=np.float64))
+    for x, w in zip(values, weights):
+        mag = mag + np.abs(np.float64(w) * np.asarray(x, dtype=np.float64))
+    return (1 + roundings_per_term) * k * u * mag + k * tiny
+
+
+def within_rounding(got: np.ndarray, exact: np.ndarray, bound: np.ndarray, dtype: str) -> np.ndarray:
+    """Per element: does `got` (raw bytes of `dtype`) lie between round(exact - bound) and
+    round(exact + bound)? Rounding is monotonic, so this is exactly the set of results an
+    accumulation within `bound` of the exact value can give after rounding once to `dtype`.
+    Where both ends round alike, this demands got == round(exact). NaN must match NaN.
+    """
+    exact = np.asarray(exact, dtype=np.float64).ravel()
+    bound = np.broadcast_to(np.asarray(bound, dtype=np.float64), exact.shape).ravel()
+    g = decode(got, dtype)
+    with np.errstate(invalid="ignore"):
+        lo = decode(encode(exact - bound, dtype), dtype)
+        hi = decode(encode(exact + bound, dtype), dtype)
+        ok = (g >= lo) & (g <= hi)
+    nan = np.isnan(exact)
+    return np.where(nan, np.isnan(g), ok | (np.isinf(exact) & (g == exact)))

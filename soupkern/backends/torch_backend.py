@@ -45,7 +45,7 @@ class TorchBackend:
             x = self._tensor(buf, dt, n).to(acc_dtype)
             w_acc = float(np.float64(w) if wide else np.float32(w))
             if acc is None:
-                acc = x.mul_(w_acc)
+                acc = x * w_acc  # out of place: x may be the (read-only) input itself
             else:
                 acc.add_(x, alpha=w_acc)
         self._tensor(out, out_dtype, n).copy_(acc)

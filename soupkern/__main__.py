@@ -1,0 +1,5 @@
+import sys
+
+from soupkern.cli import main
+
+sys.exit(main())
