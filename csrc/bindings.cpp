@@ -39,7 +39,12 @@ py::buffer_info byte_view(const py::handle& obj, std::size_t nbytes, bool writab
 
 void weighted_sum_py(const py::object& out, const std::string& out_dtype, const py::sequence& inputs,
                      const std::vector<std::string>& in_dtypes, const std::vector<double>& weights,
-                     std::size_t n, int threads) {
+                     std::size_t n, int threads, const std::string& isa) {
+  soupkern::WeightedSumFn fn = nullptr;
+  if (!isa.empty()) {
+    fn = soupkern::isa_by_name(isa.c_str());
+    if (fn == nullptr) throw py::value_error("ISA '" + isa + "' is unknown or not supported by this CPU");
+  }
   const std::size_t k = py::len(inputs);
   if (k == 0) throw py::value_error("weighted_sum needs at least one input");
   if (in_dtypes.size() != k || weights.size() != k)
@@ -58,7 +63,7 @@ void weighted_sum_py(const py::object& out, const std::string& out_dtype, const 
   }
   void* optr = infos[0].ptr;
   py::gil_scoped_release release;
-  soupkern::weighted_sum(optr, od, ptrs.data(), dts.data(), weights.data(), static_cast<int>(k), n, threads);
+  soupkern::weighted_sum(optr, od, ptrs.data(), dts.data(), weights.data(), static_cast<int>(k), n, threads, fn);
 }
 
 void copy_py(const py::object& dst, const py::object& src, std::size_t nbytes, int threads) {
@@ -73,12 +78,19 @@ void copy_py(const py::object& dst, const py::object& src, std::size_t nbytes, i
 PYBIND11_MODULE(_native, m) {
   m.doc() = "soupkern C++ kernels (framework-free; see csrc/soupkern.h for the contract)";
   m.def("weighted_sum", &weighted_sum_py, py::arg("out"), py::arg("out_dtype"), py::arg("inputs"),
-        py::arg("in_dtypes"), py::arg("weights"), py::arg("n"), py::arg("threads") = 0,
-        "out[i] = sum_k w_k * x_k[i] over n elements; contract in csrc/soupkern.h.");
+        py::arg("in_dtypes"), py::arg("weights"), py::arg("n"), py::arg("threads") = 0, py::arg("isa") = "",
+        "out[i] = sum_k w_k * x_k[i] over n elements; contract in csrc/soupkern.h. isa: '' (best), "
+        "'avx512', 'avx2' or 'generic' (each gives the same bits).");
   m.def("copy", &copy_py, py::arg("dst"), py::arg("src"), py::arg("nbytes"), py::arg("threads") = 0,
         "OpenMP memcpy of nbytes: the same-run memory-copy baseline for the kernel.");
   const char* isa = nullptr;
   soupkern::select_isa(&isa);
   m.attr("isa") = isa;
+  m.def("supported_isas", []() {
+    std::vector<std::string> out;
+    for (const char* name : {"avx512", "avx2", "generic"})
+      if (soupkern::isa_by_name(name) != nullptr) out.emplace_back(name);
+    return out;
+  });
   m.def("max_threads", []() { return omp_get_max_threads(); });
 }

@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <string>
 
 #include "soupkern.h"
 
@@ -26,6 +27,18 @@ WeightedSumFn select_isa(const char** name) {
   return isa_generic::weighted_sum_range;
 }
 
+WeightedSumFn isa_by_name(const char* name) {
+  const char* best = nullptr;
+  select_isa(&best);
+  const std::string want(name), have(best);
+  const int rank_want = want == "avx512" ? 2 : want == "avx2" ? 1 : want == "generic" ? 0 : -1;
+  const int rank_have = have == "avx512" ? 2 : have == "avx2" ? 1 : 0;
+  if (rank_want < 0 || rank_want > rank_have) return nullptr;
+  return rank_want == 2 ? isa_avx512::weighted_sum_range
+         : rank_want == 1 ? isa_avx2::weighted_sum_range
+                          : isa_generic::weighted_sum_range;
+}
+
 namespace {
 // Below this many elements a kernel runs on the calling thread: waking the team costs more.
 constexpr std::size_t kMinParallel = 1 << 16;
@@ -36,8 +49,9 @@ int resolve_threads(int threads) { return threads > 0 ? threads : omp_get_max_th
 }  // namespace
 
 void weighted_sum(void* out, DType out_dtype, const void* const* inputs, const DType* in_dtypes,
-                  const double* weights, int k, std::size_t n, int threads) {
-  static const WeightedSumFn fn = select_isa(nullptr);
+                  const double* weights, int k, std::size_t n, int threads, WeightedSumFn fn) {
+  static const WeightedSumFn best = select_isa(nullptr);
+  if (fn == nullptr) fn = best;
   if (n == 0) return;
   const int t = n < kMinParallel ? 1 : resolve_threads(threads);
   if (t == 1) {

@@ -34,9 +34,12 @@ namespace isa_generic { void weighted_sum_range(void*, DType, const void* const*
 // The best implementation this CPU supports, and its name ("avx512", "avx2", "generic").
 WeightedSumFn select_isa(const char** name);
 
-// Threaded entry points (OpenMP; threads <= 0 means all available).
+// The implementation named "avx512", "avx2" or "generic" if this CPU can run it, else nullptr.
+WeightedSumFn isa_by_name(const char* name);
+
+// Threaded entry points (OpenMP; threads <= 0 means all available; fn == nullptr: the best ISA).
 void weighted_sum(void* out, DType out_dtype, const void* const* inputs, const DType* in_dtypes,
-                  const double* weights, int k, std::size_t n, int threads);
+                  const double* weights, int k, std::size_t n, int threads, WeightedSumFn fn = nullptr);
 void parallel_copy(void* dst, const void* src, std::size_t nbytes, int threads);
 
 }  // namespace soupkern

@@ -56,8 +56,9 @@ def encode(x64: np.ndarray, dtype: str) -> np.ndarray:
 def weighted_sum_f64(values: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
     """sum_k w_k * x_k in float64, k in order (the exact result up to fp64 rounding)."""
     acc = np.zeros_like(np.asarray(values[0], dtype=np.float64))
-    for x, w in zip(values, weights):
-        acc = acc + np.float64(w) * np.asarray(x, dtype=np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):  # Inf - Inf is NaN, as in the kernel
+        for x, w in zip(values, weights):
+            acc = acc + np.float64(w) * np.asarray(x, dtype=np.float64)
     return acc
 
 

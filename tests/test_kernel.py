@@ -175,3 +175,27 @@ def test_parallel_copy() -> None:
     dst = np.zeros_like(src)
     _native.copy(dst, src, src.size, 2)
     np.testing.assert_array_equal(dst, src)
+
+
+@pytest.mark.parametrize("isa", _native.supported_isas())
+def test_every_isa_gives_the_same_bits(isa: str) -> None:
+    """The AVX-512, AVX2 and portable code paths implement one contract: identical bytes,
+    for every input/output dtype mix, odd lengths (vector bodies and scalar tails) and specials."""
+    rng = np.random.default_rng(21)
+    for out_dtype, dtypes in itertools.product(FLOATS, [["BF16", "F16", "F32"], ["F16"], ["F32", "F64"], ["BF16"] * 9]):
+        for n in (0, 3, 16, 2049, 33_333):
+            raws = [make_input(rng, n, d, specials=True) for d in dtypes]
+            weights = list(rng.uniform(-2, 2, len(dtypes)))
+            size = {"F64": 8, "F32": 4}.get(out_dtype, 2)
+            want = np.empty(n * size, np.uint8)
+            _native.weighted_sum(want, out_dtype, raws, dtypes, weights, n, 1, "generic")
+            got = np.empty(n * size, np.uint8)
+            _native.weighted_sum(got, out_dtype, raws, dtypes, weights, n, 2, isa)
+            np.testing.assert_array_equal(got, want, err_msg=f"{isa} {dtypes}->{out_dtype} n={n}")
+            if n:
+                check("cpp", got, raws, dtypes, weights, out_dtype)
+
+
+def test_unsupported_isa_is_refused() -> None:
+    with pytest.raises(ValueError, match="ISA 'sse9'"):
+        _native.weighted_sum(np.zeros(4, np.uint8), "F32", [np.zeros(4, np.uint8)], ["F32"], [1.0], 1, 0, "sse9")
