@@ -2,6 +2,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <string>
 
@@ -44,6 +45,10 @@ namespace {
 constexpr std::size_t kMinParallel = 1 << 16;
 // Work is split on multiples of this many elements (cache-line and block friendly).
 constexpr std::size_t kGrain = 1024;
+// Outputs at least this large are written with non-temporal stores (they will not be re-read
+// from cache soon; it saves the read-for-ownership). The engine's staging window is smaller,
+// so its output stays in cache for the pwrite that follows.
+constexpr std::size_t kStreamBytes = 32u << 20;
 
 int resolve_threads(int threads) { return threads > 0 ? threads : omp_get_max_threads(); }
 }  // namespace
@@ -53,9 +58,10 @@ void weighted_sum(void* out, DType out_dtype, const void* const* inputs, const D
   static const WeightedSumFn best = select_isa(nullptr);
   if (fn == nullptr) fn = best;
   if (n == 0) return;
+  const bool stream = n * itemsize(out_dtype) >= kStreamBytes && reinterpret_cast<std::uintptr_t>(out) % 64 == 0;
   const int t = n < kMinParallel ? 1 : resolve_threads(threads);
   if (t == 1) {
-    fn(out, out_dtype, inputs, in_dtypes, weights, k, 0, n);
+    fn(out, out_dtype, inputs, in_dtypes, weights, k, 0, n, stream);
     return;
   }
   const std::size_t grains = (n + kGrain - 1) / kGrain;
@@ -65,7 +71,7 @@ void weighted_sum(void* out, DType out_dtype, const void* const* inputs, const D
     const std::size_t id = static_cast<std::size_t>(omp_get_thread_num());
     const std::size_t g0 = grains * id / nt, g1 = grains * (id + 1) / nt;
     const std::size_t b = std::min(n, g0 * kGrain), e = std::min(n, g1 * kGrain);
-    if (b < e) fn(out, out_dtype, inputs, in_dtypes, weights, k, b, e);
+    if (b < e) fn(out, out_dtype, inputs, in_dtypes, weights, k, b, e, stream);
   }
 }
 

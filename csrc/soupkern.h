@@ -23,13 +23,15 @@ enum DType : int { F64 = 0, F32 = 1, F16 = 2, BF16 = 3 };
 inline std::size_t itemsize(DType t) { return t == F64 ? 8 : t == F32 ? 4 : 2; }
 
 // One ISA level's implementation of the contract above, for elements [begin, end).
+// stream: write the output with non-temporal stores (requires `out` 64-byte aligned and
+// `begin` a multiple of 1024); same bits, but the output bypasses the caches.
 using WeightedSumFn = void (*)(void* out, DType out_dtype, const void* const* inputs,
                                const DType* in_dtypes, const double* weights, int k,
-                               std::size_t begin, std::size_t end);
+                               std::size_t begin, std::size_t end, bool stream);
 
-namespace isa_avx512 { void weighted_sum_range(void*, DType, const void* const*, const DType*, const double*, int, std::size_t, std::size_t); }
-namespace isa_avx2 { void weighted_sum_range(void*, DType, const void* const*, const DType*, const double*, int, std::size_t, std::size_t); }
-namespace isa_generic { void weighted_sum_range(void*, DType, const void* const*, const DType*, const double*, int, std::size_t, std::size_t); }
+namespace isa_avx512 { void weighted_sum_range(void*, DType, const void* const*, const DType*, const double*, int, std::size_t, std::size_t, bool); }
+namespace isa_avx2 { void weighted_sum_range(void*, DType, const void* const*, const DType*, const double*, int, std::size_t, std::size_t, bool); }
+namespace isa_generic { void weighted_sum_range(void*, DType, const void* const*, const DType*, const double*, int, std::size_t, std::size_t, bool); }
 
 // The best implementation this CPU supports, and its name ("avx512", "avx2", "generic").
 WeightedSumFn select_isa(const char** name);

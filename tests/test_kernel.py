@@ -199,3 +199,24 @@ def test_every_isa_gives_the_same_bits(isa: str) -> None:
 def test_unsupported_isa_is_refused() -> None:
     with pytest.raises(ValueError, match="ISA 'sse9'"):
         _native.weighted_sum(np.zeros(4, np.uint8), "F32", [np.zeros(4, np.uint8)], ["F32"], [1.0], 1, 0, "sse9")
+
+
+def aligned_empty(nbytes: int, align: int = 64) -> np.ndarray:
+    raw = np.empty(nbytes + align, np.uint8)
+    start = -raw.ctypes.data % align
+    return raw[start : start + nbytes]
+
+
+@pytest.mark.parametrize("out_dtype", ["BF16", "F32", "F16"])
+def test_large_outputs_use_streaming_stores_with_the_same_bits(out_dtype: str) -> None:
+    """Outputs >= 32 MiB at a 64-byte aligned address take the non-temporal store path."""
+    rng = np.random.default_rng(2)
+    size = 4 if out_dtype == "F32" else 2
+    n = (32 << 20) // size + 1001  # odd: vector body plus a scalar tail
+    raws = [encode(rng.standard_normal(n), d) for d in ("BF16", "F16")]
+    ref = np.empty(n * size, np.uint8)
+    _native.weighted_sum(ref, out_dtype, raws, ["BF16", "F16"], [0.4, 0.6], n, 1, "generic")
+    for isa in _native.supported_isas():
+        got = aligned_empty(n * size)
+        _native.weighted_sum(got, out_dtype, raws, ["BF16", "F16"], [0.4, 0.6], n, 2, isa)
+        np.testing.assert_array_equal(got, ref, err_msg=isa)
