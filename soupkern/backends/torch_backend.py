@@ -48,7 +48,19 @@ class TorchBackend:
                 acc = x * w_acc  # out of place: x may be the (read-only) input itself
             else:
                 acc.add_(x, alpha=w_acc)
+        if wide and out_dtype in ("F16", "BF16"):
+            acc = self._f64_to_f32_odd(acc)  # torch rounds fp64 -> half through fp32: twice
         self._tensor(out, out_dtype, n).copy_(acc)
+
+    def _f64_to_f32_odd(self, d):  # (torch.Tensor) -> torch.Tensor
+        """fp64 -> fp32 rounded to odd; a second rounding to F16/BF16 is then correct."""
+        torch = self.torch
+        f = d.to(torch.float32)
+        back = f.to(torch.float64)
+        bits = f.view(torch.int32)
+        fix = (back != d) & ((bits & 1) == 0) & ~torch.isnan(d)
+        step = torch.where((back < d) == (f > 0), 1, -1).to(torch.int32)
+        return torch.where(fix, bits + step, bits).view(torch.float32)
 
 
 def load() -> tuple[TorchBackend | None, str]:

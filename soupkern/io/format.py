@@ -19,6 +19,7 @@ DTYPES: dict[str, int] = {
 # dtypes that are averaged; everything else is passed through when identical in every ingredient
 FLOAT_DTYPES: frozenset[str] = frozenset({"F64", "F32", "F16", "BF16"})
 MAX_HEADER_BYTES = 100_000_000
+_U64 = 2**64
 METADATA_KEY = "__metadata__"
 
 
@@ -82,6 +83,13 @@ def parse_header(
             raise HeaderError("__metadata__ must map strings to strings", path=path)
         metadata = meta
 
+    for key, value in [*obj.items(), *metadata.items()]:
+        for text in (key, value) if isinstance(value, str) else (key,):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:  # JSON escapes can spell lone surrogates, which UTF-8 cannot
+                raise HeaderError(f"name or metadata {text!r} is not valid Unicode", path=path) from None
+
     base = 8 + len(raw)
     tensors: dict[str, TensorInfo] = {}
     spans: list[tuple[int, int, str]] = []
@@ -91,8 +99,8 @@ def parse_header(
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
         if not isinstance(dtype, str) or dtype not in DTYPES:
             raise HeaderError(f"unknown dtype {dtype!r}", path=path, tensor=name)
-        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-            raise HeaderError(f"shape must be a list of non-negative integers, got {shape!r}", path=path, tensor=name)
+        if not isinstance(shape, list) or not all(type(d) is int and 0 <= d < _U64 for d in shape):
+            raise HeaderError(f"shape must be a list of non-negative integers below 2^64, got {shape!r}", path=path, tensor=name)
         if (
             not isinstance(offsets, list)
             or len(offsets) != 2
@@ -102,6 +110,8 @@ def parse_header(
             raise HeaderError(f"data_offsets must be [begin, end] with 0 <= begin <= end, got {offsets!r}", path=path, tensor=name)
         begin, end = offsets
         expected = math.prod(shape) * DTYPES[dtype]
+        if any(math.prod(shape[: i + 1]) * DTYPES[dtype] >= _U64 for i in range(len(shape))) and expected:
+            raise HeaderError(f"shape {shape} overflows a 64-bit byte count", path=path, tensor=name)
         if end - begin != expected:
             raise HeaderError(
                 f"byte length {end - begin} does not match shape {shape} x {DTYPES[dtype]} bytes ({dtype}) = {expected}",

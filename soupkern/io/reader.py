@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import re
+import stat
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +19,7 @@ from soupkern.io.format import MAX_HEADER_BYTES, TensorInfo, parse_header
 PAGE = mmap.PAGESIZE
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+SHARD_NAME = re.compile(r"^model-(\d+)-of-(\d+)\.safetensors$")
 _MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux >= 5.14
 
 
@@ -34,7 +37,10 @@ class SafetensorsFile:
         except OSError as e:
             raise InputError(f"cannot open ({e.strerror})", path=self.path) from None
         try:
-            size = os.fstat(fd).st_size
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise InputError("not a regular file", path=self.path)
+            size = st.st_size
             if size < 8:
                 raise HeaderError(f"file has {size} bytes, fewer than the 8-byte header length", path=self.path)
             (n,) = struct.unpack("<Q", os.pread(fd, 8, 0))
@@ -152,11 +158,14 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         if (p / SINGLE_NAME).is_file():
             p = p / SINGLE_NAME
         else:
-            found = sorted(p.glob("*.safetensors"))
+            found = sorted(f for f in p.glob("*.safetensors") if f.is_file())
             if len(found) != 1:
                 raise InputError(
                     f"folder has no {INDEX_NAME} or {SINGLE_NAME} and {len(found)} *.safetensors files", path=p
                 )
+            m = SHARD_NAME.match(found[0].name)
+            if m and m.group(2) != "00001":
+                raise InputError(f"'{found[0].name}' is one shard of a sharded checkpoint whose {INDEX_NAME} is missing", path=p)
             p = found[0]
     elif p.name.endswith(".index.json"):
         return _open_index(p)

@@ -4,6 +4,11 @@ Output bytes go through one reusable staging window (`reserve`) that maps onto a
 range of an output file; the window is written with pwrite when the next reservation does not
 continue it. Nothing appears at an output path until `commit` renames complete files into place;
 on any failure or interrupt the temporary files are removed.
+
+A sharded output is a folder (created if missing). Several files cannot be renamed atomically,
+so `commit` orders its steps so that no interrupted state reads back as a valid checkpoint: the
+old index goes first, then the shards are renamed in (and removed again if the commit is cut
+short), the index comes last, and only then are stale shards of an earlier soup removed.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import numpy as np
 
 from soupkern.errors import OutputError
 from soupkern.io.format import DTYPES, METADATA_KEY
-from soupkern.io.reader import INDEX_NAME, SINGLE_NAME
+from soupkern.io.reader import INDEX_NAME, SHARD_NAME, SINGLE_NAME
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,17 @@ class OutputLayout:
     shards: list[Shard]
     index_path: Path | None
     where: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # name -> (shard, begin, end)
+    folder: Path | None = None  # set for a sharded (folder) output
+
+    def stale(self) -> list[Path]:
+        """Checkpoint files of an earlier soup in the output folder that this one does not write."""
+        if self.folder is None or not self.folder.is_dir():
+            return []
+        mine = {p.name for p in self.paths}
+        return sorted(
+            f for f in self.folder.iterdir()
+            if f.name not in mine and (f.name in (INDEX_NAME, SINGLE_NAME) or SHARD_NAME.match(f.name))
+        )
 
     @property
     def total_bytes(self) -> int:
@@ -103,7 +119,7 @@ def plan_output(
                 size = 0
             groups[-1].append(t)
             size += t.nbytes
-    layout = OutputLayout([], None)
+    layout = OutputLayout([], None, folder=None if max_shard_size is None else out)
     n = len(groups)
     for i, group in enumerate(groups):
         if max_shard_size is None:
@@ -151,6 +167,8 @@ class SoupWriter:
         self._fds: list[int] = []
         self._tmp: list[str] = []
         self._win: tuple[int, int, int] | None = None  # (shard, file offset of window start, used bytes)
+        self._placed: list[Path] = []  # files renamed into place by an unfinished commit
+        self._made_folder = False
         self._committed = False
         self.bytes_written = 0
 
@@ -168,10 +186,16 @@ class SoupWriter:
                 raise OutputError(f"{p}: already exists; pass overwrite=True (--force) to replace it")
             if p.exists() and p.is_dir():
                 raise OutputError(f"{p}: is a folder")
+        for p in self.layout.stale():
+            for src in self._inputs:
+                if _same_file(p, src):
+                    raise OutputError(f"{p}: the output folder holds an input ({src}); choose another output folder")
+            if not self._overwrite:
+                raise OutputError(f"{p}: the output folder already holds a checkpoint; pass overwrite=True (--force) to replace it")
         folder = self.layout.shards[0].path.parent
-        if not folder.is_dir():
+        if not folder.is_dir() and not (self.layout.folder is not None and folder.parent.is_dir()):
             raise OutputError(f"{folder}: output folder does not exist")
-        free = shutil.disk_usage(folder).free
+        free = shutil.disk_usage(folder if folder.is_dir() else folder.parent).free
         need = self.layout.total_bytes
         if free < need:
             raise OutputError(f"{folder}: {need / 1e9:.2f} GB needed for the output but only {free / 1e9:.2f} GB free")
@@ -179,6 +203,9 @@ class SoupWriter:
     def __enter__(self) -> SoupWriter:
         self.check()
         try:
+            if self.layout.folder is not None and not self.layout.folder.exists():
+                self.layout.folder.mkdir()
+                self._made_folder = True
             mask = os.umask(0)
             os.umask(mask)
             for shard in self.layout.shards:
@@ -236,7 +263,12 @@ class SoupWriter:
                 os.fsync(fd)
             os.close(fd)
         self._fds = []
+        stale = self.layout.stale()
+        old_index = self.layout.folder / INDEX_NAME if self.layout.folder is not None else None
+        if old_index is not None and old_index.exists():
+            os.unlink(old_index)  # first, so no index ever points at a mix of old and new shards
         for tmp, shard in zip(self._tmp, self.layout.shards):
+            self._placed.append(shard.path)
             os.replace(tmp, shard.path)
         self._tmp = []
         if self.layout.index_path is not None:
@@ -257,6 +289,10 @@ class SoupWriter:
             os.replace(tmp, self.layout.index_path)
             self._tmp = []
         self._committed = True
+        self._placed = []
+        for f in stale:
+            if f.exists() and f.name != INDEX_NAME:
+                os.unlink(f)
         return self.layout.paths
 
     def _abort(self) -> None:
@@ -265,9 +301,14 @@ class SoupWriter:
                 os.close(fd)
             except OSError:
                 pass
-        for tmp in self._tmp:
+        for tmp in self._tmp + self._placed:
             try:
                 os.unlink(tmp)
             except OSError:
                 pass
-        self._fds, self._tmp = [], []
+        self._fds, self._tmp, self._placed = [], [], []
+        if self._made_folder:
+            try:
+                self.layout.folder.rmdir()  # type: ignore[union-attr]
+            except OSError:
+                pass
