@@ -9,7 +9,6 @@ with an independent fp64 numpy computation rounded once to the output dtype.
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import numpy as np

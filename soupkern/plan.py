@@ -10,7 +10,7 @@ from typing import Literal, Sequence
 import numpy as np
 
 from soupkern.errors import InputError, MismatchError
-from soupkern.io import FLOAT_DTYPES, Checkpoint, OutputTensor, SafetensorsFile, TensorInfo, dtype_itemsize
+from soupkern.io import FLOAT_DTYPES, Checkpoint, OutputTensor, SafetensorsFile, TensorInfo
 
 KeyPolicy = Literal["same", "intersection"]
 DTYPE_ALIASES = {
