@@ -11,6 +11,8 @@ the output in the same dtype, weights 1/K:
   accumulator (`acc.copy_(x0).mul_(w0)`, `acc.add_(xk, alpha=wk)`, `out.copy_(acc)`), because
   bf16 arithmetic in torch would round every step.
 - `numpy copy`: `np.copyto` (one thread) of the same bytes, for reference.
+- `read`: `_native.read` of the kernel's K inputs once (no math, no output), all cores: the read
+  floor. The kernel reads K of its K+1 streams, and a core reads slower than it copies.
 
 GB/s = (K * in_itemsize + out_itemsize) * n / time for every row (bf16 counts 2 bytes), median
 of >= 7 interleaved runs after one warm-up; "fraction" = GB/s / copy GB/s from the same run.
@@ -188,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
             if native is not None:
                 fns["weighted_sum"] = lambda: run_native(native, b, k)
                 fns["copy"] = lambda: run_copy(native, dst, src, half)
+                fns["read"] = lambda: native.read(b.raw_in[:k], b.n * b.t_in[0].element_size(), 0)
             fns["torch"] = lambda: run_torch(b, k)
             fns["numpy_copy"] = lambda: run_numpy_copy(dst, src, half)
             times = time_interleaved(fns, args.repeats)
@@ -199,25 +202,29 @@ def main(argv: list[str] | None = None) -> int:
             gbps = {name: nb / 1e9 / t for name, t in med.items()}
             ref = gbps.get("copy")
             frac = {name: (g / ref if ref else None) for name, g in gbps.items()}
+            # the read floor: the same-run time to merely read the kernel's K inputs once
+            of_read = med["read"] / med["weighted_sum"] if "read" in med else None
             raw.append({"dtype": dtype, "k": k, "n": b.n, "bytes_moved": nb, "times_s": times,
-                        "median_s": med, "gbps": gbps, "fraction_of_copy": frac, "max_ulp": ulp,
+                        "median_s": med, "gbps": gbps, "fraction_of_copy": frac,
+                        "read_time_over_kernel_time": of_read, "max_ulp": ulp,
                         "max_err_over_bound": ratio})
             rows.append([f"{dtype}→{dtype}", k, f"{nb / 1e9:.2f}",
                          fmt(gbps.get("weighted_sum"), 1), fmt(frac.get("weighted_sum"), 2),
-                         fmt(gbps.get("copy"), 1), fmt(gbps["torch"], 1), fmt(frac.get("torch"), 2),
+                         fmt(of_read, 2), fmt(gbps.get("copy"), 1), fmt(gbps["torch"], 1), fmt(frac.get("torch"), 2),
                          fmt(gbps["numpy_copy"], 1),
                          "n/a" if ulp is None else f"{ulp} / {ratio:.2g}"])
             print(f"{dtype} K={k}: " + ", ".join(f"{name} {g:.1f} GB/s" for name, g in gbps.items())
                   + (f", max ulp {ulp}, err/bound {ratio:.2g}" if ulp is not None else ""), flush=True)
         del b
 
-    table = md_table(["dtype", "K", "GB moved", "weighted_sum GB/s", "fraction of copy", "copy GB/s",
+    table = md_table(["dtype", "K", "GB moved", "weighted_sum GB/s", "fraction of copy",
+                      "read floor time ÷ kernel time", "copy GB/s",
                       "torch GB/s", "torch fraction", "numpy copy (1 thr) GB/s", "kernel max ulp / err÷bound"], rows)
     prov = provenance()
     if native is not None:
         prov["native"] = {"isa": _call(native, "isa"), "max_threads": _call(native, "max_threads")}
     cmd = "python benchmarks/bench_kernel.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    md = f"""# Kernel microbenchmark: weighted_sum vs memory copy (CPU)
+    md = f"""# Kernel microbenchmark: weighted_sum vs memory copy and read floor (CPU)
 
 `{cmd}`
 
@@ -225,6 +232,10 @@ def main(argv: list[str] | None = None) -> int:
 interleaved runs after a warm-up; all cores ({cores()}) for weighted_sum, copy and torch
 - GB/s = (K * in_itemsize + out_itemsize) * n / median time (bf16 = 2 bytes); copy moves the same \
 bytes (half read, half written); fraction = GB/s / copy GB/s in the same run
+- read floor = `_native.read` of the kernel's K inputs once (no math, no output), same threads; \
+"read floor time ÷ kernel time" near 1 means the kernel runs at the speed of merely reading its \
+inputs (on this machine a core reads slower than it copies, since a copy's writes proceed in \
+parallel with its reads)
 - torch = preallocated `mul` + `add_(alpha=)` (fp32 accumulator for BF16); kernel check on the \
 first {CHECK_N} elements: max ulp distance from round(fp64 weighted sum) (large values come from \
 cancellation near zero) and max |out - exact| / (1 ulp of the output + K·2^-24·Σ|w x|), ok <= 1
@@ -302,6 +313,13 @@ if pytest is not None:
         src, dst = _copy_bufs()
         nb = b.bytes_moved(k)
         _bench(benchmark, lambda: run_copy(native, dst, src, nb // 2), f"{dtype} K={k}", nb)
+
+    @pytest.mark.parametrize("k", KS)
+    @pytest.mark.parametrize("dtype", DTYPES)
+    def test_read(benchmark: Any, dtype: str, k: int) -> None:
+        native, b = _native(), _bufs(dtype)
+        nbytes = b.n * b.t_in[0].element_size()
+        _bench(benchmark, lambda: native.read(b.raw_in[:k], nbytes, 0), f"{dtype} K={k}", k * nbytes)
 
     @pytest.mark.parametrize("k", KS)
     @pytest.mark.parametrize("dtype", DTYPES)

@@ -73,6 +73,17 @@ void copy_py(const py::object& dst, const py::object& src, std::size_t nbytes, i
   soupkern::parallel_copy(d.ptr, s.ptr, nbytes, threads);
 }
 
+uint64_t read_py(const py::sequence& buffers, std::size_t nbytes, int threads) {
+  std::vector<py::buffer_info> infos;
+  std::vector<const void*> ptrs;
+  for (const py::handle& b : buffers) {
+    infos.push_back(byte_view(b, nbytes, false, "buffer"));
+    ptrs.push_back(infos.back().ptr);
+  }
+  py::gil_scoped_release release;
+  return soupkern::parallel_read(ptrs.data(), static_cast<int>(ptrs.size()), nbytes, threads);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_native, m) {
@@ -83,6 +94,8 @@ PYBIND11_MODULE(_native, m) {
         "'avx512', 'avx2' or 'generic' (each gives the same bits).");
   m.def("copy", &copy_py, py::arg("dst"), py::arg("src"), py::arg("nbytes"), py::arg("threads") = 0,
         "OpenMP memcpy of nbytes: the same-run memory-copy baseline for the kernel.");
+  m.def("read", &read_py, py::arg("buffers"), py::arg("nbytes"), py::arg("threads") = 0,
+        "Read nbytes of every buffer once and return a checksum: the same-run read-only floor.");
   const char* isa = nullptr;
   soupkern::select_isa(&isa);
   m.attr("isa") = isa;

@@ -87,4 +87,26 @@ void parallel_copy(void* dst, const void* src, std::size_t nbytes, int threads) 
   }
 }
 
+uint64_t parallel_read(const void* const* buffers, int k, std::size_t nbytes, int threads) {
+  const int t = nbytes < (kMinParallel * 4) ? 1 : resolve_threads(threads);
+  const std::size_t words = nbytes / 8;
+  uint64_t total = 0;
+#pragma omp parallel num_threads(t) reduction(+ : total)
+  {
+    const std::size_t nt = static_cast<std::size_t>(omp_get_num_threads());
+    const std::size_t id = static_cast<std::size_t>(omp_get_thread_num());
+    const std::size_t b = words * id / nt, e = words * (id + 1) / nt;
+    for (std::size_t blk = b; blk < e; blk += kGrain) {  // input by input, block by block
+      const std::size_t be = std::min(e, blk + kGrain);
+      for (int j = 0; j < k; ++j) {
+        const uint64_t* p = static_cast<const uint64_t*>(buffers[j]);
+        uint64_t s = 0;
+        for (std::size_t i = blk; i < be; ++i) s += p[i];
+        total += s;
+      }
+    }
+  }
+  return total;
+}
+
 }  // namespace soupkern

@@ -43,5 +43,8 @@ WeightedSumFn isa_by_name(const char* name);
 void weighted_sum(void* out, DType out_dtype, const void* const* inputs, const DType* in_dtypes,
                   const double* weights, int k, std::size_t n, int threads, WeightedSumFn fn = nullptr);
 void parallel_copy(void* dst, const void* src, std::size_t nbytes, int threads);
+// Reads nbytes of each buffer once (OpenMP over the same element ranges as weighted_sum) and
+// returns a checksum: the read-only floor a read-dominated kernel is compared with.
+uint64_t parallel_read(const void* const* buffers, int k, std::size_t nbytes, int threads);
 
 }  // namespace soupkern
