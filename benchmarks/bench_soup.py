@@ -105,6 +105,16 @@ def summarize(runs: list[dict[str, Any]], bytes_moved: dict[str, int]) -> dict[s
     return out
 
 
+def _can_drop_caches() -> bool:
+    return os.access("/proc/sys/vm/drop_caches", os.W_OK)
+
+
+def _drop_caches() -> None:
+    """Evict clean page-cache pages (after os.sync), so the next run reads its inputs from disk."""
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="tiny, vit_b32, vit_l14, vit_g14 (default vit_b32; tiny with --smoke)")
@@ -122,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backend", default=None, help="soupkern backend (default: soupkern's choice)")
     ap.add_argument("--budget-bytes", type=int, default=None, help="soupkern working-memory budget")
     ap.add_argument("--fsync", action="store_true", help="also time an fsync of each output (reported apart)")
+    ap.add_argument("--cold", action="store_true",
+                    help="drop the page cache before every run (needs root): inputs are read from disk")
     ap.add_argument("--no-check", action="store_true", help="skip the correctness check")
     ap.add_argument("--smoke", action="store_true", help="tiny model, 1 repeat: checks the harness works")
     args = ap.parse_args(argv)
@@ -202,6 +214,9 @@ def _main(args: argparse.Namespace, argv: list[str] | None, launcher: Launcher) 
     all_inputs = list(dict.fromkeys(p for m in methods for p in method_inputs[m]))
     total_in = sum(p.stat().st_size for p in all_inputs)
     fits = total_in < 0.7 * meminfo_kib()["MemTotal"] * 1024
+    if args.cold and not _can_drop_caches():
+        print("--cold needs write access to /proc/sys/vm/drop_caches (root)", file=sys.stderr)
+        return 2
     warm_gbps = warm(all_inputs)
     print(f"page-cache warm-up: {total_in / 1e9:.2f} GB at {warm_gbps:.2f} GB/s"
           + ("" if fits else " (inputs do not fit in the page cache: runs are partly cold)"), flush=True)
@@ -222,6 +237,8 @@ def _main(args: argparse.Namespace, argv: list[str] | None, launcher: Launcher) 
                 continue
             outs[m].unlink(missing_ok=True)
             os.sync()  # no dirty pages of an earlier run are written back during this one
+            if args.cold:
+                _drop_caches()
             run = spawn(launcher, m, method_inputs[m], outs[m], sk_kwargs if m == "soupkern" else {}, args.fsync, tmp)
             run["repeat"] = rep
             runs.append(run)
@@ -283,7 +300,7 @@ def _main(args: argparse.Namespace, argv: list[str] | None, launcher: Launcher) 
 - inputs: {n} x {inputs[0].stat().st_size / 1e9:.3f} GB safetensors ({args.dtype}); \
 {repeats} repeats per method, each in a fresh process, order {' '.join(methods)} per repeat
 - page cache: {total_in / 1e9:.2f} GB of inputs, warm-up read at {warm_gbps:.2f} GB/s; \
-{'inputs fit in RAM (warm runs)' if fits else 'inputs do NOT fit in RAM: runs read partly from disk'}
+{'COLD runs: the page cache is dropped before every run, inputs come from disk' if args.cold else ('inputs fit in RAM (warm runs)' if fits else 'inputs do NOT fit in RAM: runs read partly from disk')}
 - soupkern backend reported: {backend}; kwargs {sk_kwargs or '{}'}
 - time = wall time around the soup only (inside the child); GB/s = (input file bytes + output file \
 bytes) / median time; maxrss = ru_maxrss of the child (includes mmap'd file pages and the \
@@ -306,7 +323,7 @@ dtypes: it multiplies and adds in the ingredients' dtype)
     results_dir = Path(args.results_dir) if args.results_dir else (
         workdir / "results" if args.smoke else RESULTS_DIR)
     results_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"soup_{cfg.tag}_{args.dtype}_n{n}"
+    stem = f"soup_{cfg.tag}_{args.dtype}_n{n}" + ("_cold" if args.cold else "")
     (results_dir / f"{stem}.md").write_text(md)
     (results_dir / f"{stem}.json").write_text(json.dumps({
         "provenance": prov, "args": vars(args), "config": {**cfg.__dict__, "tag": cfg.tag, "params": n_params},
