@@ -160,4 +160,6 @@ def _progress_bar(total: int, enabled: bool):  # -> context manager yielding a t
         return _NoBar()
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc="soup", dynamic_ncols=True, leave=False)
+    # disable=None: draw only on a terminal, so logs and pipes get no carriage-return noise
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc="soup", dynamic_ncols=True,
+                leave=False, disable=None)
