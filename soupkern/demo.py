@@ -62,7 +62,9 @@ def run_demo(workdir: Path, n_ingredients: int = 4, seed: int = 0) -> int:
     base = _tiny_vit(rng)
     paths = []
     for k in range(n_ingredients):
-        ing = {n: (dt, v + rng.standard_normal(v.shape) * 0.002) for n, (dt, v) in base.items()}
+        ing: dict[str, tuple[str, np.ndarray]] = {
+            n: (dt, v + rng.standard_normal(v.shape) * 0.002) for n, (dt, v) in base.items()
+        }
         ing["pos_ids"] = ("I64", np.arange(50, dtype=np.int64))
         p = workdir / f"ingredient_{k}.safetensors"
         _write(p, ing)

@@ -11,7 +11,7 @@ class CppBackend:
     name = "cpp"
 
     def __init__(self, threads: int = 0):
-        from soupkern import _native
+        from soupkern import _native  # type: ignore[attr-defined]  # compiled extension
 
         self._native = _native
         self.threads = threads

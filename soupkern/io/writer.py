@@ -246,7 +246,7 @@ class SoupWriter:
         if self._win is not None:
             shard, wstart, used = self._win
             self._win = None
-            self._pwrite(self._fds[shard], memoryview(self._staging)[:used], wstart)
+            self._pwrite(self._fds[shard], self._staging.data[:used], wstart)
             self.bytes_written += used
 
     @staticmethod
@@ -290,9 +290,9 @@ class SoupWriter:
             self._tmp = []
         self._committed = True
         self._placed = []
-        for f in stale:
-            if f.exists() and f.name != INDEX_NAME:
-                os.unlink(f)
+        for old in stale:
+            if old.exists() and old.name != INDEX_NAME:
+                os.unlink(old)
         return self.layout.paths
 
     def _abort(self) -> None:
