@@ -220,3 +220,16 @@ def test_large_outputs_use_streaming_stores_with_the_same_bits(out_dtype: str) -
         got = aligned_empty(n * size)
         _native.weighted_sum(got, out_dtype, raws, ["BF16", "F16"], [0.4, 0.6], n, 2, isa)
         np.testing.assert_array_equal(got, ref, err_msg=isa)
+
+
+def test_72_ingredients() -> None:
+    """The paper's sweep size: K = 72 mixed-dtype inputs in one call, every ISA, vs fp64."""
+    rng = np.random.default_rng(72)
+    n, k = 5003, 72
+    dtypes = [("BF16", "F16", "F32")[j % 3] for j in range(k)]
+    raws = [make_input(rng, n, d) for d in dtypes]
+    weights = [1.0 / k] * k
+    for isa in _native.supported_isas():
+        got = np.empty(n * 2, np.uint8)
+        _native.weighted_sum(got, "BF16", raws, dtypes, weights, n, 2, isa)
+        check("cpp", got, raws, dtypes, weights, "BF16")
