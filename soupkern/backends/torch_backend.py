@@ -12,6 +12,8 @@ from typing import Sequence
 
 import numpy as np
 
+from soupkern.io import dtype_itemsize
+
 
 class TorchBackend:
     name = "torch"
@@ -25,7 +27,7 @@ class TorchBackend:
     def _tensor(self, buf: np.ndarray, dtype: str, n: int):  # -> torch.Tensor
         with warnings.catch_warnings():  # read-only mmap views: we never write through them
             warnings.simplefilter("ignore", UserWarning)
-            return self.torch.from_numpy(buf[: n * (8 if dtype == "F64" else 4 if dtype == "F32" else 2)]).view(self.dtypes[dtype])
+            return self.torch.from_numpy(buf[: n * dtype_itemsize(dtype)]).view(self.dtypes[dtype])
 
     def weighted_sum(
         self,

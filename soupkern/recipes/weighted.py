@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
@@ -147,17 +147,9 @@ def uniform_state_dict(ingredients: Sequence[PathLike], **kwargs: object) -> dic
     return weighted_state_dict(ingredients, [1.0 / k] * k, **kwargs)  # type: ignore[arg-type]
 
 
-class _NoBar:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
 def _progress_bar(total: int, enabled: bool):  # -> context manager yielding a tqdm or None
     if not enabled:
-        return _NoBar()
+        return nullcontext()
     from tqdm import tqdm
 
     # disable=None: draw only on a terminal, so logs and pipes get no carriage-return noise
