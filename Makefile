@@ -8,7 +8,7 @@ PIP := $(PYTHON) -m pip
 # torch is installed first and pinned by constraints.txt so pip keeps the CPU build here.
 install:
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -c constraints.txt -e ".[test]"
+	$(PIP) install --quiet -c constraints.txt -e ".[test,demo]"
 
 demo: install
 	$(PYTHON) -m soupkern demo
