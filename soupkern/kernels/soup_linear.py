@@ -1,0 +1,317 @@
+"""Fused soup-linear: S soups of K ingredients through one linear layer, no soup weight materialized.
+
+Contract (every path implements it):
+
+    Y[s] = X[s] · (Σ_k A[s,k] W_k)ᵀ + Σ_k A[s,k] b_k          s = 0..S-1
+
+- X: [S, B, IN] (one input per soup) or [B, IN] (one input shared by every soup);
+  W: [K, OUT, IN]; b: [K, OUT] or None; A: [S, K]. X, W, b: fp32, fp16 or bf16 (any mix); A is
+  rounded to fp32.
+- The mixed weight `Σ_k A[s,k] W_k` is formed in fp32 (k in order, one fp32 multiply-add per
+  term), then rounded once to X's dtype (a no-op for fp32 X): exactly the weight `F.linear` would see
+  if the soup were materialized in X's dtype. Products X·Wᵀ are accumulated in fp32 (true fp32 for
+  fp32 X: `input_precision="ieee"`, no TF32), the fp32 bias mix is added, and the result is rounded
+  once to the output dtype: X's dtype by default, or fp32 (`out_dtype=torch.float32`).
+- Not differentiable (evaluation only).
+
+Cost (Triton kernel, blocks BM x BN x BK; x, w, y item sizes):
+- FLOPs: 2·S·B·OUT·IN (the matmul) + 2·S·⌈B/BM⌉·K·OUT·IN (forming the soup tiles, repeated per row
+  block: with B ≤ BM it is K/B of the matmul).
+- Bytes from memory, at least: K·OUT·IN·w (every ingredient once) + S·B·IN·x (B·IN·x when shared)
+  + S·B·OUT·y + S·K·4 (+ K·OUT·b). Ingredient tiles are re-read S·⌈B/BM⌉ times; the grid puts s on
+  the fastest axis so those re-reads of a tile by neighbouring programs hit L2.
+- Materialize-then-matmul instead writes and re-reads S·OUT·IN soup weights (2·S·OUT·IN·w more
+  bytes) and needs S·OUT·IN·w of memory; the fused kernel needs none.
+
+CPU path (`soup_linear_torch`): blocks of `out_block` output rows; per block the K ingredient rows
+are converted to fp32 and mixed into an [S, out_block, IN] fp32 temporary, so the extra memory is at
+most (K + S)·out_block·IN·4 bytes (+ an fp32 copy of X when X is not fp32), chosen from a budget.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Literal, Sequence
+
+import torch
+
+from soupkern.errors import BackendUnavailableError, InputError
+
+try:  # triton is optional: without it only the CPU/torch path exists
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+
+if TYPE_CHECKING:
+    from torch import nn
+
+# The interpreter's tl.dot returns garbage for bf16 operands (triton 3.7.1, seen here): under
+# TRITON_INTERPRET=1 bf16 tiles are widened to fp32 before the dot, which gives the same products
+# (exact in fp32) and the same fp32 accumulation.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+Backend = Literal["auto", "triton", "torch"]
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+DEFAULT_CPU_BUDGET_BYTES = 32 << 20
+
+
+if triton is not None:
+
+    @triton.jit
+    def _soup_linear_kernel(
+        X, W, Bias, A, Y,
+        B, OUT, IN, K,
+        stride_xs, stride_xb, stride_xi,
+        stride_wk, stride_wn, stride_wi,
+        stride_bk, stride_bn,
+        stride_as, stride_ak,
+        stride_ys, stride_yb, stride_yn,
+        HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        s = tl.program_id(0).to(tl.int64)  # soups on the fastest axis: neighbours share W tiles in L2
+        pid_m = tl.program_id(1)
+        pid_n = tl.program_id(2)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        mask_m = offs_m < B
+        mask_n = offs_n < OUT
+        x_base = X + s * stride_xs + offs_m[:, None].to(tl.int64) * stride_xb
+        w_base = W + offs_n[:, None].to(tl.int64) * stride_wn
+        a_base = A + s * stride_as
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for i0 in range(0, IN, BLOCK_K):
+            cols = i0 + offs_k
+            mask_i = cols < IN
+            x = tl.load(x_base + cols[None, :] * stride_xi, mask=mask_m[:, None] & mask_i[None, :], other=0.0)
+            wmix = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+            for k in range(K):
+                a = tl.load(a_base + k * stride_ak)
+                w = tl.load(w_base + k * stride_wk + cols[None, :] * stride_wi,
+                            mask=mask_n[:, None] & mask_i[None, :], other=0.0)
+                wmix += a * w.to(tl.float32)
+            wq = wmix.to(x.dtype)
+            if UPCAST:  # exact: products of two bf16 values are exact in fp32 (interpreter workaround)
+                acc = tl.dot(x.to(tl.float32), tl.trans(wq.to(tl.float32)), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(x, tl.trans(wq), acc, input_precision="ieee")
+        if HAS_BIAS:
+            bmix = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            for k in range(K):
+                a = tl.load(a_base + k * stride_ak)
+                bk = tl.load(Bias + k * stride_bk + offs_n * stride_bn, mask=mask_n, other=0.0)
+                bmix += a * bk.to(tl.float32)
+            acc += bmix[None, :]
+        y_ptr = Y + s * stride_ys + offs_m[:, None].to(tl.int64) * stride_yb + offs_n[None, :] * stride_yn
+        tl.store(y_ptr, acc.to(Y.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+def _check(x: torch.Tensor, weights: torch.Tensor, bias: torch.Tensor | None, coeffs: torch.Tensor,
+           out_dtype: torch.dtype | None) -> tuple[int, int, int, int, int, torch.dtype]:
+    """Validate shapes, dtypes and devices; returns (S, K, B, OUT, IN, output dtype)."""
+    if weights.dim() != 3:
+        raise InputError(f"weights must be [K, OUT, IN], got shape {list(weights.shape)}")
+    k, n_out, n_in = weights.shape
+    if coeffs.dim() != 2 or coeffs.shape[1] != k:
+        raise InputError(f"coefficients must be [S, K={k}], got shape {list(coeffs.shape)}")
+    s = coeffs.shape[0]
+    if x.dim() == 2:
+        b, x_in = x.shape
+    elif x.dim() == 3:
+        if x.shape[0] != s:
+            raise InputError(f"x is [S, B, IN] with S={x.shape[0]} but coefficients have S={s}")
+        _, b, x_in = x.shape
+    else:
+        raise InputError(f"x must be [B, IN] or [S, B, IN], got shape {list(x.shape)}")
+    if x_in != n_in:
+        raise InputError(f"x has {x_in} input features, weights have {n_in}")
+    if bias is not None and (bias.dim() != 2 or tuple(bias.shape) != (k, n_out)):
+        raise InputError(f"bias must be [K={k}, OUT={n_out}], got shape {list(bias.shape)}")
+    for name, t in (("x", x), ("weights", weights), ("bias", bias)):
+        if t is not None and t.dtype not in _FLOATS:
+            raise InputError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+    if not coeffs.is_floating_point():
+        raise InputError(f"coefficients must be floating point, got {coeffs.dtype}")
+    devices = {t.device for t in (x, weights, bias, coeffs) if t is not None}
+    if len(devices) != 1:
+        raise InputError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+    y_dtype = x.dtype if out_dtype is None else out_dtype
+    if y_dtype not in (x.dtype, torch.float32):
+        raise InputError(f"out_dtype must be x's dtype ({x.dtype}) or torch.float32, got {out_dtype}")
+    return s, k, b, n_out, n_in, y_dtype
+
+
+def soup_linear_triton(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    bias: torch.Tensor | None,
+    coeffs: torch.Tensor,
+    *,
+    out_dtype: torch.dtype | None = None,
+    block_m: int = 64,
+    block_n: int = 64,
+    block_k: int = 32,
+    num_warps: int = 4,
+) -> torch.Tensor:
+    """The module contract with the Triton kernel: validates, allocates [S, B, OUT], launches.
+
+    CUDA tensors, or CPU tensors under TRITON_INTERPRET=1. Blocks must be powers of two ≥ 16.
+    """
+    if triton is None:
+        raise BackendUnavailableError("the triton soup-linear kernel needs the 'triton' package")
+    s, k, b, n_out, n_in, y_dtype = _check(x, weights, bias, coeffs, out_dtype)
+    for name, v in (("block_m", block_m), ("block_n", block_n), ("block_k", block_k)):
+        if v < 16 or v & (v - 1):
+            raise InputError(f"{name} must be a power of two >= 16, got {v}")
+    a = coeffs.to(torch.float32)
+    y = torch.empty((s, b, n_out), dtype=y_dtype, device=x.device)
+    if s == 0 or b == 0 or n_out == 0:
+        return y
+    if n_in == 0 or k == 0:  # empty sums: the kernel's loops would not run, the result is the bias mix
+        return soup_linear_torch(x, weights, bias, coeffs, out_dtype=out_dtype)
+    xs = (0, x.stride(0), x.stride(1)) if x.dim() == 2 else x.stride()
+    bias_t = bias if bias is not None else weights  # dummy pointer, never read when HAS_BIAS is False
+    bs = bias.stride() if bias is not None else (0, 0)
+    grid = (s, triton.cdiv(b, block_m), triton.cdiv(n_out, block_n))
+    _soup_linear_kernel[grid](
+        x, weights, bias_t, a, y,
+        b, n_out, n_in, k,
+        *xs, *weights.stride(), *bs, *a.stride(), *y.stride(),
+        HAS_BIAS=bias is not None, UPCAST=_INTERPRET and x.dtype == torch.bfloat16, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=num_warps,
+    )
+    return y
+
+
+def soup_linear_torch(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    bias: torch.Tensor | None,
+    coeffs: torch.Tensor,
+    *,
+    out_dtype: torch.dtype | None = None,
+    budget_bytes: int = DEFAULT_CPU_BUDGET_BYTES,
+) -> torch.Tensor:
+    """The module contract in plain torch, any device, blocked over output rows.
+
+    Per block of `out_block` rows (the largest with (K + S)·out_block·IN·4 ≤ `budget_bytes`, at
+    least 1): the K ingredients' rows in fp32, mixed into [S, out_block, IN] fp32, rounded to X's
+    dtype and back (the contract's single rounding), then a batched fp32 matmul.
+    """
+    s, k, b, n_out, n_in, y_dtype = _check(x, weights, bias, coeffs, out_dtype)
+    a = coeffs.to(torch.float32)
+    xf = x.to(torch.float32)
+    y = torch.empty((s, b, n_out), dtype=y_dtype, device=x.device)
+    step = max(1, budget_bytes // max(1, (k + s) * n_in * 4))
+    for n0 in range(0, n_out, step):
+        n1 = min(n0 + step, n_out)
+        w = weights[:, n0:n1].to(torch.float32)
+        wmix = torch.zeros((s, n1 - n0, n_in), dtype=torch.float32, device=x.device)
+        for j in range(k):  # k in order, as the kernel does
+            wmix += a[:, j, None, None] * w[j]
+        del w
+        wmix = wmix.to(x.dtype).to(torch.float32)
+        yb = torch.matmul(xf, wmix.transpose(1, 2))  # [S, B, n1-n0]; xf [B, IN] broadcasts
+        if bias is not None:
+            bmix = torch.zeros((s, n1 - n0), dtype=torch.float32, device=x.device)
+            for j in range(k):
+                bmix += a[:, j, None] * bias[j, n0:n1].to(torch.float32)
+            yb += bmix[:, None, :]
+        y[:, :, n0:n1] = yb
+    return y
+
+
+def soup_linear(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    bias: torch.Tensor | None,
+    coeffs: torch.Tensor,
+    *,
+    out_dtype: torch.dtype | None = None,
+    backend: Backend = "auto",
+) -> torch.Tensor:
+    """Y[s] = X[s] · (Σ_k A[s,k] W_k)ᵀ + Σ_k A[s,k] b_k (module docstring: the contract).
+
+    backend="auto": the Triton kernel for CUDA tensors (when triton is installed), the torch
+    path otherwise (CPU tensors). "triton" or "torch" force one; "triton" on CPU tensors needs
+    TRITON_INTERPRET=1 set before soupkern.kernels.soup_linear is imported.
+    """
+    if backend == "auto":
+        backend = "triton" if x.is_cuda and triton is not None else "torch"
+    if backend == "triton":
+        return soup_linear_triton(x, weights, bias, coeffs, out_dtype=out_dtype)
+    if backend == "torch":
+        return soup_linear_torch(x, weights, bias, coeffs, out_dtype=out_dtype)
+    raise InputError(f"backend must be 'auto', 'triton' or 'torch', got '{backend}'")
+
+
+# --------------------------------------------------------------------------------- MLP soups
+_ELEMENTWISE = ("ReLU", "GELU", "Tanh", "Sigmoid", "SiLU", "LeakyReLU", "ELU", "Identity", "Dropout", "Softplus")
+
+
+class SoupMLP:
+    """S soups of an MLP (an `nn.Sequential` of Linear and elementwise layers) evaluated in one pass.
+
+    Every Linear runs through `soup_linear`, so no soup's weights are materialized. Modules before
+    the first Linear (e.g. Flatten) run once on the shared input; after it only elementwise
+    activations are allowed (they act on [S, B, features] unchanged). Ingredient parameters are
+    stacked once per Linear into [K, OUT, IN] (K copies of the model's Linear weights in memory:
+    meant for small and medium models; the Triton kernel reads them once per soup tile).
+    Dropout is applied as in eval mode (identity).
+    """
+
+    def __init__(self, model: nn.Module, ingredients: Sequence[dict[str, torch.Tensor]], *,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        from torch import nn
+
+        if not isinstance(model, nn.Sequential):
+            raise InputError(f"SoupMLP needs an nn.Sequential of Linear and activation layers, got {type(model).__name__}")
+        if not ingredients:
+            raise InputError("SoupMLP needs at least one ingredient")
+        self.prefix: list[nn.Module] = []
+        self.layers: list[tuple[torch.Tensor, torch.Tensor | None] | nn.Module] = []  # (W, b) or an activation
+        seen_linear = False
+        for name, mod in model.named_children():
+            if isinstance(mod, nn.Linear):
+                seen_linear = True
+                w = torch.stack([_param(sd, f"{name}.weight", i) for i, sd in enumerate(ingredients)])
+                b = (torch.stack([_param(sd, f"{name}.bias", i) for i, sd in enumerate(ingredients)])
+                     if mod.bias is not None else None)
+                w = w.to(device=device, dtype=dtype or w.dtype)
+                b = None if b is None else b.to(device=device, dtype=dtype or b.dtype)
+                self.layers.append((w, b))
+            elif not seen_linear:
+                self.prefix.append(mod)
+            elif type(mod).__name__ in _ELEMENTWISE:
+                self.layers.append(mod)
+            else:
+                raise InputError(f"layer '{name}' ({type(mod).__name__}) after the first Linear is not elementwise; "
+                                 f"use the generic vmap evaluation for this model")
+        if not seen_linear:
+            raise InputError("the model has no nn.Linear layer")
+        self.k = len(ingredients)
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, coeffs: torch.Tensor, *, backend: Backend = "auto",
+                 out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Logits [S, B, C] of the S soups `coeffs` [S, K] on the shared batch `x`."""
+        from torch.nn import Dropout
+
+        for mod in self.prefix:
+            x = mod(x)
+        first = self.layers[0]
+        if isinstance(first, tuple):
+            x = x.to(first[0].dtype)
+        for layer in self.layers:
+            if isinstance(layer, tuple):
+                x = soup_linear(x, layer[0], layer[1], coeffs.to(x.device), backend=backend)
+            elif not isinstance(layer, Dropout):
+                x = layer(x)
+        return x if out_dtype is None else x.to(out_dtype)
+
+
+def _param(sd: dict[str, torch.Tensor], name: str, i: int) -> torch.Tensor:
+    if name not in sd:
+        raise InputError(f"ingredient {i} has no tensor '{name}'", tensor=name)
+    return sd[name]
