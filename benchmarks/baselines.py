@@ -13,6 +13,14 @@ Every method turns N ingredient files into one uniform-soup output file:
   writes one output file of the soup's size (the bytes of ingredient 0, zero-padded if needed).
   The time any file-to-file soup must at least take on this machine.
 - `soupkern`: `soupkern.uniform_soup(ingredients, out, overwrite=True)`.
+- `mergekit_linear` (optional, `pip install -c constraints.txt mergekit`): mergekit's
+  `mergekit-pytorch CONFIG OUT_DIR` with default options, run in-process through its click command
+  (the console script's code path), on a YAML config `merge_method: linear` listing the
+  ingredient files with `weight: 1.0` each (mergekit normalizes by the weight sum, so this is the
+  uniform mean). mergekit 0.1.5's linear merge accumulates `addcmul_` in fp32 (fp64 for fp64
+  inputs), divides by the weight sum and casts to the first input's dtype; it writes a folder
+  (`model.safetensors`, or `model-0000k-of-0000n.safetensors` + index past 5 GB of output) and
+  holds each output shard in RAM until it is written.
 
 Child protocol (used by bench_soup.py): `python baselines.py SPEC.json` where SPEC holds
 {method, inputs, out, kwargs, fsync, result}. The child measures, around the soup call only:
@@ -38,6 +46,10 @@ from typing import Any, Callable  # noqa: E402
 BLOCK = 32 * 1024 * 1024
 METHODS = ("io_floor", "soupkern", "naive_safetensors", "model_soups_reference")
 SLOW_METHODS = ("naive_safetensors", "model_soups_reference")
+# optional peers: run only when asked for (their packages may be missing); see OPTIONAL_MODULES
+OPTIONAL_METHODS = ("mergekit_linear",)
+OPTIONAL_MODULES = {"mergekit_linear": "mergekit"}
+DIR_OUTPUT_METHODS = ("mergekit_linear",)  # write a folder of safetensors shards, not one file
 
 
 def naive_safetensors(inputs: list[str], out: str) -> dict[str, Any]:
@@ -76,6 +88,30 @@ def model_soups_reference(inputs: list[str], out: str) -> dict[str, Any]:
             uniform_soup = {k: v * (1.0 / num_models) + uniform_soup[k] for k, v in state_dict.items()}
     torch.save(uniform_soup, out)
     return {}
+
+
+def mergekit_linear(inputs: list[str], out: str) -> dict[str, Any]:
+    """`mergekit-pytorch CONFIG OUT` (default options), linear merge with weight 1.0 per input."""
+    from mergekit.scripts.merge_raw_pytorch import main as mergekit_pytorch
+
+    config = Path(out).with_name(Path(out).name + ".mergekit.yml")
+    config.write_text("merge_method: linear\nmodels:\n" + "".join(
+        f"  - model: {json.dumps(p)}\n    parameters:\n      weight: 1.0\n" for p in inputs))
+    try:
+        mergekit_pytorch.main(args=[str(config), out], standalone_mode=False)
+    finally:
+        config.unlink(missing_ok=True)
+    files = sorted(p.name for p in Path(out).iterdir())
+    return {"output_files": files, "mergekit_version": _dist_version("mergekit")}
+
+
+def _dist_version(dist: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
 
 
 def io_floor(inputs: list[str], out: str, out_bytes: int | None = None) -> dict[str, Any]:
@@ -134,13 +170,48 @@ def _import_torch_safetensors() -> None:
     import torch  # noqa: F401
 
 
+def _import_mergekit() -> None:
+    _import_torch_safetensors()
+    import mergekit.scripts.merge_raw_pytorch  # noqa: F401  (pulls in transformers, pydantic...)
+
+
 # method -> (imports to time separately, soup function)
 REGISTRY: dict[str, tuple[Callable[[], None], Callable[..., dict[str, Any]]]] = {
     "io_floor": (lambda: None, io_floor),
     "soupkern": (_import_soupkern, soupkern_uniform),
     "naive_safetensors": (_import_torch_safetensors, naive_safetensors),
     "model_soups_reference": (_import_torch_safetensors, model_soups_reference),
+    "mergekit_linear": (_import_mergekit, mergekit_linear),
 }
+
+
+def method_unavailable(method: str) -> str | None:
+    """Why `method` cannot run in this environment (its optional package is missing), or None."""
+    import importlib.util
+
+    mod = OPTIONAL_MODULES.get(method)
+    if mod is None or importlib.util.find_spec(mod) is not None:
+        return None
+    return f"{mod} is not installed (pip install -c constraints.txt {mod})"
+
+
+def output_bytes(path: str | Path) -> int:
+    """Size of an output file, or the total size of the files in an output folder."""
+    p = Path(path)
+    if p.is_dir():
+        return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+    return p.stat().st_size
+
+
+def remove_output(path: str | Path) -> None:
+    """Delete an output file or folder if it exists."""
+    import shutil
+
+    p = Path(path)
+    if p.is_dir():
+        shutil.rmtree(p)
+    else:
+        p.unlink(missing_ok=True)
 
 
 def _status_kib(field: str) -> int:

@@ -32,7 +32,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from baselines import METHODS, SLOW_METHODS, Launcher
+from baselines import (DIR_OUTPUT_METHODS, METHODS, OPTIONAL_METHODS, REGISTRY, SLOW_METHODS, Launcher,
+                       method_unavailable, output_bytes, remove_output)
 from common import GIB, MIB, RESULTS_DIR, fmt, md_table, meminfo_kib, provenance, provenance_md
 
 # torch, vit and soupcheck are imported in main() after the launcher is started (see Launcher)
@@ -65,10 +66,100 @@ def spawn(launcher: Launcher, method: str, inputs: list[Path], out: Path, kwargs
                            **launcher.run([sys.executable, str(BASELINES), str(spec_path)], str(log_path))}
     if run["returncode"] == 0 and result_path.exists():
         run.update(json.loads(result_path.read_text()))
-        run["out_bytes"] = out.stat().st_size
+        run["out_bytes"] = output_bytes(out)
     else:
         run["error"] = log_path.read_text(errors="replace")[-4000:]
     return run
+
+
+def output_path(out_dir: Path, method: str) -> Path:
+    """Where `method` writes its soup (a folder for DIR_OUTPUT_METHODS)."""
+    if method in DIR_OUTPUT_METHODS:
+        return out_dir / method
+    return out_dir / f"{method}.{'pt' if method == 'model_soups_reference' else 'safetensors'}"
+
+
+def fits_page_cache(paths: list[Path]) -> bool:
+    """Whether the files can stay page-cache resident (under 70% of RAM)."""
+    return sum(p.stat().st_size for p in paths) < 0.7 * meminfo_kib()["MemTotal"] * 1024
+
+
+def run_methods(launcher: Launcher, methods: list[str], method_inputs: dict[str, list[Path]],
+                ingredients: list[Path], cfg: Any, tdtype: Any, workdir: Path, repeats: int, *,
+                sk_kwargs: dict[str, Any], fsync: bool = False, cold: bool = False, check: bool = True,
+                rewarm: bool = False, prefix: str = ""
+                ) -> tuple[list[dict[str, Any]], dict[str, Any], set[str]]:
+    """`repeats` rounds, each running every method once in order, each run in a fresh child.
+
+    Outputs are deleted before and after each run, `os.sync()` precedes each run; `cold` drops
+    the page cache before each run; `rewarm` re-reads a method's inputs (untimed) before each of
+    its runs when they fit in the page cache, so every run starts warm even when the inputs of
+    all methods together do not fit. The first successful run of each method (but io_floor) is
+    checked against the fp64 mean (`soupcheck.check_output`) when `check`.
+    Returns (runs, checks by method, methods that failed; a failed method is not rerun).
+    """
+    from soupcheck import check_output
+
+    out_dir = workdir / "out"
+    out_dir.mkdir(exist_ok=True)
+    tmp = out_dir / "child"
+    tmp.mkdir(exist_ok=True)
+    outs = {m: output_path(out_dir, m) for m in methods}
+    runs: list[dict[str, Any]] = []
+    checks: dict[str, Any] = {}
+    failed: set[str] = set()
+    for rep in range(repeats):
+        for m in methods:
+            if m in failed:
+                continue
+            remove_output(outs[m])
+            warm_s = None
+            if rewarm and not cold and fits_page_cache(method_inputs[m]):
+                t0 = time.perf_counter()
+                warm(method_inputs[m])
+                warm_s = time.perf_counter() - t0
+            os.sync()  # no dirty pages of an earlier run are written back during this one
+            if cold:
+                _drop_caches()
+            run = spawn(launcher, m, method_inputs[m], outs[m], sk_kwargs if m == "soupkern" else {}, fsync, tmp)
+            run["repeat"] = rep
+            run["rewarm_s"] = warm_s
+            runs.append(run)
+            if run["returncode"] != 0:
+                failed.add(m)
+                print(f"{prefix}[{rep}] {m}: FAILED (rc {run['returncode']})\n{run.get('error', '')}", flush=True)
+                remove_output(outs[m])
+                continue
+            line = (f"{prefix}[{rep}] {m:22s} {run['soup_s']:8.3f} s  maxrss {run['ru_maxrss_kib'] / 1024:8.0f} MiB"
+                    f"  anon {run['peak_rss_anon_kib'] / 1024:8.0f} MiB")
+            if check and m != "io_floor" and m not in checks:
+                fmt_ = "pt" if m == "model_soups_reference" else "safetensors"
+                try:
+                    checks[m] = check_output(outs[m], fmt_, ingredients, cfg, tdtype)
+                except Exception as e:  # noqa: BLE001 - an unreadable output is a failed check
+                    checks[m] = {"ok": False, "problems": [f"output unreadable: {e!r}"], "max_abs_err": None,
+                                 "max_ulp": None, "frac_not_bit_identical": None, "max_err_over_bound": None,
+                                 "elements_checked": 0}
+                c = checks[m]
+                line += (f"  check: max_abs {c['max_abs_err']:.3g} max_ulp {c['max_ulp']} "
+                         f"err/bound {c['max_err_over_bound']:.3g}" if c["elements_checked"] else "  check:")
+                line += "" if c["ok"] else f" ✗ {c['problems'][:3]}"
+            print(line, flush=True)
+            remove_output(outs[m])
+    shutil.rmtree(tmp, ignore_errors=True)
+    return runs, checks, failed
+
+
+def check_cell(method: str, c: dict[str, Any] | None) -> str:
+    """A check result as 'max abs err / max ulp / not bit-identical / err÷bound' (✗ if not ok)."""
+    if method == "io_floor":
+        return "n/a (no math)"
+    if c is None:
+        return "not run"
+    if not c["elements_checked"]:
+        return "✗ " + "; ".join(c["problems"])[:200]
+    return (f"{c['max_abs_err']:.3g} / {c['max_ulp']} / {c['frac_not_bit_identical']:.2%} / "
+            f"{c['max_err_over_bound']:.3g}" + ("" if c["ok"] else " ✗"))
 
 
 def estimate_peak_bytes(method: str, in_bytes: int, pt_bytes: int, itemsize: int) -> int:
@@ -78,6 +169,8 @@ def estimate_peak_bytes(method: str, in_bytes: int, pt_bytes: int, itemsize: int
         return base + in_bytes * 4 // itemsize + in_bytes
     if method == "model_soups_reference":  # loaded state dict + old soup + new soup (+ temporaries)
         return base + 4 * pt_bytes
+    if method == "mergekit_linear":  # + transformers; output shard (<= 5e9 bytes) held until written
+        return base + GIB // 2 + min(in_bytes, 5 * 10**9) + in_bytes * 4 // itemsize // 8
     return base
 
 
@@ -123,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=None, help="runs per method (default 5; 1 with --smoke)")
     ap.add_argument("--depth", type=int, default=None, help="override the number of blocks")
     ap.add_argument("--classes", type=int, default=None, help="override the head size (default 1000)")
-    ap.add_argument("--methods", default=",".join(METHODS), help=f"comma list from {','.join(METHODS)}")
+    ap.add_argument("--methods", default=",".join(METHODS), help=f"comma list from {','.join(METHODS + OPTIONAL_METHODS)}")
     ap.add_argument("--skip-slow-baselines", action="store_true",
                     help=f"drop {', '.join(SLOW_METHODS)} (they hold whole models in RAM)")
     ap.add_argument("--workdir", default="/tmp/soupkern-bench", help="ingredients, .pt copies and outputs")
@@ -147,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
 def _main(args: argparse.Namespace, argv: list[str] | None, launcher: Launcher) -> int:
     # torch comes in with these, after the launcher was started (see main)
     from common import soupkern_info
-    from soupcheck import check_output, sample_keys
+    from soupcheck import sample_keys
     from vit import (DTYPES, convert_to_pt, generate_ingredients, get_config, ingredient_dir, param_count,
                      vit_shapes)
 
@@ -160,9 +253,13 @@ def _main(args: argparse.Namespace, argv: list[str] | None, launcher: Launcher) 
         print("error: need -n >= 2 and --repeats >= 1", file=sys.stderr)
         return 2
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in REGISTRY]
     if unknown:
-        print(f"error: unknown methods {unknown}; choose from {list(METHODS)}", file=sys.stderr)
+        print(f"error: unknown methods {unknown}; choose from {list(REGISTRY)}", file=sys.stderr)
+        return 2
+    missing = {m: why for m in methods if (why := method_unavailable(m))}
+    if missing:
+        print(f"error: {missing}", file=sys.stderr)
         return 2
     skipped: dict[str, str] = {}
     if args.skip_slow_baselines:
@@ -221,43 +318,10 @@ def _main(args: argparse.Namespace, argv: list[str] | None, launcher: Launcher) 
     print(f"page-cache warm-up: {total_in / 1e9:.2f} GB at {warm_gbps:.2f} GB/s"
           + ("" if fits else " (inputs do not fit in the page cache: runs are partly cold)"), flush=True)
 
-    out_dir = workdir / "out"
-    out_dir.mkdir(exist_ok=True)
-    tmp = out_dir / "child"
-    tmp.mkdir(exist_ok=True)
-    outs = {m: out_dir / f"{m}.{'pt' if m == 'model_soups_reference' else 'safetensors'}" for m in methods}
     sk_kwargs = {k: v for k, v in (("backend", args.backend), ("budget_bytes", args.budget_bytes)) if v is not None}
-
-    runs: list[dict[str, Any]] = []
-    checks: dict[str, Any] = {}
-    failed: set[str] = set()
-    for rep in range(repeats):
-        for m in methods:
-            if m in failed:
-                continue
-            outs[m].unlink(missing_ok=True)
-            os.sync()  # no dirty pages of an earlier run are written back during this one
-            if args.cold:
-                _drop_caches()
-            run = spawn(launcher, m, method_inputs[m], outs[m], sk_kwargs if m == "soupkern" else {}, args.fsync, tmp)
-            run["repeat"] = rep
-            runs.append(run)
-            if run["returncode"] != 0:
-                failed.add(m)
-                print(f"[{rep}] {m}: FAILED (rc {run['returncode']})\n{run.get('error', '')}", flush=True)
-                continue
-            line = (f"[{rep}] {m:22s} {run['soup_s']:8.3f} s  maxrss {run['ru_maxrss_kib'] / 1024:8.0f} MiB"
-                    f"  anon {run['peak_rss_anon_kib'] / 1024:8.0f} MiB")
-            if rep == 0 and not args.no_check and m != "io_floor":
-                fmt_ = "pt" if m == "model_soups_reference" else "safetensors"
-                checks[m] = check_output(outs[m], fmt_, inputs, cfg, tdtype)
-                c = checks[m]
-                line += (f"  check: max_abs {c['max_abs_err']:.3g} max_ulp {c['max_ulp']} "
-                         f"err/bound {c['max_err_over_bound']:.3g}"
-                         + ("" if c["ok"] else f" ✗ {c['problems'][:3]}"))
-            print(line, flush=True)
-            outs[m].unlink(missing_ok=True)
-    shutil.rmtree(tmp, ignore_errors=True)
+    runs, checks, failed = run_methods(
+        launcher, methods, method_inputs, inputs, cfg, tdtype, workdir, repeats,
+        sk_kwargs=sk_kwargs, fsync=args.fsync, cold=args.cold, check=not args.no_check)
 
     out_bytes = {m: next((r["out_bytes"] for r in runs if r["method"] == m and "out_bytes" in r), 0)
                  for m in methods}
@@ -270,17 +334,15 @@ def _main(args: argparse.Namespace, argv: list[str] | None, launcher: Launcher) 
 
     ratios = {"soupkern / io_floor (time)": ratio("soupkern", "io_floor"),
               "naive_safetensors / soupkern (time)": ratio("naive_safetensors", "soupkern"),
-              "model_soups_reference / soupkern (time)": ratio("model_soups_reference", "soupkern")}
+              "model_soups_reference / soupkern (time)": ratio("model_soups_reference", "soupkern"),
+              "mergekit_linear / soupkern (time)": ratio("mergekit_linear", "soupkern")}
     prov = provenance()
     backend = next((r["info"].get("backend") for r in runs if r["method"] == "soupkern" and "info" in r), None)
 
     rows = []
     for m in methods:
         s, c = summary.get(m, {"runs": 0}), checks.get(m)
-        chk = ("n/a (no math)" if m == "io_floor" else "not run" if c is None else
-               f"{c['max_abs_err']:.3g} / {c['max_ulp']} / {c['frac_not_bit_identical']:.2%} / "
-               f"{c['max_err_over_bound']:.3g}"
-               + ("" if c["ok"] else " ✗"))
+        chk = check_cell(m, c)
         if not s.get("runs"):
             rows.append([m, "failed", "", "", "", "", "", "", chk])
             continue

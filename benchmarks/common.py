@@ -63,7 +63,7 @@ def meminfo_kib() -> dict[str, int]:
 
 def machine() -> dict[str, Any]:
     """Hostname-free machine description: CPU model and SIMD flags, cores, RAM, kernel."""
-    cpu, flags = "unknown", set()
+    cpu, flags = "unknown", set[str]()
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -112,7 +112,7 @@ def soupkern_info() -> dict[str, Any]:
     except SoupkernUnavailable as e:
         return {"available": False, "error": str(e)}
     info: dict[str, Any] = {"available": True, "version": getattr(sk, "__version__", None),
-                            "path": str(Path(sk.__file__).parent)}
+                            "path": str(Path(sk.__file__ or "").parent)}
     ab = getattr(sk, "available_backends", None)
     if callable(ab):
         try:

@@ -4,8 +4,9 @@ Independent of soupkern: reads the ingredient files with safetensors and does th
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -77,9 +78,28 @@ def sample_keys(cfg: ViTConfig) -> list[str]:
             if torch.Size(s).numel() <= SMALL_NUMEL or k.startswith(("blocks.0.", last, "head."))]
 
 
+def _open_safetensors_output(out: Path) -> tuple[Callable[[str], torch.Tensor], set[str], list[Any]]:
+    """(get tensor, tensor names, open handles) for a safetensors file, or a folder holding one
+    `*.safetensors` file or shards listed by a `*.safetensors.index.json` weight map."""
+    from safetensors import safe_open
+
+    if not out.is_dir():
+        h = safe_open(str(out), framework="pt")
+        return h.get_tensor, set(h.keys()), [h]
+    index = sorted(out.glob("*.safetensors.index.json"))
+    if index:
+        weight_map: dict[str, str] = json.loads(index[0].read_text())["weight_map"]
+        handles = {f: safe_open(str(out / f), framework="pt") for f in sorted(set(weight_map.values()))}
+        return (lambda k: handles[weight_map[k]].get_tensor(k)), set(weight_map), list(handles.values())
+    files = sorted(out.glob("*.safetensors"))
+    if len(files) != 1:
+        raise ValueError(f"{out}: expected one .safetensors file or an index, found {[f.name for f in files]}")
+    return _open_safetensors_output(files[0])
+
+
 def check_output(out: Path, fmt_: str, inputs: list[Path], cfg: ViTConfig, dtype: torch.dtype
                  ) -> dict[str, Any]:
-    """Compare the uniform soup `out` with the fp64 mean of `inputs` on `sample_keys(cfg)`.
+    """Compare the uniform soup `out` (a file; for safetensors also a folder of shards) with the fp64 mean of `inputs` on `sample_keys(cfg)`.
 
     Reports the max abs error vs the fp64 mean, the max ulp distance from round(fp64 mean) and
     the fraction of elements not bit-identical to it, and the max of `error_ratio` (ok <= 1).
@@ -91,10 +111,9 @@ def check_output(out: Path, fmt_: str, inputs: list[Path], cfg: ViTConfig, dtype
     if fmt_ == "pt":
         sd = torch.load(out, map_location="cpu", mmap=True, weights_only=True)
         get, keys = sd.__getitem__, set(sd)
-        handle = None
+        handle: list[Any] = []
     else:
-        handle = safe_open(str(out), framework="pt")
-        get, keys = handle.get_tensor, set(handle.keys())
+        get, keys, handle = _open_safetensors_output(out)
     if keys != set(expected):
         problems.append(f"keys differ: missing {sorted(set(expected) - keys)[:5]}, "
                         f"extra {sorted(keys - set(expected))[:5]}")
