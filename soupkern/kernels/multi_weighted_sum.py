@@ -1,0 +1,138 @@
+"""Triton weighted sum over many tensors in one launch (multi-tensor form of weighted_sum.py).
+
+Contract: for every tensor t, ``outs[t] = Σ_k w_k · inputs[t][k]`` exactly as weighted_sum.py
+(fp32 accumulation, acc = w_0·x_0 then fma(w_k, x_k, acc) in order, weights rounded to fp32, one
+round-to-nearest-even to outs[t]'s dtype). Bytes moved: Σ_t numel_t · (Σ_k itemsize(x_tk) +
+itemsize(out_t)).
+
+Why: a checkpoint is hundreds of tensors (ViT-G/14: 584), most of them biases and norms of a
+few thousand elements; one launch per tensor would be dominated by launch overhead.
+
+Table (one int64 tensor on the device per launch, built on the host; for T tensors with R
+addresses each):
+
+    [T·R addresses, row t = the R addresses of tensor t]   (here R = K inputs + 1 output)
+    [T numels]
+    [T + 1 block starts: prefix sums of cdiv(numel_t, BLOCK)]
+    [extra entries of the kernel]                          (here K fp32 weight bits, K dtype codes)
+
+The grid is one program per BLOCK of every tensor (Σ_t cdiv(numel_t, BLOCK) programs). Program
+p finds its tensor by a binary search in the block starts (about log2 T scalar loads that hit
+the cache; a precomputed block -> tensor map would be a host array as long as the grid), then
+runs weighted_sum.py's block body: full blocks unmasked with 16-byte vectors, the tensor's last
+block masked. Tensors with no elements are left out of the table.
+
+One launch per group: all tensors of a launch share the output dtype and the list of input
+dtypes over k (a compile-time code when uniform, per-k codes in the table when mixed); a
+checkpoint whose tensors differ in dtype is launched once per (input dtypes, output dtype) group.
+"""
+
+from __future__ import annotations
+
+from typing import Hashable, Iterator, Sequence, TypeVar
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from soupkern.errors import InputError
+from soupkern.kernels.weighted_sum import (
+    DTYPE_CODES, GPU_WARPS, all_aligned, check_block, check_device, check_tensor, device_table, fp32_bits,
+    input_code, weighted_sum_block)
+
+
+@triton.jit
+def locate(table, T, R, pid):
+    """(tensor index, its block start table entry) for program `pid`: the t with
+    starts[t] <= pid < starts[t + 1], by binary search over the table's block starts."""
+    starts = table + T * R + T
+    lo = 0
+    hi = T
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        right = tl.load(starts + mid) <= pid
+        lo = tl.where(right, mid, lo)
+        hi = tl.where(right, hi, mid)
+    return lo, tl.load(starts + lo)
+
+
+@triton.jit
+def _multi_weighted_sum_kernel(table, T, K, IN_CODE: tl.constexpr, OUT_CODE: tl.constexpr,
+                               ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    R = K + 1
+    t, first = locate(table, T, R, pid)
+    start = (pid - first).to(tl.int64) * BLOCK
+    n = tl.load(table + T * R + t)
+    extra = table + T * R + 2 * T + 1
+    row = table + t * R
+    weighted_sum_block(row, extra, extra + K, K, tl.load(row + K), start, n, IN_CODE, OUT_CODE,
+                       ALIGNED, BLOCK)
+
+
+def build_table(rows: Sequence[Sequence[int]], numels: Sequence[int], block: int,
+                extra: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+    """The host table described in the module docstring, and the number of programs."""
+    blocks = [-(-n // block) for n in numels]
+    starts = np.zeros(len(numels) + 1, np.int64)
+    np.cumsum(blocks, out=starts[1:])
+    parts = [np.asarray(rows, np.int64).reshape(-1), np.asarray(numels, np.int64), starts]
+    if extra is not None:
+        parts.append(np.asarray(extra, np.int64))
+    return np.concatenate(parts), int(starts[-1])
+
+
+KeyT = TypeVar("KeyT", bound=Hashable)
+
+
+def launch_groups(keys: Sequence[KeyT], numels: Sequence[int]) -> Iterator[tuple[KeyT, list[int]]]:
+    """(key, indices of the tensors with that key), one per launch: groups in order of first
+    appearance, tensors with no elements left out, groups left empty skipped."""
+    groups: dict[KeyT, list[int]] = {}
+    for i, key in enumerate(keys):
+        if numels[i] > 0:
+            groups.setdefault(key, []).append(i)
+    yield from groups.items()
+
+
+def multi_weighted_sum(outs: Sequence[torch.Tensor], inputs: Sequence[Sequence[torch.Tensor]],
+                       weights: Sequence[float], *, block: int | None = None,
+                       num_warps: int = GPU_WARPS) -> None:
+    """outs[t] = Σ_k weights[k] · inputs[t][k] for every t, one launch per dtype group.
+
+    inputs[t] lists tensor t of each of the K ingredients (same K and weights for every t);
+    every tensor contiguous fp32/fp16/bf16 on one device, inputs[t][k] with outs[t]'s numel.
+    """
+    if len(outs) != len(inputs):
+        raise InputError(f"{len(outs)} outputs but {len(inputs)} input lists")
+    if not outs:
+        return
+    k = len(weights)
+    if k < 1:
+        raise InputError("multi_weighted_sum needs at least one input per tensor")
+    device = check_tensor(outs[0], "outs[0]").device
+    check_device(device)
+    block = check_block(block)
+    keys = []
+    for t, (out, xs) in enumerate(zip(outs, inputs)):
+        check_tensor(out, f"outs[{t}]", device)
+        if len(xs) != k:
+            raise InputError(f"inputs[{t}]: {len(xs)} tensors but {k} weights")
+        for i, x in enumerate(xs):
+            check_tensor(x, f"inputs[{t}][{i}]", device, out.numel())
+        keys.append((tuple(DTYPE_CODES[x.dtype] for x in xs), DTYPE_CODES[out.dtype]))
+    bits = fp32_bits(weights)
+    for (codes, out_code), members in launch_groups(keys, [out.numel() for out in outs]):
+        rows = [[x.data_ptr() for x in inputs[t]] + [outs[t].data_ptr()] for t in members]
+        host, programs = build_table(rows, [outs[t].numel() for t in members], block,
+                                     np.concatenate([bits, np.asarray(codes, np.int64)]))
+        tensors = [x for t in members for x in (*inputs[t], outs[t])]
+        _multi_weighted_sum_kernel[(programs,)](
+            device_table(host, device), len(members), k, IN_CODE=input_code(codes), OUT_CODE=out_code,
+            ALIGNED=all_aligned(tensors), BLOCK=block, num_warps=num_warps)
+
+
+def bytes_moved(numels: Sequence[int], in_itemsizes: Sequence[int], out_itemsize: int) -> int:
+    """Bytes read and written by multi_weighted_sum over tensors of `numels` elements."""
+    return sum(numels) * (sum(in_itemsizes) + out_itemsize)

@@ -1,0 +1,278 @@
+"""Triton weighted sum of K tensors: ``out = Σ_k w_k · x_k`` (the contract of csrc/soupkern.h).
+
+Math, in this order for every element i:
+
+    acc = w_0 * x_0[i]                          (fp32 multiply; weights rounded to fp32 first)
+    acc = fma(w_k, x_k[i], acc)   k = 1..K-1    (fp32 fused multiply-add, one rounding)
+    out[i] = round(acc)                         (once, to out's dtype, to nearest even)
+
+- Inputs: fp32, fp16 or bf16, any mix across k; decoded exactly to fp32.
+- Output: fp32, fp16 or bf16. fp16 via the hardware conversion (round to nearest even, overflow
+  to Inf). bf16 by integer rounding of the fp32 bits, ``(u + 0x7fff + lsb) >> 16``, with NaN kept
+  NaN as ``(u >> 16) | 0x40``: the same bits as the C++ kernel's ``f32_to_bf16`` (the GPU's
+  ``cvt.rn.bf16.f32`` gives the same finite results but a canonical NaN; the integer form also
+  makes the Triton interpreter, whose fp32 -> bf16 cast truncates, produce correct bits).
+- Bytes moved: Σ_k numel · itemsize(x_k) + numel · itemsize(out), each byte once.
+- Bit-identical to the C++ kernel on a GPU: ``tl.fma`` lowers to ``fma.rn.f32`` (checked in the
+  PTX of an offline compile for sm_90 with triton 3.7). The Triton interpreter emulates
+  ``tl.fma`` as ``x * y + z`` in numpy (two roundings), so there the results agree with the C++
+  kernel only where the products are exact; tests/test_triton.py swaps in an exact fma to check
+  the rest.
+
+How the K inputs reach the kernel: a small int64 table on the device holds the K input
+addresses, the K fp32 weights (as bit patterns) and K dtype codes; the kernel loops over k at run
+time. One compiled kernel therefore serves every K (up to the 72 ingredients of a sweep) and
+every mix of input dtypes: a uniform mix is a compile-time constant (no branch); a mixed one is
+read from the table per k (a uniform branch, negligible next to the loads). A tuple of tensors
+with ``tl.static_range`` would recompile for every K and dtype mix; a stacked [K, n] tensor
+would need a copy of every input.
+
+Vector loads: addresses loaded from memory carry no alignment facts, so when every address is
+16-byte aligned the launcher says so (``ALIGNED``) and the kernel marks the typed pointers with
+``tl.multiple_of(p, 16)``; full blocks are loaded without a mask, only a tensor's last block is
+masked (a runtime mask on an arbitrary n would otherwise keep every access scalar). With both,
+loads and stores compile to 16-byte ``ld/st.global.v4`` (checked in the PTX). Unaligned views
+(a slice of a byte buffer at an odd offset) take the same kernel with scalar accesses.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from soupkern.errors import InputError
+
+# dtype codes shared by every Triton kernel in this package (also stored in the tables)
+F32 = tl.constexpr(0)
+F16 = tl.constexpr(1)
+BF16 = tl.constexpr(2)
+MIXED = tl.constexpr(3)  # input dtypes differ across k: read each code from the table
+DTYPE_CODES: dict[torch.dtype, int] = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+GPU_BLOCK = 2048  # elements per program on a GPU: 16 per thread at 4 warps (4-8 x 16-byte loads)
+GPU_WARPS = 4
+INTERPRETER_BLOCK = 65536  # the interpreter pays per program, not per element
+
+
+def interpreted() -> bool:
+    """True when Triton kernels run in the CPU interpreter (TRITON_INTERPRET=1)."""
+    return bool(triton.knobs.runtime.interpret)
+
+
+def default_block() -> int:
+    return INTERPRETER_BLOCK if interpreted() else GPU_BLOCK
+
+
+# ---------------------------------------------------------------------------------------------
+# building blocks, shared with multi_weighted_sum.py and greedy_update.py
+
+
+@triton.jit
+def typed_pointer(addr, CODE: tl.constexpr, ALIGNED: tl.constexpr):
+    """int64 address -> pointer to the dtype of CODE (16-byte aligned when ALIGNED)."""
+    if CODE == F32:
+        p = addr.to(tl.pointer_type(tl.float32))
+    elif CODE == F16:
+        p = addr.to(tl.pointer_type(tl.float16))
+    else:
+        p = addr.to(tl.pointer_type(tl.bfloat16))
+    if ALIGNED:
+        p = tl.multiple_of(p, 16)
+    return p
+
+
+@triton.jit
+def load_f32(ptrs, mask, MASKED: tl.constexpr):
+    if MASKED:
+        x = tl.load(ptrs, mask=mask, other=0.0)
+    else:
+        x = tl.load(ptrs)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def load_input_f32(addr, code, start, offs, mask, CODE: tl.constexpr, MASKED: tl.constexpr,
+                   ALIGNED: tl.constexpr):
+    """Elements [start + offs] of the input at `addr` as fp32 (exact). CODE == MIXED: the dtype
+    is the runtime `code`, otherwise the compile-time CODE."""
+    if CODE == MIXED:
+        if code == 0:
+            x = load_f32(typed_pointer(addr, F32, ALIGNED) + start + offs, mask, MASKED)
+        elif code == 1:
+            x = load_f32(typed_pointer(addr, F16, ALIGNED) + start + offs, mask, MASKED)
+        else:
+            x = load_f32(typed_pointer(addr, BF16, ALIGNED) + start + offs, mask, MASKED)
+    else:
+        x = load_f32(typed_pointer(addr, CODE, ALIGNED) + start + offs, mask, MASKED)
+    return x
+
+
+@triton.jit
+def round_to_bf16(x):
+    """fp32 -> bf16, round to nearest even, NaN stays NaN (quiet, payload kept): bit-identical
+    to the C++ kernel's f32_to_bf16."""
+    u = x.to(tl.uint32, bitcast=True)
+    rounded = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+    nan = (u & 0x7FFFFFFF) > 0x7F800000
+    bits = tl.where(nan, (u >> 16) | 0x40, rounded)
+    return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def store_rounded(ptrs, acc, mask, MASKED: tl.constexpr):
+    """Round fp32 `acc` once to the pointee dtype of `ptrs` and store it."""
+    if ptrs.dtype.element_ty == tl.bfloat16:
+        v = round_to_bf16(acc)
+    else:
+        v = acc.to(ptrs.dtype.element_ty)
+    if MASKED:
+        tl.store(ptrs, v, mask=mask)
+    else:
+        tl.store(ptrs, v)
+
+
+@triton.jit
+def _accumulate(in_addrs, weight_bits, codes, K, start, offs, mask, IN_CODE: tl.constexpr,
+                MASKED: tl.constexpr, ALIGNED: tl.constexpr):
+    w = tl.load(weight_bits).to(tl.int32).to(tl.float32, bitcast=True)
+    x = load_input_f32(tl.load(in_addrs), tl.load(codes), start, offs, mask, IN_CODE, MASKED, ALIGNED)
+    acc = w * x
+    for k in range(1, K):
+        w = tl.load(weight_bits + k).to(tl.int32).to(tl.float32, bitcast=True)
+        x = load_input_f32(tl.load(in_addrs + k), tl.load(codes + k), start, offs, mask, IN_CODE,
+                           MASKED, ALIGNED)
+        acc = tl.fma(w, x, acc)
+    return acc
+
+
+@triton.jit
+def weighted_sum_block(in_addrs, weight_bits, codes, K, out_addr, start, n, IN_CODE: tl.constexpr,
+                       OUT_CODE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    """Elements [start, min(start + BLOCK, n)) of one tensor: in_addrs[k], weight_bits[k] and
+    codes[k] are the table entries of input k; out_addr is the output's address."""
+    offs = tl.arange(0, BLOCK)
+    out = typed_pointer(out_addr, OUT_CODE, ALIGNED) + start + offs
+    mask = offs < n - start
+    if start + BLOCK <= n:  # full block: no mask, so accesses can be 16-byte vectors
+        acc = _accumulate(in_addrs, weight_bits, codes, K, start, offs, mask, IN_CODE, False, ALIGNED)
+        store_rounded(out, acc, mask, False)
+    else:
+        acc = _accumulate(in_addrs, weight_bits, codes, K, start, offs, mask, IN_CODE, True, ALIGNED)
+        store_rounded(out, acc, mask, True)
+
+
+@triton.jit
+def _weighted_sum_kernel(table, out_addr, n, K, IN_CODE: tl.constexpr, OUT_CODE: tl.constexpr,
+                         ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    # table: [K input addresses][K fp32 weight bits][K dtype codes]
+    start = tl.program_id(0).to(tl.int64) * BLOCK
+    weighted_sum_block(table, table + K, table + 2 * K, K, out_addr, start, n, IN_CODE, OUT_CODE,
+                       ALIGNED, BLOCK)
+
+
+# ---------------------------------------------------------------------------------------------
+# host side
+
+
+def check_tensor(t: object, what: str, device: torch.device | None = None, numel: int | None = None) -> torch.Tensor:
+    """Validate one kernel operand: a contiguous fp32/fp16/bf16 torch tensor (on `device`, with
+    `numel` elements when given). Raises InputError naming the operand."""
+    if not isinstance(t, torch.Tensor):
+        raise InputError(f"{what}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in DTYPE_CODES:
+        raise InputError(f"{what}: unsupported dtype {t.dtype} (the Triton kernels take float32, float16, bfloat16)")
+    if not t.is_contiguous():
+        raise InputError(f"{what}: not contiguous (the kernels read and write flat memory; pass .contiguous())")
+    if device is not None and t.device != device:
+        raise InputError(f"{what}: on {t.device}, the output is on {device}")
+    if numel is not None and t.numel() != numel:
+        raise InputError(f"{what}: {t.numel()} elements, expected {numel}")
+    return t
+
+
+def check_block(block: int | None) -> int:
+    """The block size to use: `block`, or the default for GPU / interpreter."""
+    block = block or default_block()
+    if block & (block - 1) or block < 16:
+        raise InputError(f"block must be a power of two >= 16, got {block}")
+    return block
+
+
+def check_device(device: torch.device) -> None:
+    if interpreted():
+        if device.type != "cpu":
+            raise InputError(f"the Triton interpreter (TRITON_INTERPRET=1) runs on CPU tensors; got {device}")
+    elif device.type != "cuda":
+        raise InputError(f"Triton kernels need CUDA tensors, got {device} (set TRITON_INTERPRET=1 to run on CPU)")
+
+
+def fp32_bits(weights: Sequence[float]) -> np.ndarray:
+    """Weights rounded to fp32, as sign-extended int64 bit patterns (table entries)."""
+    return np.asarray([float(w) for w in weights], dtype=np.float32).view(np.int32).astype(np.int64)
+
+
+def input_code(codes: Sequence[int]) -> int:
+    """The compile-time input dtype code: the common code, or MIXED."""
+    return codes[0] if len(set(codes)) == 1 else MIXED.value
+
+
+def all_aligned(tensors: Sequence[torch.Tensor]) -> bool:
+    return all(t.data_ptr() % 16 == 0 for t in tensors)
+
+
+_TABLES: dict[tuple[torch.device, bytes], torch.Tensor] = {}
+_MAX_TABLES = 256
+
+
+def device_table(host: np.ndarray, device: torch.device) -> torch.Tensor:
+    """An int64 table on `device`. Cached by content (device, bytes): the same contents give the
+    same table, so a hit is always valid; a greedy loop relaunching on the same tensors skips
+    the host-to-device copy."""
+    key = (device, host.tobytes())
+    table = _TABLES.get(key)
+    if table is None:
+        if len(_TABLES) >= _MAX_TABLES:
+            _TABLES.pop(next(iter(_TABLES)))
+        table = torch.from_numpy(np.ascontiguousarray(host, dtype=np.int64)).to(device)
+        _TABLES[key] = table
+    return table
+
+
+def weighted_sum(out: torch.Tensor, inputs: Sequence[torch.Tensor], weights: Sequence[float], *,
+                 block: int | None = None, num_warps: int = GPU_WARPS) -> torch.Tensor:
+    """out = Σ_k weights[k] · inputs[k] (the module's contract), one launch; returns `out`.
+
+    out and every input: contiguous fp32/fp16/bf16 tensors with the same number of elements, on
+    one CUDA device (CPU under TRITON_INTERPRET=1); shapes may differ (flat element order).
+    `block` (a power of two, elements per program) and `num_warps` are tuning knobs.
+    """
+    out = check_tensor(out, "out")
+    check_device(out.device)
+    k = len(inputs)
+    if k < 1:
+        raise InputError("weighted_sum needs at least one input")
+    if len(weights) != k:
+        raise InputError(f"{k} inputs but {len(weights)} weights")
+    n = out.numel()
+    xs = [check_tensor(x, f"inputs[{i}]", out.device, n) for i, x in enumerate(inputs)]
+    if n == 0:
+        return out
+    block = check_block(block)
+    codes = [DTYPE_CODES[x.dtype] for x in xs]
+    host = np.concatenate([np.array([x.data_ptr() for x in xs], np.int64), fp32_bits(weights),
+                           np.array(codes, np.int64)])
+    table = device_table(host, out.device)
+    grid = (triton.cdiv(n, block),)
+    _weighted_sum_kernel[grid](table, out.data_ptr(), n, k, IN_CODE=input_code(codes),
+                               OUT_CODE=DTYPE_CODES[out.dtype], ALIGNED=all_aligned([out, *xs]),
+                               BLOCK=block, num_warps=num_warps)
+    return out
+
+
+def bytes_moved(numel: int, in_itemsizes: Sequence[int], out_itemsize: int) -> int:
+    """Bytes read and written by weighted_sum: each input and the output once."""
+    return numel * (sum(in_itemsizes) + out_itemsize)
