@@ -1,0 +1,401 @@
+"""Learned soup (Wortsman et al. 2022, appendix I): mixing coefficients optimized on held-out data.
+
+Parametrization: logits α, coefficients c = softmax(α) over the K ingredients, one vector for the
+whole model (mode "by_model", K parameters) or one per float tensor of the model ("by_layer",
+T × K parameters, softmax per tensor). Initialized at zero logits (the uniform soup), optimized by
+AdamW (weight decay 0 by default, lr 0.05 and 5 epochs as the paper's code recommends) on the
+cross-entropy of the soup's outputs over the held-out batches, in order, for `epochs` passes (or
+`steps` steps). Optionally a temperature β (init 1) multiplies the logits during training, as in
+the reference code; it changes the loss being optimized, not the soup, and is reported.
+
+Memory: ingredients stay memory-mapped. In every forward pass each tensor of the soup is formed
+on its own by the engine's weighted-sum kernel straight from the K zero-copy mmap views into one
+fp32 tensor (`engine.fill_tensor`); its gradient with respect to the coefficients,
+∂L/∂c_k = <∂L/∂W, W_k>, is computed in fp64 over chunks of the same mmap views. Peak memory is one
+fp32 copy of the model (the soup being evaluated, held by autograd) plus activations and a chunk,
+never K copies. The model itself is only run through `torch.func.functional_call`; its own
+weights are not changed. Mixing runs on the CPU; the mixed tensors are moved to the model's device.
+
+Result: the coefficients (softmax of the final logits, in fp64) are written into the output's
+metadata (`soupkern.learned.*`) and the soup is produced by the engine: by_model through
+`weighted_soup(recipe="learned")`; by_layer tensor by tensor with per-tensor coefficients
+(`per_tensor_soup`), with the same kernel, layout and provenance.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from soupkern.backends import Backend, get_backend
+from soupkern.engine import DEFAULT_BUDGET_BYTES, MIN_BUDGET_BYTES, execute, fill_tensor, staging_bytes_for
+from soupkern.errors import InputError
+from soupkern.io import SoupWriter, open_checkpoint, plan_output
+from soupkern.plan import KeyPolicy, SoupPlan, TensorPlan, build_plan
+from soupkern.recipes.weighted import SoupReport, _progress_bar, _version, weighted_soup
+from soupkern.torch_dtypes import TORCH_DTYPES
+
+PathLike = str | os.PathLike[str]
+LearnedMode = Literal["by_model", "by_layer"]
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+_GRAD_CHUNK = 1 << 20  # elements per chunk of the coefficient-gradient reduction (2 × 8 MiB of fp64)
+
+
+@dataclass(frozen=True)
+class LearnedSoupResult:
+    """What a learned-soup run found. `coefficients[g]` sums to 1 over the K ingredients."""
+
+    mode: LearnedMode
+    ingredients: tuple[str, ...]
+    groups: tuple[str, ...]  # ("*",) for by_model, else the tensor names (sorted)
+    coefficients: tuple[tuple[float, ...], ...]  # [G][K], fp64 softmax of the final logits
+    loss_history: tuple[float, ...]  # training loss of every step (with the temperature, if learned)
+    uniform_loss: float  # held-out loss / accuracy of the uniform soup (the starting point)
+    uniform_accuracy: float
+    learned_loss: float  # ... and of the learned soup
+    learned_accuracy: float
+    temperature: float | None
+    steps: int
+    seconds: float
+    report: SoupReport | None = None  # the written soup, when `out` was given
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def coefficient_map(self) -> dict[str, tuple[float, ...]]:
+        """Group name -> coefficients ("*" -> K values for by_model)."""
+        return dict(zip(self.groups, self.coefficients))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: getattr(self, k) for k in ("mode", "uniform_loss", "uniform_accuracy", "learned_loss",
+                                            "learned_accuracy", "temperature", "steps", "seconds", "settings")}
+        d["ingredients"] = list(self.ingredients)
+        d["coefficients"] = ({g: list(c) for g, c in self.coefficient_map().items()} if self.mode == "by_layer"
+                             else list(self.coefficients[0]))
+        d["loss_history"] = list(self.loss_history)
+        d["output"] = [str(p) for p in self.report.paths] if self.report else None
+        return d
+
+    def to_table(self) -> str:
+        rows = [("uniform soup (init)", self.uniform_loss, self.uniform_accuracy),
+                (f"learned soup ({self.mode})", self.learned_loss, self.learned_accuracy)]
+        lines = [f"{'soup':<24}  {'held-out loss':>13}  {'accuracy':>8}"]
+        lines += [f"{n:<24}  {loss:>13.6f}  {acc:>8.4f}" for n, loss, acc in rows]
+        if self.mode == "by_model":
+            lines.append("")
+            lines += [f"{os.path.basename(p):<24}  c = {c:.6f}" for p, c in zip(self.ingredients, self.coefficients[0])]
+        return "\n".join(lines)
+
+
+class _MixFromMmap(torch.autograd.Function):
+    """W = Σ_k c_k W_k for one tensor, formed from the mmap views by the engine kernel (fp32 out).
+
+    Backward: ∂L/∂c_k = <∂L/∂W, W_k>, reduced in fp64 over chunks of the views (no copy of W_k kept).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, coeffs: torch.Tensor, tp: TensorPlan, backend: Backend) -> torch.Tensor:  # type: ignore[override]
+        out = torch.empty(tp.out.shape, dtype=torch.float32)
+        weights = tuple(float(c) for c in coeffs.detach().to(torch.float64).tolist())
+        fill_tensor(tp, weights, out.view(-1).view(torch.uint8).numpy(), backend)
+        ctx.tp = tp
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
+        tp: TensorPlan = ctx.tp
+        g = grad.detach().to("cpu").reshape(-1)
+        acc = torch.zeros(len(tp.sources), dtype=torch.float64)
+        for k, (f, info) in enumerate(tp.sources):
+            size = info.nbytes // max(tp.numel, 1)
+            for start in range(0, tp.numel, _GRAD_CHUNK):
+                stop = min(start + _GRAD_CHUNK, tp.numel)
+                w = _torch_view(f.view(info, start * size, stop * size), info.dtype)
+                acc[k] += torch.dot(g[start:stop].to(torch.float64), w.to(torch.float64))
+                f.release(info.begin + start * size, info.begin + stop * size)
+        return acc.to(grad.dtype), None, None
+
+
+def _torch_view(raw: Any, dtype: str) -> torch.Tensor:
+    import warnings
+
+    with warnings.catch_warnings():  # read-only mmap view: torch warns, it is never written
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(raw).view(TORCH_DTYPES[dtype])
+
+
+@dataclass
+class _Problem:
+    """The float tensors the model uses, with their plans, groups and targets."""
+
+    names: list[str]  # model state-dict names that are mixed (float, present in the checkpoints)
+    plans: dict[str, TensorPlan]
+    targets: dict[str, torch.Tensor]  # the model's own tensors (dtype/device of the mixed weight)
+    group_of: dict[str, int]
+    groups: tuple[str, ...]
+
+
+def _problem(model: nn.Module, plan: SoupPlan, mode: LearnedMode, path: str) -> _Problem:
+    by_name = {tp.out.name: tp for tp in plan.tensors}
+    targets = dict(model.state_dict(keep_vars=True))
+    names = []
+    for name, t in sorted(targets.items()):
+        if not t.is_floating_point():
+            continue  # integer buffers (e.g. num_batches_tracked) keep the model's values
+        tp = by_name.get(name)
+        if tp is None:
+            raise InputError("the model has this float tensor but the ingredients do not", path=path, tensor=name)
+        if tuple(tp.out.shape) != tuple(t.shape):
+            raise InputError(f"shape {list(tp.out.shape)} in the ingredients, {list(t.shape)} in the model",
+                             path=path, tensor=name)
+        if not tp.average:
+            raise InputError(f"the model's tensor is float but the ingredients hold {tp.sources[0][1].dtype}",
+                             path=path, tensor=name)
+        names.append(name)
+    if not names:
+        raise InputError("the model has no float tensor to soup", path=path)
+    groups = ("*",) if mode == "by_model" else tuple(names)
+    group_of = {n: (0 if mode == "by_model" else i) for i, n in enumerate(names)}
+    return _Problem(names, {n: by_name[n] for n in names}, targets, group_of, groups)
+
+
+def _mixed_params(prob: _Problem, coeffs: torch.Tensor, backend: Backend) -> dict[str, torch.Tensor]:
+    """Every mixed tensor, formed one at a time from the mmap views ([G, K] coefficients)."""
+    out = {}
+    for name in prob.names:
+        w = _MixFromMmap.apply(coeffs[prob.group_of[name]], prob.plans[name], backend)
+        target = prob.targets[name]
+        out[name] = w.to(device=target.device, dtype=target.dtype)
+    return out
+
+
+def _split(batch: Any) -> tuple[Any, torch.Tensor]:
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        raise InputError("each held-out batch must be an (inputs, targets) pair")
+    return batch[0], batch[1]
+
+
+def _forward(model: nn.Module, params: dict[str, torch.Tensor], inputs: Any, device: torch.device) -> torch.Tensor:
+    from torch.func import functional_call
+
+    args = tuple(t.to(device) for t in inputs) if isinstance(inputs, (tuple, list)) else (inputs.to(device),)
+    out: torch.Tensor = functional_call(model, params, args)
+    return out
+
+
+@torch.no_grad()
+def _heldout(model: nn.Module, params: dict[str, torch.Tensor], data: Iterable[Any], device: torch.device,
+             loss_fn: LossFn) -> tuple[float, float]:
+    """(mean loss, top-1 accuracy) of the soup `params` over `data`, fp64 sums over samples."""
+    total_loss = correct = 0.0
+    n = 0
+    for batch in data:
+        inputs, targets = _split(batch)
+        out = _forward(model, params, inputs, device)
+        targets = targets.to(out.device)
+        total_loss += float(loss_fn(out.float(), targets)) * len(targets)
+        correct += float((out.argmax(-1) == targets).sum())
+        n += len(targets)
+    if n == 0:
+        raise InputError("the held-out data is empty (pass a list of batches or a DataLoader, not a one-shot iterator)")
+    return total_loss / n, correct / n
+
+
+def learned_soup(
+    ingredients: Sequence[PathLike],
+    model: nn.Module,
+    data: Iterable[Any],
+    out: PathLike | None = None,
+    *,
+    mode: LearnedMode = "by_model",
+    lr: float = 0.05,
+    epochs: int = 5,
+    steps: int | None = None,
+    weight_decay: float = 0.0,
+    learn_temperature: bool = False,
+    seed: int = 0,
+    eval_data: Iterable[Any] | None = None,
+    loss_fn: LossFn | None = None,
+    keys: KeyPolicy = "same",
+    dtype: str | None = None,
+    max_shard_size: int | None = None,
+    budget_bytes: int = DEFAULT_BUDGET_BYTES,
+    backend: str | None = None,
+    overwrite: bool = False,
+    progress: Callable[[int, float], None] | None = None,
+) -> LearnedSoupResult:
+    """Learn softmax mixing coefficients on held-out `data`, then write the soup to `out` (if given).
+
+    model: an `nn.Module` whose state-dict names match the ingredients' (its float tensors are the
+      ones mixed and learned; it runs in eval mode through functional_call and is not modified).
+    data: re-iterable held-out batches `(inputs, targets)` (a DataLoader or a list); one epoch =
+      one pass in the given order, one AdamW step per batch; `steps` instead fixes the number of
+      steps (cycling through the data). `eval_data` (default: `data`) gives the reported held-out
+      loss/accuracy of the uniform and the learned soup.
+    loss_fn: (outputs, targets) -> mean loss; default cross-entropy.
+    Output options (`dtype`, `keys`, `max_shard_size`, `budget_bytes`, `backend`, `overwrite`) as
+    `weighted_soup`. `progress(step, loss)` is called after every step. Seeded by `seed` (the
+    global torch RNG is restored afterwards).
+    """
+    if mode not in ("by_model", "by_layer"):
+        raise InputError(f"mode must be 'by_model' or 'by_layer', got {mode!r}")
+    if not ingredients:
+        raise InputError("a soup needs at least one ingredient")
+    if not (math.isfinite(lr) and lr > 0) or epochs < 0 or (steps is not None and steps < 0) or weight_decay < 0:
+        raise InputError(f"bad optimizer settings: lr={lr}, epochs={epochs}, steps={steps}, weight_decay={weight_decay}")
+    if budget_bytes < MIN_BUDGET_BYTES:
+        raise InputError(f"budget_bytes must be at least {MIN_BUDGET_BYTES}, got {budget_bytes}")
+    loss_fn = loss_fn or F.cross_entropy
+    eval_data = data if eval_data is None else eval_data
+    kernel = get_backend(backend)
+    t0 = time.perf_counter()
+    k = len(ingredients)
+    was_training = model.training
+    model.eval()
+    device = next((t.device for t in model.state_dict().values()), torch.device("cpu"))
+    history: list[float] = []
+    try:
+        with ExitStack() as stack, torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            checkpoints = [stack.enter_context(open_checkpoint(p)) for p in ingredients]
+            plan = build_plan(checkpoints, [1.0 / k] * k, dtype="fp32", keys=keys)
+            prob = _problem(model, plan, mode, checkpoints[0].path)
+            logits = torch.zeros(len(prob.groups), k, dtype=torch.float32, requires_grad=True)
+            beta = torch.ones((), dtype=torch.float32, requires_grad=learn_temperature)
+            opt = torch.optim.AdamW([logits, beta] if learn_temperature else [logits], lr=lr, weight_decay=weight_decay)
+            with torch.no_grad():
+                uniform = _heldout(model, _mixed_params(prob, torch.softmax(logits, -1), kernel), eval_data, device, loss_fn)
+            def train_step(batch: Any) -> None:
+                inputs, targets = _split(batch)
+                params = _mixed_params(prob, torch.softmax(logits, -1), kernel)
+                outputs = _forward(model, params, inputs, device)
+                loss = loss_fn(outputs.float() * beta.to(outputs.device), targets.to(outputs.device))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                history.append(float(loss.detach()))
+                if progress is not None:
+                    progress(len(history), history[-1])
+
+            epoch = 0
+            while (len(history) < steps) if steps is not None else (epoch < epochs):
+                done = len(history)
+                for batch in data:
+                    if steps is not None and len(history) >= steps:
+                        break
+                    train_step(batch)
+                if len(history) == done:
+                    raise InputError("the held-out data is empty (pass a list of batches or a DataLoader, "
+                                     "not a one-shot iterator)")
+                epoch += 1
+            final = torch.softmax(logits.detach().to(torch.float64), -1)
+            with torch.no_grad():
+                learned = _heldout(model, _mixed_params(prob, final.to(torch.float32), kernel), eval_data, device, loss_fn)
+    finally:
+        model.train(was_training)
+    coeffs = tuple(tuple(float(c) for c in row) for row in final.tolist())
+    settings = {"lr": lr, "epochs": epochs, "steps": steps, "weight_decay": weight_decay, "seed": seed,
+                "learn_temperature": learn_temperature}
+    result = LearnedSoupResult(mode, tuple(os.fspath(p) for p in ingredients), prob.groups, coeffs, tuple(history),
+                               uniform[0], uniform[1], learned[0], learned[1],
+                               float(beta.detach()) if learn_temperature else None, len(history),
+                               time.perf_counter() - t0, None, settings)
+    if out is None:
+        return result
+    meta = {
+        "soupkern.learned.mode": mode,
+        "soupkern.learned.coefficients": json.dumps(result.to_dict()["coefficients"]),
+        "soupkern.learned.steps": str(result.steps),
+        "soupkern.learned.final_loss": repr(result.learned_loss),
+        "soupkern.learned.uniform_loss": repr(result.uniform_loss),
+        "soupkern.learned.settings": json.dumps(settings),
+    }
+    opts: dict[str, Any] = {"dtype": dtype, "keys": keys, "max_shard_size": max_shard_size,
+                            "budget_bytes": budget_bytes, "backend": backend, "overwrite": overwrite}
+    if mode == "by_model":
+        report = weighted_soup(ingredients, coeffs[0], out, recipe="learned", metadata=meta, **opts)
+    else:
+        report = per_tensor_soup(ingredients, result.coefficient_map(), out, recipe="learned", metadata=meta, **opts)
+    return dataclasses.replace(result, report=report, seconds=time.perf_counter() - t0)
+
+
+def per_tensor_soup(
+    ingredients: Sequence[PathLike],
+    coefficients: Mapping[str, Sequence[float]],
+    out: PathLike,
+    *,
+    default: Sequence[float] | None = None,
+    dtype: str | None = None,
+    keys: KeyPolicy = "same",
+    max_shard_size: int | None = None,
+    budget_bytes: int = DEFAULT_BUDGET_BYTES,
+    backend: str | None = None,
+    overwrite: bool = False,
+    fsync: bool = False,
+    progress: bool = False,
+    recipe: str = "per_tensor",
+    metadata: dict[str, str] | None = None,
+) -> SoupReport:
+    """Write out[t] = Σ_k coefficients[t][k] · ingredients[k][t] with one coefficient vector per tensor.
+
+    Tensors not named in `coefficients` use `default` (uniform 1/K when None). Same arithmetic,
+    checks, layout, atomic write and bounded memory as `weighted_soup`: the engine runs tensor by
+    tensor (one single-tensor plan each, in output-file order). `soupkern.coefficients` in the
+    metadata is the JSON object tensor name -> coefficients.
+    """
+    if budget_bytes < MIN_BUDGET_BYTES:
+        raise InputError(f"budget_bytes must be at least {MIN_BUDGET_BYTES}, got {budget_bytes}")
+    k = len(ingredients)
+    if k == 0:
+        raise InputError("a soup needs at least one ingredient")
+    t0 = time.perf_counter()
+    kernel = get_backend(backend)
+    fallback = tuple(default) if default is not None else (1.0 / k,) * k
+    with ExitStack() as stack:
+        checkpoints = [stack.enter_context(open_checkpoint(p)) for p in ingredients]
+        plan = build_plan(checkpoints, fallback, dtype=dtype, keys=keys)
+        names = {tp.out.name for tp in plan.tensors}
+        unknown = sorted(set(coefficients) - names)
+        if unknown:
+            raise InputError("coefficients given for a tensor the soup does not have", tensor=unknown[0])
+        per = {tp.out.name: build_plan_coefficients(coefficients.get(tp.out.name, fallback), k, tp.out.name)
+               for tp in plan.tensors}
+        meta = {
+            "soupkern.version": _version(),
+            "soupkern.recipe": recipe,
+            "soupkern.ingredients": json.dumps([os.fspath(p) for p in ingredients]),
+            "soupkern.coefficients": json.dumps({n: list(c) for n, c in sorted(per.items())}),
+            "soupkern.backend": kernel.name,
+            "soupkern.keys": keys,
+            **(metadata or {}),
+        }
+        layout = plan_output([tp.out for tp in plan.tensors], out, meta, max_shard_size)
+        inputs = [f.path for ck in checkpoints for f in ck.files] + [ck.path for ck in checkpoints]
+        writer = SoupWriter(layout, inputs=inputs, staging_bytes=staging_bytes_for(budget_bytes),
+                            overwrite=overwrite, fsync=fsync)
+        order = sorted(plan.tensors, key=lambda tp: layout.where[tp.out.name])
+        with writer, _progress_bar(plan.bytes_read + plan.bytes_written, progress) as bar:
+            for tp in order:
+                execute(SoupPlan((tp,), per[tp.out.name]), writer, kernel, budget_bytes=budget_bytes,
+                        progress=bar.update if bar else None)
+            paths: list[Path] = writer.commit()
+    return SoupReport(tuple(paths), len(plan.tensors), plan.bytes_read, plan.bytes_written,
+                      time.perf_counter() - t0, kernel.name, fallback)
+
+
+def build_plan_coefficients(values: Sequence[float], k: int, name: str) -> tuple[float, ...]:
+    from soupkern.plan import check_coefficients
+
+    try:
+        return check_coefficients(values, k)
+    except InputError as e:
+        raise InputError(str(e), tensor=name) from None
