@@ -32,6 +32,9 @@ from soupkern.plan import KeyPolicy, build_plan
 
 if TYPE_CHECKING:
     import torch
+    from torch import nn
+
+    from soupkern.evaluate import MetricFn
 
 PathLike = str | os.PathLike[str]
 _FLOAT_NP = {"F64": np.float64, "F32": np.float32, "F16": np.float16}
@@ -175,3 +178,84 @@ def delta_gram(
     return GramResult(tuple(os.fspath(p) for p in ingredients), None if base is None else os.fspath(base),
                       gram, n_tensors, elements, bytes_read, time.perf_counter() - t0)
 
+
+
+@dataclass(frozen=True)
+class InterpolationCurve:
+    """Scores of θ(α) = (1-α)·θ_a + α·θ_b: `scores[metric][i]` at `alphas[i]`."""
+
+    a: str
+    b: str
+    alphas: tuple[float, ...]
+    scores: dict[str, tuple[float, ...]]
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"a": self.a, "b": self.b, "alphas": list(self.alphas),
+                "scores": {m: list(v) for m, v in self.scores.items()}, "seconds": self.seconds}
+
+    def to_table(self) -> str:
+        metrics = list(self.scores)
+        return _table(["alpha", *metrics],
+                      [(f"{al:.4g}", *(f"{self.scores[m][i]:.6f}" for m in metrics)) for i, al in enumerate(self.alphas)])
+
+
+def interpolation_curve(
+    a: PathLike,
+    b: PathLike,
+    model: nn.Module,
+    data: Iterable[Any],
+    *,
+    alphas: Sequence[float] | None = None,
+    metrics: Sequence[str | MetricFn] = ("loss", "accuracy"),
+    device: str | torch.device | None = None,
+    max_soups: int | None = None,
+) -> InterpolationCurve:
+    """Held-out scores along the line θ(α) = (1-α)·θ_a + α·θ_b, every α in one batched pass per metric.
+
+    alphas: default 0, 0.1, ..., 1 (any real values: outside [0, 1] extrapolates). Each soup's
+    float tensors are (1-α)·θ_a + α·θ_b computed in fp32 (α = 0 and 1 give θ_a and θ_b exactly),
+    stacked [S, ...] in the model's dtype on its device, and scored by
+    `soupkern.evaluate.Evaluator.score_stacked` (torch.func.functional_call under torch.vmap: each
+    batch is shared by the S soups). Memory: S copies of the model's float tensors plus the
+    activations of `max_soups` soups at a time. Non-float tensors (e.g. integer buffers) are
+    loaded into the model from `a`; the model's float weights are left unchanged. Metrics:
+    "loss", "accuracy" or callables as in `Evaluator` (one pass over `data` each).
+    """
+    import time as _time
+
+    import torch
+
+    from soupkern.evaluate import Evaluator, tensor_view
+
+    t0 = _time.perf_counter()
+    grid = tuple(float(x) for x in (alphas if alphas is not None else [i / 10 for i in range(11)]))
+    if not grid or not all(math.isfinite(x) for x in grid):
+        raise InputError(f"alphas must be a non-empty list of finite numbers, got {list(grid)}")
+    if not metrics:
+        raise InputError("at least one metric is needed")
+    evaluators = [Evaluator(model, data, metric=m, device=device) for m in metrics]
+    ev = evaluators[0]
+    al = torch.tensor(grid, dtype=torch.float32)
+    stacked: dict[str, torch.Tensor] = {}
+    with open_checkpoint(a) as ck_a, open_checkpoint(b) as ck_b:
+        for ck in (ck_a, ck_b):
+            ev.check_names(ck.tensors, path=ck.path)
+        fixed = {}
+        for name, target in ev.tensors.items():
+            ta, tb = tensor_view(ck_a, name), tensor_view(ck_b, name)
+            if tuple(ta.shape) != tuple(target.shape) or tuple(tb.shape) != tuple(target.shape):
+                raise InputError(f"shapes {list(ta.shape)} / {list(tb.shape)} do not match the model's "
+                                 f"{list(target.shape)}", path=ck_b.path, tensor=name)
+            if not target.is_floating_point():
+                fixed[name] = ta
+                continue
+            shape = (-1,) + (1,) * ta.dim()
+            mixed = (1 - al).reshape(shape) * ta.to(torch.float32) + al.reshape(shape) * tb.to(torch.float32)
+            stacked[name] = mixed.to(dtype=target.dtype, device=target.device)
+        ev.load_(fixed)
+    scores = {}
+    for m, e in zip(metrics, evaluators):
+        label = m if isinstance(m, str) else getattr(m, "__name__", "metric")
+        scores[label] = tuple(e.score_stacked(stacked, max_soups=max_soups))
+    return InterpolationCurve(os.fspath(a), os.fspath(b), grid, scores, _time.perf_counter() - t0)

@@ -125,3 +125,44 @@ def test_gram_errors(tmp_path: Path) -> None:
     save_file(sd, str(bad))
     with pytest.raises(MismatchError, match="blk.0.bias"):
         delta_gram([*ings, bad], base)
+
+
+# ----------------------------------------------------------------------------- interpolation
+@pytest.fixture(scope="module")
+def two_models(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    from soupkern.examples import digits
+
+    paths = digits.make_ingredients(tmp_path_factory.mktemp("digits"), n=2, seed=0)
+    return paths, digits.make_splits(0)
+
+
+def _scores(state: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    from soupkern.examples import digits
+
+    model = digits.make_model()
+    model.load_state_dict(state)
+    with torch.no_grad():
+        out = model(x)
+    return float(torch.nn.functional.cross_entropy(out, y)), float((out.argmax(1) == y).double().mean())
+
+
+def test_interpolation_curve_endpoints_and_midpoint(two_models) -> None:  # type: ignore[no-untyped-def]
+    from soupkern.analysis import interpolation_curve
+    from soupkern.examples import digits
+
+    (a, b), splits = two_models
+    model = digits.make_model(seed=5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    curve = interpolation_curve(a, b, model, digits.batches(splits.val, 100), alphas=[0.0, 0.25, 0.5, 1.0, 1.5])
+    assert curve.alphas == (0.0, 0.25, 0.5, 1.0, 1.5) and set(curve.scores) == {"loss", "accuracy"}
+    sa, sb = load_file(str(a)), load_file(str(b))
+    mid = {n: (0.5 * sa[n].double() + 0.5 * sb[n].double()).float() for n in sa}
+    for i, state in [(0, sa), (3, sb), (2, mid)]:
+        loss, acc = _scores(state, splits.val.x, splits.val.y)
+        # batched (vmap) vs one model: same fp32 weights (exact at the endpoints), matmul rounding only
+        assert curve.scores["loss"][i] == pytest.approx(loss, rel=1e-5)
+        assert curve.scores["accuracy"][i] == pytest.approx(acc, abs=1 / len(splits.val.y) + 1e-12)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # model weights untouched
+    assert "alpha" in curve.to_table() and curve.to_dict()["alphas"][-1] == 1.5
+    with pytest.raises(InputError, match="alphas"):
+        interpolation_curve(a, b, model, digits.batches(splits.val, 100), alphas=[])
