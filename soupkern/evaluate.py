@@ -1,0 +1,343 @@
+"""Evaluate weight sets with the user's model and held-out data, one at a time or S at once.
+
+The user brings an `nn.Module` (or a factory) whose state-dict names match the ingredients' tensor
+names, and either held-out data (a DataLoader or any re-iterable of `(inputs, targets)` batches)
+with a metric, or a callable `score(model) -> float`. Candidate weights are copied into that one
+model in place (`param.copy_` under `no_grad`: one rounding to the parameter's dtype, moved to its
+device); no model is built per candidate and no state dict is copied.
+
+Batched soup evaluation (`Evaluator.score_stacked`): S weight sets given as stacked tensors
+[S, *shape] are evaluated in ONE pass over the data, each input batch moved to the device once and
+shared by the S soups, via `torch.func.functional_call` under `torch.vmap`. Tensors absent from the
+stacked dict (e.g. buffers) come from the model. The S scores equal S separate evaluations up to
+the rounding of batched vs unbatched matmuls (fp32: relative ~1e-6 in the outputs; an accuracy can
+differ only where a sample's top-2 logits are that close). Models vmap cannot run (data-dependent
+Python control flow, in-place buffer updates) fall back to S sequential evaluations (`batched="auto"`,
+with a warning) or raise (`batched="vmap"`).
+
+Scores are means over samples of a per-sample metric, accumulated in fp64: "accuracy" (top-1 over
+the last output dimension, higher is better) or "loss" (cross-entropy of fp32 logits, lower is
+better), or a callable `metric(outputs, targets) -> per-sample values`. `Evaluator.maximize` tells
+recipes which direction is better.
+
+This module imports torch; it is not imported by `import soupkern`.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from soupkern.errors import InputError, MismatchError, SoupkernError
+
+if TYPE_CHECKING:
+    from soupkern.io import Checkpoint
+
+Batch = tuple[Any, torch.Tensor]
+"""One held-out batch: (inputs, targets). `inputs` is a tensor or a tuple/list of tensors (positional
+arguments of the model); tensors are moved to the model's device."""
+MetricFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""(outputs [B, ...], targets [B]) -> per-sample values [B]; the score is their mean over all samples."""
+ScoreFn = Callable[[nn.Module], float]
+ModelLike = Union[nn.Module, Callable[[], nn.Module]]
+BatchedMode = Literal["auto", "vmap", "sequential"]
+
+
+def accuracy_metric(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """1.0 where argmax over the last dim equals the target (first maximum on ties), else 0.0."""
+    return (outputs.argmax(-1) == targets).to(torch.float64)
+
+
+def loss_metric(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-sample cross-entropy of the logits taken in fp32."""
+    return F.cross_entropy(outputs.float(), targets, reduction="none").to(torch.float64)
+
+
+METRICS: dict[str, tuple[MetricFn, bool]] = {"accuracy": (accuracy_metric, True), "loss": (loss_metric, False)}
+"""Built-in metrics: name -> (function, higher is better)."""
+
+
+class BatchedEvaluationUnavailable(SoupkernError, RuntimeError):
+    """The model cannot be evaluated under torch.vmap (the message has torch's reason)."""
+
+
+@dataclass(frozen=True)
+class _Totals:
+    total: float
+    count: int
+
+    def mean(self) -> float:
+        if self.count == 0:
+            raise InputError("the held-out data is empty (a one-shot iterator can be used only once: pass a "
+                             "list of batches or a DataLoader)")
+        return self.total / self.count
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for t in model.parameters():
+        return t.device
+    for b in model.buffers():
+        return b.device
+    return torch.device("cpu")
+
+
+def _to(inputs: Any, device: torch.device) -> Any:
+    if isinstance(inputs, torch.Tensor):
+        return inputs.to(device, non_blocking=True)
+    if isinstance(inputs, (tuple, list)):
+        return tuple(_to(t, device) for t in inputs)
+    raise InputError(f"batch inputs must be a tensor or a tuple of tensors, got {type(inputs).__name__}")
+
+
+def _args(inputs: Any) -> tuple[Any, ...]:
+    return inputs if isinstance(inputs, tuple) else (inputs,)
+
+
+def _split(batch: Any) -> Batch:
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        raise InputError(f"each held-out batch must be an (inputs, targets) pair, got {type(batch).__name__}"
+                         f"{'' if not isinstance(batch, (tuple, list)) else f' of length {len(batch)}'}")
+    return batch[0], batch[1]
+
+
+class Evaluator:
+    """Scores weight sets with one resident model.
+
+    model: an `nn.Module` or a zero-argument factory; moved to `device` when given, put in eval mode.
+    data + metric: held-out batches `(inputs, targets)` (re-iterable) and "accuracy" | "loss" | a
+      callable `(outputs, targets) -> per-sample values`; `maximize` defaults to True for accuracy,
+      False for loss, True for a callable.
+    score: instead of data, a callable `score(model) -> float` (called under `torch.no_grad()`);
+      `maximize` defaults to True. Batched evaluation then runs the soups one after another.
+    """
+
+    def __init__(self, model: ModelLike, data: Iterable[Any] | None = None, *,
+                 metric: str | MetricFn = "accuracy", score: ScoreFn | None = None,
+                 maximize: bool | None = None, device: str | torch.device | None = None,
+                 batched: BatchedMode = "auto"):
+        if not isinstance(model, nn.Module):
+            if not callable(model):
+                raise InputError(f"model must be an nn.Module or a factory returning one, got {type(model).__name__}")
+            model = model()
+            if not isinstance(model, nn.Module):
+                raise InputError(f"the model factory returned {type(model).__name__}, not an nn.Module")
+        if (data is None) == (score is None):
+            raise InputError("give either held-out data (with a metric) or a score(model) callable, not both or neither")
+        if batched not in ("auto", "vmap", "sequential"):
+            raise InputError(f"batched must be 'auto', 'vmap' or 'sequential', got {batched!r}")
+        if device is not None:
+            model.to(device)
+        self.model = model.eval()
+        self.device = _model_device(model)
+        self.data = data
+        self.score_fn = score
+        self.batched: BatchedMode = batched
+        self._warned = False
+        default_max = True
+        self.metric: MetricFn = accuracy_metric
+        if score is None:
+            if isinstance(metric, str):
+                if metric not in METRICS:
+                    raise InputError(f"unknown metric '{metric}' (built in: {', '.join(METRICS)}; or pass a callable)")
+                self.metric, default_max = METRICS[metric]
+            elif callable(metric):
+                self.metric = metric
+            else:
+                raise InputError(f"metric must be a name or a callable, got {type(metric).__name__}")
+        self.maximize = default_max if maximize is None else maximize
+        # state-dict name -> the model's own Parameter/buffer (tied weights appear under each name)
+        self.tensors: dict[str, torch.Tensor] = dict(model.state_dict(keep_vars=True))
+
+    # ------------------------------------------------------------------ loading
+    def check(self, name: str, shape: tuple[int, ...], *, path: str | None = None) -> torch.Tensor:
+        """The model's tensor called `name`, after checking it exists with `shape` (InputError/MismatchError)."""
+        target = self.tensors.get(name)
+        if target is None:
+            raise InputError("the model has no tensor of this name in its state dict", path=path, tensor=name)
+        if tuple(target.shape) != tuple(shape):
+            raise MismatchError(f"shape {tuple(shape)} does not match the model's {tuple(target.shape)}",
+                                path=path, tensor=name)
+        return target
+
+    @torch.no_grad()
+    def load_(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Copy `state` into the model in place: one rounding to each tensor's dtype, moved to its device.
+
+        Tensors of the model not named in `state` keep their values.
+        """
+        for name, value in state.items():
+            self.check(name, tuple(value.shape)).copy_(value)
+
+    def check_names(self, names: Iterable[str], *, path: str | None = None) -> None:
+        """InputError unless `names` are exactly the model's state-dict names (naming one that differs)."""
+        names = set(names)
+        for name in sorted(names - self.tensors.keys()):
+            raise InputError("the model has no tensor of this name in its state dict", path=path, tensor=name)
+        for name in sorted(self.tensors.keys() - names):
+            raise InputError("the model has this tensor but the checkpoint does not", path=path, tensor=name)
+
+    def load_checkpoint_(self, path: str | os.PathLike[str]) -> None:
+        """Load every tensor of a checkpoint file/folder into the model in place (names must match exactly)."""
+        from soupkern.io import open_checkpoint
+
+        with open_checkpoint(path) as ck:
+            self.check_names(ck.tensors, path=ck.path)
+            self.load_({name: tensor_view(ck, name) for name in ck.tensors})
+
+    # ------------------------------------------------------------------ scoring
+    @torch.no_grad()
+    def score(self, state: Mapping[str, torch.Tensor] | None = None) -> float:
+        """The score of the model, after loading `state` into it when given."""
+        if state is not None:
+            self.load_(state)
+        if self.score_fn is not None:
+            return float(self.score_fn(self.model))
+        totals = _Totals(0.0, 0)
+        assert self.data is not None  # invariant of __init__: data xor score_fn
+        for batch in self.data:
+            inputs, targets = _split(batch)
+            outputs = self.model(*_args(_to(inputs, self.device)))
+            totals = self._accumulate(totals, outputs, targets)
+        return totals.mean()
+
+    def _accumulate(self, totals: _Totals, outputs: torch.Tensor, targets: torch.Tensor) -> _Totals:
+        values = self.metric(outputs, targets.to(outputs.device, non_blocking=True))
+        return _Totals(totals.total + float(values.sum(dtype=torch.float64)), totals.count + int(values.numel()))
+
+    @torch.no_grad()
+    def outputs(self, state: Mapping[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(outputs [N, ...], targets [N]) of the model over the held-out data, concatenated on the model's device."""
+        if self.data is None:
+            raise InputError("outputs need held-out data; this evaluator has only a score callable")
+        if state is not None:
+            self.load_(state)
+        outs, tgts = [], []
+        for batch in self.data:
+            inputs, targets = _split(batch)
+            outs.append(self.model(*_args(_to(inputs, self.device))))
+            tgts.append(targets.to(self.device, non_blocking=True))
+        if not outs:
+            _Totals(0.0, 0).mean()  # raises the empty-data error
+        return torch.cat(outs), torch.cat(tgts)
+
+    def can_batch(self) -> bool:
+        """Whether `score_stacked` runs soups in one shared pass (False: sequential)."""
+        return self.score_fn is None and self.batched != "sequential"
+
+    @torch.no_grad()
+    def score_stacked(self, stacked: Mapping[str, torch.Tensor], max_soups: int | None = None) -> list[float]:
+        """Scores of S weight sets, `stacked[name]` of shape [S, *shape], in one pass over the data.
+
+        All stacked tensors must share S and live on the model's device with the model tensor's
+        dtype (no conversion is made). The model's own weights are left unchanged. `max_soups`
+        splits S into passes of at most that many soups (memory of activations grows with S).
+        """
+        s = self._check_stacked(stacked)
+        chunk = s if max_soups is None else max_soups
+        if chunk < 1:
+            raise InputError(f"max_soups must be >= 1, got {max_soups}")
+        out: list[float] = []
+        for start in range(0, s, chunk):
+            part = {k: v[start:start + chunk] for k, v in stacked.items()}
+            out += self._score_chunk(part, min(chunk, s - start))
+        return out
+
+    def _check_stacked(self, stacked: Mapping[str, torch.Tensor]) -> int:
+        if not stacked:
+            raise InputError("no stacked tensors given")
+        sizes = set()
+        for name, value in stacked.items():
+            target = self.check(name, tuple(value.shape[1:]))
+            if value.dtype != target.dtype or value.device != target.device:
+                raise MismatchError(f"stacked tensor is {value.dtype} on {value.device}; the model's is "
+                                    f"{target.dtype} on {target.device}", tensor=name)
+            sizes.add(int(value.shape[0]))
+        if len(sizes) != 1:
+            raise MismatchError(f"stacked tensors disagree on the number of soups: {sorted(sizes)}")
+        return sizes.pop()
+
+    def _score_chunk(self, stacked: Mapping[str, torch.Tensor], s: int) -> list[float]:
+        if self.can_batch():
+            try:
+                return self._score_vmap(stacked, s)
+            except BatchedEvaluationUnavailable as e:
+                if self.batched == "vmap":
+                    raise
+                if not self._warned:
+                    warnings.warn(f"batched soup evaluation is unavailable for this model, evaluating soups one "
+                                  f"after another: {e}", RuntimeWarning, stacklevel=3)
+                    self._warned = True
+                self.batched = "sequential"
+        return self._score_sequential(stacked, s)
+
+    def _score_vmap(self, stacked: Mapping[str, torch.Tensor], s: int) -> list[float]:
+        from torch.func import functional_call
+
+        params = dict(stacked)
+
+        def forward(p: dict[str, torch.Tensor], args: tuple[Any, ...]) -> torch.Tensor:
+            out: torch.Tensor = functional_call(self.model, p, args)
+            return out
+
+        batched_forward = torch.vmap(forward, in_dims=(0, None))
+        totals = [_Totals(0.0, 0) for _ in range(s)]
+        assert self.data is not None  # can_batch() implies data
+        first = True
+        for batch in self.data:
+            inputs, targets = _split(batch)
+            args = _args(_to(inputs, self.device))
+            if first:  # only the first call can fail for vmap reasons; later errors are real errors
+                try:
+                    outputs = batched_forward(params, args)
+                except (RuntimeError, NotImplementedError, ValueError) as e:
+                    raise BatchedEvaluationUnavailable(f"{type(e).__name__}: {e}") from e
+                first = False
+            else:
+                outputs = batched_forward(params, args)
+            targets = targets.to(outputs.device, non_blocking=True)
+            for i in range(s):
+                totals[i] = self._accumulate(totals[i], outputs[i], targets)
+        return [t.mean() for t in totals]
+
+    def _score_sequential(self, stacked: Mapping[str, torch.Tensor], s: int) -> list[float]:
+        saved = {name: self.tensors[name].detach().clone() for name in stacked}
+        try:
+            return [self.score({k: v[i] for k, v in stacked.items()}) for i in range(s)]
+        finally:
+            self.load_(saved)
+
+
+def tensor_view(ck: Checkpoint, name: str) -> torch.Tensor:
+    """Zero-copy, read-only CPU torch view of tensor `name` of an open checkpoint.
+
+    Valid while the checkpoint is open; never write to it (the mapping is read-only).
+    """
+    from soupkern.torch_dtypes import TORCH_DTYPES
+
+    f, info = ck.tensors[name]
+    raw = f.view(info)
+    with warnings.catch_warnings():  # torch warns that the numpy array is not writable; it is never written
+        warnings.simplefilter("ignore", UserWarning)
+        t = torch.from_numpy(raw)
+    return t.view(TORCH_DTYPES[info.dtype]).reshape(info.shape)
+
+
+def make_evaluator(model: ModelLike | None = None, data: Iterable[Any] | None = None, *,
+                   metric: str | MetricFn = "accuracy", score: ScoreFn | None = None,
+                   maximize: bool | None = None, device: str | torch.device | None = None,
+                   evaluator: Evaluator | None = None) -> Evaluator:
+    """`evaluator` if given (then no other argument may be), else `Evaluator(model, data, ...)`."""
+    if evaluator is not None:
+        if model is not None or data is not None or score is not None:
+            raise InputError("give an evaluator or model/data/score, not both")
+        return evaluator
+    if model is None:
+        raise InputError("a model (or a factory) is needed to evaluate soups")
+    return Evaluator(model, data, metric=metric, score=score, maximize=maximize, device=device)

@@ -1,0 +1,416 @@
+"""Greedy soup (Wortsman et al. 2022, Recipe 1), sequential or speculative-batched.
+
+Recipe, exactly:
+1. Score every ingredient on the held-out data (or take `ingredient_scores`).
+2. Sort best first. `order="stable"`: equal scores keep input order (Python's stable sort).
+   `order="model-soups"`: equal scores in reverse input order, which is what the reference code
+   does (github.com/mlfoundations/model-soups main.py: `sorted(..., key=score)` ascending, then
+   `list.reverse()`).
+3. Start the soup from the best ingredient; its score is the best so far.
+4. For each next ingredient x in that order, with the soup's fp32 running sum `sum` of n kept
+   ingredients: candidate = ((sum + float32(x)) / (n + 1)) rounded once to the model's dtype (fp32
+   add, IEEE fp32 division, round to nearest even). Score the candidate; keep x if
+   score >= best (`tie="ge"`, the paper's "if held-out accuracy does not decrease") or only if
+   score > best (`tie="gt"`, the reference code: `if held_out_val_accuracy > best_val_acc_so_far`).
+   On keeping, sum += float32(x) and best = score. A NaN score is never kept. For a lower-is-better
+   metric (loss) the comparisons are made on -score (exact, so the tie rules are unchanged).
+   The reference code keeps a running *mean* (soup * n/(n+1) + x/(n+1) in the checkpoint dtype)
+   instead of a sum; that differs from the sum by rounding only.
+
+State: the fp32 running sum, the model's own parameters (candidates are written straight into
+them), and one ingredient at a time, read zero-copy through mmap. On a GPU model the sum lives on
+the GPU and candidates are formed there (`soupkern.backends.device` kernels).
+
+Speculative greedy (`speculative=S > 1`): the next S candidates are formed as if every earlier one
+were rejected (all from the same sum and n), stacked [S, ...] and scored in one batched pass
+(`Evaluator.score_stacked`); the results are read in order up to the first one kept, the rest are
+discarded and the next window starts after it. Every candidate that is looked at is the same
+tensor sequential greedy would have scored, so the picks are identical; extra memory is S
+candidate weight sets.
+
+The soup is then written by the streaming engine, `weighted_soup(kept, [1/n] * n, out,
+recipe="greedy")`, with the run recorded in metadata (`soupkern.greedy.*`). The engine computes
+fma(1/n, x_k, acc) in fp32 in kept order while the in-memory soup is (sum of x_k) / n: they are
+bit-identical when n is a power of two (1/n exact) and otherwise differ by fp32 accumulation
+rounding (a few ulp of fp32 before the one rounding to the output dtype). On return the model holds
+the in-memory greedy soup, whose score is `GreedyResult.final_score`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from soupkern.errors import InputError, MismatchError
+from soupkern.recipes.weighted import SoupReport, weighted_soup
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from soupkern.backends.device import DeviceKernels
+    from soupkern.evaluate import Evaluator, MetricFn, ScoreFn
+
+PathLike = str | os.PathLike[str]
+TieRule = Literal["ge", "gt"]
+SortRule = Literal["stable", "model-soups"]
+CandidateScorer = Callable[[tuple[int, ...], Sequence[int]], Sequence[float]]
+"""(kept ingredient indices, candidate indices) -> score of each soup kept + [candidate], in order."""
+DEFAULT_SPECULATIVE = 8
+
+
+@dataclass(frozen=True)
+class GreedyStep:
+    """One candidate looked at: ingredient index (input order), its soup's score, whether it was kept."""
+
+    ingredient: int
+    score: float
+    accepted: bool
+    soup_size: int  # ingredients in the soup before this step
+
+
+@dataclass(frozen=True)
+class GreedyResult:
+    """The record of a greedy run. Indices refer to `paths` (input order)."""
+
+    paths: tuple[Path, ...]
+    ingredient_scores: tuple[float, ...]
+    order: tuple[int, ...]  # best first, after the tie rule among equal scores
+    steps: tuple[GreedyStep, ...]  # one per order[1:], in order
+    kept: tuple[int, ...]  # in the order they joined the soup (order[0] first)
+    final_score: float  # score of the in-memory greedy soup (the model holds it on return)
+    tie: TieRule
+    sort: SortRule
+    maximize: bool
+    speculative: int
+    evaluations: int  # candidate soups evaluated (speculation evaluates some that are discarded)
+    passes: int  # evaluation passes over the held-out data for candidates (batched counts once)
+    seconds: float
+    report: SoupReport | None  # the written soup, when `out` was given
+
+    @property
+    def kept_paths(self) -> tuple[Path, ...]:
+        return tuple(self.paths[i] for i in self.kept)
+
+    def metadata(self) -> dict[str, str]:
+        """Provenance written into the soup's __metadata__ (strings; JSON where structured)."""
+        name = [os.fspath(p) for p in self.paths]
+        return {
+            "soupkern.greedy.tie": self.tie,
+            "soupkern.greedy.sort": self.sort,
+            "soupkern.greedy.maximize": json.dumps(self.maximize),
+            "soupkern.greedy.kept": json.dumps([name[i] for i in self.kept]),
+            "soupkern.greedy.order": json.dumps([name[i] for i in self.order]),
+            "soupkern.greedy.ingredient_scores": json.dumps({name[i]: self.ingredient_scores[i] for i in self.order}),
+            "soupkern.greedy.steps": json.dumps([{"ingredient": name[s.ingredient], "score": s.score,
+                                                  "accepted": s.accepted, "soup_size": s.soup_size}
+                                                 for s in self.steps]),
+            "soupkern.greedy.final_score": json.dumps(self.final_score),
+        }
+
+
+def sort_order(scores: Sequence[float], *, maximize: bool = True, sort: SortRule = "stable") -> list[int]:
+    """Indices of `scores` best first; equal scores in input order ("stable") or reversed ("model-soups")."""
+    if sort not in ("stable", "model-soups"):
+        raise InputError(f"sort must be 'stable' or 'model-soups', got {sort!r}")
+    for i, s in enumerate(scores):
+        if math.isnan(s):
+            raise InputError(f"ingredient {i} has a NaN score")
+    sign = 1.0 if maximize else -1.0
+    if sort == "stable":
+        return sorted(range(len(scores)), key=lambda i: sign * scores[i], reverse=True)
+    ascending = sorted(range(len(scores)), key=lambda i: sign * scores[i])
+    return ascending[::-1]
+
+
+def _better(score: float, best: float, tie: TieRule, maximize: bool) -> bool:
+    a, b = (score, best) if maximize else (-score, -best)
+    return a >= b if tie == "ge" else a > b
+
+
+def greedy_select(order: Sequence[int], first_score: float, score_candidates: CandidateScorer, *,
+                  tie: TieRule = "ge", maximize: bool = True, speculative: int = 1,
+                  on_step: Callable[[GreedyStep], None] | None = None) -> tuple[list[GreedyStep], list[int], float, int]:
+    """The greedy rule over an order, independent of what a soup is.
+
+    `score_candidates(kept, window)` scores the soups kept + [j] for each j of `window` (at most
+    `speculative` candidates, all relative to the same kept set). Returns (steps, kept, best score,
+    number of candidates scored). With speculation, results after the first kept candidate of a
+    window are discarded unseen, so steps and kept do not depend on `speculative`.
+    """
+    if tie not in ("ge", "gt"):
+        raise InputError(f"tie must be 'ge' or 'gt', got {tie!r}")
+    if speculative < 1:
+        raise InputError(f"speculative must be >= 1, got {speculative}")
+    if not order:
+        raise InputError("greedy soup needs at least one ingredient")
+    kept = [order[0]]
+    best = first_score
+    steps: list[GreedyStep] = []
+    evaluated = 0
+    i = 1
+    while i < len(order):
+        window = list(order[i:i + speculative])
+        scores = list(score_candidates(tuple(kept), window))
+        if len(scores) != len(window):
+            raise InputError(f"the candidate scorer returned {len(scores)} scores for {len(window)} candidates")
+        evaluated += len(window)
+        for j, score in zip(window, scores):
+            i += 1
+            accepted = _better(score, best, tie, maximize)
+            step = GreedyStep(j, float(score), accepted, len(kept))
+            steps.append(step)
+            if on_step is not None:
+                on_step(step)
+            if accepted:
+                kept.append(j)
+                best = score
+                break
+    return steps, kept, best, evaluated
+
+
+class _RunningSoup:
+    """fp32 running sum of the kept ingredients on the model's device, and candidate formation."""
+
+    def __init__(self, evaluator: Evaluator, paths: Sequence[Path]):
+        import torch
+
+        from soupkern.evaluate import tensor_view
+        from soupkern.io import FLOAT_DTYPES, open_checkpoint
+
+        self.ev = evaluator
+        self.paths = list(paths)
+        self.device = evaluator.device
+        self.kernels = _device_kernels(self.device)
+        with open_checkpoint(self.paths[0]) as ck:
+            evaluator.check_names(ck.tensors, path=ck.path)
+            self.names = sorted(n for n, (_, info) in ck.tensors.items() if info.dtype in FLOAT_DTYPES)
+            self.fixed = sorted(set(ck.tensors) - set(self.names))
+            self.layout = {n: (info.dtype, info.shape) for n, (_, info) in ck.tensors.items()}
+            # integer/bool tensors are not averaged: loaded once, required identical in every ingredient
+            self.fixed_values = {n: tensor_view(ck, n).clone() for n in self.fixed}
+            evaluator.load_(self.fixed_values)
+        for n in self.names:
+            evaluator.check(n, self.layout[n][1], path=os.fspath(self.paths[0]))
+        self.sums = {n: torch.zeros(self.layout[n][1], dtype=torch.float32, device=self.device) for n in self.names}
+        self.n = 0
+        self.targets = [evaluator.tensors[n] for n in self.names]
+        self._stack: dict[str, torch.Tensor] | None = None
+
+    def read(self, index: int) -> _Ingredient:
+        return _Ingredient(self, index)
+
+    def accept(self, index: int) -> None:
+        with self.read(index) as xs:
+            self.kernels.greedy_accept([self.sums[n] for n in self.names], xs)
+        self.n += 1
+
+    def candidate_into_model(self, index: int) -> None:
+        """Model <- ((sum + x_index) / (n + 1)) in the model's dtype."""
+        import torch
+
+        with self.read(index) as xs, torch.no_grad():
+            self.kernels.greedy_candidate(self.targets, [self.sums[n] for n in self.names], xs, self.n)
+
+    def stacked(self, indices: Sequence[int], *, relative: bool = True) -> dict[str, torch.Tensor]:
+        """[S, ...] candidates in the model's dtypes: (sum + x_j)/(n+1) for each j, or x_j alone (relative=False)."""
+        import torch
+
+        s = len(indices)
+        if self._stack is None or next(iter(self._stack.values())).shape[0] < s:
+            self._stack = {n: torch.empty((s, *self.layout[n][1]), dtype=t.dtype, device=self.device)
+                           for n, t in zip(self.names, self.targets)}
+        out = {n: v[:s] for n, v in self._stack.items()}
+        for row, index in enumerate(indices):
+            with self.read(index) as xs, torch.no_grad():
+                if relative:
+                    self.kernels.greedy_candidate([out[n][row] for n in self.names],
+                                                  [self.sums[n] for n in self.names], xs, self.n)
+                else:
+                    for n, x in zip(self.names, xs):
+                        out[n][row].copy_(x)
+        return out
+
+    def ingredient_into_model(self, index: int) -> None:
+        import torch
+
+        with self.read(index) as xs, torch.no_grad():
+            for t, x in zip(self.targets, xs):
+                t.copy_(x)
+
+    def final_into_model(self) -> None:
+        """Model <- sum / n (bit-identical to the last kept candidate: same fp32 sum, same division)."""
+        import torch
+
+        with torch.no_grad():
+            for n, t in zip(self.names, self.targets):
+                t.copy_(self.sums[n] / float(self.n))
+
+
+class _Ingredient:
+    """Context manager: one ingredient's averaged tensors (zero-copy on CPU, copied to the device otherwise)."""
+
+    def __init__(self, soup: _RunningSoup, index: int):
+        self.soup, self.index = soup, index
+
+    def __enter__(self) -> list[torch.Tensor]:
+        import torch
+
+        from soupkern.evaluate import tensor_view
+        from soupkern.io import FLOAT_DTYPES, open_checkpoint
+
+        soup = self.soup
+        path = soup.paths[self.index]
+        self.ck = open_checkpoint(path)
+        try:
+            ck = self.ck
+            if set(ck.tensors) != set(soup.layout):
+                missing = sorted(set(soup.layout) ^ set(ck.tensors))[0]
+                raise MismatchError(f"tensor names differ from {soup.paths[0]}", path=ck.path, tensor=missing)
+            xs = []
+            for n in soup.names:
+                info = ck.tensors[n][1]
+                if info.shape != soup.layout[n][1]:
+                    raise MismatchError(f"shape {info.shape} differs from {soup.layout[n][1]} in {soup.paths[0]}",
+                                        path=ck.path, tensor=n)
+                if info.dtype not in FLOAT_DTYPES:
+                    raise MismatchError(f"dtype {info.dtype} is not a float dtype", path=ck.path, tensor=n)
+                xs.append(tensor_view(ck, n).to(soup.device))
+            for n in soup.fixed:
+                if not torch.equal(tensor_view(ck, n), soup.fixed_values[n]):
+                    raise MismatchError(f"non-float tensor differs from {soup.paths[0]}; it cannot be averaged",
+                                        path=ck.path, tensor=n)
+        except BaseException:
+            self.ck.close()
+            raise
+        return xs
+
+    def __exit__(self, *exc: object) -> None:
+        self.ck.close()
+
+
+def _device_kernels(device: torch.device) -> DeviceKernels:
+    from soupkern.backends.device import TorchDeviceKernels
+
+    if device.type != "cpu":
+        try:
+            from soupkern.backends.device import device_kernels  # type: ignore[attr-defined]
+        except ImportError:
+            pass
+        else:
+            kernels: DeviceKernels = device_kernels(device)
+            return kernels
+    return TorchDeviceKernels()
+
+
+def greedy_soup(
+    ingredients: Sequence[PathLike],
+    out: PathLike | None = None,
+    *,
+    model: nn.Module | Callable[[], nn.Module] | None = None,
+    data: Iterable[Any] | None = None,
+    metric: str | MetricFn = "accuracy",
+    score: ScoreFn | None = None,
+    maximize: bool | None = None,
+    evaluator: Evaluator | None = None,
+    device: str | torch.device | None = None,
+    ingredient_scores: Sequence[float] | None = None,
+    tie: TieRule = "ge",
+    sort: SortRule = "stable",
+    speculative: int | None = None,
+    on_step: Callable[[GreedyStep], None] | None = None,
+    dtype: str | None = None,
+    overwrite: bool = False,
+    backend: str | None = None,
+    progress: bool = False,
+    metadata: dict[str, str] | None = None,
+) -> GreedyResult:
+    """Greedy soup of `ingredients` (safetensors files/folders), written to `out` when given.
+
+    Scoring: `evaluator`, or one built from `model` (module or factory, state-dict names = the
+    ingredients' tensor names) with held-out `data` + `metric` ("accuracy", "loss" or a callable), or
+    with `score(model) -> float`. `maximize` overrides the metric's direction. `ingredient_scores`
+    (input order) skips step 1. `speculative`: candidates per batched pass; default 8 when the
+    evaluator can batch (held-out data), 1 with a score callable (where S > 1 is refused).
+    `tie`, `sort`: see the module docstring. Output options (`dtype`, `overwrite`, `backend`,
+    `progress`) as `weighted_soup`; `metadata` is added to the greedy provenance.
+
+    On return the model holds the in-memory greedy soup; see `GreedyResult` for the record.
+    """
+    from soupkern.evaluate import make_evaluator
+
+    t0 = time.perf_counter()
+    paths = [Path(p) for p in ingredients]
+    if not paths:
+        raise InputError("greedy soup needs at least one ingredient")
+    ev = make_evaluator(model, data, metric=metric, score=score, maximize=maximize, device=device, evaluator=evaluator)
+    if speculative is None:
+        speculative = DEFAULT_SPECULATIVE if ev.can_batch() else 1
+    if speculative < 1:
+        raise InputError(f"speculative must be >= 1, got {speculative}")
+    if speculative > 1 and not ev.can_batch():
+        raise InputError("speculative greedy (speculative > 1) needs held-out data and a metric so candidates can be "
+                         "scored in one batched pass; with a score callable use speculative=1")
+    if tie not in ("ge", "gt"):
+        raise InputError(f"tie must be 'ge' or 'gt', got {tie!r}")
+    soup = _RunningSoup(ev, paths)
+
+    if ingredient_scores is None:
+        scores = _score_ingredients(soup, speculative)
+    else:
+        scores = [float(s) for s in ingredient_scores]
+        if len(scores) != len(paths):
+            raise InputError(f"{len(scores)} ingredient scores for {len(paths)} ingredients")
+    order = sort_order(scores, maximize=ev.maximize, sort=sort)
+    passes = 0
+
+    def score_candidates(kept: tuple[int, ...], window: Sequence[int]) -> list[float]:
+        nonlocal passes
+        # the running sum holds exactly `kept` (greedy_select only extends kept after a window)
+        while soup.n < len(kept):
+            soup.accept(kept[soup.n])
+        passes += 1
+        if len(window) == 1 or not ev.can_batch():
+            out_scores = []
+            for j in window:
+                soup.candidate_into_model(j)
+                out_scores.append(ev.score())
+            return out_scores
+        return ev.score_stacked(soup.stacked(window))
+
+    steps, kept, best, evaluated = greedy_select(order, scores[order[0]], score_candidates, tie=tie,
+                                                 maximize=ev.maximize, speculative=speculative, on_step=on_step)
+    while soup.n < len(kept):
+        soup.accept(kept[soup.n])
+    soup.final_into_model()
+    result = GreedyResult(tuple(paths), tuple(scores), tuple(order), tuple(steps), tuple(kept), float(best), tie,
+                          sort, ev.maximize, speculative, evaluated, passes, 0.0, None)
+    report = None
+    if out is not None:
+        n = len(kept)
+        report = weighted_soup([paths[i] for i in kept], [1.0 / n] * n, out, dtype=dtype, overwrite=overwrite,
+                               backend=backend, progress=progress, recipe="greedy",
+                               metadata={**result.metadata(), **(metadata or {})})
+    return replace(result, seconds=time.perf_counter() - t0, report=report)
+
+
+def _score_ingredients(soup: _RunningSoup, speculative: int) -> list[float]:
+    """Every ingredient's own score (weights rounded to the model's dtype), in input order."""
+    ev = soup.ev
+    scores: list[float] = []
+    count = len(soup.paths)
+    if speculative > 1 and ev.can_batch():
+        for start in range(0, count, speculative):
+            idx = list(range(start, min(start + speculative, count)))
+            scores += ev.score_stacked(soup.stacked(idx, relative=False))
+        return scores
+    for i in range(count):
+        soup.ingredient_into_model(i)
+        scores.append(ev.score())
+    return scores

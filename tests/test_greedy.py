@@ -1,0 +1,282 @@
+"""Greedy soup: the rule against independent implementations, speculation, the written soup."""
+
+from __future__ import annotations
+
+import json
+import math
+import operator
+import random
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+import torch
+from digits_fixtures import digits_dir, digits_ingredients, digits_splits  # noqa: F401
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from soupkern.errors import InputError, MismatchError
+from soupkern.evaluate import Evaluator
+from soupkern.examples import digits
+from soupkern.recipes.greedy import GreedyResult, greedy_select, greedy_soup, sort_order
+
+U32 = 2.0**-24
+
+
+# ----------------------------------------------------------------------------- the rule alone
+def naive_greedy(order: Sequence[int], table: dict[frozenset[int], float], tie: str,
+                 maximize: bool) -> tuple[list[int], list[tuple[int, float, bool]]]:
+    """Sequential greedy written from the paper, scores looked up by the set of souped ingredients."""
+    sign = 1 if maximize else -1
+    kept = [order[0]]
+    best = table[frozenset(kept)]
+    steps = []
+    for j in order[1:]:
+        s = table[frozenset(kept + [j])]
+        ok = sign * s >= sign * best if tie == "ge" else sign * s > sign * best
+        steps.append((j, s, ok))
+        if ok:
+            kept.append(j)
+            best = s
+    return kept, steps
+
+
+def _random_table(order: Sequence[int], rng: random.Random, levels: int) -> dict[frozenset[int], float]:
+    """A score for every soup greedy can form: each subset of the order that contains order[0]."""
+    rest = list(order[1:])
+    table = {}
+    for mask in range(1 << len(rest)):
+        key = frozenset([order[0]] + [rest[i] for i in range(len(rest)) if mask >> i & 1])
+        table[key] = rng.randrange(levels) / levels if rng.random() > 0.02 else math.nan
+    return table
+
+
+def test_speculative_equals_sequential_on_random_tables() -> None:
+    rng = random.Random(1234)
+    checked = differ = wasted = 0
+    for trial in range(2000):
+        k = rng.randint(1, 9)
+        order = list(range(k))
+        rng.shuffle(order)
+        table = _random_table(order, rng, rng.choice([2, 3, 5, 50]))  # few distinct scores: many ties
+        for tie in ("ge", "gt"):
+            for maximize in (True, False):
+                ref_kept, ref_steps = naive_greedy(order, table, tie, maximize)
+                windows: list[tuple[tuple[int, ...], list[int]]] = []
+
+                def scorer(kept: tuple[int, ...], window: Sequence[int]) -> list[float]:
+                    windows.append((kept, list(window)))
+                    return [table[frozenset(kept) | {j}] for j in window]
+
+                for spec in (1, 2, 3, 4, 8):
+                    windows.clear()
+                    steps, kept, best, evaluated = greedy_select(order, table[frozenset(order[:1])], scorer,
+                                                                 tie=tie, maximize=maximize,  # type: ignore[arg-type]
+                                                                 speculative=spec)
+                    assert kept == ref_kept, (trial, tie, maximize, spec)
+                    got = [(st.ingredient, st.score, st.accepted) for st in steps]
+                    assert len(got) == len(ref_steps)
+                    for (j, sc, ok), (rj, rsc, rok) in zip(got, ref_steps):
+                        assert j == rj and ok == rok and (sc == rsc or (math.isnan(sc) and math.isnan(rsc)))
+                    assert best == table[frozenset(kept)] or math.isnan(best)
+                    assert all(len(w) <= spec for _, w in windows)
+                    assert evaluated == sum(len(w) for _, w in windows) >= len(order) - 1
+                    wasted += evaluated - (len(order) - 1)
+                    checked += 1
+            differ += naive_greedy(order, table, "ge", True)[0] != naive_greedy(order, table, "gt", True)[0]
+    assert checked == 2000 * 4 * 5
+    assert differ > 100  # the random tables really exercise the tie rule
+    assert wasted > 0  # and speculation really discarded candidates after acceptances
+
+
+def test_sort_order_tie_rules() -> None:
+    scores = [0.5, 0.9, 0.7, 0.9, 0.5]
+    assert sort_order(scores) == [1, 3, 2, 0, 4]  # stable: equal scores in input order
+    # model-soups main.py: sorted(items, key=score) then .reverse() -> equal scores in reverse input order
+    items = sorted(enumerate(scores), key=operator.itemgetter(1))
+    items.reverse()
+    assert sort_order(scores, sort="model-soups") == [i for i, _ in items] == [3, 1, 2, 4, 0]
+    assert sort_order(scores, maximize=False) == [0, 4, 2, 1, 3]
+    with pytest.raises(InputError, match="NaN"):
+        sort_order([0.1, math.nan])
+    with pytest.raises(InputError):
+        greedy_select([0], 0.0, lambda k, w: [], tie="eq")  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------- real models
+def reference_greedy(paths: Sequence[Path], model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+                     tie: str, sort: str) -> tuple[list[int], list[float], dict[str, torch.Tensor]]:
+    """The model-soups main.py greedy loop, written from scratch: whole state dicts, dict arithmetic,
+    load_state_dict, evaluate. Returns (kept indices, ingredient accuracies, final soup)."""
+
+    def acc(sd: dict[str, torch.Tensor]) -> float:
+        model.load_state_dict(sd)
+        with torch.no_grad():
+            return int((model(x).argmax(1) == y).sum()) / len(y)
+
+    accs = [acc(load_file(str(p))) for p in paths]
+    if sort == "model-soups":
+        ranked = sorted(enumerate(accs), key=operator.itemgetter(1))
+        ranked.reverse()
+    else:
+        ranked = sorted(enumerate(accs), key=lambda t: -t[1])
+    order = [i for i, _ in ranked]
+    kept = [order[0]]
+    soup = load_file(str(paths[order[0]]))
+    best = accs[order[0]]
+    for i in order[1:]:
+        new = load_file(str(paths[i]))
+        n = len(kept)
+        candidate = {k: soup[k].clone() * (n / (n + 1.0)) + new[k].clone() * (1.0 / (n + 1)) for k in new}
+        a = acc(candidate)
+        if (a >= best) if tie == "ge" else (a > best):
+            kept.append(i)
+            best = a
+            soup = candidate
+    return kept, accs, soup
+
+
+@pytest.mark.parametrize("n_val", [100, 150, 359])
+def test_picks_equal_reference_implementation(digits_ingredients: list[Path], digits_splits: digits.Splits,
+                                              n_val: int) -> None:
+    # small held-out subsets make ties between ingredients and between candidate and best soup likely
+    x, y = digits_splits.val.x[:n_val], digits_splits.val.y[:n_val]
+    data = [(x, y)]
+    picks = {}
+    for tie in ("ge", "gt"):
+        for sort in ("stable", "model-soups"):
+            ref_kept, ref_accs, ref_soup = reference_greedy(digits_ingredients, digits.make_model(), x, y, tie, sort)
+            for spec in (1, 3, 8):
+                model = digits.make_model()
+                r = greedy_soup(digits_ingredients, model=model, data=data, tie=tie, sort=sort,  # type: ignore[arg-type]
+                                speculative=spec)
+                assert list(r.kept) == ref_kept, (tie, sort, spec)
+                assert list(r.ingredient_scores) == ref_accs
+                # final soups: fp32 sum / n here, the reference's running mean m*n/(n+1) + x/(n+1) there;
+                # each is within about 3 n u max|x| of the exact mean (a few roundings per step), n <= 8
+                n = len(ref_kept)
+                kept_states = [load_file(str(digits_ingredients[i])) for i in ref_kept]
+                for k, v in model.state_dict().items():
+                    scale = max(float(s[k].abs().max()) for s in kept_states)
+                    assert float((v - ref_soup[k]).abs().max()) <= 6 * n * U32 * scale, k
+            picks[tie, sort] = tuple(ref_kept)
+    if n_val == 150:  # this subset exercises both tie rules: they must lead to different soups
+        assert picks["ge", "model-soups"] != picks["gt", "model-soups"]
+
+
+def test_written_soup_and_metadata(digits_ingredients: list[Path], digits_splits: digits.Splits,
+                                   tmp_path: Path) -> None:
+    model = digits.make_model()
+    out = tmp_path / "greedy.safetensors"
+    # loss (lower is better) through the speculative path
+    r = greedy_soup(digits_ingredients, out, model=model, data=digits.batches(digits_splits.val, 128),
+                    metric="loss", speculative=4)
+    assert isinstance(r, GreedyResult) and r.report is not None and not r.maximize
+    with safe_open(str(out), framework="pt") as f:
+        meta = f.metadata()
+        written = {k: f.get_tensor(k) for k in f.keys()}
+    names = [str(p) for p in digits_ingredients]
+    assert meta["soupkern.recipe"] == "greedy"
+    assert json.loads(meta["soupkern.greedy.kept"]) == [names[i] for i in r.kept]
+    assert json.loads(meta["soupkern.ingredients"]) == [names[i] for i in r.kept]
+    assert meta["soupkern.greedy.tie"] == "ge"
+    steps = json.loads(meta["soupkern.greedy.steps"])
+    assert [(s["ingredient"], s["score"], s["accepted"]) for s in steps] == [
+        (names[s.ingredient], s.score, s.accepted) for s in r.steps]
+    assert json.loads(meta["soupkern.greedy.ingredient_scores"]) == {names[i]: r.ingredient_scores[i] for i in r.order}
+    assert json.loads(meta["soupkern.greedy.final_score"]) == r.final_score
+    # the model holds the in-memory soup round(fp32 sum / n); its score is final_score
+    ev = Evaluator(model, digits.batches(digits_splits.val, 128), metric="loss")
+    # final_score came from a batched (vmap) pass: equal to a plain evaluation up to fp32 rounding
+    assert math.isclose(ev.score(), r.final_score, rel_tol=1e-5)
+    states = [load_file(str(digits_ingredients[i])) for i in r.kept]
+    n = len(states)
+    for k, v in model.state_dict().items():
+        total = torch.zeros_like(states[0][k])
+        for s in states:
+            total = total + s[k]
+        assert torch.equal(v, total / n)  # the contract, bit for bit
+        # the engine writes fma(1/n, x_k, acc): same value up to fp32 accumulation rounding; bound:
+        # each of the two is within n * u * sum|x_k| / n of the exact mean (plus 1/n's rounding)
+        bound = 2 * (n + 1) * U32 * sum(s[k].abs() for s in states) / n
+        assert bool(((written[k] - v).abs() <= bound).all()), k
+        if n & (n - 1) == 0:  # n a power of two: 1/n is exact, so both give identical bits
+            assert torch.equal(written[k], v)
+
+
+def test_written_soup_bit_identical_for_power_of_two(digits_ingredients: list[Path], digits_splits: digits.Splits,
+                                                     tmp_path: Path) -> None:
+    # equal given scores + a scorer that always ties -> tie="ge" keeps all 8 ingredients (n = 8)
+    model = digits.make_model()
+    r = greedy_soup(digits_ingredients, tmp_path / "all.safetensors", model=model, score=lambda m: 1.0,
+                    ingredient_scores=[0.5] * len(digits_ingredients))
+    assert list(r.kept) == list(range(len(digits_ingredients)))  # stable order, all ties kept
+    written = load_file(str(tmp_path / "all.safetensors"))
+    for k, v in model.state_dict().items():
+        assert torch.equal(written[k], v)
+    # tie="gt" keeps none of them
+    r = greedy_soup(digits_ingredients, model=model, score=lambda m: 1.0, tie="gt",
+                    ingredient_scores=[1.0] * len(digits_ingredients))
+    assert list(r.kept) == [0] and all(not s.accepted for s in r.steps)
+
+
+def test_bf16_candidates_follow_the_contract(digits_dir: Path, digits_splits: digits.Splits, tmp_path: Path) -> None:
+    import shutil
+
+    shutil.copy(digits_dir / digits.BASE_NAME, tmp_path / digits.BASE_NAME)  # reuse the cached init
+    paths = digits.make_ingredients(tmp_path, 3, 0, dtype="BF16")
+    model = digits.make_model().to(torch.bfloat16)
+    seen = []
+
+    def score(m: torch.nn.Module) -> float:
+        seen.append({k: v.clone() for k, v in m.state_dict().items()})
+        return 3.0  # ties with the first ingredient's given score: tie="ge" keeps every candidate
+
+    greedy_soup(paths, model=model, score=score, ingredient_scores=[3.0, 2.0, 1.0])
+    states = [load_file(str(p)) for p in paths]
+    # candidate 1 = round_bf16((x0 + x1) / 2), candidate 2 = round_bf16((x0 + x1 + x2) / 3)
+    assert len(seen) == 2
+    for cand, members in zip(seen, ([0, 1], [0, 1, 2])):
+        for k, v in cand.items():
+            total = torch.zeros(v.shape, dtype=torch.float32)
+            for i in members:
+                total = total + states[i][k].float()
+            assert torch.equal(v, (total / len(members)).to(torch.bfloat16)), k
+
+
+def test_score_callable_and_errors(digits_ingredients: list[Path], digits_splits: digits.Splits,
+                                   tmp_path: Path) -> None:
+    def score(m: torch.nn.Module) -> float:
+        return digits.accuracy(m, *digits_splits.val)
+
+    r = greedy_soup(digits_ingredients, model=digits.make_model(), score=score)
+    ref = greedy_soup(digits_ingredients, model=digits.make_model(), data=[digits_splits.val], speculative=1)
+    assert r.kept == ref.kept and r.speculative == 1
+    with pytest.raises(InputError, match="speculative"):
+        greedy_soup(digits_ingredients, model=digits.make_model(), score=score, speculative=4)
+    with pytest.raises(InputError, match="2 ingredient scores"):
+        greedy_soup(digits_ingredients, model=digits.make_model(), score=score, ingredient_scores=[1.0, 2.0])
+    # an ingredient with a different shape is refused, naming the file and the tensor
+    bad = load_file(str(digits_ingredients[1]))
+    bad["head.bias"] = torch.zeros(11)
+    bad_path = digits.save_ingredient(bad, tmp_path / "bad.safetensors")
+    with pytest.raises(MismatchError, match=r"bad\.safetensors.*head\.bias"):
+        greedy_soup([digits_ingredients[0], bad_path], model=digits.make_model(), score=score,
+                    ingredient_scores=[1.0, 0.0])
+    # a model without one of the ingredients' tensors is refused
+    small = digits.DigitsMLP(hidden=16)
+    with pytest.raises(MismatchError, match="fc1"):
+        greedy_soup(digits_ingredients, model=small, score=score)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_greedy_on_gpu_matches_cpu(digits_ingredients: list[Path], digits_splits: digits.Splits) -> None:
+    data = digits.batches(digits_splits.val, 128)
+    cpu_model = digits.make_model()
+    cpu = greedy_soup(digits_ingredients, model=cpu_model, data=data, speculative=4)
+    gpu_model = digits.make_model()
+    gpu = greedy_soup(digits_ingredients, model=gpu_model, data=data, speculative=4, device="cuda")
+    assert gpu.kept == cpu.kept
+    for k, v in gpu_model.state_dict().items():
+        assert torch.equal(v.cpu(), cpu_model.state_dict()[k])  # same fp32 adds and division: same bits
