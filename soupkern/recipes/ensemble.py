@@ -1,0 +1,137 @@
+"""Output (logit) ensembles, the baseline every soup is compared with, and the greedy ensemble.
+
+One model is resident: each ingredient's weights are loaded into it in turn and its outputs over
+the held-out data are cached ([N, C] per ingredient, small next to the weights). The ensemble's
+outputs are the mean of its members' outputs, accumulated in fp64 in member order and divided by
+the member count (fp64 result); the score is the evaluator's metric on them (accuracy: top-1 of
+the averaged logits). Costs K forward passes for K ingredients, and inference with an ensemble
+costs K forward passes too, which is what a soup avoids.
+
+Greedy ensemble: the greedy soup's rule (`greedy_select`: sort by individual score, start from the
+best, add the next ingredient if the ensemble's score does not drop (`tie="ge"`) or rises
+(`tie="gt"`)) with the candidate being the output ensemble instead of the weight soup; computed
+from the cached outputs, so it costs no forward pass beyond the K cached ones.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from soupkern.errors import InputError
+from soupkern.recipes.greedy import GreedyStep, SortRule, TieRule, greedy_select, sort_order
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from soupkern.evaluate import Evaluator, MetricFn
+
+PathLike = str | os.PathLike[str]
+
+
+@dataclass(frozen=True)
+class IngredientOutputs:
+    """Cached outputs of each ingredient over the held-out data, plus the metric to score them."""
+
+    paths: tuple[Path, ...]
+    outputs: tuple[torch.Tensor, ...]  # [N, ...] per ingredient, as the model returned them
+    targets: torch.Tensor  # [N]
+    metric: MetricFn
+    maximize: bool
+
+    def ensemble(self, members: Sequence[int]) -> torch.Tensor:
+        """Mean of the members' outputs: fp64 sum in member order, divided by len(members)."""
+        if not members:
+            raise InputError("an ensemble needs at least one member")
+        total = self.outputs[members[0]].to(dtype=_f64())
+        for k in members[1:]:
+            total = total + self.outputs[k].to(dtype=_f64())
+        return total / len(members)
+
+    def score(self, outputs: torch.Tensor) -> float:
+        """The metric's mean over the N samples (fp64 sum)."""
+        values = self.metric(outputs, self.targets.to(outputs.device))
+        return float(values.sum(dtype=_f64())) / int(values.numel())
+
+    def ingredient_scores(self) -> list[float]:
+        return [self.score(o) for o in self.outputs]
+
+
+def _f64() -> torch.dtype:
+    import torch
+
+    return torch.float64
+
+
+def ingredient_outputs(ingredients: Sequence[PathLike], *, model: nn.Module | Callable[[], nn.Module] | None = None,
+                       data: Iterable[Any] | None = None, metric: str | MetricFn = "accuracy",
+                       maximize: bool | None = None, device: str | torch.device | None = None,
+                       evaluator: Evaluator | None = None) -> IngredientOutputs:
+    """Load each ingredient into the one model in turn and cache its outputs over `data`."""
+    from soupkern.evaluate import make_evaluator
+
+    ev = make_evaluator(model, data, metric=metric, maximize=maximize, device=device, evaluator=evaluator)
+    if ev.data is None:
+        raise InputError("an output ensemble needs held-out data (a score callable gives no outputs)")
+    paths = tuple(Path(p) for p in ingredients)
+    if not paths:
+        raise InputError("an ensemble needs at least one ingredient")
+    outs = []
+    targets = None
+    for p in paths:
+        ev.load_checkpoint_(p)
+        o, targets = ev.outputs()
+        outs.append(o)
+    assert targets is not None  # paths is non-empty
+    return IngredientOutputs(paths, tuple(outs), targets, ev.metric, ev.maximize)
+
+
+@dataclass(frozen=True)
+class EnsembleResult:
+    """An output ensemble: members (indices into `paths`) and its held-out score."""
+
+    paths: tuple[Path, ...]
+    members: tuple[int, ...]
+    score: float
+    ingredient_scores: tuple[float, ...]
+    steps: tuple[GreedyStep, ...] = ()  # greedy ensemble only
+    order: tuple[int, ...] = ()  # greedy ensemble only
+
+
+def logit_ensemble(ingredients: Sequence[PathLike] | IngredientOutputs, members: Sequence[int] | None = None,
+                   **kwargs: Any) -> EnsembleResult:
+    """Score the output ensemble of `members` (default: all) of `ingredients`.
+
+    `ingredients` is a list of checkpoints (then `kwargs` are those of `ingredient_outputs`) or
+    already cached `IngredientOutputs`.
+    """
+    cache = ingredients if isinstance(ingredients, IngredientOutputs) else ingredient_outputs(ingredients, **kwargs)
+    chosen = tuple(range(len(cache.paths))) if members is None else tuple(members)
+    for k in chosen:
+        if not 0 <= k < len(cache.paths):
+            raise InputError(f"member {k} is not an ingredient index (0..{len(cache.paths) - 1})")
+    return EnsembleResult(cache.paths, chosen, cache.score(cache.ensemble(chosen)), tuple(cache.ingredient_scores()))
+
+
+def greedy_ensemble(ingredients: Sequence[PathLike] | IngredientOutputs, *, tie: TieRule = "ge",
+                    sort: SortRule = "stable", **kwargs: Any) -> EnsembleResult:
+    """Greedy ensemble over cached outputs (same rule, order and tie options as `greedy_soup`)."""
+    cache = ingredients if isinstance(ingredients, IngredientOutputs) else ingredient_outputs(ingredients, **kwargs)
+    scores = cache.ingredient_scores()
+    order = sort_order(scores, maximize=cache.maximize, sort=sort)
+    # running fp64 sum of the kept members' outputs, extended when greedy_select has kept more
+    state: dict[str, Any] = {"kept": (order[0],), "sum": cache.outputs[order[0]].to(dtype=_f64())}
+
+    def score_candidates(kept: tuple[int, ...], window: Sequence[int]) -> list[float]:
+        for k in kept[len(state["kept"]):]:
+            state["sum"] = state["sum"] + cache.outputs[k].to(dtype=_f64())
+        state["kept"] = kept
+        n = len(kept)
+        return [cache.score((state["sum"] + cache.outputs[j].to(dtype=_f64())) / (n + 1)) for j in window]
+
+    steps, kept, best, _ = greedy_select(order, scores[order[0]], score_candidates, tie=tie, maximize=cache.maximize)
+    return EnsembleResult(cache.paths, tuple(kept), float(best), tuple(scores), tuple(steps), tuple(order))
