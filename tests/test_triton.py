@@ -1,0 +1,549 @@
+"""The Triton kernels (soupkern/kernels/{weighted_sum,multi_weighted_sum,greedy_update}.py) and
+their backend, against the fp64 reference and the C++ kernel.
+
+Here they run in Triton's CPU interpreter (TRITON_INTERPRET=1, set by conftest.py). Two facts
+of the interpreter (triton 3.7) shape the tests:
+
+1. `tl.fma` is emulated as `x * y + z` in numpy fp32: two roundings, not a fused multiply-add
+   (test_interpreter_fma_is_not_fused shows a case). The `exact_fma` fixture swaps in a
+   correctly rounded fp32 fma (below); with it the kernels must give the C++ kernel's bytes
+   (fma in the same order) for every input. With the interpreter's own fma, results must stay
+   within the contract's error bound for two roundings per term and match the C++ kernel
+   bit for bit where every product is exact.
+2. Its fp32 -> bf16 cast truncates. The kernels never use that cast: bf16 is rounded with
+   integer operations (the C++ kernel's formula), so bf16 outputs are tested bit-exactly here
+   with no ulp allowance. fp32 -> fp16 goes through numpy (correctly rounded) here and through
+   cvt.rn.f16.f32 on a GPU.
+
+The tolerance against the fp64 reference is the one of tests/test_kernel.py: an output must lie
+between round(exact - B) and round(exact + B), B = (1 + r) K u Σ|w x|, r = roundings per term.
+
+What only a GPU proves: test_gpu_kernels_match_cpp_and_torch (marked gpu; skips without one)
+runs the compiled kernels against the C++ kernel and torch bit for bit, aligned and unaligned.
+test_ptx_for_sm90 checks without a GPU that the kernels compile for sm_90 to fma.rn.f32,
+div.rn.f32 (not the approximate div.full.f32 of Triton's `/`) and 16-byte vector accesses.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from typing import Sequence
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from soupkern import _native  # type: ignore[attr-defined]  # noqa: E402
+from soupkern.backends.device import TorchDeviceKernels  # noqa: E402
+from soupkern.backends.triton_backend import TritonKernels, load  # noqa: E402
+from soupkern.errors import InputError  # noqa: E402
+from soupkern.kernels import greedy_update as gu  # noqa: E402
+from soupkern.kernels import multi_weighted_sum as mws  # noqa: E402
+from soupkern.kernels import weighted_sum as ws  # noqa: E402
+from soupkern.reference import accumulation_bound, decode, encode, weighted_sum_f64, within_rounding  # noqa: E402
+from test_kernel import make_input  # noqa: E402
+
+DTYPES = ["F32", "F16", "BF16"]
+TORCH = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+NAME = {v: k for k, v in TORCH.items()}
+SIZE = {"F32": 4, "F16": 2, "BF16": 2}
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def exact_fma_f32(x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
+    """Correctly rounded fp32 fma(x, y, z), elementwise (broadcasting). The product of two fp32
+    values is exact in fp64; the fp64 sum is made round-to-odd with the TwoSum error term; one
+    more rounding to fp32 is then correct (fp64 keeps >= 2 more bits than fp32)."""
+    x64, y64, z64 = (np.asarray(a, dtype=np.float64) for a in (x, y, z))
+    with np.errstate(invalid="ignore", over="ignore"):
+        p = x64 * y64
+        s = p + z64
+        bb = s - p
+        err = (p - (s - bb)) + (z64 - bb)
+        even = (np.asarray(s).view(np.int64) & 1) == 0
+        to_odd = np.isfinite(s) & (err != 0) & even
+        s = np.where(to_odd, np.nextafter(s, np.where(err > 0, np.inf, -np.inf)), s)
+    return np.asarray(s).astype(np.float32)
+
+
+@pytest.fixture
+def exact_fma(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the interpreter's tl.fma a true fp32 fused multiply-add (see the module docstring)."""
+    from triton.runtime.interpreter import InterpreterBuilder, TensorHandle
+
+    def create_fma(self: object, x: TensorHandle, y: TensorHandle, z: TensorHandle) -> TensorHandle:
+        if z.data.dtype != np.float32:
+            raise NotImplementedError(f"exact fma emulated for fp32 only, got {z.data.dtype}")
+        return TensorHandle(exact_fma_f32(x.data, y.data, z.data), z.dtype.scalar)
+
+    monkeypatch.setattr(InterpreterBuilder, "create_fma", create_fma)
+
+
+def as_tensor(raw: np.ndarray, dtype: str, device: str = "cpu") -> torch.Tensor:
+    if raw.size == 0:  # torch cannot view an empty byte tensor as another dtype
+        return torch.empty(0, dtype=TORCH[dtype], device=device)
+    return torch.from_numpy(raw.copy()).view(TORCH[dtype]).to(device)
+
+
+def raw_of(t: torch.Tensor) -> np.ndarray:
+    if t.numel() == 0:
+        return np.zeros(0, np.uint8)
+    return t.detach().cpu().contiguous().view(torch.uint8).numpy().copy()
+
+
+def cpp_sum(out_dtype: str, raws: Sequence[np.ndarray], dtypes: Sequence[str], weights: Sequence[float], n: int) -> np.ndarray:
+    out = np.empty(n * SIZE[out_dtype], np.uint8)
+    _native.weighted_sum(out, out_dtype, list(raws), list(dtypes), [float(w) for w in weights], n, 1)
+    return out
+
+
+def assert_same(got: np.ndarray, want: np.ndarray, dtype: str, what: str = "") -> None:
+    """Same bytes, except that NaN only has to meet NaN (the contract says NaN stays NaN; the
+    payload a NaN carries differs between conversion instructions)."""
+    g, w = decode(got, dtype), decode(want, dtype)
+    nan_g, nan_w = np.isnan(g), np.isnan(w)
+    bad = (nan_g != nan_w) | (~nan_w & (got.view(f"u{SIZE[dtype]}") != want.view(f"u{SIZE[dtype]}")))
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        pytest.fail(f"{what}: {bad.sum()} of {bad.size} elements differ; first at {i}: got {g[i]!r}, want {w[i]!r}")
+
+
+def check_reference(got: np.ndarray, raws: Sequence[np.ndarray], dtypes: Sequence[str], weights: Sequence[float],
+                    out_dtype: str, roundings_per_term: int = 1) -> None:
+    values = [decode(r, d) for r, d in zip(raws, dtypes)]
+    exact = weighted_sum_f64(values, weights)
+    ok = within_rounding(got, exact, accumulation_bound(values, weights, "F32", roundings_per_term), out_dtype)
+    if not ok.all():
+        i = int(np.flatnonzero(~ok)[0])
+        pytest.fail(f"element {i}: got {decode(got, out_dtype)[i]!r}, exact {exact[i]!r} ({(~ok).sum()} bad)")
+
+
+def triton_sum(out_dtype: str, raws: Sequence[np.ndarray], dtypes: Sequence[str], weights: Sequence[float], n: int,
+               block: int | None = 1024) -> np.ndarray:
+    """Run the single-tensor kernel on tensors made from raw bytes; checks nothing is written
+    past the output's n elements."""
+    buf = torch.full((n + 16,), 7.0, dtype=TORCH[out_dtype])
+    ws.weighted_sum(buf[:n], [as_tensor(r, d) for r, d in zip(raws, dtypes)], weights, block=block)
+    assert (buf[n:] == 7.0).all(), "wrote past the end of the output"
+    return raw_of(buf[:n])
+
+
+# ---------------------------------------------------------------------------------------------
+# weighted_sum
+
+
+@pytest.mark.parametrize("out_dtype", DTYPES)
+@pytest.mark.parametrize("in_dtype", DTYPES)
+def test_each_dtype_pair(in_dtype: str, out_dtype: str, exact_fma: None) -> None:
+    rng = np.random.default_rng(DTYPES.index(in_dtype) * 3 + DTYPES.index(out_dtype))
+    n, k = 4099, 3  # block 1024: four full (unmasked) blocks and a masked tail
+    raws = [make_input(rng, n, in_dtype, specials=(i == 1)) for i in range(k)]
+    weights = [0.5, -0.25, 1.0 / 3.0]
+    got = triton_sum(out_dtype, raws, [in_dtype] * k, weights, n)
+    assert_same(got, cpp_sum(out_dtype, raws, [in_dtype] * k, weights, n), out_dtype, f"{in_dtype}->{out_dtype}")
+    check_reference(got, raws, [in_dtype] * k, weights, out_dtype)
+
+
+@pytest.mark.parametrize("k", [*range(1, 10), 72])
+def test_mixed_dtypes_and_k(k: int, exact_fma: None) -> None:
+    rng = np.random.default_rng(k)
+    for n in (0, 1, 17, 1025, 5003):
+        dtypes = [DTYPES[(i + n) % 3] for i in range(k)]
+        raws = [make_input(rng, n, d) for d in dtypes]
+        weights = list(rng.uniform(-1, 1, k))
+        for out_dtype in DTYPES:
+            got = triton_sum(out_dtype, raws, dtypes, weights, n)
+            assert_same(got, cpp_sum(out_dtype, raws, dtypes, weights, n), out_dtype, f"k={k} n={n} {dtypes}->{out_dtype}")
+            if n:
+                check_reference(got, raws, dtypes, weights, out_dtype)
+
+
+def test_interpreter_fma_is_not_fused(exact_fma: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """acc = -(1 + 2^-11), then fma(1 + 2^-12, 1 + 2^-12, acc) = 2^-24 exactly; a separate
+    multiply rounds the product's 2^-24 away (a tie to even) and gives 0."""
+    a = 1 + 2.0**-12
+    raws = [encode(np.array([-(1 + 2.0**-11)]), "F32"), encode(np.array([a]), "F32")]
+    weights = [1.0, a]
+    assert decode(cpp_sum("F32", raws, ["F32"] * 2, weights, 1), "F32")[0] == 2.0**-24
+    assert decode(triton_sum("F32", raws, ["F32"] * 2, weights, 1), "F32")[0] == 2.0**-24  # exact_fma
+    monkeypatch.undo()
+    assert decode(triton_sum("F32", raws, ["F32"] * 2, weights, 1), "F32")[0] == 0.0, \
+        "the interpreter's tl.fma is now fused: the exact_fma fixture is no longer needed"
+
+
+def test_interpreter_fma_within_contract() -> None:
+    """With the interpreter's own two-rounding fma: within the two-roundings bound for any
+    weights, and the C++ kernel's bytes wherever products are exact (bf16 inputs: 8 significant
+    bits; dyadic weights with at most 16 significant bits)."""
+    rng = np.random.default_rng(17)
+    n, k = 3001, 5
+    dtypes = ["F32", "BF16", "F16", "F32", "BF16"]
+    raws = [make_input(rng, n, d) for d in dtypes]
+    weights = list(rng.uniform(-1, 1, k))
+    for out_dtype in DTYPES:
+        check_reference(triton_sum(out_dtype, raws, dtypes, weights, n), raws, dtypes, weights, out_dtype, 2)
+    raws = [make_input(rng, n, "BF16") for _ in range(k)]
+    dyadic = [float(w) for w in rng.integers(-(2**15), 2**15, k) * 2.0**-15]
+    for out_dtype in DTYPES:
+        got = triton_sum(out_dtype, raws, ["BF16"] * k, dyadic, n)
+        assert_same(got, cpp_sum(out_dtype, raws, ["BF16"] * k, dyadic, n), out_dtype, "exact products")
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # the interpreter's fp16 cast
+def test_rounding_ties_nan_inf_overflow() -> None:
+    """a + b exact in fp32 and often a tie in bf16 / fp16: the output must round exactly like
+    the exact sum (ties to even); specials and overflow as the reference. Sums are exact, so
+    this holds whatever the fma emulation."""
+    rng = np.random.default_rng(7)
+    n = 20000
+    a = rng.integers(-(2**10), 2**10, n).astype(np.float64)
+    b = rng.integers(-(2**10), 2**10, n) * 2.0**-12
+    raws = [encode(a, "F32"), encode(b, "F32")]
+    for out_dtype in DTYPES:
+        np.testing.assert_array_equal(triton_sum(out_dtype, raws, ["F32"] * 2, [1.0, 1.0], n, block=4096),
+                                      encode(a + b, out_dtype))
+    bf16_max = (2 - 2.0**-7) * 2.0**127
+    vals = np.array([np.nan, -np.nan, np.inf, -np.inf, 65519.0, 65520.0, 1e6, -1e6, 3.4e38, bf16_max,
+                     bf16_max * (1 + 2.0**-9), 1e-8, 6e-8, -1e-45, 0.0, -0.0])
+    raw = encode(vals, "F32")
+    for out_dtype in DTYPES:
+        got = triton_sum(out_dtype, [raw], ["F32"], [1.0], vals.size)
+        assert_same(got, encode(decode(raw, "F32"), out_dtype), out_dtype, "specials")
+        assert_same(got, cpp_sum(out_dtype, [raw], ["F32"], [1.0], vals.size), out_dtype, "specials vs C++")
+
+
+def test_unaligned_views_give_the_same_bytes(exact_fma: None) -> None:
+    """Views that are not 16-byte aligned take the scalar-access form of the kernel."""
+    rng = np.random.default_rng(5)
+    n = 2500
+    dtypes = ["F32", "BF16", "F16"]
+    raws = [make_input(rng, n, d) for d in dtypes]
+    weights = [0.3, 0.7, -0.1]
+    for out_dtype in DTYPES:
+        xs = [torch.empty(n + 1, dtype=TORCH[d])[1:] for d in dtypes]
+        for x, r, d in zip(xs, raws, dtypes):
+            x.copy_(as_tensor(r, d))
+        out = torch.empty(n + 1, dtype=TORCH[out_dtype])[1:]
+        assert not ws.all_aligned([out, *xs])
+        ws.weighted_sum(out, xs, weights, block=1024)
+        assert_same(raw_of(out), cpp_sum(out_dtype, raws, dtypes, weights, n), out_dtype, "unaligned")
+
+
+def test_argument_errors() -> None:
+    x = torch.zeros(10)
+    with pytest.raises(InputError, match="at least one input"):
+        ws.weighted_sum(x, [], [])
+    with pytest.raises(InputError, match="1 inputs but 2 weights"):
+        ws.weighted_sum(x, [x], [1.0, 2.0])
+    with pytest.raises(InputError, match=r"inputs\[1\]: 11 elements, expected 10"):
+        ws.weighted_sum(x, [x, torch.zeros(11)], [1.0, 1.0])
+    with pytest.raises(InputError, match=r"inputs\[0\]: unsupported dtype torch.float64"):
+        ws.weighted_sum(x, [x.double()], [1.0])
+    with pytest.raises(InputError, match="out: unsupported dtype torch.int32"):
+        ws.weighted_sum(x.int(), [x], [1.0])
+    with pytest.raises(InputError, match=r"inputs\[0\]: not contiguous"):
+        ws.weighted_sum(x[:5], [torch.zeros(10)[::2]], [1.0])
+    with pytest.raises(InputError, match="expected a torch.Tensor"):
+        ws.weighted_sum(x, [np.zeros(10, np.float32)], [1.0])  # type: ignore[list-item]
+    with pytest.raises(InputError, match="power of two"):
+        ws.weighted_sum(x, [x], [1.0], block=1000)
+    with pytest.raises(InputError, match="runs on CPU tensors"):
+        ws.weighted_sum(torch.zeros(10, device="meta"), [x], [1.0])
+    with pytest.raises(InputError, match=r"inputs\[0\]: on meta"):
+        ws.weighted_sum(x, [torch.zeros(10, device="meta")], [1.0])
+    with pytest.raises(InputError, match=r"inputs\[1\]: 2 tensors but 1 weights"):
+        mws.multi_weighted_sum([x, x], [[x], [x, x]], [1.0])
+    with pytest.raises(InputError, match="2 outputs but 1 input lists"):
+        mws.multi_weighted_sum([x, x], [[x]], [1.0])
+    with pytest.raises(InputError, match=r"sums\[0\]: the running sum must be float32"):
+        gu.greedy_accept([x.half()], [x])
+    with pytest.raises(InputError, match="n = -1"):
+        gu.greedy_candidate([x], [x], [x], -1)
+    with pytest.raises(InputError, match="1 sums, 2 xs, 1 outs"):
+        gu.greedy_candidate([x], [x], [x, x], 0)
+    with pytest.raises(InputError, match=r"outs\[0\]: 9 elements"):
+        gu.greedy_candidate([torch.zeros(9)], [x], [x], 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# multi_weighted_sum
+
+
+def test_multi_weighted_sum_many_small_tensors(exact_fma: None) -> None:
+    """300 tensors of 0..1000 elements plus a few of several blocks, in three output dtypes and
+    two input-dtype mixes (six launches), each tensor the C++ kernel's bytes."""
+    rng = np.random.default_rng(300)
+    k = 4
+    weights = list(rng.uniform(-1, 1, k))
+    sizes = [int(s) for s in rng.integers(0, 1000, 300)] + [0, 1, 4096, 5000]
+    mixes = (["BF16"] * k, ["F32", "F16", "BF16", "F16"])
+    cases = []
+    for t, n in enumerate(sizes):
+        dtypes, out_dtype = mixes[t % 2], DTYPES[t % 3]
+        raws = [make_input(rng, n, d) for d in dtypes]
+        cases.append((n, dtypes, raws, out_dtype))
+    outs = [torch.full((n,), 7.0, dtype=TORCH[o]) for n, _, _, o in cases]
+    inputs = [[as_tensor(r, d) for r, d in zip(raws, dtypes)] for _, dtypes, raws, _ in cases]
+    mws.multi_weighted_sum(outs, inputs, weights, block=1024)
+    for t, ((n, dtypes, raws, out_dtype), out) in enumerate(zip(cases, outs)):
+        assert_same(raw_of(out), cpp_sum(out_dtype, raws, dtypes, weights, n), out_dtype, f"tensor {t} ({n} elements)")
+    n, dtypes, raws, out_dtype = cases[-1]
+    check_reference(raw_of(outs[-1]), raws, dtypes, weights, out_dtype)
+
+
+def test_multi_matches_single_for_k72(exact_fma: None) -> None:
+    rng = np.random.default_rng(72)
+    k = 72
+    dtypes = [DTYPES[j % 3] for j in range(k)]
+    weights = [1.0 / k] * k
+    sizes = [3, 2000, 17]
+    inputs = [[as_tensor(make_input(rng, n, d), d) for d in dtypes] for n in sizes]
+    outs = [torch.empty(n, dtype=torch.bfloat16) for n in sizes]
+    mws.multi_weighted_sum(outs, inputs, weights, block=1024)
+    for n, xs, out in zip(sizes, inputs, outs):
+        single = ws.weighted_sum(torch.empty(n, dtype=torch.bfloat16), xs, weights)
+        np.testing.assert_array_equal(raw_of(out), raw_of(single))
+        check_reference(raw_of(out), [raw_of(x) for x in xs], dtypes, weights, "BF16")
+
+
+# ---------------------------------------------------------------------------------------------
+# greedy_candidate / greedy_accept
+
+
+def torch_candidate(s: torch.Tensor, x: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
+    return ((s + x.float()) / (n + 1)).to(dtype)
+
+
+@pytest.mark.parametrize("out_dtype", DTYPES)
+def test_greedy_candidate_and_accept(out_dtype: str) -> None:
+    """Bit-exact against torch: one IEEE add, one IEEE division, one rounding. x dtypes differ
+    across tensors (three launches); odd sizes, an empty tensor, NaN / Inf in the sums."""
+    rng = np.random.default_rng(DTYPES.index(out_dtype))
+    sizes = [0, 1, 7, 1024, 4099, 513]
+    sums = [torch.from_numpy(rng.standard_normal(n).astype(np.float32) * 4) for n in sizes]
+    sums[4][:4] = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0])
+    xs = [as_tensor(make_input(rng, n, DTYPES[t % 3]), DTYPES[t % 3]) for t, n in enumerate(sizes)]
+    for n_acc in (0, 1, 6, 70):
+        outs = [torch.full((n,), 7.0, dtype=TORCH[out_dtype]) for n in sizes]
+        gu.greedy_candidate(outs, sums, xs, n_acc, block=1024)
+        for t, (o, s, x) in enumerate(zip(outs, sums, xs)):
+            assert_same(raw_of(o), raw_of(torch_candidate(s, x, n_acc, TORCH[out_dtype])), out_dtype,
+                        f"candidate tensor {t}, n={n_acc}")
+    acc = [s.clone() for s in sums]
+    gu.greedy_accept(acc, xs, block=1024)
+    for t, (a, s, x) in enumerate(zip(acc, sums, xs)):
+        assert_same(raw_of(a), raw_of(s + x.float()), "F32", f"accept tensor {t}")
+
+
+def test_greedy_sequence_matches_torch_device_kernels() -> None:
+    """A short greedy run (candidate, then accept or not) through TritonKernels and through the
+    torch implementation of the same contracts gives the same bytes at every step."""
+    rng = np.random.default_rng(9)
+    sizes = [5, 3000, 1]
+    ingredients = [[torch.from_numpy(rng.standard_normal(n).astype(np.float32)).bfloat16() for n in sizes]
+                   for _ in range(4)]
+    results = []
+    for kernels in (TritonKernels(), TorchDeviceKernels()):
+        sums = [x.float() for x in ingredients[0]]
+        steps = []
+        n = 1
+        for i, xs in enumerate(ingredients[1:]):
+            outs = [torch.empty(s, dtype=torch.bfloat16) for s in sizes]
+            kernels.greedy_candidate(outs, sums, xs, n)
+            steps.append([raw_of(o) for o in outs])
+            if i != 1:  # reject the second candidate
+                kernels.greedy_accept(sums, xs)
+                n += 1
+        steps.append([raw_of(s) for s in sums])
+        results.append(steps)
+    for a, b in zip(*results):
+        for x, y in zip(a, b):
+            np.testing.assert_array_equal(x, y)
+
+
+# ---------------------------------------------------------------------------------------------
+# the backend
+
+
+def test_load_says_why_not(monkeypatch: pytest.MonkeyPatch) -> None:
+    backend, reason = load()
+    assert backend is not None and backend.name == "triton" and "interpreter" in reason
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    if not torch.cuda.is_available():
+        backend, reason = load()
+        assert backend is None and reason.startswith("no CUDA GPU") and "TRITON_INTERPRET=1" in reason
+    monkeypatch.setitem(sys.modules, "triton", None)
+    backend, reason = load()
+    assert backend is None and "triton is not importable" in reason
+
+
+def test_host_bytes_protocol_matches_cpp(exact_fma: None) -> None:
+    """Backend.weighted_sum on raw (possibly unaligned, read-only) byte buffers, as the engine
+    calls it; F64 is delegated to the torch backend's fp64 path."""
+    kernels = TritonKernels()
+    rng = np.random.default_rng(4)
+    n = 3333
+    for dtypes, out_dtype in [(["BF16", "F32", "F16"], "BF16"), (["F16"], "F32"), (["F32", "F64"], "F16")]:
+        raws = [np.concatenate([np.zeros(1, np.uint8), make_input(rng, n, d)])[1:] for d in dtypes]
+        for r in raws:
+            r.flags.writeable = False
+        weights = list(rng.uniform(-1, 1, len(dtypes)))
+        size = {"F64": 8, **SIZE}[out_dtype]
+        out = np.full(n * size + 8, 0xAB, np.uint8)
+        kernels.weighted_sum(out[: n * size], out_dtype, raws, dtypes, weights, n)
+        assert (out[n * size :] == 0xAB).all()
+        want = np.empty(n * size, np.uint8)
+        _native.weighted_sum(want, out_dtype, raws, dtypes, weights, n, 1)
+        if "F64" in dtypes:  # torch's fp64 path: two roundings per term, within the contract
+            values = [decode(r, d) for r, d in zip(raws, dtypes)]
+            bound = accumulation_bound(values, weights, "F64", 2)
+            assert within_rounding(out[: n * size], weighted_sum_f64(values, weights), bound, out_dtype).all()
+        else:
+            assert_same(out[: n * size], want, out_dtype, f"{dtypes}->{out_dtype}")
+    kernels.weighted_sum(np.zeros(0, np.uint8), "F32", [np.zeros(0, np.uint8)], ["F32"], [1.0], 0)
+
+
+def test_engine_soup_with_triton_backend(tmp_path, monkeypatch: pytest.MonkeyPatch, exact_fma: None) -> None:
+    """The whole engine on the Triton backend (registered here the way soupkern.backends will)
+    gives the C++ backend's tensors."""
+    from safetensors.torch import save_file
+
+    import soupkern
+    import soupkern.backends as backends
+
+    monkeypatch.setitem(backends._MODULES, "triton", "soupkern.backends.triton_backend")
+    monkeypatch.setattr(backends, "PREFERENCE", (*backends.PREFERENCE, "triton"))
+    monkeypatch.setattr(backends, "_cache", {})
+    g = torch.Generator().manual_seed(0)
+    paths = []
+    for i in range(3):
+        sd = {"w": torch.randn(300, 257, generator=g).bfloat16(), "b": torch.randn(257, generator=g),
+              "h": torch.randn(33, generator=g).half(), "empty": torch.zeros(0, 4, dtype=torch.float16)}
+        paths.append(tmp_path / f"ing{i}.safetensors")
+        save_file(sd, str(paths[-1]), metadata={"format": "pt"})
+    a = soupkern.uniform_state_dict(paths, backend="triton")
+    b = soupkern.uniform_state_dict(paths, backend="cpp")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].dtype == b[name].dtype and a[name].shape == b[name].shape, name
+        np.testing.assert_array_equal(raw_of(a[name]), raw_of(b[name]), err_msg=name)
+
+
+def test_bytes_moved() -> None:
+    assert ws.bytes_moved(10, [2, 2, 4], 2) == 100
+    assert mws.bytes_moved([3, 7], [2, 2], 4) == 80
+    assert gu.bytes_moved(10, 2, 2) == 80 and gu.bytes_moved(10, 2, None) == 100
+
+
+# ---------------------------------------------------------------------------------------------
+# compiled code: offline PTX for sm_90 (no GPU needed) and the GPU itself
+
+
+def _run_outside_interpreter(mode: str) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, __file__, mode], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+
+def test_ptx_for_sm90() -> None:
+    _run_outside_interpreter("ptx")
+
+
+@pytest.mark.gpu
+def test_gpu_kernels_match_cpp_and_torch() -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    _run_outside_interpreter("gpu")
+
+
+def _ptx(fn: object, signature: dict[str, str], constexprs: dict[str, int], pointer_args: Sequence[int]) -> str:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    src = ASTSource(fn=fn, signature={**signature, **{c: "constexpr" for c in constexprs}}, constexprs=constexprs,
+                    attrs={(i,): [["tt.divisibility", 16]] for i in pointer_args})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+
+
+def _ptx_checks() -> None:
+    """Compile each kernel for sm_90 (needs ptxas, which ships with triton; no GPU) and check
+    the instructions that carry the contract and the bandwidth."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def plain_division(x_ptr, y):
+        tl.store(x_ptr, tl.load(x_ptr) / y)
+
+    assert "div.full.f32" in _ptx(plain_division, {"x_ptr": "*fp32", "y": "fp32"}, {}, [0]), \
+        "Triton's fp32 '/' no longer lowers to div.full.f32: update greedy_update.py's docstring"
+    sig = {"table": "*i64", "out_addr": "i64", "n": "i64", "K": "i32"}
+    for in_code, out_code in [(2, 2), (0, 0), (3, 1)]:
+        for aligned in (1, 0):
+            consts = {"IN_CODE": in_code, "OUT_CODE": out_code, "ALIGNED": aligned, "BLOCK": 2048}
+            ptx = _ptx(ws._weighted_sum_kernel, sig, consts, [0, 1])
+            assert "fma.rn.f32" in ptx and "cvt.rn.bf16" not in ptx, consts  # bf16: integer rounding
+            assert ("ld.global.v4.b32" in ptx and "st.global.v4.b32" in ptx) == bool(aligned), consts
+    ptx = _ptx(mws._multi_weighted_sum_kernel, {"table": "*i64", "T": "i32", "K": "i32"},
+               {"IN_CODE": 2, "OUT_CODE": 2, "ALIGNED": 1, "BLOCK": 2048}, [0])
+    assert "fma.rn.f32" in ptx and "ld.global.v4.b32" in ptx and "st.global.v4.b32" in ptx
+    for accept in (0, 1):
+        ptx = _ptx(gu._greedy_kernel, {"table": "*i64", "T": "i32", "denom": "fp32"},
+                   {"X_CODE": 2, "OUT_CODE": 2, "ACCEPT": accept, "ALIGNED": 1, "BLOCK": 2048}, [0])
+        assert "div.full" not in ptx and "div.approx" not in ptx and ("div.rn.f32" in ptx) == (not accept)
+        assert "ld.global.v4.b32" in ptx and "st.global.v4.b32" in ptx
+    print("ptx checks passed")
+
+
+def _gpu_checks() -> None:
+    """On a GPU, compiled: weighted_sum (aligned and not), multi_weighted_sum and the greedy
+    kernels give the C++ kernel's / torch's bytes, including bf16 and fp16 rounding."""
+    assert not ws.interpreted() and torch.cuda.is_available()
+    rng = np.random.default_rng(0)
+    for k in (1, 2, 3, 8, 72):
+        for n in (1, 17, 4099, (1 << 20) + 3):
+            dtypes = [DTYPES[(i + k) % 3] for i in range(k)]
+            raws = [make_input(rng, n, d, specials=True) for d in dtypes]
+            weights = list(rng.uniform(-1, 1, k))
+            for out_dtype in DTYPES:
+                want = cpp_sum(out_dtype, raws, dtypes, weights, n)
+                for offset in (0, 1):  # 1: views not 16-byte aligned -> scalar accesses
+                    xs = [torch.empty(n + offset, dtype=TORCH[d], device="cuda")[offset:] for d in dtypes]
+                    for x, r, d in zip(xs, raws, dtypes):
+                        x.copy_(as_tensor(r, d, "cuda"))
+                    out = torch.empty(n + offset, dtype=TORCH[out_dtype], device="cuda")[offset:]
+                    ws.weighted_sum(out, xs, weights)
+                    assert_same(raw_of(out), want, out_dtype, f"k={k} n={n} offset={offset} {dtypes}->{out_dtype}")
+    sizes = [int(s) for s in rng.integers(0, 5000, 584)]
+    dtypes = ["BF16"] * 4
+    weights = [0.25] * 4
+    per_tensor = [[make_input(rng, n, d) for d in dtypes] for n in sizes]
+    outs = [torch.empty(n, dtype=torch.bfloat16, device="cuda") for n in sizes]
+    mws.multi_weighted_sum(outs, [[as_tensor(r, d, "cuda") for r, d in zip(rs, dtypes)] for rs in per_tensor], weights)
+    for n, rs, out in zip(sizes, per_tensor, outs):
+        assert_same(raw_of(out), cpp_sum("BF16", rs, dtypes, weights, n), "BF16", f"multi n={n}")
+    for out_dtype in DTYPES:
+        sums = [torch.randn(n, device="cuda") * 3 for n in sizes[:50]]
+        xs = [torch.randn(n, device="cuda").to(TORCH[DTYPES[i % 3]]) for i, n in enumerate(sizes[:50])]
+        outs = [torch.empty(n, dtype=TORCH[out_dtype], device="cuda") for n in sizes[:50]]
+        gu.greedy_candidate(outs, sums, xs, 6)
+        for o, s, x in zip(outs, sums, xs):
+            assert_same(raw_of(o), raw_of(torch_candidate(s, x, 6, TORCH[out_dtype])), out_dtype, "greedy candidate")
+    acc = [s.clone() for s in sums]
+    gu.greedy_accept(acc, xs)
+    for a, s, x in zip(acc, sums, xs):
+        assert_same(raw_of(a), raw_of(s + x.float()), "F32", "greedy accept")
+    print("gpu checks passed on", torch.cuda.get_device_name())
+
+
+if __name__ == "__main__":
+    {"ptx": _ptx_checks, "gpu": _gpu_checks}[sys.argv[1]]()
