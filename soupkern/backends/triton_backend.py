@@ -112,3 +112,11 @@ def load() -> tuple[TritonKernels | None, str]:
         return None, f"{type(e).__name__}: {e}"
     where = "the CPU interpreter (TRITON_INTERPRET=1)" if interpreted() else "CUDA"
     return backend, f"triton {triton.__version__} on {where}"
+
+
+if TYPE_CHECKING:  # TritonKernels satisfies both protocols (checked by mypy)
+    from soupkern.backends import Backend
+    from soupkern.backends.device import DeviceKernels
+
+    def _protocols(k: TritonKernels) -> tuple[DeviceKernels, Backend]:
+        return k, k

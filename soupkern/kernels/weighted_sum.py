@@ -224,21 +224,27 @@ def all_aligned(tensors: Sequence[torch.Tensor]) -> bool:
     return all(t.data_ptr() % 16 == 0 for t in tensors)
 
 
-_TABLES: dict[tuple[torch.device, bytes], torch.Tensor] = {}
-_MAX_TABLES = 256
+_TABLES: dict[tuple[torch.device, int, bytes], torch.Tensor] = {}
+_TABLE_CACHE_BYTES = 8 << 20
+_table_bytes = 0
 
 
 def device_table(host: np.ndarray, device: torch.device) -> torch.Tensor:
-    """An int64 table on `device`. Cached by content (device, bytes): the same contents give the
-    same table, so a hit is always valid; a greedy loop relaunching on the same tensors skips
-    the host-to-device copy."""
-    key = (device, host.tobytes())
+    """An int64 table on `device`, cached by content: the same contents (addresses, sizes,
+    weights) give the same table, so a hit is always valid, and a greedy loop relaunching on the
+    same tensors skips the host-to-device copy. Keyed by the current CUDA stream too (a table is
+    only reused on the stream whose allocator owns it); at most 8 MiB are kept, oldest dropped."""
+    global _table_bytes
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream, host.tobytes())
     table = _TABLES.get(key)
     if table is None:
-        if len(_TABLES) >= _MAX_TABLES:
-            _TABLES.pop(next(iter(_TABLES)))
         table = torch.from_numpy(np.ascontiguousarray(host, dtype=np.int64)).to(device)
-        _TABLES[key] = table
+        while _TABLES and _table_bytes + host.nbytes > _TABLE_CACHE_BYTES:
+            _table_bytes -= _TABLES.pop(next(iter(_TABLES))).numel() * 8
+        if host.nbytes <= _TABLE_CACHE_BYTES:
+            _TABLES[key] = table
+            _table_bytes += host.nbytes
     return table
 
 
