@@ -504,37 +504,38 @@ def _ptx_checks() -> None:
     print("ptx checks passed")
 
 
-def _gpu_checks() -> None:
+def _gpu_checks(device: str = "cuda", ks: Sequence[int] = (1, 2, 3, 8, 72),
+                ns: Sequence[int] = (1, 17, 4099, (1 << 20) + 3), tensors: int = 584) -> None:
     """On a GPU, compiled: weighted_sum (aligned and not), multi_weighted_sum and the greedy
-    kernels give the C++ kernel's / torch's bytes, including bf16 and fp16 rounding."""
-    assert not ws.interpreted() and torch.cuda.is_available()
+    kernels give the C++ kernel's / torch's bytes, including bf16 and fp16 rounding. (Also run
+    small on the CPU interpreter by test_gpu_check_script, so that it is known to work.)"""
     rng = np.random.default_rng(0)
-    for k in (1, 2, 3, 8, 72):
-        for n in (1, 17, 4099, (1 << 20) + 3):
+    for k in ks:
+        for n in ns:
             dtypes = [DTYPES[(i + k) % 3] for i in range(k)]
             raws = [make_input(rng, n, d, specials=True) for d in dtypes]
             weights = list(rng.uniform(-1, 1, k))
             for out_dtype in DTYPES:
                 want = cpp_sum(out_dtype, raws, dtypes, weights, n)
                 for offset in (0, 1):  # 1: views not 16-byte aligned -> scalar accesses
-                    xs = [torch.empty(n + offset, dtype=TORCH[d], device="cuda")[offset:] for d in dtypes]
+                    xs = [torch.empty(n + offset, dtype=TORCH[d], device=device)[offset:] for d in dtypes]
                     for x, r, d in zip(xs, raws, dtypes):
-                        x.copy_(as_tensor(r, d, "cuda"))
-                    out = torch.empty(n + offset, dtype=TORCH[out_dtype], device="cuda")[offset:]
+                        x.copy_(as_tensor(r, d, device))
+                    out = torch.empty(n + offset, dtype=TORCH[out_dtype], device=device)[offset:]
                     ws.weighted_sum(out, xs, weights)
                     assert_same(raw_of(out), want, out_dtype, f"k={k} n={n} offset={offset} {dtypes}->{out_dtype}")
-    sizes = [int(s) for s in rng.integers(0, 5000, 584)]
+    sizes = [int(s) for s in rng.integers(0, 5000, tensors)]
     dtypes = ["BF16"] * 4
     weights = [0.25] * 4
     per_tensor = [[make_input(rng, n, d) for d in dtypes] for n in sizes]
-    outs = [torch.empty(n, dtype=torch.bfloat16, device="cuda") for n in sizes]
-    mws.multi_weighted_sum(outs, [[as_tensor(r, d, "cuda") for r, d in zip(rs, dtypes)] for rs in per_tensor], weights)
+    outs = [torch.empty(n, dtype=torch.bfloat16, device=device) for n in sizes]
+    mws.multi_weighted_sum(outs, [[as_tensor(r, d, device) for r, d in zip(rs, dtypes)] for rs in per_tensor], weights)
     for n, rs, out in zip(sizes, per_tensor, outs):
         assert_same(raw_of(out), cpp_sum("BF16", rs, dtypes, weights, n), "BF16", f"multi n={n}")
     for out_dtype in DTYPES:
-        sums = [torch.randn(n, device="cuda") * 3 for n in sizes[:50]]
-        xs = [torch.randn(n, device="cuda").to(TORCH[DTYPES[i % 3]]) for i, n in enumerate(sizes[:50])]
-        outs = [torch.empty(n, dtype=TORCH[out_dtype], device="cuda") for n in sizes[:50]]
+        sums = [torch.randn(n, device=device) * 3 for n in sizes[:50]]
+        xs = [torch.randn(n, device=device).to(TORCH[DTYPES[i % 3]]) for i, n in enumerate(sizes[:50])]
+        outs = [torch.empty(n, dtype=TORCH[out_dtype], device=device) for n in sizes[:50]]
         gu.greedy_candidate(outs, sums, xs, 6)
         for o, s, x in zip(outs, sums, xs):
             assert_same(raw_of(o), raw_of(torch_candidate(s, x, 6, TORCH[out_dtype])), out_dtype, "greedy candidate")
@@ -542,8 +543,16 @@ def _gpu_checks() -> None:
     gu.greedy_accept(acc, xs)
     for a, s, x in zip(acc, sums, xs):
         assert_same(raw_of(a), raw_of(s + x.float()), "F32", "greedy accept")
-    print("gpu checks passed on", torch.cuda.get_device_name())
+    print("gpu checks passed on", torch.cuda.get_device_name() if device == "cuda" else device)
+
+
+def test_gpu_check_script(exact_fma: None) -> None:
+    _gpu_checks("cpu", ks=(3,), ns=(2100,), tensors=12)
 
 
 if __name__ == "__main__":
-    {"ptx": _ptx_checks, "gpu": _gpu_checks}[sys.argv[1]]()
+    if sys.argv[1] == "gpu":
+        assert not ws.interpreted() and torch.cuda.is_available()
+        _gpu_checks()
+    else:
+        _ptx_checks()
