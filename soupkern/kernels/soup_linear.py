@@ -7,8 +7,8 @@ Contract (every path implements it):
 - X: [S, B, IN] (one input per soup) or [B, IN] (one input shared by every soup);
   W: [K, OUT, IN]; b: [K, OUT] or None; A: [S, K]. X, W, b: fp32, fp16 or bf16 (any mix); A is
   rounded to fp32.
-- The mixed weight `Σ_k A[s,k] W_k` is formed in fp32 (k in order, one fp32 multiply-add per
-  term), then rounded once to X's dtype (a no-op for fp32 X): exactly the weight `F.linear` would see
+- The mixed weight `Σ_k A[s,k] W_k` is formed in fp32 (Triton: k in order, one fp32 multiply-add
+  per term; torch path: one fp32 GEMM, BLAS summation order), then rounded once to X's dtype (a no-op for fp32 X): exactly the weight `F.linear` would see
   if the soup were materialized in X's dtype. Products X·Wᵀ are accumulated in fp32 (true fp32 for
   fp32 X: `input_precision="ieee"`, no TF32), the fp32 bias mix is added, and the result is rounded
   once to the output dtype: X's dtype by default, or fp32 (`out_dtype=torch.float32`).
@@ -24,8 +24,10 @@ Cost (Triton kernel, blocks BM x BN x BK; x, w, y item sizes):
   bytes) and needs S·OUT·IN·w of memory; the fused kernel needs none.
 
 CPU path (`soup_linear_torch`): blocks of `out_block` output rows; per block the K ingredient rows
-are converted to fp32 and mixed into an [S, out_block, IN] fp32 temporary, so the extra memory is at
-most (K + S)·out_block·IN·4 bytes (+ an fp32 copy of X when X is not fp32), chosen from a budget.
+(in fp32: a copy unless they are fp32) are mixed by one GEMM [S, K] x [K, out_block·IN] into an
+[S, out_block, IN] fp32 temporary, then multiplied with X by a batched GEMM. Extra memory: at most
+(K + S)·out_block·IN·4 + S·B·out_block·4 bytes (+ an fp32 copy of X when X is not fp32), with
+out_block chosen from a budget (default 32 MiB).
 """
 
 from __future__ import annotations
@@ -86,11 +88,14 @@ if triton is not None:
             mask_i = cols < IN
             x = tl.load(x_base + cols[None, :] * stride_xi, mask=mask_m[:, None] & mask_i[None, :], other=0.0)
             wmix = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-            for k in range(K):
-                a = tl.load(a_base + k * stride_ak)
-                w = tl.load(w_base + k * stride_wk + cols[None, :] * stride_wi,
-                            mask=mask_n[:, None] & mask_i[None, :], other=0.0)
+            w_ptrs = w_base + cols[None, :] * stride_wi
+            a_ptr = a_base
+            for _k in range(K):  # pointers advance by one ingredient: 64-bit, however large K·OUT·IN
+                a = tl.load(a_ptr)
+                w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_i[None, :], other=0.0)
                 wmix += a * w.to(tl.float32)
+                w_ptrs += stride_wk
+                a_ptr += stride_ak
             wq = wmix.to(x.dtype)
             if UPCAST:  # exact: products of two bf16 values are exact in fp32 (interpreter workaround)
                 acc = tl.dot(x.to(tl.float32), tl.trans(wq.to(tl.float32)), acc, input_precision="ieee")
@@ -98,10 +103,13 @@ if triton is not None:
                 acc = tl.dot(x, tl.trans(wq), acc, input_precision="ieee")
         if HAS_BIAS:
             bmix = tl.zeros((BLOCK_N,), dtype=tl.float32)
-            for k in range(K):
-                a = tl.load(a_base + k * stride_ak)
-                bk = tl.load(Bias + k * stride_bk + offs_n * stride_bn, mask=mask_n, other=0.0)
-                bmix += a * bk.to(tl.float32)
+            b_ptrs = Bias + offs_n * stride_bn
+            a_ptr = a_base
+            for _k in range(K):
+                a = tl.load(a_ptr)
+                bmix += a * tl.load(b_ptrs, mask=mask_n, other=0.0).to(tl.float32)
+                b_ptrs += stride_bk
+                a_ptr += stride_ak
             acc += bmix[None, :]
         y_ptr = Y + s * stride_ys + offs_m[:, None].to(tl.int64) * stride_yb + offs_n[None, :] * stride_yn
         tl.store(y_ptr, acc.to(Y.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
@@ -195,29 +203,29 @@ def soup_linear_torch(
 ) -> torch.Tensor:
     """The module contract in plain torch, any device, blocked over output rows.
 
-    Per block of `out_block` rows (the largest with (K + S)·out_block·IN·4 ≤ `budget_bytes`, at
-    least 1): the K ingredients' rows in fp32, mixed into [S, out_block, IN] fp32, rounded to X's
-    dtype and back (the contract's single rounding), then a batched fp32 matmul.
+    Per block of `out_block` rows (the largest with ((K + S)·IN + S·B)·out_block·4 ≤
+    `budget_bytes`, at least 1): the K ingredients' rows mixed by one fp32 GEMM into
+    [S, out_block, IN], rounded to X's dtype and back (the contract's single rounding), then a
+    batched fp32 GEMM with X and the fp32 bias mix. On CPU this is about as fast as materializing
+    the S soups (the same two GEMMs) with memory bounded by the budget instead of S·OUT·IN·4.
     """
     s, k, b, n_out, n_in, y_dtype = _check(x, weights, bias, coeffs, out_dtype)
     a = coeffs.to(torch.float32)
     xf = x.to(torch.float32)
     y = torch.empty((s, b, n_out), dtype=y_dtype, device=x.device)
-    step = max(1, budget_bytes // max(1, (k + s) * n_in * 4))
+    step = max(1, budget_bytes // max(1, ((k + s) * n_in + s * b) * 4))
     for n0 in range(0, n_out, step):
         n1 = min(n0 + step, n_out)
-        w = weights[:, n0:n1].to(torch.float32)
-        wmix = torch.zeros((s, n1 - n0, n_in), dtype=torch.float32, device=x.device)
-        for j in range(k):  # k in order, as the kernel does
-            wmix += a[:, j, None, None] * w[j]
+        rows = n1 - n0
+        w = weights[:, n0:n1].reshape(k, rows * n_in).to(torch.float32)  # a view when fp32 and contiguous
+        wmix = torch.matmul(a, w).reshape(s, rows, n_in)
         del w
-        wmix = wmix.to(x.dtype).to(torch.float32)
-        yb = torch.matmul(xf, wmix.transpose(1, 2))  # [S, B, n1-n0]; xf [B, IN] broadcasts
+        if x.dtype != torch.float32:  # the contract's single rounding of the mixed weight to X's dtype
+            wmix = wmix.to(x.dtype).to(torch.float32)
+        yb = torch.matmul(xf, wmix.transpose(1, 2))  # [S, B, rows]; a shared X [B, IN] broadcasts
+        del wmix
         if bias is not None:
-            bmix = torch.zeros((s, n1 - n0), dtype=torch.float32, device=x.device)
-            for j in range(k):
-                bmix += a[:, j, None] * bias[j, n0:n1].to(torch.float32)
-            yb += bmix[:, None, :]
+            yb = yb + torch.matmul(a, bias[:, n0:n1].to(torch.float32))[:, None, :]
         y[:, :, n0:n1] = yb
     return y
 
