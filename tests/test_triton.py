@@ -237,6 +237,16 @@ def test_unaligned_views_give_the_same_bytes(exact_fma: None) -> None:
         assert_same(raw_of(out), cpp_sum(out_dtype, raws, dtypes, weights, n), out_dtype, "unaligned")
 
 
+def test_output_may_alias_an_input(exact_fma: None) -> None:
+    rng = np.random.default_rng(8)
+    n = 3000
+    raws = [make_input(rng, n, "F32") for _ in range(3)]
+    weights = [0.25, -1.5, 0.7]
+    xs = [as_tensor(r, "F32") for r in raws]
+    ws.weighted_sum(xs[1], xs, weights, block=1024)
+    assert_same(raw_of(xs[1]), cpp_sum("F32", raws, ["F32"] * 3, weights, n), "F32", "in place")
+
+
 def test_argument_errors() -> None:
     x = torch.zeros(10)
     with pytest.raises(InputError, match="at least one input"):

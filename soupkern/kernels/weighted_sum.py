@@ -37,6 +37,7 @@ loads and stores compile to 16-byte ``ld/st.global.v4`` (checked in the PTX). Un
 
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 import numpy as np
@@ -60,7 +61,10 @@ INTERPRETER_BLOCK = 65536  # the interpreter pays per program, not per element
 
 def interpreted() -> bool:
     """True when Triton kernels run in the CPU interpreter (TRITON_INTERPRET=1)."""
-    return bool(triton.knobs.runtime.interpret)
+    knobs = getattr(triton, "knobs", None)  # triton >= 3.4
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
 def default_block() -> int:
@@ -254,6 +258,8 @@ def weighted_sum(out: torch.Tensor, inputs: Sequence[torch.Tensor], weights: Seq
 
     out and every input: contiguous fp32/fp16/bf16 tensors with the same number of elements, on
     one CUDA device (CPU under TRITON_INTERPRET=1); shapes may differ (flat element order).
+    `out` may be one of the inputs: every element is read by the program that writes it, before
+    it writes it.
     `block` (a power of two, elements per program) and `num_warps` are tuning knobs.
     """
     out = check_tensor(out, "out")
