@@ -1,0 +1,135 @@
+// pybind11 bindings of the CUDA kernels (soupkern._cuda). Framework-free: addresses and streams
+// are integers (torch's data_ptr() and Stream.cuda_stream), so no torch or CUDA headers here.
+// The GIL is released around every CUDA call; a failed call raises RuntimeError with CUDA's
+// error name and text.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cmath>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "soupkern_cuda.h"
+
+namespace py = pybind11;
+namespace skc = soupkern::cuda;
+
+#ifndef SOUPKERN_CUDA_ARCHS
+#define SOUPKERN_CUDA_ARCHS "unknown"
+#endif
+
+namespace {
+
+constexpr int kErrorInsufficientDriver = 35;  // cudaErrorInsufficientDriver: no (or too old a) driver
+constexpr int kErrorNoDevice = 100;           // cudaErrorNoDevice
+
+[[noreturn]] void raise_cuda(const char* what, int code) {
+  throw std::runtime_error(std::string(what) + ": CUDA error " + std::to_string(code) + " (" + skc::error_name(code) +
+                           "): " + skc::error_string(code));
+}
+
+std::tuple<int, int, std::string> device_status() {
+  int count = 0, code = 0;
+  {
+    py::gil_scoped_release release;
+    code = skc::device_count(&count);
+  }
+  return {count, code, code == 0 ? std::string() : std::string(skc::error_string(code))};
+}
+
+int device_count() {
+  const auto [count, code, message] = device_status();
+  if (code == kErrorInsufficientDriver || code == kErrorNoDevice) return 0;
+  if (code != 0) raise_cuda("cudaGetDeviceCount", code);
+  return count;
+}
+
+std::size_t table_bytes(std::int64_t tensors, int k) {
+  if (tensors < 0 || k < 1 || k > skc::kMaxInputs)
+    throw py::value_error("table of " + std::to_string(tensors) + " tensors with " + std::to_string(k) +
+                          " inputs: need tensors >= 0 and 1 <= k <= " + std::to_string(skc::kMaxInputs));
+  return skc::table_layout(tensors, k).total;
+}
+
+void check_rows(const std::vector<std::uint64_t>& outs, const std::vector<int>& out_dtypes, const std::vector<std::uint64_t>& ins,
+                const std::vector<int>& in_dtypes, std::size_t k) {
+  if (out_dtypes.size() != outs.size()) throw py::value_error("outs and out_dtypes must have the same length");
+  if (ins.size() != outs.size() * k || in_dtypes.size() != outs.size() * k)
+    throw py::value_error("ins and in_dtypes must hold len(outs) * k entries (row-major)");
+}
+
+std::vector<int> access_widths(const std::vector<std::uint64_t>& outs, const std::vector<int>& out_dtypes,
+                               const std::vector<std::uint64_t>& ins, const std::vector<int>& in_dtypes, int k) {
+  if (k < 1) throw py::value_error("k must be >= 1");
+  check_rows(outs, out_dtypes, ins, in_dtypes, static_cast<std::size_t>(k));
+  std::vector<int> widths(outs.size());
+  for (std::size_t t = 0; t < outs.size(); ++t)
+    widths[t] = skc::access_width(outs[t], out_dtypes[t], ins.data() + t * k, in_dtypes.data() + t * k, k);
+  return widths;
+}
+
+std::int64_t pack_table(std::uintptr_t host, std::size_t nbytes, int width, const std::vector<std::uint64_t>& outs,
+                        const std::vector<int>& out_dtypes, const std::vector<std::uint64_t>& ins,
+                        const std::vector<int>& in_dtypes, const std::vector<std::int64_t>& numels,
+                        const std::vector<double>& weights) {
+  const std::int64_t tensors = static_cast<std::int64_t>(outs.size());
+  const int k = static_cast<int>(weights.size());
+  const std::size_t need = table_bytes(tensors, k);
+  check_rows(outs, out_dtypes, ins, in_dtypes, weights.size());
+  if (numels.size() != outs.size()) throw py::value_error("outs and numels must have the same length");
+  if (nbytes < need) throw py::value_error("table buffer holds " + std::to_string(nbytes) + " bytes, needs " + std::to_string(need));
+  if (host == 0) throw py::value_error("table buffer address is null");
+  std::vector<float> w32(weights.size());
+  for (std::size_t j = 0; j < weights.size(); ++j) w32[j] = static_cast<float>(weights[j]);  // round to nearest
+  const char* error = nullptr;
+  const std::int64_t tiles = skc::pack_table(reinterpret_cast<void*>(host), width, tensors, k, outs.data(), out_dtypes.data(),
+                                             ins.data(), in_dtypes.data(), numels.data(), w32.data(), &error);
+  if (tiles < 0) throw py::value_error(error);
+  return tiles;
+}
+
+void launch(int op, int width, std::uintptr_t table, std::int64_t tensors, int k, std::int64_t tiles, double divisor, int device,
+            std::uintptr_t stream) {
+  if (op < skc::kWeightedSum || op > skc::kGreedyAccept) throw py::value_error("unknown op " + std::to_string(op));
+  if (width != 1 && width != 4 && width != 8) throw py::value_error("access width must be 1, 4 or 8");
+  if (op != skc::kWeightedSum && k != 2) throw py::value_error("the greedy ops take k = 2 (running sum, candidate)");
+  if (tiles > 0 && table == 0) throw py::value_error("table address is null");
+  if (!std::isfinite(divisor) || divisor == 0.0) throw py::value_error("divisor must be finite and non-zero");
+  int code = 0;
+  {
+    py::gil_scoped_release release;
+    code = skc::launch(static_cast<skc::Op>(op), width, reinterpret_cast<const void*>(table), tensors, k, tiles,
+                       static_cast<float>(divisor), device, stream);
+  }
+  if (code != 0) raise_cuda("kernel launch", code);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_cuda, m) {
+  m.doc() = "soupkern CUDA kernels (framework-free; contracts in csrc/cuda/soupkern_cuda.h)";
+  m.def("device_count", &device_count,
+        "Number of CUDA devices; 0 when there is no driver (error 35) or no device (error 100).");
+  m.def("device_status", &device_status, "(count, cudaError_t code, message) of cudaGetDeviceCount.");
+  m.def("runtime_version", &skc::runtime_version, "CUDA runtime version linked in (e.g. 13000).");
+  m.def("driver_version", &skc::driver_version, "CUDA driver version, 0 when no driver is installed.");
+  m.def("table_bytes", &table_bytes, py::arg("tensors"), py::arg("k"), "Bytes of the launch table for (tensors, k).");
+  m.def("access_widths", &access_widths, py::arg("outs"), py::arg("out_dtypes"), py::arg("ins"), py::arg("in_dtypes"),
+        py::arg("k"), "Per tensor, the widest access (8, 4 or 1 elements) its addresses and dtypes allow.");
+  m.def("pack_table", &pack_table, py::arg("host"), py::arg("nbytes"), py::arg("width"), py::arg("outs"), py::arg("out_dtypes"),
+        py::arg("ins"), py::arg("in_dtypes"), py::arg("numels"), py::arg("weights"),
+        "Write the launch table of one access width into host memory at address `host` (nbytes long); returns the tile count.");
+  m.def("launch", &launch, py::arg("op"), py::arg("width"), py::arg("table"), py::arg("tensors"), py::arg("k"), py::arg("tiles"),
+        py::arg("divisor"), py::arg("device"), py::arg("stream"),
+        "Launch `op` over a device copy of a packed table on `stream` (cudaStream_t as int) of `device`.");
+  m.attr("archs") = SOUPKERN_CUDA_ARCHS;
+  m.attr("OP_WEIGHTED_SUM") = static_cast<int>(skc::kWeightedSum);
+  m.attr("OP_GREEDY_CANDIDATE") = static_cast<int>(skc::kGreedyCandidate);
+  m.attr("OP_GREEDY_ACCEPT") = static_cast<int>(skc::kGreedyAccept);
+  m.attr("F32") = static_cast<int>(soupkern::F32);
+  m.attr("F16") = static_cast<int>(soupkern::F16);
+  m.attr("BF16") = static_cast<int>(soupkern::BF16);
+  m.attr("TILE") = skc::kTile;
+  m.attr("MAX_INPUTS") = skc::kMaxInputs;
+}

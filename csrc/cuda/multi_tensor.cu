@@ -1,0 +1,321 @@
+// The multi-tensor kernel behind every soupkern CUDA contract (see soupkern_cuda.h).
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <map>
+#include <mutex>
+#include <tuple>
+
+#include "soupkern_cuda.h"
+
+namespace soupkern {
+namespace cuda {
+namespace {
+
+// ---- element conversions (fp32 <-> storage dtype) ------------------------------------------
+
+__device__ __forceinline__ float bf16_to_f32(unsigned short h) { return __uint_as_float(static_cast<unsigned>(h) << 16); }
+
+__device__ __forceinline__ unsigned short f32_to_bf16(float f) {
+  const unsigned u = __float_as_uint(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<unsigned short>((u >> 16) | 0x40u);  // NaN stays NaN
+  return static_cast<unsigned short>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+__device__ __forceinline__ float f16_to_f32(unsigned short h) { return __half2float(__ushort_as_half(h)); }
+
+__device__ __forceinline__ unsigned short f32_to_f16(float f) { return __half_as_ushort(__float2half_rn(f)); }
+
+__device__ __forceinline__ float half_to_f32(unsigned short h, int dt) { return dt == BF16 ? bf16_to_f32(h) : f16_to_f32(h); }
+
+__device__ __forceinline__ unsigned short f32_to_half(float f, int dt) { return dt == BF16 ? f32_to_bf16(f) : f32_to_f16(f); }
+
+// ---- per-element arithmetic of each Op -----------------------------------------------------
+
+template <Op OP>
+__device__ __forceinline__ float first_term(float w, float x) {
+  if constexpr (OP == kWeightedSum) return __fmul_rn(w, x);
+  return x;
+}
+
+template <Op OP>
+__device__ __forceinline__ float next_term(float w, float x, float acc) {
+  if constexpr (OP == kWeightedSum) return __fmaf_rn(w, x, acc);
+  return __fadd_rn(acc, x);
+}
+
+template <Op OP>
+__device__ __forceinline__ float finish(float acc, float divisor) {
+  if constexpr (OP == kGreedyCandidate) return __fdiv_rn(acc, divisor);
+  return acc;
+}
+
+// ---- loads and stores: scalar and E-element vectors (16-byte aligned) ---------------------
+
+__device__ __forceinline__ float load1(const void* p, int dt, long long i) {
+  if (dt == F32) return __ldcs(static_cast<const float*>(p) + i);
+  return half_to_f32(__ldcs(static_cast<const unsigned short*>(p) + i), dt);
+}
+
+__device__ __forceinline__ void store1(void* p, int dt, long long i, float v) {
+  if (dt == F32) {
+    __stcs(static_cast<float*>(p) + i, v);
+  } else {
+    __stcs(static_cast<unsigned short*>(p) + i, f32_to_half(v, dt));
+  }
+}
+
+__device__ __forceinline__ unsigned pack2(const float* v, int dt) {
+  return static_cast<unsigned>(f32_to_half(v[0], dt)) | (static_cast<unsigned>(f32_to_half(v[1], dt)) << 16);
+}
+
+// One 16-byte-aligned access of E elements, kept raw until each element is used: E = 8 (every
+// operand 2 bytes wide: one 16-byte load of 8 halves) or E = 4 (one 16-byte load of 4 fp32, or
+// one 8-byte load of 4 halves). Keeping the raw words (4 registers) instead of E decoded floats
+// holds the register count down, so more warps stay resident to keep loads in flight.
+template <int E>
+__device__ __forceinline__ uint4 load_raw(const void* p, int dt, long long i) {
+  if (E == 4 && dt == F32) {
+    const float4 a = __ldcs(reinterpret_cast<const float4*>(static_cast<const float*>(p) + i));
+    return make_uint4(__float_as_uint(a.x), __float_as_uint(a.y), __float_as_uint(a.z), __float_as_uint(a.w));
+  }
+  if (E == 8) return __ldcs(reinterpret_cast<const uint4*>(static_cast<const unsigned short*>(p) + i));
+  const uint2 a = __ldcs(reinterpret_cast<const uint2*>(static_cast<const unsigned short*>(p) + i));
+  return make_uint4(a.x, a.y, 0u, 0u);
+}
+
+__device__ __forceinline__ unsigned word(const uint4& r, int j) { return j == 0 ? r.x : j == 1 ? r.y : j == 2 ? r.z : r.w; }
+
+// Element e (a compile-time constant after unrolling) of a raw access, as fp32 (exact).
+template <int E>
+__device__ __forceinline__ float element(const uint4& r, int dt, int e) {
+  if (E == 4 && dt == F32) return __uint_as_float(word(r, e));
+  const unsigned w = word(r, e / 2);
+  return half_to_f32(static_cast<unsigned short>(e % 2 == 0 ? (w & 0xffffu) : (w >> 16)), dt);
+}
+
+template <int E>
+__device__ __forceinline__ void store_vec(void* p, int dt, long long i, const float* v) {
+  if (E == 4 && dt == F32) {
+    __stcs(reinterpret_cast<float4*>(static_cast<float*>(p) + i), make_float4(v[0], v[1], v[2], v[3]));
+  } else if (E == 8) {
+    __stcs(reinterpret_cast<uint4*>(static_cast<unsigned short*>(p) + i),
+           make_uint4(pack2(v, dt), pack2(v + 2, dt), pack2(v + 4, dt), pack2(v + 6, dt)));
+  } else {
+    __stcs(reinterpret_cast<uint2*>(static_cast<unsigned short*>(p) + i), make_uint2(pack2(v, dt), pack2(v + 2, dt)));
+  }
+}
+
+// ---- one tile ----------------------------------------------------------------------------
+
+// The tile's row, staged in shared memory by the block.
+struct Row {
+  const void* const* in;
+  const float* weight;
+  const unsigned char* dtype;  // K input dtypes
+  void* out;
+  int out_dtype;
+  int k;
+};
+
+// Elements [begin, end) with E-element accesses, in passes of kThreads * U * E elements: in a
+// pass, thread j owns accesses j, j + kThreads, ... (U of them, loaded together so that U
+// loads are in flight). Accesses not wholly inside [begin, end) are skipped (tile_tail).
+template <Op OP, int E, int U>
+__device__ __forceinline__ void tile_vector(const Row& r, long long begin, long long end, float divisor) {
+  for (long long base = begin + static_cast<long long>(threadIdx.x) * E; base < end; base += kThreads * U * E) {
+    bool full[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) full[u] = base + u * kThreads * E + E <= end;
+    float acc[U][E];
+    uint4 raw[U];
+#pragma unroll 1
+    for (int k = 0; k < r.k; ++k) {
+      const void* p = r.in[k];
+      const int dt = r.dtype[k];
+      const float w = r.weight[k];
+#pragma unroll
+      for (int u = 0; u < U; ++u)
+        if (full[u]) raw[u] = load_raw<E>(p, dt, base + u * kThreads * E);
+#pragma unroll
+      for (int u = 0; u < U; ++u)
+#pragma unroll
+        for (int e = 0; e < E; ++e) {
+          const float x = element<E>(raw[u], dt, e);
+          acc[u][e] = k == 0 ? first_term<OP>(w, x) : next_term<OP>(w, x, acc[u][e]);
+        }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (!full[u]) continue;
+#pragma unroll
+      for (int e = 0; e < E; ++e) acc[u][e] = finish<OP>(acc[u][e], divisor);
+      store_vec<E>(r.out, r.out_dtype, base + u * kThreads * E, acc[u]);
+    }
+  }
+}
+
+// Elements [begin, end) one by one, in passes of kThreads * U: thread j owns begin + j,
+// begin + j + kThreads, ... (U of them per pass).
+template <Op OP, int U>
+__device__ __forceinline__ void tile_scalar(const Row& r, long long begin, long long end, float divisor) {
+  for (long long base = begin + static_cast<long long>(threadIdx.x); base < end; base += kThreads * U) {
+    float acc[U];
+#pragma unroll 1
+    for (int k = 0; k < r.k; ++k) {
+      const void* p = r.in[k];
+      const int dt = r.dtype[k];
+      const float w = r.weight[k];
+      float x[U];
+#pragma unroll
+      for (int u = 0; u < U; ++u)
+        if (base + u * kThreads < end) x[u] = load1(p, dt, base + u * kThreads);
+#pragma unroll
+      for (int u = 0; u < U; ++u) acc[u] = k == 0 ? first_term<OP>(w, x[u]) : next_term<OP>(w, x[u], acc[u]);
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+      if (base + u * kThreads < end) store1(r.out, r.out_dtype, base + u * kThreads, finish<OP>(acc[u], divisor));
+  }
+}
+
+// The last end % E elements of a vector tile (fewer than E): one per thread.
+template <Op OP, int E>
+__device__ __forceinline__ void tile_tail(const Row& r, long long begin, long long end, float divisor) {
+  const long long i = begin + (end - begin) / E * E + threadIdx.x;
+  if (i >= end) return;
+  float acc = first_term<OP>(r.weight[0], load1(r.in[0], r.dtype[0], i));
+  for (int k = 1; k < r.k; ++k) acc = next_term<OP>(r.weight[k], load1(r.in[k], r.dtype[k], i), acc);
+  store1(r.out, r.out_dtype, i, finish<OP>(acc, divisor));
+}
+
+// ---- the kernel --------------------------------------------------------------------------
+
+// E = 8 or 4: every tensor of the table has 16-byte aligned addresses (and, for 8, only 2-byte
+// dtypes); E = 1: any addresses. The host groups tensors by access width (pack_table checks).
+template <Op OP, int E>
+__global__ void __launch_bounds__(kThreads, 4) multi_tensor_kernel(const unsigned char* table, long long tensors, int k,
+                                                                 long long tiles, float divisor) {
+  const TableLayout l = table_layout(tensors, k);
+  const long long* tile_start = reinterpret_cast<const long long*>(table + l.tile_start);
+  const unsigned long long* outs = reinterpret_cast<const unsigned long long*>(table + l.out);
+  const long long* numels = reinterpret_cast<const long long*>(table + l.numel);
+  const unsigned long long* ins = reinterpret_cast<const unsigned long long*>(table + l.in);
+  const float* weights = reinterpret_cast<const float*>(table + l.weight);
+  const unsigned char* dtypes = table + l.dtype;
+
+  extern __shared__ unsigned long long smem[];  // K addresses, K weights, K dtypes
+  const void** s_in = reinterpret_cast<const void**>(smem);
+  float* s_weight = reinterpret_cast<float*>(smem + k);
+  unsigned char* s_dtype = reinterpret_cast<unsigned char*>(s_weight + k);
+  for (int j = threadIdx.x; j < k; j += kThreads) s_weight[j] = weights[j];
+
+#pragma unroll 1
+  for (long long tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    // every thread finds the tile's tensor: the t with tile_start[t] <= tile < tile_start[t + 1]
+    long long lo = 0, hi = tensors;
+    while (hi - lo > 1) {
+      const long long mid = (lo + hi) / 2;
+      if (tile_start[mid] <= tile) lo = mid; else hi = mid;
+    }
+    const long long t = lo;
+    __syncthreads();  // the previous tile is done with the shared row
+    for (int j = threadIdx.x; j < k; j += kThreads) {
+      s_in[j] = reinterpret_cast<const void*>(ins[t * k + j]);
+      s_dtype[j] = dtypes[t * (k + 1) + 1 + j];
+    }
+    __syncthreads();
+    const Row r{s_in, s_weight, s_dtype, reinterpret_cast<void*>(outs[t]), dtypes[t * (k + 1)], k};
+    const long long begin = (tile - tile_start[t]) * kTile;
+    const long long end = min(begin + kTile, numels[t]);
+    if constexpr (E == 1) {
+      tile_scalar<OP, 8>(r, begin, end, divisor);
+    } else {
+      tile_vector<OP, E, kPerThread / 8>(r, begin, end, divisor);
+      tile_tail<OP, E>(r, begin, end, divisor);
+    }
+  }
+}
+
+using KernelFn = void (*)(const unsigned char*, long long, int, long long, float);
+
+template <Op OP>
+KernelFn kernel_for_width(int width) {
+  return width == 8 ? multi_tensor_kernel<OP, 8> : width == 4 ? multi_tensor_kernel<OP, 4> : multi_tensor_kernel<OP, 1>;
+}
+
+KernelFn kernel_for(Op op, int width) {
+  switch (op) {
+    case kWeightedSum: return kernel_for_width<kWeightedSum>(width);
+    case kGreedyCandidate: return kernel_for_width<kGreedyCandidate>(width);
+    default: return kernel_for_width<kGreedyAccept>(width);
+  }
+}
+
+std::size_t shared_bytes(int k) { return static_cast<std::size_t>(k) * (8 + 4 + 1); }
+
+// Resident blocks per device (SMs x blocks per SM), computed once per (device, kernel, K).
+std::mutex grid_mu;
+std::map<std::tuple<int, int, int>, int> grid_cache;
+
+cudaError_t resident_blocks(int device, Op op, int width, int k, int* blocks) {
+  std::lock_guard<std::mutex> lock(grid_mu);
+  const auto key = std::make_tuple(device, static_cast<int>(op) * 16 + width, k);
+  const auto hit = grid_cache.find(key);
+  if (hit != grid_cache.end()) {
+    *blocks = hit->second;
+    return cudaSuccess;
+  }
+  int sms = 0, per_sm = 0;
+  cudaError_t err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (err != cudaSuccess) return err;
+  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel_for(op, width), kThreads, shared_bytes(k));
+  if (err != cudaSuccess) return err;
+  *blocks = grid_cache[key] = sms * (per_sm > 0 ? per_sm : 1);
+  return cudaSuccess;
+}
+
+}  // namespace
+
+int launch(Op op, int width, const void* device_table, std::int64_t tensors, int k, std::int64_t tiles, float divisor,
+           int device, std::uintptr_t stream) {
+  if (tiles <= 0) return cudaSuccess;
+  if (k < 1 || k > kMaxInputs || tensors < 1 || (width != 1 && width != 4 && width != 8)) return cudaErrorInvalidValue;
+  cudaError_t err = cudaSetDevice(device);
+  if (err != cudaSuccess) return err;
+  int blocks = 0;
+  err = resident_blocks(device, op, width, k, &blocks);
+  if (err != cudaSuccess) return err;
+  const long long grid = tiles < blocks ? tiles : blocks;
+  kernel_for(op, width)<<<static_cast<unsigned>(grid), kThreads, shared_bytes(k), reinterpret_cast<cudaStream_t>(stream)>>>(
+      static_cast<const unsigned char*>(device_table), tensors, k, tiles, divisor);
+  return cudaGetLastError();
+}
+
+int device_count(int* count) {
+  *count = 0;
+  const cudaError_t err = cudaGetDeviceCount(count);
+  if (err != cudaSuccess) {
+    *count = 0;
+    cudaGetLastError();  // clear the sticky-free status so later calls report their own
+  }
+  return err;
+}
+
+int runtime_version() {
+  int v = 0;
+  cudaRuntimeGetVersion(&v);
+  return v;
+}
+
+int driver_version() {
+  int v = 0;
+  if (cudaDriverGetVersion(&v) != cudaSuccess) return 0;
+  return v;
+}
+
+const char* error_name(int code) { return cudaGetErrorName(static_cast<cudaError_t>(code)); }
+const char* error_string(int code) { return cudaGetErrorString(static_cast<cudaError_t>(code)); }
+
+}  // namespace cuda
+}  // namespace soupkern

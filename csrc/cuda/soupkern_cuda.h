@@ -1,0 +1,100 @@
+// soupkern CUDA kernels: framework-free host API (no CUDA headers needed to include this file).
+//
+// One multi-tensor kernel serves every contract; `Op` picks the per-element arithmetic (all in
+// fp32, every operation a single IEEE rounding, nothing contracted; nvcc also gets -fmad=false):
+//   kWeightedSum:     acc = w_0 * x_0 (__fmul_rn); acc = fmaf(w_k, x_k, acc) (__fmaf_rn) for
+//                     k = 1..K-1 in order; out = round(acc). Weights rounded to fp32 once.
+//                     The contract of csrc/soupkern.h for fp32/fp16/bf16, bit-identical to the
+//                     C++ kernel (NaN stays NaN; its payload is the GPU's canonical one).
+//   kGreedyCandidate: K = 2, x_0 = fp32 running sum, x_1 = candidate:
+//                     out = round(__fdiv_rn(__fadd_rn(x_0, x_1), divisor)).
+//   kGreedyAccept:    K = 2, out = x_0 = the fp32 running sum (updated in place):
+//                     out = __fadd_rn(x_0, x_1).
+// round() to fp16 is __float2half_rn; to bf16 the integer round-to-nearest-even of the fp32 bits
+// (the same bits as the C++ kernel's f32_to_bf16 and as __float2bfloat16_rn for non-NaN values).
+// Inputs and outputs are fp32/fp16/bf16 (dtype tags of csrc/soupkern.h; F64 is refused), any mix
+// per (tensor, input). Bytes moved: sum over tensors of numel * (sum_k itemsize(x_k) + itemsize(out)).
+//
+// Work split: every tensor is cut into tiles of kTile elements; tiles of all tensors are numbered
+// in table order and a grid-stride loop over tile numbers finds each tile's tensor by a binary
+// search in the tiles' prefix sums. Access width, one per launch (a kernel per width keeps the
+// register count low): 8 = 16-byte accesses of 8 elements (every address 16-byte aligned, every
+// operand 2 bytes wide); 4 = 16-byte fp32 / 8-byte half accesses of 4 elements (every address
+// 16-byte aligned); 1 = element by element (any addresses). Each element gets the same
+// instruction sequence whatever the width, so the bits do not depend on alignment, tiling or
+// grid size.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "../soupkern.h"
+
+#ifdef __CUDACC__
+#define SOUPKERN_HOST_DEVICE __host__ __device__
+#else
+#define SOUPKERN_HOST_DEVICE
+#endif
+
+namespace soupkern {
+namespace cuda {
+
+enum Op : int { kWeightedSum = 0, kGreedyCandidate = 1, kGreedyAccept = 2 };
+
+constexpr int kThreads = 256;                 // threads per block
+constexpr int kPerThread = 16;                // elements per thread per tile
+constexpr std::int64_t kTile = kThreads * kPerThread;
+constexpr int kMaxInputs = 2048;              // K limit: the row of a tile is staged in shared memory
+
+// Device table of one launch over T tensors with K inputs each (one contiguous buffer, byte
+// offsets from TableLayout). Built on the host by pack_table, copied to the device by the caller.
+//   int64  tile_start[T + 1]   prefix sums of ceil(numel_t / kTile)
+//   int64  out[T]              output addresses
+//   int64  numel[T]
+//   int64  in[T * K]           input addresses, row t = tensor t's K inputs
+//   float  weight[K]           (padded to 8 bytes)
+//   uint8  dtype[T * (K + 1)]  row t = out dtype, then the K input dtypes
+struct TableLayout {
+  std::size_t tile_start, out, numel, in, weight, dtype, total;
+};
+
+SOUPKERN_HOST_DEVICE inline TableLayout table_layout(std::int64_t tensors, int k) {
+  const std::size_t t = static_cast<std::size_t>(tensors), kk = static_cast<std::size_t>(k);
+  TableLayout l{};
+  std::size_t o = 0;
+  l.tile_start = o; o += 8 * (t + 1);
+  l.out = o; o += 8 * t;
+  l.numel = o; o += 8 * t;
+  l.in = o; o += 8 * t * kk;
+  l.weight = o; o += 4 * kk; o = (o + 7) & ~std::size_t{7};
+  l.dtype = o; o += t * (kk + 1); o = (o + 7) & ~std::size_t{7};
+  l.total = o;
+  return l;
+}
+
+// The widest access (8, 4 or 1) that a tensor with these addresses and dtypes allows.
+int access_width(std::uint64_t out, int out_dtype, const std::uint64_t* ins, const int* in_dtypes, int k);
+
+// Fills `host` (at least table_layout(tensors, k).total bytes) and returns the number of tiles.
+// outs[t], numels[t], out_dtypes[t]; ins[t * k + j], in_dtypes[t * k + j]; weights[j].
+// Returns -1 with *error set on a bad argument (dtype not F32/F16/BF16, negative numel, a tensor
+// that does not allow access `width`).
+std::int64_t pack_table(void* host, int width, std::int64_t tensors, int k, const std::uint64_t* outs, const int* out_dtypes,
+                        const std::uint64_t* ins, const int* in_dtypes, const std::int64_t* numels,
+                        const float* weights, const char** error);
+
+// Launches `op` with access `width` (that of pack_table) over a device table on `stream` (a cudaStream_t as an integer; 0 = the legacy
+// default stream) of device `device`. Returns the cudaError_t value (0 = success): the launch's
+// own status, not that of the kernel's execution.
+int launch(Op op, int width, const void* device_table, std::int64_t tensors, int k, std::int64_t tiles, float divisor,
+           int device, std::uintptr_t stream);
+
+// cudaGetDeviceCount's status and count (count = 0 on any error).
+int device_count(int* count);
+int runtime_version();
+int driver_version();  // 0 when no driver is installed
+const char* error_name(int code);
+const char* error_string(int code);
+
+}  // namespace cuda
+}  // namespace soupkern
