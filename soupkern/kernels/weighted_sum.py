@@ -13,11 +13,11 @@ Math, in this order for every element i:
   ``cvt.rn.bf16.f32`` gives the same finite results but a canonical NaN; the integer form also
   makes the Triton interpreter, whose fp32 -> bf16 cast truncates, produce correct bits).
 - Bytes moved: Σ_k numel · itemsize(x_k) + numel · itemsize(out), each byte once.
-- Bit-identical to the C++ kernel on a GPU: ``tl.fma`` lowers to ``fma.rn.f32`` (checked in the
-  PTX of an offline compile for sm_90 with triton 3.7). The Triton interpreter emulates
-  ``tl.fma`` as ``x * y + z`` in numpy (two roundings), so there the results agree with the C++
-  kernel only where the products are exact; tests/test_triton.py swaps in an exact fma to check
-  the rest.
+- Bit-identical to the C++ kernel on a GPU (NaN payloads aside: NaN stays NaN): ``tl.fma``
+  lowers to ``fma.rn.f32`` (checked in the PTX of an offline compile for sm_90 with triton 3.7).
+  The Triton interpreter emulates ``tl.fma`` as ``x * y + z`` in numpy (two roundings), so there
+  the results agree with the C++ kernel only where the products are exact; tests/test_triton.py
+  swaps in an exact fma to check the rest.
 
 How the K inputs reach the kernel: a small int64 table on the device holds the K input
 addresses, the K fp32 weights (as bit patterns) and K dtype codes; the kernel loops over k at run
