@@ -40,7 +40,8 @@ class TritonKernels:
         self._mws = multi_weighted_sum
         self._greedy = greedy_update
         self._host = TorchBackend()  # byte views -> tensors, and the F64 path
-        self.device = torch.device("cpu" if weighted_sum.interpreted() else "cuda")
+        self.interpreted = weighted_sum.interpreted()  # CPU interpreter: correct but slow
+        self.device = torch.device("cpu" if self.interpreted else "cuda")
 
     # weighted_sum serves both protocols, told apart by the type of `out`
     @overload
