@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from soupkern.errors import InputError
-from soupkern.kernels.soup_linear import SoupMLP, soup_linear, soup_linear_torch, soup_linear_triton
+from soupkern.kernels.soup_linear import LinearSoups, soup_linear, soup_linear_torch, soup_linear_triton
 
 U32 = 2.0**-24
 UNIT_W = {torch.float32: 0.0, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
@@ -160,32 +160,68 @@ def _mlp(seed: int) -> torch.nn.Sequential:
     torch.manual_seed(seed)
     return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 20), torch.nn.ReLU(),
                                torch.nn.Linear(20, 17), torch.nn.GELU(), torch.nn.Dropout(0.5),
-                               torch.nn.Linear(17, 5))
+                               torch.nn.Linear(17, 5)).eval()
+
+
+def _vmap_outputs(model: torch.nn.Module, ingredients: list[dict[str, torch.Tensor]], a: torch.Tensor,
+                  x: torch.Tensor) -> torch.Tensor:
+    """Independent path: soups materialized in fp64 (rounded to fp32), run by vmap(functional_call)."""
+    from torch.func import functional_call, vmap
+
+    stacked = {k: torch.einsum("sk,k...->s...", a.double(), torch.stack([sd[k] for sd in ingredients]).double()).float()
+               for k in ingredients[0]}
+    return vmap(lambda p: functional_call(model, p, (x,)))(stacked)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_soup_mlp_equals_vmap_functional_call(backend: str) -> None:
-    from torch.func import functional_call, vmap
-
-    model = _mlp(0).eval()
+def test_linear_soups_equal_vmap_functional_call(backend: str) -> None:
+    model = _mlp(0)
     ingredients = [{k: v.detach().clone() for k, v in _mlp(s).state_dict().items()} for s in range(1, 4)]
     a = torch.tensor([[1 / 3, 1 / 3, 1 / 3], [1.0, 0.0, 0.0], [0.2, 0.5, 0.3], [-0.5, 1.0, 0.5]])
     x = torch.randn(23, 3, 4)
-    stacked = {k: torch.einsum("sk,k...->s...", a.double(), torch.stack([sd[k] for sd in ingredients]).double()).float()
-               for k in ingredients[0]}
-    expected = vmap(lambda p: functional_call(model, p, (x,)))(stacked)
-    got = SoupMLP(model, ingredients)(x, a, backend=backend)  # type: ignore[arg-type]
+    got = LinearSoups(model, ingredients)(x, a, backend=backend)  # type: ignore[arg-type]
     assert got.shape == (4, 23, 5)
     # fp32 throughout; the soups differ only in summation order of the mixing and matmuls: a few fp32 ulps
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, _vmap_outputs(model, ingredients, a, x), rtol=1e-5, atol=1e-5)
+    assert all(m.forward.__func__ is type(m).forward for m in model.modules() if isinstance(m, torch.nn.Linear))  # type: ignore[attr-defined]
 
 
-def test_soup_mlp_rejects_non_elementwise_layers() -> None:
-    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
-    with pytest.raises(InputError, match="not elementwise"):
-        SoupMLP(model, [model.state_dict()])
+def test_linear_soups_on_digits_checkpoints_match_the_evaluator(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A custom-forward model (DigitsMLP) read from safetensors files; scores equal Evaluator.score_stacked."""
+    from soupkern.evaluate import Evaluator
+    from soupkern.examples import digits
+
+    paths = []
+    for s in range(3):
+        m = digits.make_model(hidden=16, seed=s)
+        paths.append(digits.save_ingredient(m.state_dict(), tmp_path / f"m{s}.safetensors"))
+    model = digits.make_model(hidden=16)
+    sds = [digits.load_state(p) for p in paths]
+    a = torch.tensor([[0.5, 0.25, 0.25], [0.0, 1.0, 0.0]])
+    data = [(torch.rand(40, 64, generator=torch.Generator().manual_seed(i)), torch.arange(40) % 10) for i in range(2)]
+    soups = LinearSoups(model, paths)
+    x = data[0][0]
+    torch.testing.assert_close(soups(x, a), _vmap_outputs(model, sds, a, x), rtol=1e-5, atol=1e-5)
+    stacked = {k: torch.einsum("sk,k...->s...", a.double(), torch.stack([sd[k] for sd in sds]).double()).float()
+               for k in sds[0]}
+    for metric in ("loss", "accuracy"):
+        expected = Evaluator(model, data, metric=metric).score_stacked(stacked)
+        got = soups.score(data, a, metric)
+        assert got == pytest.approx(expected, rel=1e-5, abs=1e-9 if metric == "loss" else 1 / 80 + 1e-12)
+
+
+def test_linear_soups_rejects_what_it_cannot_soup() -> None:
+    ln = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    with pytest.raises(InputError, match="outside an nn.Linear"):
+        LinearSoups(ln, [ln.state_dict()])
     with pytest.raises(InputError, match="no tensor"):
-        SoupMLP(torch.nn.Sequential(torch.nn.Linear(4, 4)), [{}])
+        LinearSoups(torch.nn.Sequential(torch.nn.Linear(4, 4)), [{}])
+    mixing = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Flatten(0, 1))
+    soups = LinearSoups(mixing, [mixing.state_dict()] * 2)
+    with pytest.raises(InputError, match="leading dims"):
+        soups(torch.randn(3, 4), torch.ones(2, 2) / 2)
+    with pytest.raises(InputError, match="coefficients"):
+        soups(torch.randn(3, 4), torch.ones(2, 3))
 
 
 @pytest.mark.gpu

@@ -33,7 +33,8 @@ out_block chosen from a budget (default 32 MiB).
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Literal, Sequence
+from contextlib import ExitStack
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Literal, Mapping, Sequence
 
 import torch
 
@@ -254,72 +255,104 @@ def soup_linear(
     raise InputError(f"backend must be 'auto', 'triton' or 'torch', got '{backend}'")
 
 
-# --------------------------------------------------------------------------------- MLP soups
-_ELEMENTWISE = ("ReLU", "GELU", "Tanh", "Sigmoid", "SiLU", "LeakyReLU", "ELU", "Identity", "Dropout", "Softplus")
+# --------------------------------------------------------------------------------- models of Linear layers
+class LinearSoups:
+    """S soups of a model whose weights all live in `nn.Linear` layers, evaluated in one pass.
 
-
-class SoupMLP:
-    """S soups of an MLP (an `nn.Sequential` of Linear and elementwise layers) evaluated in one pass.
-
-    Every Linear runs through `soup_linear`, so no soup's weights are materialized. Modules before
-    the first Linear (e.g. Flatten) run once on the shared input; after it only elementwise
-    activations are allowed (they act on [S, B, features] unchanged). Ingredient parameters are
-    stacked once per Linear into [K, OUT, IN] (K copies of the model's Linear weights in memory:
-    meant for small and medium models; the Triton kernel reads them once per soup tile).
-    Dropout is applied as in eval mode (identity).
+    During a call every `nn.Linear` of `model` runs `soup_linear` with the K ingredients' stacked
+    weight [K, OUT, IN] and bias and the coefficients [S, K]: no soup's weights are materialized
+    (on CUDA the Triton kernel forms them tile by tile). The first Linear receives the shared input
+    [B, ...] and returns [S, B, ...]; everything after it must act on the last dimension only
+    (activations, further Linears, reshapes of the last dim), as in an MLP or a head on top of
+    fixed features; the output must be [S, B, ...] (checked). Every float parameter and buffer of
+    the model must belong to a Linear (else InputError: use the vmap evaluator). Ingredients:
+    state dicts or checkpoint paths (read once through soupkern's reader); their Linear tensors are
+    stacked once, which holds K copies of the Linear weights (`dtype`/`device` convert them).
     """
 
-    def __init__(self, model: nn.Module, ingredients: Sequence[dict[str, torch.Tensor]], *,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+    def __init__(self, model: nn.Module, ingredients: Sequence[Mapping[str, torch.Tensor] | str | os.PathLike[str]],
+                 *, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
         from torch import nn
 
-        if not isinstance(model, nn.Sequential):
-            raise InputError(f"SoupMLP needs an nn.Sequential of Linear and activation layers, got {type(model).__name__}")
         if not ingredients:
-            raise InputError("SoupMLP needs at least one ingredient")
-        self.prefix: list[nn.Module] = []
-        self.layers: list[tuple[torch.Tensor, torch.Tensor | None] | nn.Module] = []  # (W, b) or an activation
-        seen_linear = False
-        for name, mod in model.named_children():
-            if isinstance(mod, nn.Linear):
-                seen_linear = True
-                w = torch.stack([_param(sd, f"{name}.weight", i) for i, sd in enumerate(ingredients)])
-                b = (torch.stack([_param(sd, f"{name}.bias", i) for i, sd in enumerate(ingredients)])
-                     if mod.bias is not None else None)
-                w = w.to(device=device, dtype=dtype or w.dtype)
-                b = None if b is None else b.to(device=device, dtype=dtype or b.dtype)
-                self.layers.append((w, b))
-            elif not seen_linear:
-                self.prefix.append(mod)
-            elif type(mod).__name__ in _ELEMENTWISE:
-                self.layers.append(mod)
-            else:
-                raise InputError(f"layer '{name}' ({type(mod).__name__}) after the first Linear is not elementwise; "
-                                 f"use the generic vmap evaluation for this model")
-        if not seen_linear:
+            raise InputError("LinearSoups needs at least one ingredient")
+        linears = {name: mod for name, mod in model.named_modules() if isinstance(mod, nn.Linear)}
+        if not linears:
             raise InputError("the model has no nn.Linear layer")
+        owned = {f"{n}.{p}" for n, m in linears.items() for p in ("weight", "bias") if getattr(m, p) is not None}
+        for name, t in model.state_dict().items():
+            if t.is_floating_point() and name not in owned:
+                raise InputError("float tensor outside an nn.Linear: LinearSoups cannot soup it "
+                                 "(use the vmap evaluator, soupkern.evaluate)", tensor=name)
+        self.model = model
         self.k = len(ingredients)
+        self.stacked: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        with ExitStack() as files:
+            states = [_state(ing, files) for ing in ingredients]
+            for name, mod in linears.items():
+                w = torch.stack([_param(sd, f"{name}.weight", i) for i, sd in enumerate(states)])
+                b = (torch.stack([_param(sd, f"{name}.bias", i) for i, sd in enumerate(states)])
+                     if mod.bias is not None else None)
+                self.stacked[name] = (w.to(device=device, dtype=dtype or w.dtype),
+                                      None if b is None else b.to(device=device, dtype=dtype or b.dtype))
 
     @torch.no_grad()
-    def __call__(self, x: torch.Tensor, coeffs: torch.Tensor, *, backend: Backend = "auto",
-                 out_dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Logits [S, B, C] of the S soups `coeffs` [S, K] on the shared batch `x`."""
-        from torch.nn import Dropout
+    def __call__(self, x: torch.Tensor, coeffs: torch.Tensor, *, backend: Backend = "auto") -> torch.Tensor:
+        """Outputs [S, B, ...] of the S soups `coeffs` [S, K] on the shared batch `x` [B, ...]."""
+        if coeffs.dim() != 2 or coeffs.shape[1] != self.k:
+            raise InputError(f"coefficients must be [S, K={self.k}], got shape {list(coeffs.shape)}")
+        mods = dict(self.model.named_modules())
+        patched = []
+        try:
+            for name, (w, b) in self.stacked.items():
+                def forward(inp: torch.Tensor, w: torch.Tensor = w, b: torch.Tensor | None = b) -> torch.Tensor:
+                    return soup_linear(inp.to(w.dtype), w, b, coeffs.to(w.device), backend=backend)
 
-        for mod in self.prefix:
-            x = mod(x)
-        first = self.layers[0]
-        if isinstance(first, tuple):
-            x = x.to(first[0].dtype)
-        for layer in self.layers:
-            if isinstance(layer, tuple):
-                x = soup_linear(x, layer[0], layer[1], coeffs.to(x.device), backend=backend)
-            elif not isinstance(layer, Dropout):
-                x = layer(x)
-        return x if out_dtype is None else x.to(out_dtype)
+                mods[name].forward = forward  # type: ignore[method-assign]
+                patched.append(mods[name])
+            out: torch.Tensor = self.model(x)
+        finally:
+            for mod in patched:
+                del mod.forward  # back to the class's forward
+        if out.dim() < 2 or out.shape[0] != coeffs.shape[0] or out.shape[1] != x.shape[0]:
+            raise InputError(f"the model's output has shape {list(out.shape)}, not [S={coeffs.shape[0]}, "
+                             f"B={x.shape[0]}, ...]: something after the first Linear mixes the leading dims")
+        return out
+
+    def score(self, data: Iterable[Any], coeffs: torch.Tensor, metric: str | Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = "accuracy",
+              *, backend: Backend = "auto") -> list[float]:
+        """Mean metric of each soup over held-out batches `(inputs, targets)`, one pass, fp64 sums.
+
+        metric: "accuracy", "loss" or a per-sample callable, as in `soupkern.evaluate`.
+        """
+        from soupkern.evaluate import METRICS
+
+        fn = METRICS[metric][0] if isinstance(metric, str) else metric
+        totals = torch.zeros(coeffs.shape[0], dtype=torch.float64)
+        n = 0
+        for inputs, targets in data:
+            out = self(inputs, coeffs, backend=backend)
+            t = targets.to(out.device)
+            for s in range(out.shape[0]):
+                totals[s] += fn(out[s], t).sum(dtype=torch.float64).cpu()
+            n += len(targets)
+        if n == 0:
+            raise InputError("the held-out data is empty")
+        return (totals / n).tolist()
 
 
-def _param(sd: dict[str, torch.Tensor], name: str, i: int) -> torch.Tensor:
+def _state(ing: Mapping[str, torch.Tensor] | str | os.PathLike[str], files: ExitStack) -> Mapping[str, torch.Tensor]:
+    """A state dict as given, or zero-copy views of a checkpoint kept open by `files`."""
+    if isinstance(ing, Mapping):
+        return ing
+    from soupkern.evaluate import tensor_view
+    from soupkern.io import open_checkpoint
+
+    ck = files.enter_context(open_checkpoint(ing))
+    return {n: tensor_view(ck, n) for n in ck.tensors}
+
+
+def _param(sd: Mapping[str, torch.Tensor], name: str, i: int) -> torch.Tensor:
     if name not in sd:
         raise InputError(f"ingredient {i} has no tensor '{name}'", tensor=name)
     return sd[name]
