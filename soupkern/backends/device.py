@@ -21,7 +21,7 @@ greedy_accept(sums, xs):
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 if TYPE_CHECKING:
     import torch
@@ -45,7 +45,9 @@ class TorchDeviceKernels:
     """The contracts in plain torch ops, on any device.
 
     greedy_candidate / greedy_accept are bit-identical to the fused kernels (add and division
-    are single IEEE operations). weighted_sum rounds the product and the sum separately (no
+    are single IEEE operations; the divisor is a 0-dim tensor on the sums' device, because torch
+    on CUDA turns division by a Python number into multiplication by its rounded reciprocal,
+    which can differ in the last bit). weighted_sum rounds the product and the sum separately (no
     guaranteed fma), so it may differ from the fused kernels in the accumulator's last bit.
     """
 
@@ -75,10 +77,105 @@ class TorchDeviceKernels:
         import torch
 
         for out, s, x in zip(outs, sums, xs):
-            out.copy_((s + x.to(torch.float32)).div_(float(n + 1)).view(out.shape))
+            divisor = torch.full((), float(n + 1), dtype=torch.float32, device=s.device)
+            out.copy_((s + x.to(torch.float32)).div_(divisor).view(out.shape))
 
     def greedy_accept(self, sums: Sequence[torch.Tensor], xs: Sequence[torch.Tensor]) -> None:
         import torch
 
         for s, x in zip(sums, xs):
             s.add_(x.to(torch.float32).view(s.shape))
+
+
+# ---------------------------------------------------------------------------------------------
+# choosing device kernels
+
+_choice: dict[str, str] = {}  # device key -> name of the measured fastest device backend
+
+
+def device_kernels(device: object, name: str | None = None) -> DeviceKernels:
+    """Kernels for torch tensors on `device`.
+
+    `name` ("cuda", "triton", "torch"), else $SOUPKERN_BACKEND when it names one of those, else
+    automatic: on a CUDA device the faster of the available CUDA and Triton kernels (measured
+    once per device and process by `measure`; both give the same bits), else the torch kernels;
+    on a CPU device the torch kernels. Triton runs on CPU tensors only under TRITON_INTERPRET=1
+    and only when asked for by name. A backend asked for by name that cannot run raises
+    BackendUnavailableError with the reason.
+    """
+    import torch
+
+    from soupkern.backends import DEVICE_BACKENDS, load_backend, log, requested_backend
+    from soupkern.errors import BackendUnavailableError
+
+    dev = torch.device(device)  # type: ignore[call-overload]
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
+    explicit = name is not None
+    requested = requested_backend(name)
+    if requested == "cpp":
+        if explicit:
+            raise BackendUnavailableError("backend 'cpp' runs on host buffers, not device tensors")
+        requested = None
+    if requested == "torch":
+        return TorchDeviceKernels()
+    if requested is not None:
+        kernels: Any = load_backend(requested)
+        runs_on = torch.device(getattr(kernels, "device", "cuda")).type  # Triton: cpu when interpreted
+        if runs_on == dev.type:
+            return kernels  # type: ignore[no-any-return]
+        if explicit:
+            raise BackendUnavailableError(f"backend '{requested}' runs on {runs_on} tensors here, not on {dev}")
+        log.debug("SOUPKERN_BACKEND=%s does not run on %s; choosing automatically", requested, dev)
+    if dev.type != "cuda":
+        return TorchDeviceKernels()
+    usable: dict[str, Any] = {}
+    for candidate in DEVICE_BACKENDS:
+        try:
+            k = load_backend(candidate)
+        except BackendUnavailableError as e:
+            log.debug("%s", e)
+            continue
+        if getattr(k, "interpreted", False):
+            continue
+        usable[candidate] = k
+    if not usable:
+        log.debug("no CUDA or Triton kernels on %s; using the torch kernels", dev)
+        return TorchDeviceKernels()
+    key = str(dev)
+    if key not in _choice:
+        times = measure(dev, usable) if len(usable) > 1 else {next(iter(usable)): 0.0}
+        _choice[key] = min(times, key=lambda n: (times[n], n))
+        log.debug("device kernels on %s: %s (measured seconds %s)", dev, _choice[key], times)
+    return usable[_choice[key]]  # type: ignore[no-any-return]
+
+
+def measure(device: torch.device, candidates: dict[str, object], repeats: int = 5) -> dict[str, float]:
+    """Median seconds per candidate for one soup step: a weighted sum of K = 4 bf16 inputs of
+    2^23 elements into bf16 (84 MB moved), plus one multi-tensor launch over 256 tensors of 1664
+    elements (bias/norm-sized). Each candidate runs once untimed first (compiles Triton)."""
+    import torch
+
+    n, small, k = 1 << 23, 1664, 4
+    g = torch.Generator(device=device).manual_seed(0)
+    xs = [torch.randn(n, generator=g, device=device).to(torch.bfloat16) for _ in range(k)]
+    out = torch.empty(n, dtype=torch.bfloat16, device=device)
+    flat = [torch.randn(256 * small, generator=g, device=device).to(torch.bfloat16) for _ in range(k)]
+    outs = list(torch.empty(256 * small, dtype=torch.bfloat16, device=device).split(small))
+    rows = [[x[i * small:(i + 1) * small] for x in flat] for i in range(256)]
+    w = [0.25] * k
+    times = {}
+    for name, kern in candidates.items():
+        step: DeviceKernels = kern  # type: ignore[assignment]
+        samples = []
+        for r in range(repeats + 1):
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step.weighted_sum(out, xs, w)
+            step.multi_weighted_sum(outs, rows, w)
+            stop.record()
+            stop.synchronize()
+            if r:
+                samples.append(start.elapsed_time(stop) / 1e3)
+        times[name] = sorted(samples)[len(samples) // 2]
+    return times

@@ -1,0 +1,193 @@
+"""The CUDA backend: soupkern._cuda's kernels on torch CUDA tensors (contracts in device.py).
+
+Every call validates its operands (InputError naming the operand), groups the tensors by the
+widest access their addresses and dtypes allow (16-byte vectors when aligned), writes one launch
+table per group into pinned host memory, copies it to the device on the current stream and
+launches on that stream: one launch per group, normally one for the whole call.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+from soupkern.errors import InputError
+
+if TYPE_CHECKING:
+    import torch
+
+BUILD_INFO = Path(__file__).resolve().parent.parent / "_cuda_build.json"
+_NO_DRIVER, _NO_DEVICE = 35, 100  # cudaErrorInsufficientDriver, cudaErrorNoDevice
+
+
+def build_note() -> str | None:
+    """Why the CUDA extension was not built, as recorded by setup.py (None if no record)."""
+    try:
+        info = json.loads(BUILD_INFO.read_text())
+    except (OSError, ValueError):
+        return None
+    return None if info.get("built") else str(info.get("reason"))
+
+
+def _lowest_arch(archs: str) -> int:
+    numbers = [int("".join(c for c in a if c.isdigit()) or 0) for a in archs.replace(",", ";").split(";") if a.strip()]
+    return min(numbers) if numbers else 0
+
+
+class CudaKernels:
+    """DeviceKernels on CUDA tensors through soupkern._cuda (bit-identical to the C++ kernel)."""
+
+    name = "cuda"
+
+    def __init__(self) -> None:
+        import torch
+
+        from soupkern import _cuda  # type: ignore[attr-defined]  # compiled extension
+
+        self._torch = torch
+        self._ext: Any = _cuda
+        self._codes = {torch.float32: _cuda.F32, torch.float16: _cuda.F16, torch.bfloat16: _cuda.BF16}
+
+    # ---- validation ---------------------------------------------------------------------
+
+    def _operand(self, t: object, what: str, device: torch.device | None = None, numel: int | None = None) -> torch.Tensor:
+        torch = self._torch
+        if not isinstance(t, torch.Tensor):
+            raise InputError(f"{what}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in self._codes:
+            raise InputError(f"{what}: unsupported dtype {t.dtype} (the CUDA kernels take float32, float16, bfloat16)")
+        if t.device.type != "cuda":
+            raise InputError(f"{what}: on {t.device}; the CUDA kernels need CUDA tensors")
+        if device is not None and t.device != device:
+            raise InputError(f"{what}: on {t.device}, the output is on {device}")
+        if not t.is_contiguous():
+            raise InputError(f"{what}: not contiguous (the kernels read and write flat memory; pass .contiguous())")
+        if numel is not None and t.numel() != numel:
+            raise InputError(f"{what}: {t.numel()} elements, expected {numel}")
+        return t
+
+    def _rows(self, outs: Sequence[torch.Tensor], rows: Sequence[Sequence[torch.Tensor]], k: int,
+              names: tuple[str, str]) -> None:
+        if len(outs) != len(rows):
+            raise InputError(f"{len(outs)} {names[0]} but {len(rows)} {names[1]}")
+        if not outs:
+            return
+        device = self._operand(outs[0], f"{names[0]}[0]").device
+        for t, (out, xs) in enumerate(zip(outs, rows)):
+            self._operand(out, f"{names[0]}[{t}]", device)
+            if len(xs) != k:
+                raise InputError(f"{names[1]}[{t}]: {len(xs)} tensors, expected {k}")
+            for j, x in enumerate(xs):
+                self._operand(x, f"{names[1]}[{t}][{j}]", device, out.numel())
+
+    # ---- the contracts ------------------------------------------------------------------
+
+    def weighted_sum(self, out: torch.Tensor, inputs: Sequence[torch.Tensor], weights: Sequence[float]) -> None:
+        """out = sum_k weights[k] * inputs[k] (contract in device.py), one launch."""
+        if len(inputs) < 1:
+            raise InputError("weighted_sum needs at least one input")
+        if len(weights) != len(inputs):
+            raise InputError(f"{len(inputs)} inputs but {len(weights)} weights")
+        self._rows([out], [inputs], len(weights), ("out", "inputs"))
+        self._run(self._ext.OP_WEIGHTED_SUM, [out], [inputs], weights, 1.0)
+
+    def multi_weighted_sum(self, outs: Sequence[torch.Tensor], inputs: Sequence[Sequence[torch.Tensor]],
+                           weights: Sequence[float]) -> None:
+        """outs[t] = sum_k weights[k] * inputs[t][k] for every t, one launch per access width."""
+        if len(weights) < 1:
+            raise InputError("multi_weighted_sum needs at least one weight")
+        if len(weights) > self._ext.MAX_INPUTS:
+            raise InputError(f"{len(weights)} inputs; the CUDA kernels take at most {self._ext.MAX_INPUTS}")
+        self._rows(outs, inputs, len(weights), ("outs", "inputs"))
+        self._run(self._ext.OP_WEIGHTED_SUM, outs, inputs, weights, 1.0)
+
+    def greedy_candidate(self, outs: Sequence[torch.Tensor], sums: Sequence[torch.Tensor],
+                         xs: Sequence[torch.Tensor], n: int) -> None:
+        """outs[t] = round((sums[t] + xs[t]) / (n + 1)) (fp32 add, IEEE division, one rounding)."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0 or n + 1 >= 1 << 24:
+            raise InputError(f"n must be an int in [0, 2^24 - 1) (exact in fp32), got {n!r}")
+        self._greedy_checks(sums, xs)
+        rows = [[s, x] for s, x in zip(sums, xs)]
+        self._rows(outs, rows, 2, ("outs", "sums/xs"))
+        self._run(self._ext.OP_GREEDY_CANDIDATE, outs, rows, [1.0, 1.0], float(n + 1))
+
+    def greedy_accept(self, sums: Sequence[torch.Tensor], xs: Sequence[torch.Tensor]) -> None:
+        """sums[t] += float(xs[t]) in fp32, in place."""
+        self._greedy_checks(sums, xs)
+        rows = [[s, x] for s, x in zip(sums, xs)]
+        self._rows(sums, rows, 2, ("sums", "sums/xs"))
+        self._run(self._ext.OP_GREEDY_ACCEPT, sums, rows, [1.0, 1.0], 1.0)
+
+    def _greedy_checks(self, sums: Sequence[torch.Tensor], xs: Sequence[torch.Tensor]) -> None:
+        if len(sums) != len(xs):
+            raise InputError(f"{len(sums)} running sums but {len(xs)} candidate tensors")
+        for t, s in enumerate(sums):
+            if isinstance(s, self._torch.Tensor) and s.dtype != self._torch.float32:
+                raise InputError(f"sums[{t}]: the running sum must be float32, got {s.dtype}")
+
+    # ---- launch -------------------------------------------------------------------------
+
+    def _run(self, op: int, outs: Sequence[torch.Tensor], rows: Sequence[Sequence[torch.Tensor]],
+             weights: Sequence[float], divisor: float) -> None:
+        torch, ext = self._torch, self._ext
+        live = [t for t, out in enumerate(outs) if out.numel() > 0]
+        if not live:
+            return
+        k = len(weights)
+        device = outs[0].device
+        out_ptrs = [outs[t].data_ptr() for t in live]
+        out_codes = [self._codes[outs[t].dtype] for t in live]
+        in_ptrs = [x.data_ptr() for t in live for x in rows[t]]
+        in_codes = [self._codes[x.dtype] for t in live for x in rows[t]]
+        numels = [outs[t].numel() for t in live]
+        widths = ext.access_widths(out_ptrs, out_codes, in_ptrs, in_codes, k)
+        with torch.cuda.device(device):
+            stream = torch.cuda.current_stream(device).cuda_stream
+            for width in sorted(set(widths), reverse=True):
+                members = [i for i, w in enumerate(widths) if w == width]
+                nbytes = ext.table_bytes(len(members), k)
+                host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+                tiles = ext.pack_table(
+                    host.data_ptr(), nbytes, width, [out_ptrs[i] for i in members], [out_codes[i] for i in members],
+                    [in_ptrs[i * k + j] for i in members for j in range(k)],
+                    [in_codes[i * k + j] for i in members for j in range(k)],
+                    [numels[i] for i in members], [float(w) for w in weights])
+                # the caching host allocator keeps `host` until this copy has run
+                table = host.to(device, non_blocking=True)
+                ext.launch(op, width, table.data_ptr(), len(members), k, tiles, divisor, device.index, stream)
+
+
+def load() -> tuple[CudaKernels | None, str]:
+    """The CUDA kernels if this machine can run them, and why (not). Never raises."""
+    try:
+        from soupkern import _cuda  # type: ignore[attr-defined]  # compiled extension
+    except ImportError as e:
+        note = build_note()
+        if note is not None:
+            return None, f"not built ({note})"
+        return None, f"not built: soupkern._cuda cannot be imported ({e}); reinstall with nvcc on PATH"
+    try:
+        count, code, message = _cuda.device_status()
+        if count == 0:
+            if code == _NO_DRIVER:
+                return None, f"no CUDA GPU (no usable CUDA driver: {message})"
+            if code in (0, _NO_DEVICE):
+                return None, "no CUDA GPU"
+            return None, f"no CUDA GPU (cudaGetDeviceCount: {message})"
+        try:
+            import torch
+        except ImportError as e:
+            return None, f"torch is not installed ({e})"
+        if torch.version.cuda is None:
+            return None, f"torch {torch.__version__} has no CUDA"
+        if not torch.cuda.is_available():
+            return None, f"torch {torch.__version__} sees no CUDA GPU"
+        major, minor = torch.cuda.get_device_capability(0)
+        if major * 10 + minor < _lowest_arch(_cuda.archs):
+            return None, (f"GPU compute capability {major}.{minor} is below the built architectures "
+                          f"({_cuda.archs}); rebuild with SOUPKERN_CUDA_ARCHS")
+        kernels = CudaKernels()
+        return kernels, f"CUDA kernels for {_cuda.archs}, {count} GPU(s), {torch.cuda.get_device_name(0)}"
+    except Exception as e:  # noqa: BLE001 - a probe reports, it does not fail
+        return None, f"{type(e).__name__}: {e}"
