@@ -7,11 +7,14 @@ traceback), 130 when interrupted (no output is left behind).
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import json
+import os
 import re
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 from soupkern.errors import SoupkernError
 
@@ -73,9 +76,69 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("backends", help="which kernel backends can run here, and why (not)")
 
-    p = sub.add_parser("demo", help="soup a small generated set of ingredients end to end and check it")
-    p.add_argument("--workdir", default="demo_out", help="where ingredients and soups are written (default ./demo_out)")
+    p = sub.add_parser("greedy", help="greedy soup: add ingredients best first while the held-out score does not drop")
+    p.add_argument("ingredients", nargs="+", help="safetensors files, index json files or checkpoint folders")
+    p.add_argument("--score", required=True, metavar="MODULE:FUNCTION",
+                   help="held-out score, higher is better: FUNCTION(model) with --model, else FUNCTION(state_dict); "
+                        "MODULE is an importable module or a path to a .py file")
+    p.add_argument("--model", metavar="MODULE:FACTORY", help="zero-argument function returning the nn.Module to load soups into")
+    p.add_argument("--tie", choices=("ge", "gt"), default="ge",
+                   help="keep an ingredient when the score does not drop (ge, the paper) or only when it rises (gt, "
+                        "the model-soups code); default ge")
+    p.add_argument("--sort", choices=("stable", "model-soups"), default="stable",
+                   help="order among equal ingredient scores: input order (stable) or reversed (model-soups)")
+    p.add_argument("--device", help="torch device for the model and the running sum (e.g. cuda)")
+    _soup_options(p)
+
+    p = sub.add_parser("learned", help="learned soup: mixing coefficients optimized on held-out loss (AdamW)")
+    p.add_argument("ingredients", nargs="+", help="safetensors files, index json files or checkpoint folders")
+    p.add_argument("--model", required=True, metavar="MODULE:FACTORY", help="zero-argument function returning the nn.Module")
+    p.add_argument("--data", required=True, metavar="MODULE:FUNCTION",
+                   help="zero-argument function returning the held-out batches, a list of (inputs, targets) or a DataLoader")
+    p.add_argument("--mode", choices=("by_model", "by_layer"), default="by_model",
+                   help="one coefficient per ingredient, or per ingredient and tensor")
+    p.add_argument("--epochs", type=int, default=5, help="passes over the held-out data (default 5)")
+    p.add_argument("--lr", type=float, default=0.05, help="AdamW learning rate of the mixing logits (default 0.05)")
+    p.add_argument("--seed", type=int, default=0)
+    _soup_options(p)
+
+    p = sub.add_parser("analyze", help="norms, angles and distances of ingredient deltas from a base checkpoint")
+    p.add_argument("ingredients", nargs="+", help="safetensors files, index json files or checkpoint folders")
+    p.add_argument("--base", help="the shared pretrained checkpoint (default: none, raw weights)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = sub.add_parser("demo", help="real model-soup experiment on scikit-learn's digits (about 5 minutes; --fast: 1)")
+    p.add_argument("--workdir", default="demo_out", help="where ingredients, soups and results go (default ./demo_out)")
+    p.add_argument("--fast", action="store_true", help="fewer ingredients and seeds")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing; results still go to the workdir")
     return parser
+
+
+def load_callable(spec: str, what: str) -> Callable[..., Any]:
+    """'pkg.module:function' or 'path/to/file.py:function' -> the function."""
+    module_name, sep, attr = spec.rpartition(":")
+    if not sep or not module_name or not attr:
+        raise SoupkernError(f"{what} '{spec}': expected MODULE:FUNCTION, e.g. my_eval:score")
+    try:
+        if module_name.endswith(".py") or os.sep in module_name:
+            path = Path(module_name)
+            module_spec = importlib.util.spec_from_file_location(path.stem, path)
+            if module_spec is None or module_spec.loader is None or not path.is_file():
+                raise SoupkernError(f"{what} '{spec}': no Python file {path}")
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            sys.path.insert(0, os.getcwd())  # like `python -m`: modules in the working folder
+            try:
+                module = importlib.import_module(module_name)
+            finally:
+                sys.path.remove(os.getcwd())
+    except ImportError as e:
+        raise SoupkernError(f"{what} '{spec}': cannot import {module_name} ({e})") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise SoupkernError(f"{what} '{spec}': {module_name} has no function {attr}")
+    return fn
 
 
 def _version() -> str:
@@ -84,11 +147,10 @@ def _version() -> str:
     return __version__
 
 
-def _run_soup(args: argparse.Namespace, paths: list[str], coeffs: list[float] | None) -> None:
-    from soupkern import uniform_soup, weighted_soup
+def _soup_opts(args: argparse.Namespace) -> dict[str, Any]:
     from soupkern.engine import DEFAULT_BUDGET_BYTES
 
-    opts = dict(
+    return dict(
         dtype=args.dtype,
         keys="intersection" if args.intersection else "same",
         max_shard_size=args.max_shard_size,
@@ -98,10 +160,20 @@ def _run_soup(args: argparse.Namespace, paths: list[str], coeffs: list[float] | 
         fsync=args.fsync,
         progress=not args.quiet,
     )
+
+
+def _run_soup(args: argparse.Namespace, paths: list[str], coeffs: list[float] | None) -> None:
+    from soupkern import uniform_soup, weighted_soup
+
+    opts = _soup_opts(args)
     if coeffs is None:
         report = uniform_soup(paths, args.output, **opts)
     else:
         report = weighted_soup(paths, coeffs, args.output, **opts)
+    _summary(args, report)
+
+
+def _summary(args: argparse.Namespace, report: Any) -> None:
     if not args.quiet:
         where = report.paths[0] if len(report.paths) == 1 else f"{Path(args.output)}/ ({len(report.paths)} files)"
         print(
@@ -131,6 +203,88 @@ def _inspect(path: str, as_json: bool) -> None:
             print(f"metadata {key}: {value}")
 
 
+def _state_dict_model(path: str) -> Any:
+    """An nn.Module whose state dict has exactly the checkpoint's names and shapes (for score(state_dict))."""
+    import torch
+    from torch import nn
+
+    from soupkern.io import open_checkpoint
+    from soupkern.torch_dtypes import TORCH_DTYPES
+
+    root = nn.Module()
+    with open_checkpoint(path) as ck:
+        for name, (_, info) in ck.tensors.items():
+            module = root
+            *parents, leaf = name.split(".")
+            for part in parents:
+                if not hasattr(module, part):
+                    module.add_module(part, nn.Module())
+                module = getattr(module, part)
+            module.register_buffer(leaf, torch.empty(info.shape, dtype=TORCH_DTYPES[info.dtype]))
+    return root
+
+
+def _greedy(args: argparse.Namespace) -> None:
+    from soupkern import weighted_soup
+    from soupkern.recipes.greedy import GreedyStep, greedy_soup
+
+    fn = load_callable(args.score, "--score")
+    if args.model:
+        model = load_callable(args.model, "--model")
+        score = fn
+    else:
+        model = _state_dict_model(args.ingredients[0])
+        score = lambda m: fn(m.state_dict())  # noqa: E731
+    names = [os.path.basename(os.path.normpath(p)) for p in args.ingredients]
+
+    def on_step(step: GreedyStep) -> None:
+        if not args.quiet:
+            verdict = "kept" if step.accepted else "skipped"
+            print(f"  {names[step.ingredient]:<32} soup of {step.soup_size + 1}: {step.score:.6g}  {verdict}",
+                  file=sys.stderr)
+
+    if not args.quiet:
+        print(f"greedy soup of {len(names)} ingredients (tie rule '{args.tie}'): scoring each ingredient...",
+              file=sys.stderr)
+    result = greedy_soup(args.ingredients, model=model, score=score, tie=args.tie, sort=args.sort,
+                         device=args.device, on_step=on_step)
+    n = len(result.kept)
+    report = weighted_soup([result.paths[i] for i in result.kept], [1.0 / n] * n, args.output, recipe="greedy",
+                           metadata=result.metadata(), **_soup_opts(args))
+    if not args.quiet:
+        print(f"\n{'rank':>4}  {'ingredient':<32} {'score':>12}  in soup", file=sys.stderr)
+        for rank, i in enumerate(result.order):
+            mark = "yes" if i in result.kept else ""
+            print(f"{rank + 1:>4}  {names[i]:<32} {result.ingredient_scores[i]:>12.6g}  {mark}", file=sys.stderr)
+        print(f"greedy soup: {n} of {len(names)} ingredients, score {result.final_score:.6g} "
+              f"(best single {result.ingredient_scores[result.order[0]]:.6g})", file=sys.stderr)
+    _summary(args, report)
+
+
+def _learned(args: argparse.Namespace) -> None:
+    from soupkern.recipes.learned import learned_soup
+
+    model = load_callable(args.model, "--model")()
+    data = load_callable(args.data, "--data")()
+    opts = _soup_opts(args)
+    result = learned_soup(args.ingredients, model, data, args.output, mode=args.mode, epochs=args.epochs, lr=args.lr,
+                          seed=args.seed, **{k: opts[k] for k in ("dtype", "keys", "max_shard_size", "budget_bytes",
+                                                                   "backend", "overwrite")})
+    if not args.quiet:
+        print(result.to_table(), file=sys.stderr)
+    _summary(args, result.report)
+
+
+def _analyze(args: argparse.Namespace) -> None:
+    from soupkern.analysis import delta_gram
+
+    result = delta_gram(args.ingredients, args.base)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        print(result.to_table())
+
+
 def _backends() -> None:
     from soupkern.backends import available_backends
 
@@ -150,10 +304,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             _inspect(args.path, args.json)
         elif args.command == "backends":
             _backends()
+        elif args.command == "greedy":
+            _greedy(args)
+        elif args.command == "learned":
+            _learned(args)
+        elif args.command == "analyze":
+            _analyze(args)
         elif args.command == "demo":
-            from soupkern.demo import run_demo
+            from soupkern.demo import DemoConfig, run_demo
 
-            return run_demo(Path(args.workdir))
+            return run_demo(Path(args.workdir), DemoConfig.fast() if args.fast else None, quiet=args.quiet)
     except SoupkernError as e:
         print(f"soupkern: error: {e}", file=sys.stderr)
         return 2
