@@ -1,7 +1,12 @@
 """soupkern: fast, bounded-memory model soups over memory-mapped safetensors.
 
+Recipes: uniform / weighted (file to file or in memory), greedy, learned, logit ensembles,
+analysis of ingredient deltas; see README.md for their exact specifications.
+
 Importing soupkern is cheap: it loads neither torch, triton nor CUDA and touches no device.
 """
+
+from typing import Any
 
 from soupkern.backends import BackendStatus, available_backends, get_backend
 from soupkern.errors import (
@@ -13,11 +18,35 @@ from soupkern.errors import (
     SoupkernError,
 )
 from soupkern.recipes import SoupReport, uniform_soup, uniform_state_dict, weighted_soup, weighted_state_dict
+from soupkern.recipes.ensemble import EnsembleResult, greedy_ensemble, ingredient_outputs, logit_ensemble
+from soupkern.recipes.greedy import GreedyResult, GreedyStep, greedy_soup
 
 __version__ = "0.1.0"
 
+# Names whose modules import torch at load time: resolved on first use, so `import soupkern` stays cheap.
+_LAZY = {
+    "Evaluator": "soupkern.evaluate",
+    "learned_soup": "soupkern.recipes.learned",
+    "LearnedSoupResult": "soupkern.recipes.learned",
+    "delta_gram": "soupkern.analysis",
+    "interpolation_curve": "soupkern.analysis",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'soupkern' has no attribute {name!r}")
+
 __all__ = [
     "BackendStatus",
+    "EnsembleResult",
+    "Evaluator",
+    "GreedyResult",
+    "GreedyStep",
+    "LearnedSoupResult",
     "BackendUnavailableError",
     "HeaderError",
     "InputError",
@@ -27,7 +56,14 @@ __all__ = [
     "SoupkernError",
     "__version__",
     "available_backends",
+    "delta_gram",
     "get_backend",
+    "greedy_ensemble",
+    "greedy_soup",
+    "ingredient_outputs",
+    "interpolation_curve",
+    "learned_soup",
+    "logit_ensemble",
     "uniform_soup",
     "uniform_state_dict",
     "weighted_soup",
