@@ -50,6 +50,17 @@ def materialize(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, a: torch.Tens
     return (y.to(torch.float32) + (a @ b.to(torch.float32))[:, None, :]).to(x.dtype)
 
 
+def torch_path_workspace(s: int, k: int, b: int, n_out: int, n_in: int, isz: int,
+                         budget: int = 64 * MIB) -> int:
+    """Temporaries of soup_linear_torch (its default budget): fp32 soup block + its product with X,
+    plus fp32 copies of the ingredient block and of X when the inputs are not fp32."""
+    rows = min(n_out, max(1, budget // (((k + s) * n_in + s * b) * 4)))
+    extra = (s * rows * n_in + s * b * rows) * 4
+    if isz != 4:
+        extra += k * rows * n_in * 4 + b * n_in * 4 + s * rows * n_in * isz
+    return extra
+
+
 def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -105,7 +116,7 @@ def run(args: argparse.Namespace) -> tuple[list[list[Any]], list[dict[str, Any]]
             flops = 2 * s * args.b * args.n_out * args.n_in
             min_bytes = (args.k * args.n_out * args.n_in * isz + args.b * args.n_in * isz + s * args.b * args.n_out * isz
                          + args.k * args.n_out * isz + s * args.k * 4)
-            extra = {"fused": 0 if args.device == "cuda" else min(32 * MIB, (args.k + s) * args.n_out * args.n_in * 4),
+            extra = {"fused": 0 if args.device == "cuda" else torch_path_workspace(s, args.k, args.b, args.n_out, args.n_in, isz),
                      "materialize": s * args.n_out * args.n_in * (4 + isz), "matmul_floor": args.n_in * s * args.n_out * isz}
             err = {"fused": rel_error(soup_linear(x, w, bias, a), x, w, bias, a),
                    "materialize": rel_error(materialize(x, w, bias, a), x, w, bias, a)}

@@ -27,7 +27,7 @@ CPU path (`soup_linear_torch`): blocks of `out_block` output rows; per block the
 (in fp32: a copy unless they are fp32) are mixed by one GEMM [S, K] x [K, out_block·IN] into an
 [S, out_block, IN] fp32 temporary, then multiplied with X by a batched GEMM. Extra memory: at most
 (K + S)·out_block·IN·4 + S·B·out_block·4 bytes (+ an fp32 copy of X when X is not fp32), with
-out_block chosen from a budget (default 32 MiB).
+out_block chosen from a budget (default 64 MiB, as the engine).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ if TYPE_CHECKING:
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 Backend = Literal["auto", "triton", "torch"]
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
-DEFAULT_CPU_BUDGET_BYTES = 32 << 20
+DEFAULT_CPU_BUDGET_BYTES = 64 << 20  # the engine's default budget too
 
 
 if triton is not None:
@@ -218,15 +218,14 @@ def soup_linear_torch(
     for n0 in range(0, n_out, step):
         n1 = min(n0 + step, n_out)
         rows = n1 - n0
-        w = weights[:, n0:n1].reshape(k, rows * n_in).to(torch.float32)  # a view when fp32 and contiguous
-        wmix = torch.matmul(a, w).reshape(s, rows, n_in)
-        del w
+        # einsum on the strided block view: torch.matmul on a [K, rows·IN] view of it would copy it first
+        wmix = torch.einsum("sk,koi->soi", a, weights[:, n0:n1].to(torch.float32))
         if x.dtype != torch.float32:  # the contract's single rounding of the mixed weight to X's dtype
             wmix = wmix.to(x.dtype).to(torch.float32)
         yb = torch.matmul(xf, wmix.transpose(1, 2))  # [S, B, rows]; a shared X [B, IN] broadcasts
         del wmix
         if bias is not None:
-            yb = yb + torch.matmul(a, bias[:, n0:n1].to(torch.float32))[:, None, :]
+            yb += torch.matmul(a, bias[:, n0:n1].to(torch.float32))[:, None, :]
         y[:, :, n0:n1] = yb
     return y
 
