@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-from soupkern.backends import get_backend
+from soupkern.backends import DEVICE_BACKENDS, get_backend, requested_backend
 from soupkern.engine import DEFAULT_BUDGET_BYTES, MIN_BUDGET_BYTES, execute, fill_tensor, staging_bytes_for
 from soupkern.errors import InputError
 from soupkern.io import SoupWriter, open_checkpoint, plan_output
@@ -25,6 +25,8 @@ from soupkern.plan import KeyPolicy, build_plan
 
 if TYPE_CHECKING:
     import torch
+
+    from soupkern.backends.device import DeviceKernels
 
 PathLike = str | os.PathLike[str]
 
@@ -67,6 +69,8 @@ def weighted_soup(
     progress: bool = False,
     recipe: str = "weighted",
     metadata: dict[str, str] | None = None,
+    device: str | None = None,
+    device_budget_bytes: int | None = None,
 ) -> SoupReport:
     """Write sum_k coefficients[k] * ingredients[k] to `out`, streaming with bounded memory.
 
@@ -75,20 +79,31 @@ def weighted_soup(
     written; the output appears only when complete (temporary file + rename). `max_shard_size`
     (bytes) makes `out` a folder of HF-style shards with an index. Peak memory is about
     `budget_bytes` plus the interpreter, whatever the model size.
+
+    A device backend (backend="cuda" / "triton", or $SOUPKERN_BACKEND) or a `device` streams the
+    soup through that device (soupkern/gpu_engine.py): pinned host buffers and
+    `device_budget_bytes` (default 1 GiB) of device memory, same output bytes.
     """
     if budget_bytes < MIN_BUDGET_BYTES:
         raise InputError(f"budget_bytes must be at least {MIN_BUDGET_BYTES}, got {budget_bytes}")
     t0 = time.perf_counter()
-    kernel = get_backend(backend)
+    dev, kernels = _device_route(backend, device)
+    kernel = get_backend(backend) if kernels is None else None
+    kernel_name = kernels.name if kernels is not None else kernel.name  # type: ignore[union-attr]
     with ExitStack() as stack:
         checkpoints = [stack.enter_context(open_checkpoint(p)) for p in ingredients]
         plan = build_plan(checkpoints, coefficients, dtype=dtype, keys=keys)
+        streamer = None
+        if kernels is not None:
+            from soupkern.gpu_engine import DEFAULT_DEVICE_BUDGET_BYTES, DeviceStreamer
+
+            streamer = DeviceStreamer(plan, kernels, dev, budget_bytes=device_budget_bytes or DEFAULT_DEVICE_BUDGET_BYTES)
         meta = {
             "soupkern.version": _version(),
             "soupkern.recipe": recipe,
             "soupkern.ingredients": json.dumps([os.fspath(p) for p in ingredients]),
             "soupkern.coefficients": json.dumps(list(plan.coefficients)),
-            "soupkern.backend": kernel.name,
+            "soupkern.backend": kernel_name,
             "soupkern.keys": keys,
             **(metadata or {}),
         }
@@ -97,10 +112,26 @@ def weighted_soup(
         writer = SoupWriter(layout, inputs=inputs, staging_bytes=staging_bytes_for(budget_bytes),
                             overwrite=overwrite, fsync=fsync)
         with writer, _progress_bar(plan.bytes_read + plan.bytes_written, progress) as bar:
-            execute(plan, writer, kernel, budget_bytes=budget_bytes, progress=bar.update if bar else None)
+            if streamer is not None:
+                streamer.to_writer(writer, host_budget_bytes=budget_bytes, progress=bar.update if bar else None)
+            else:
+                execute(plan, writer, kernel, budget_bytes=budget_bytes, progress=bar.update if bar else None)  # type: ignore[arg-type]
             paths = writer.commit()
     return SoupReport(tuple(paths), len(plan.tensors), plan.bytes_read, plan.bytes_written,
-                      time.perf_counter() - t0, kernel.name, plan.coefficients)
+                      time.perf_counter() - t0, kernel_name, plan.coefficients)
+
+
+def _device_route(backend: str | None, device: str | None) -> tuple[str | None, DeviceKernels | None]:
+    """(device, kernels) when the soup streams through a device, else (None, None)."""
+    requested = requested_backend(backend)
+    if device is None and requested not in DEVICE_BACKENDS:
+        return None, None
+    from soupkern.backends import load_backend
+    from soupkern.backends.device import device_kernels
+
+    if device is None:  # a device backend by name: its own device (Triton interpreted: cpu)
+        device = str(getattr(load_backend(str(requested)), "device", "cuda"))
+    return device, device_kernels(device, backend)
 
 
 def uniform_soup(ingredients: Sequence[PathLike], out: PathLike, **kwargs: object) -> SoupReport:
@@ -118,15 +149,31 @@ def weighted_state_dict(
     dtype: str | None = None,
     keys: KeyPolicy = "same",
     backend: str | None = None,
+    device: str | None = None,
+    device_budget_bytes: int | None = None,
 ) -> dict[str, torch.Tensor]:
-    """sum_k coefficients[k] * ingredients[k] as an in-memory dict of CPU torch tensors.
+    """sum_k coefficients[k] * ingredients[k] as an in-memory dict of torch tensors.
 
-    Same arithmetic as `weighted_soup`; holds the whole result in memory (small models).
+    Same arithmetic as `weighted_soup`; holds the whole result in memory (small models). With
+    `device` (e.g. "cuda") the inputs stream through that device (pinned buffers,
+    `device_budget_bytes` of working memory, default 1 GiB) and the result stays there, ready
+    for evaluation; `backend` then names the device kernels ("cuda", "triton", "torch").
+    Without it the result is on the CPU.
     """
     import torch
 
     from soupkern.torch_dtypes import TORCH_DTYPES
 
+    if device is not None:
+        from soupkern.backends.device import device_kernels
+        from soupkern.gpu_engine import DEFAULT_DEVICE_BUDGET_BYTES, DeviceStreamer
+
+        kernels = device_kernels(device, backend)
+        with ExitStack() as stack:
+            checkpoints = [stack.enter_context(open_checkpoint(p)) for p in ingredients]
+            plan = build_plan(checkpoints, coefficients, dtype=dtype, keys=keys)
+            streamer = DeviceStreamer(plan, kernels, device, budget_bytes=device_budget_bytes or DEFAULT_DEVICE_BUDGET_BYTES)
+            return streamer.to_state_dict()
     kernel = get_backend(backend)
     result: dict[str, torch.Tensor] = {}
     with ExitStack() as stack:
