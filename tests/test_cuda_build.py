@@ -1,0 +1,154 @@
+"""The CUDA build step (setup.py) and the extension it makes, on any machine.
+
+Where nvcc exists the extension must have been built, import without a GPU and report "no GPU"
+instead of failing; the decisions of the build step (SOUPKERN_BUILD_CUDA, CUDA_HOME, the nvcc
+on PATH, SOUPKERN_CUDA_ARCHS) are checked by calling its helper functions directly.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+import soupkern.backends.cuda as cuda_backend
+
+ROOT = Path(__file__).resolve().parent.parent
+NVCC = shutil.which("nvcc")
+
+
+@pytest.fixture(scope="module")
+def setup_py() -> ModuleType:
+    """setup.py as a module (its setup() call runs only as __main__)."""
+    spec = importlib.util.spec_from_file_location("soupkern_setup", ROOT / "setup.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH: the CUDA extension is not built here")
+def test_extension_built_and_imports_without_gpu() -> None:
+    from soupkern import _cuda  # type: ignore[attr-defined]
+
+    assert _cuda.runtime_version() >= 12000
+    count, code, message = _cuda.device_status()
+    if not torch.cuda.is_available():
+        assert _cuda.device_count() == 0
+        assert count == 0 and code in (35, 100), (code, message)
+        kernels, reason = cuda_backend.load()
+        assert kernels is None and reason.startswith("no CUDA GPU")
+    assert _cuda.archs  # the architectures it was built for
+    info = json.loads(cuda_backend.BUILD_INFO.read_text())
+    assert info["built"] is True
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH: the CUDA extension is not built here")
+def test_extension_does_not_link_libcuda() -> None:
+    """Linked against the static runtime only: no libcuda / libcudart at load time."""
+    from soupkern import _cuda  # type: ignore[attr-defined]
+
+    readelf = shutil.which("readelf")
+    if readelf is None:
+        pytest.skip("readelf not found")
+    needed = subprocess.run([readelf, "-d", _cuda.__file__], capture_output=True, text=True, check=True).stdout
+    assert "libcuda" not in needed and "libcudart" not in needed
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH: the CUDA extension is not built here")
+def test_table_packing_and_argument_errors() -> None:
+    import numpy as np
+
+    from soupkern import _cuda  # type: ignore[attr-defined]
+
+    # two tensors, K = 2: one aligned bf16 (8-wide access), one with an fp32 input at an odd address
+    assert _cuda.access_widths([16, 32], [_cuda.BF16, _cuda.F32], [0, 16, 48, 4], [_cuda.BF16] * 2 + [_cuda.F32] * 2, 2) == [8, 1]
+    assert _cuda.access_widths([16], [_cuda.F32], [32, 64], [_cuda.BF16, _cuda.F32], 2) == [4]
+    nbytes = _cuda.table_bytes(2, 2)
+    buf = np.zeros(nbytes, np.uint8)
+    tile = _cuda.TILE
+    tiles = _cuda.pack_table(buf.ctypes.data, nbytes, 1, [16, 32], [_cuda.BF16, _cuda.F32], [0, 16, 48, 4],
+                             [_cuda.BF16] * 2 + [_cuda.F32] * 2, [tile + 1, 0], [0.5, 1 / 3])
+    assert tiles == 2
+    words = buf.view(np.int64)
+    assert list(words[:3]) == [0, 2, 2]  # tile prefix sums (the empty tensor has none)
+    assert list(words[3:7]) == [16, 32, tile + 1, 0]  # out addresses, element counts
+    assert list(words[7:11]) == [0, 16, 48, 4]  # input addresses
+    assert buf[88:96].view(np.float32).tolist() == [0.5, np.float32(1 / 3)]  # weights rounded to fp32
+    with pytest.raises(ValueError, match="access width"):  # an fp32 tensor cannot take 8-wide accesses
+        _cuda.pack_table(buf.ctypes.data, nbytes, 8, [16, 32], [_cuda.BF16, _cuda.F32], [0, 16, 48, 64],
+                         [_cuda.BF16] * 2 + [_cuda.F32] * 2, [1, 1], [0.5, 0.5])
+    with pytest.raises(ValueError, match="needs"):
+        _cuda.pack_table(buf.ctypes.data, nbytes - 8, 1, [16, 32], [3, 1], [0, 16, 48, 4], [3, 3, 1, 1], [1, 1], [1.0, 1.0])
+    with pytest.raises(ValueError, match="dtype"):
+        _cuda.pack_table(buf.ctypes.data, nbytes, 1, [16, 32], [0, 1], [0, 16, 48, 4], [3, 3, 1, 1], [1, 1], [1.0, 1.0])
+    with pytest.raises(ValueError, match="k <= 2048"):
+        _cuda.table_bytes(1, 5000)
+    with pytest.raises(ValueError, match="greedy"):
+        _cuda.launch(_cuda.OP_GREEDY_ACCEPT, 1, 0, 1, 3, 1, 1.0, 0, 0)
+
+
+def test_build_switch(setup_py: ModuleType) -> None:
+    off = setup_py.plan_cuda({"SOUPKERN_BUILD_CUDA": "0", "PATH": os.environ.get("PATH", "")})
+    assert not off.build and off.reason == "SOUPKERN_BUILD_CUDA=0 at build time"
+    missing = setup_py.plan_cuda({"PATH": "/nonexistent"})
+    assert not missing.build and missing.reason == "nvcc not found at build time"
+    with pytest.raises(setup_py.CudaBuildError, match="SOUPKERN_BUILD_CUDA=1 but nvcc not found"):
+        setup_py.plan_cuda({"SOUPKERN_BUILD_CUDA": "1", "PATH": "/nonexistent"})
+    with pytest.raises(setup_py.CudaBuildError, match="must be 0 or 1"):
+        setup_py.plan_cuda({"SOUPKERN_BUILD_CUDA": "maybe"})
+    with pytest.raises(setup_py.CudaBuildError, match="has no bin/nvcc"):
+        setup_py.plan_cuda({"SOUPKERN_BUILD_CUDA": "1", "CUDA_HOME": "/nonexistent"})
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH")
+def test_cuda_home_from_the_nvcc_on_path(setup_py: ModuleType) -> None:
+    plan = setup_py.plan_cuda({"PATH": os.environ["PATH"]})
+    assert plan.build and plan.nvcc == NVCC
+    assert (Path(plan.lib_dir) / "libcudart_static.a").is_file()
+    assert Path(plan.home, "bin", "nvcc").exists()  # a wrapper script's nvcc resolves to the real toolkit
+    assert plan.gencode == setup_py.gencode_flags(setup_py.DEFAULT_CUDA_ARCHS)
+    custom = setup_py.plan_cuda({"PATH": os.environ["PATH"], "SOUPKERN_CUDA_ARCHS": "90"})
+    assert custom.archs == "90"
+
+
+def test_arch_flags(setup_py: ModuleType) -> None:
+    g = setup_py.gencode_flags
+    assert g("80;90") == ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
+                          "-gencode=arch=compute_90,code=compute_90"]
+    # numeric order, not string order: 100 is above 90; dotted and sm_ forms; duplicates merged
+    assert g("100, 9.0 sm_80;80") == ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
+                                      "-gencode=arch=compute_100,code=sm_100",
+                                      "-gencode=arch=compute_100,code=compute_100"]
+    # explicit +PTX replaces the default; arch-specific 90a never provides the default PTX
+    assert g("80+PTX;90") == ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
+                              "-gencode=arch=compute_80,code=compute_80"]
+    assert g("80;90a")[-1] == "-gencode=arch=compute_80,code=compute_80"
+    assert setup_py.parse_archs("8.6") == [(86, "", False)]
+    for bad in ("", "sm_", "ampere", "8", "80;;x"):
+        with pytest.raises(setup_py.CudaBuildError):
+            g(bad)
+
+
+def test_not_built_is_reported(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Without the extension, `soupkern backends` says why, from the build record."""
+    def no_extension() -> None:
+        raise ImportError("No module named 'soupkern._cuda'")
+
+    record = tmp_path / "_cuda_build.json"
+    record.write_text(json.dumps({"built": False, "reason": "nvcc not found at build time"}))
+    monkeypatch.setattr(cuda_backend, "_extension", no_extension)
+    monkeypatch.setattr(cuda_backend, "BUILD_INFO", record)
+    assert cuda_backend.load() == (None, "not built (nvcc not found at build time)")
+    monkeypatch.setattr(cuda_backend, "BUILD_INFO", tmp_path / "missing.json")
+    kernels, reason = cuda_backend.load()
+    assert kernels is None and reason.startswith("not built: soupkern._cuda cannot be imported")
