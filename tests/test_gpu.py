@@ -1,0 +1,191 @@
+"""Every device backend (CUDA, Triton) on a GPU: bit-identical to the C++ kernel, greedy kernels
+bit-identical to the torch expression, the streaming pipeline equal to the C++ path.
+
+Marked `gpu`; every test skips when torch sees no CUDA GPU. On a GPU machine a backend that
+cannot load fails (it should run there), it is not skipped.
+
+Tolerance: none. The device kernels implement the C++ kernel's exact instruction sequence (fp32
+multiply, then fused multiply-adds in order, one round-to-nearest-even), so their bytes must
+equal the C++ kernel's, with one exception: a NaN's payload (the GPU's arithmetic produces the
+canonical NaN), so NaN positions are compared instead of NaN bits. The C++ kernel itself is
+checked against the fp64 reference in tests/test_kernel.py; the same parametrization runs here
+(dtypes, K = 1..9 and 72, odd sizes, empty tensors, many small tensors, unaligned views).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from soupkern import _native  # type: ignore[attr-defined]  # noqa: E402
+from soupkern.reference import decode  # noqa: E402
+from test_device_pipeline import make_ingredients, tensors_of  # noqa: E402
+from test_kernel import make_input  # noqa: E402
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU (torch.cuda.is_available() is False)"),
+]
+
+BACKENDS = ["cuda", "triton"]
+DTYPES = ["F32", "F16", "BF16"]
+TORCH = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+SIZE = {"F32": 4, "F16": 2, "BF16": 2}
+
+
+def kernels_for(name: str):  # -> DeviceKernels
+    from soupkern.backends import load_backend
+
+    return load_backend(name)  # raises with the reason: on a GPU machine both must run
+
+
+def to_device(raw: np.ndarray, dtype: str, offset: int = 0) -> torch.Tensor:
+    """Raw bytes as a CUDA tensor of `dtype`, starting `offset` bytes into a fresh allocation
+    (offset 2: an address that is not 16-byte aligned)."""
+    buf = torch.zeros(raw.size + offset + 16, dtype=torch.uint8, device="cuda")
+    if raw.size:
+        buf[offset: offset + raw.size].copy_(torch.from_numpy(raw))
+    return buf[offset: offset + raw.size].view(TORCH[dtype])
+
+
+def empty_out(n: int, dtype: str, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """An output of n elements `offset` bytes into a buffer, and the 16 sentinel bytes after it."""
+    buf = torch.full((n * SIZE[dtype] + offset + 16,), 0xAB, dtype=torch.uint8, device="cuda")
+    return buf[offset: offset + n * SIZE[dtype]].view(TORCH[dtype]), buf[offset + n * SIZE[dtype]:]
+
+
+def raw(t: torch.Tensor) -> np.ndarray:
+    return t.view(torch.uint8).cpu().numpy() if t.numel() else np.zeros(0, np.uint8)
+
+
+def cpp(out_dtype: str, raws: list[np.ndarray], dtypes: list[str], weights: list[float], n: int) -> np.ndarray:
+    out = np.empty(n * SIZE[out_dtype], np.uint8)
+    _native.weighted_sum(out, out_dtype, raws, dtypes, weights, n)
+    return out
+
+
+def assert_same(got: np.ndarray, want: np.ndarray, dtype: str, what: str) -> None:
+    g, w = decode(got, dtype), decode(want, dtype)
+    nan = np.isnan(w)
+    assert np.array_equal(np.isnan(g), nan), f"{what}: NaN positions differ"
+    unit = SIZE[dtype]
+    bad = np.flatnonzero((got.reshape(-1, unit) != want.reshape(-1, unit)).any(axis=1) & ~nan)
+    assert bad.size == 0, f"{what}: {bad.size} elements differ, first {bad[0]}: got {g[bad[0]]!r}, C++ {w[bad[0]]!r}"
+
+
+def run_case(name: str, out_dtype: str, raws: list[np.ndarray], dtypes: list[str], weights: list[float], n: int,
+             offset: int = 0) -> None:
+    xs = [to_device(r, d, offset) for r, d in zip(raws, dtypes)]
+    out, guard = empty_out(n, out_dtype, offset)
+    kernels_for(name).weighted_sum(out, xs, weights)
+    torch.cuda.synchronize()
+    assert (guard == 0xAB).all(), "wrote past the end of the output"
+    assert_same(raw(out), cpp(out_dtype, raws, dtypes, weights, n), out_dtype, f"{name} {dtypes}->{out_dtype} n={n}")
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("out_dtype", DTYPES)
+@pytest.mark.parametrize("in_dtype", DTYPES)
+def test_each_dtype_pair(name: str, in_dtype: str, out_dtype: str) -> None:
+    rng = np.random.default_rng(DTYPES.index(in_dtype) * 4 + DTYPES.index(out_dtype))
+    n, k = 40_099, 3
+    raws = [make_input(rng, n, in_dtype, specials=(i == 1)) for i in range(k)]
+    for offset in (0, 2):  # vector accesses, then element-wise accesses
+        run_case(name, out_dtype, raws, [in_dtype] * k, [0.5, -0.25, 1.0 / 3.0], n, offset)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("k", [*range(1, 10), 72])
+def test_mixed_dtypes_and_k(name: str, k: int) -> None:
+    rng = np.random.default_rng(k)
+    for n in (0, 1, 15, 17, 1023, 1025, 4097, 70_001):
+        dtypes = [DTYPES[(i + n) % 3] for i in range(k)]
+        raws = [make_input(rng, n, d) for d in dtypes]
+        weights = list(rng.uniform(-1, 1, k))
+        for out_dtype in DTYPES:
+            run_case(name, out_dtype, raws, dtypes, weights, n)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_many_small_tensors_in_one_call(name: str) -> None:
+    """multi_weighted_sum over 600 tensors of 0 to 3000 elements (biases and norms), mixed
+    dtypes and alignments, equals the C++ kernel tensor by tensor; nothing written outside."""
+    rng = np.random.default_rng(600)
+    k, weights = 4, [0.1, 0.2, 0.3, 0.4]
+    outs, guards, rows, want = [], [], [], []
+    for t in range(600):
+        n = int(rng.integers(0, 3000)) if t % 50 else 0
+        dtypes = ["BF16"] * k if t % 3 else ["F32", "BF16", "F16", "BF16"]
+        out_dtype = "BF16" if t % 7 else "F32"
+        offset = 2 if t % 11 == 0 else 0
+        raws = [make_input(rng, n, d) for d in dtypes]
+        rows.append([to_device(r, d, offset) for r, d in zip(raws, dtypes)])
+        out, guard = empty_out(n, out_dtype, offset)
+        outs.append(out)
+        guards.append(guard)
+        want.append((cpp(out_dtype, raws, dtypes, weights, n), out_dtype))
+    kernels_for(name).multi_weighted_sum(outs, rows, weights)
+    torch.cuda.synchronize()
+    for t, (out, guard, (w, dt)) in enumerate(zip(outs, guards, want)):
+        assert_same(raw(out), w, dt, f"{name} tensor {t}")
+        assert (guard == 0xAB).all(), f"{name} tensor {t}: wrote past its end"
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("x_dtype", DTYPES)
+def test_greedy_kernels_match_the_torch_expression(name: str, x_dtype: str) -> None:
+    """candidate = round((sum + x) / (n + 1)), accept: sum += x, fp32 add and IEEE division
+    (a 0-dim device tensor as divisor: torch divides by a Python number through its reciprocal)."""
+    g = torch.Generator(device="cuda").manual_seed(1)
+    kern = kernels_for(name)
+    sizes = [0, 1, 17, 4096, 100_003]
+    sums = [torch.randn(s, generator=g, device="cuda") * 3 for s in sizes]
+    xs = [torch.randn(s, generator=g, device="cuda").to(TORCH[x_dtype]) for s in sizes]
+    for n in (1, 2, 6, 71):
+        outs = [torch.empty(s, dtype=TORCH[x_dtype], device="cuda") for s in sizes]
+        kern.greedy_candidate(outs, sums, xs, n)
+        divisor = torch.tensor(float(n + 1), device="cuda")
+        for out, s, x in zip(outs, sums, xs):
+            want = ((s + x.float()) / divisor).to(out.dtype)
+            assert torch.equal(out.view(torch.uint8) if out.numel() else out, want.view(torch.uint8) if want.numel() else want)
+    want_sums = [s + x.float() for s, x in zip(sums, xs)]
+    kern.greedy_accept(sums, xs)
+    for s, w in zip(sums, want_sums):
+        assert torch.equal(s, w)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_streaming_pipeline_equals_cpp_path(name: str, tmp_path: Path) -> None:
+    """File to file and file to device with a device budget far below the model: the C++
+    path's bytes."""
+    import soupkern
+
+    paths = make_ingredients(tmp_path / "in", small=40)
+    coeffs = [0.5, -0.25, 0.8]
+    soupkern.weighted_soup(paths, coeffs, tmp_path / "cpp.safetensors", backend="cpp")
+    report = soupkern.weighted_soup(paths, coeffs, tmp_path / "gpu.safetensors", backend=name,
+                                    device_budget_bytes=64 << 10)
+    assert report.backend == name
+    assert tensors_of(tmp_path / "gpu.safetensors") == tensors_of(tmp_path / "cpp.safetensors")
+    want = soupkern.weighted_state_dict(paths, coeffs, backend="cpp")
+    got = soupkern.weighted_state_dict(paths, coeffs, backend=name, device="cuda", device_budget_bytes=64 << 10)
+    assert list(got) == list(want)
+    for key in want:
+        assert got[key].device.type == "cuda"
+        a, b = got[key].cpu(), want[key]
+        assert a.dtype == b.dtype and a.shape == b.shape
+        if a.numel():
+            assert torch.equal(a.view(-1).view(torch.uint8), b.view(-1).view(torch.uint8)), key
+
+
+def test_automatic_device_choice_is_a_gpu_backend() -> None:
+    from soupkern.backends.device import device_kernels
+
+    assert device_kernels("cuda").name in BACKENDS
