@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -59,6 +60,10 @@ def torch_path_workspace(s: int, k: int, b: int, n_out: int, n_in: int, isz: int
     if isz != 4:
         extra += k * rows * n_in * 4 + b * n_in * 4 + s * rows * n_in * isz
     return extra
+
+
+def fmt_load(load: tuple[float, ...]) -> str:
+    return "/".join(f"{v:.1f}" for v in load)
 
 
 def sync(device: str) -> None:
@@ -177,8 +182,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{note}; wrote {out / name}.md and .json")
         return 0
     if args.device == "cpu":
-        torch.set_num_threads(len(__import__("os").sched_getaffinity(0)))
+        torch.set_num_threads(len(os.sched_getaffinity(0)))
+    load_before = os.getloadavg()
     rows, raw = run(args)
+    prov["loadavg_1_5_15"] = {"before": load_before, "after": os.getloadavg()}
     table = md_table(["dtype", "S", "fused ms", "materialize ms", "materialize ÷ fused", "matmul floor ms",
                       "floor ÷ fused", "fused TFLOP/s", "fused GB/s (min bytes)", "extra MiB fused / materialize",
                       "rel. error fused / materialize"], rows)
@@ -194,6 +201,8 @@ S soups with random coefficients; output [S, {args.b}, {args.n_out}] in the inpu
 - TFLOP/s counts the matmul FLOPs 2·S·B·OUT·IN; GB/s counts the contract's minimum bytes (each input once, output once)
 - extra MiB: temporaries beyond inputs and output, from the shapes; rel. error: max |Y - fp64 ref| / max |ref| \
 on the first soup's first 64 rows
+- machine load average (1/5/15 min) before / after: {fmt_load(load_before)} / {fmt_load(prov["loadavg_1_5_15"]["after"])} \
+(other processes share the cores: compare the ratios within this table, not absolute times across runs)
 - GPU figures: {'this run' if args.device == 'cuda' else 'not in this file (run with --device cuda on a GPU machine)'}
 
 {table}

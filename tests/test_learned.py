@@ -13,7 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import soupkern.recipes.learned as learned_mod
-from soupkern.errors import InputError
+from soupkern.errors import InputError, OutputError
 from soupkern.examples import digits
 from soupkern.io import open_checkpoint
 from soupkern.plan import build_plan
@@ -84,6 +84,8 @@ def test_by_model_file_equals_weighted_soup(setup, tmp_path: Path) -> None:
     expected = weighted_state_dict(paths, r.coefficients[0])
     got = load_file(str(tmp_path / "s.safetensors"))
     assert all(torch.equal(got[n], expected[n]) for n in expected)
+    with pytest.raises(OutputError, match="exists"):  # refused before any training step
+        learned_soup(paths, digits.make_model(), [], tmp_path / "s.safetensors")
 
 
 def test_mix_gradient_equals_autograd_of_materialized_soup(setup) -> None:

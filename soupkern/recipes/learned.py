@@ -40,7 +40,7 @@ from torch import nn
 
 from soupkern.backends import Backend, get_backend
 from soupkern.engine import DEFAULT_BUDGET_BYTES, MIN_BUDGET_BYTES, execute, fill_tensor, staging_bytes_for
-from soupkern.errors import InputError
+from soupkern.errors import InputError, OutputError
 from soupkern.io import SoupWriter, open_checkpoint, plan_output
 from soupkern.plan import KeyPolicy, SoupPlan, TensorPlan, build_plan
 from soupkern.recipes.weighted import SoupReport, _progress_bar, _version, weighted_soup
@@ -254,6 +254,9 @@ def learned_soup(
         raise InputError(f"bad optimizer settings: lr={lr}, epochs={epochs}, steps={steps}, weight_decay={weight_decay}")
     if budget_bytes < MIN_BUDGET_BYTES:
         raise InputError(f"budget_bytes must be at least {MIN_BUDGET_BYTES}, got {budget_bytes}")
+    if out is not None and max_shard_size is None and Path(out).is_file() and not overwrite:
+        # the writer checks this too, but only after training: fail before the work
+        raise OutputError(f"{out}: already exists; pass overwrite=True (--force) to replace it")
     loss_fn = loss_fn or F.cross_entropy
     eval_data = data if eval_data is None else eval_data
     kernel = get_backend(backend)
@@ -274,6 +277,7 @@ def learned_soup(
             opt = torch.optim.AdamW([logits, beta] if learn_temperature else [logits], lr=lr, weight_decay=weight_decay)
             with torch.no_grad():
                 uniform = _heldout(model, _mixed_params(prob, torch.softmax(logits, -1), kernel), eval_data, device, loss_fn)
+
             def train_step(batch: Any) -> None:
                 inputs, targets = _split(batch)
                 params = _mixed_params(prob, torch.softmax(logits, -1), kernel)
