@@ -9,8 +9,9 @@ over all float tensors (or those whose name matches `include`). From G: norms ||
 cosines G_ij / (||Δ_i|| ||Δ_j||), angles in degrees, and L2 distances
 ||Δ_i - Δ_j|| = ||θ_i - θ_j|| = √max(G_ii + G_jj - 2 G_ij, 0) (the paper's angle-vs-soup-gain figure).
 
-`interpolation_curve` scores θ(α) = (1-α)·θ_a + α·θ_b at a grid of α with batched soup
-evaluation: every α in one pass over the held-out data.
+`soup_scores` scores any S soups Σ_k A[s,k]·θ_k with batched soup evaluation (one pass over the
+held-out data per metric); on it: `interpolation_curve` (θ(α) = (1-α)·θ_a + α·θ_b at a grid of α)
+and `pair_gains` (angle between two deltas vs the gain of their 50/50 soup, for every pair).
 """
 
 from __future__ import annotations
@@ -200,6 +201,68 @@ class InterpolationCurve:
                       [(f"{al:.4g}", *(f"{self.scores[m][i]:.6f}" for m in metrics)) for i, al in enumerate(self.alphas)])
 
 
+def soup_scores(
+    ingredients: Sequence[PathLike],
+    coefficients: Sequence[Sequence[float]],
+    model: nn.Module,
+    data: Iterable[Any],
+    *,
+    metrics: Sequence[str | MetricFn] = ("loss", "accuracy"),
+    device: str | torch.device | None = None,
+    max_soups: int | None = None,
+) -> dict[str, tuple[float, ...]]:
+    """Held-out scores of S soups Σ_k A[s,k]·θ_k (rows of `coefficients` [S][K]), batched.
+
+    Each soup's float tensors are formed in fp64 from the ingredients' zero-copy views and rounded
+    once to the model's dtype (a row with a single 1 reproduces that ingredient exactly), stacked
+    [S, ...] on the model's device and scored by `soupkern.evaluate.Evaluator.score_stacked`
+    (torch.func.functional_call under torch.vmap: each batch is shared by the S soups), one pass
+    over `data` per metric. Memory: S copies of the model's float tensors plus the activations of
+    `max_soups` soups at a time. Non-float tensors (e.g. integer buffers) are loaded into the model
+    from the first ingredient; the model's float weights are left unchanged. Metrics: "loss",
+    "accuracy" or callables as in `Evaluator`. Returns metric name -> S scores.
+    """
+    import torch
+
+    from soupkern.evaluate import Evaluator, tensor_view
+
+    if not ingredients:
+        raise InputError("at least one ingredient is needed")
+    a = torch.tensor([list(map(float, row)) for row in coefficients], dtype=torch.float64)
+    if a.dim() != 2 or a.shape[0] == 0 or a.shape[1] != len(ingredients) or not bool(torch.isfinite(a).all()):
+        raise InputError(f"coefficients must be a non-empty [S][K={len(ingredients)}] matrix of finite numbers, "
+                         f"got shape {list(a.shape)}")
+    if not metrics:
+        raise InputError("at least one metric is needed")
+    evaluators = [Evaluator(model, data, metric=m, device=device) for m in metrics]
+    ev = evaluators[0]
+    stacked: dict[str, torch.Tensor] = {}
+    with ExitStack() as stack:
+        cks = [stack.enter_context(open_checkpoint(p)) for p in ingredients]
+        for ck in cks:
+            ev.check_names(ck.tensors, path=ck.path)
+        fixed = {}
+        for name, target in ev.tensors.items():
+            views = [tensor_view(ck, name) for ck in cks]
+            for ck, v in zip(cks, views):
+                if tuple(v.shape) != tuple(target.shape):
+                    raise InputError(f"shape {list(v.shape)} does not match the model's {list(target.shape)}",
+                                     path=ck.path, tensor=name)
+            if not target.is_floating_point():
+                fixed[name] = views[0]
+                continue
+            mixed = torch.zeros((a.shape[0], *target.shape), dtype=torch.float64)
+            for k, v in enumerate(views):  # one ingredient at a time: no [K, ...] stack of copies
+                mixed += a[:, k].reshape((-1,) + (1,) * v.dim()) * v.to(torch.float64)
+            stacked[name] = mixed.to(dtype=target.dtype, device=target.device)
+        ev.load_(fixed)
+    scores = {}
+    for m, e in zip(metrics, evaluators):
+        label = m if isinstance(m, str) else getattr(m, "__name__", "metric")
+        scores[label] = tuple(e.score_stacked(stacked, max_soups=max_soups))
+    return scores
+
+
 def interpolation_curve(
     a: PathLike,
     b: PathLike,
@@ -213,49 +276,79 @@ def interpolation_curve(
 ) -> InterpolationCurve:
     """Held-out scores along the line θ(α) = (1-α)·θ_a + α·θ_b, every α in one batched pass per metric.
 
-    alphas: default 0, 0.1, ..., 1 (any real values: outside [0, 1] extrapolates). Each soup's
-    float tensors are (1-α)·θ_a + α·θ_b computed in fp32 (α = 0 and 1 give θ_a and θ_b exactly),
-    stacked [S, ...] in the model's dtype on its device, and scored by
-    `soupkern.evaluate.Evaluator.score_stacked` (torch.func.functional_call under torch.vmap: each
-    batch is shared by the S soups). Memory: S copies of the model's float tensors plus the
-    activations of `max_soups` soups at a time. Non-float tensors (e.g. integer buffers) are
-    loaded into the model from `a`; the model's float weights are left unchanged. Metrics:
-    "loss", "accuracy" or callables as in `Evaluator` (one pass over `data` each).
+    alphas: default 0, 0.1, ..., 1 (any real values: outside [0, 1] extrapolates); α = 0 and 1
+    give θ_a and θ_b exactly. The soups are formed and scored by `soup_scores` (see there for
+    rounding, memory and metrics).
     """
-    import time as _time
-
-    import torch
-
-    from soupkern.evaluate import Evaluator, tensor_view
-
-    t0 = _time.perf_counter()
+    t0 = time.perf_counter()
     grid = tuple(float(x) for x in (alphas if alphas is not None else [i / 10 for i in range(11)]))
     if not grid or not all(math.isfinite(x) for x in grid):
         raise InputError(f"alphas must be a non-empty list of finite numbers, got {list(grid)}")
-    if not metrics:
-        raise InputError("at least one metric is needed")
-    evaluators = [Evaluator(model, data, metric=m, device=device) for m in metrics]
-    ev = evaluators[0]
-    al = torch.tensor(grid, dtype=torch.float32)
-    stacked: dict[str, torch.Tensor] = {}
-    with open_checkpoint(a) as ck_a, open_checkpoint(b) as ck_b:
-        for ck in (ck_a, ck_b):
-            ev.check_names(ck.tensors, path=ck.path)
-        fixed = {}
-        for name, target in ev.tensors.items():
-            ta, tb = tensor_view(ck_a, name), tensor_view(ck_b, name)
-            if tuple(ta.shape) != tuple(target.shape) or tuple(tb.shape) != tuple(target.shape):
-                raise InputError(f"shapes {list(ta.shape)} / {list(tb.shape)} do not match the model's "
-                                 f"{list(target.shape)}", path=ck_b.path, tensor=name)
-            if not target.is_floating_point():
-                fixed[name] = ta
-                continue
-            shape = (-1,) + (1,) * ta.dim()
-            mixed = (1 - al).reshape(shape) * ta.to(torch.float32) + al.reshape(shape) * tb.to(torch.float32)
-            stacked[name] = mixed.to(dtype=target.dtype, device=target.device)
-        ev.load_(fixed)
-    scores = {}
-    for m, e in zip(metrics, evaluators):
-        label = m if isinstance(m, str) else getattr(m, "__name__", "metric")
-        scores[label] = tuple(e.score_stacked(stacked, max_soups=max_soups))
-    return InterpolationCurve(os.fspath(a), os.fspath(b), grid, scores, _time.perf_counter() - t0)
+    scores = soup_scores([a, b], [(1.0 - al, al) for al in grid], model, data, metrics=metrics, device=device,
+                         max_soups=max_soups)
+    return InterpolationCurve(os.fspath(a), os.fspath(b), grid, scores, time.perf_counter() - t0)
+
+
+@dataclass(frozen=True)
+class PairGains:
+    """Angle between ingredient deltas vs the gain of their two-ingredient soup (the paper's figure).
+
+    gain[i, j] = score(½θ_i + ½θ_j) - ½(score(θ_i) + score(θ_j)) (for a loss, lower is better: a
+    negative gain is an improvement). `angles_deg` from the Gram matrix of deltas from the base.
+    """
+
+    labels: tuple[str, ...]
+    metric: str
+    individual: tuple[float, ...]
+    soup: np.ndarray  # [K, K], NaN on the diagonal
+    angles_deg: np.ndarray  # [K, K]
+    gram: GramResult
+
+    @property
+    def gain(self) -> np.ndarray:
+        ind = np.asarray(self.individual)
+        return self.soup - (ind[:, None] + ind[None, :]) / 2
+
+    def to_dict(self) -> dict[str, Any]:
+        k = len(self.labels)
+        pairs = [{"a": self.labels[i], "b": self.labels[j], "angle_deg": float(self.angles_deg[i, j]),
+                  "soup": float(self.soup[i, j]), "gain": float(self.gain[i, j])}
+                 for i in range(k) for j in range(i + 1, k)]
+        return {"labels": list(self.labels), "metric": self.metric, "individual": list(self.individual),
+                "pairs": pairs, "gram": self.gram.to_dict()}
+
+    def to_table(self) -> str:
+        short = [os.path.basename(os.path.normpath(p)) or p for p in self.labels]
+        rows = sorted(((self.angles_deg[i, j], short[i], short[j], self.soup[i, j], self.gain[i, j])
+                       for i in range(len(short)) for j in range(i + 1, len(short))), key=lambda r: r[0])
+        return _table(["a", "b", "angle_deg", f"soup {self.metric}", "gain"],
+                      [(a, b, f"{ang:.3f}", f"{sc:.6f}", f"{g:+.6f}") for ang, a, b, sc, g in rows])
+
+
+def pair_gains(
+    ingredients: Sequence[PathLike],
+    base: PathLike,
+    model: nn.Module,
+    data: Iterable[Any],
+    *,
+    metric: str | MetricFn = "accuracy",
+    device: str | torch.device | None = None,
+    max_soups: int | None = None,
+    budget_bytes: int = DEFAULT_BUDGET_BYTES,
+) -> PairGains:
+    """For every pair of ingredients: the angle between their deltas from `base` (`delta_gram`, one
+    streaming pass) and the score of their 50/50 soup vs the mean of their own scores, with the K
+    ingredients and the K(K-1)/2 pair soups scored in one batched pass (`soup_scores`)."""
+    k = len(ingredients)
+    if k < 2:
+        raise InputError("pair gains need at least two ingredients")
+    gram = delta_gram(ingredients, base, budget_bytes=budget_bytes)
+    pairs = [(i, j) for i in range(k) for j in range(i + 1, k)]
+    rows = [[1.0 if c == i else 0.0 for c in range(k)] for i in range(k)]
+    rows += [[0.5 if c in (i, j) else 0.0 for c in range(k)] for i, j in pairs]
+    label = metric if isinstance(metric, str) else getattr(metric, "__name__", "metric")
+    scores = soup_scores(ingredients, rows, model, data, metrics=[metric], device=device, max_soups=max_soups)[label]
+    soup = np.full((k, k), np.nan)
+    for (i, j), sc in zip(pairs, scores[k:]):
+        soup[i, j] = soup[j, i] = sc
+    return PairGains(gram.labels, label, tuple(scores[:k]), soup, gram.angles_deg, gram)

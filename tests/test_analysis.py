@@ -132,7 +132,7 @@ def test_gram_errors(tmp_path: Path) -> None:
 def two_models(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     from soupkern.examples import digits
 
-    paths = digits.make_ingredients(tmp_path_factory.mktemp("digits"), n=2, seed=0)
+    paths = digits.make_ingredients(tmp_path_factory.mktemp("digits"), n=3, seed=0)
     return paths, digits.make_splits(0)
 
 
@@ -150,7 +150,7 @@ def test_interpolation_curve_endpoints_and_midpoint(two_models) -> None:  # type
     from soupkern.analysis import interpolation_curve
     from soupkern.examples import digits
 
-    (a, b), splits = two_models
+    (a, b, _), splits = two_models
     model = digits.make_model(seed=5)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     curve = interpolation_curve(a, b, model, digits.batches(splits.val, 100), alphas=[0.0, 0.25, 0.5, 1.0, 1.5])
@@ -166,3 +166,37 @@ def test_interpolation_curve_endpoints_and_midpoint(two_models) -> None:  # type
     assert "alpha" in curve.to_table() and curve.to_dict()["alphas"][-1] == 1.5
     with pytest.raises(InputError, match="alphas"):
         interpolation_curve(a, b, model, digits.batches(splits.val, 100), alphas=[])
+
+
+def test_soup_scores_and_pair_gains(two_models) -> None:  # type: ignore[no-untyped-def]
+    from soupkern.analysis import pair_gains, soup_scores
+    from soupkern.examples import digits
+
+    paths, splits = two_models
+    data = digits.batches(splits.val, 128)
+    sds = [load_file(str(p)) for p in paths]
+    rows = [[0.2, 0.3, 0.5], [0.0, 0.0, 1.0], [-0.5, 1.0, 0.5]]
+    got = soup_scores(paths, rows, digits.make_model(), data)
+    for r, row in enumerate(rows):
+        state = {n: sum(c * sd[n].double() for c, sd in zip(row, sds)).float() for n in sds[0]}  # type: ignore[union-attr]
+        loss, acc = _scores(state, splits.val.x, splits.val.y)
+        assert got["loss"][r] == pytest.approx(loss, rel=1e-5)
+        assert got["accuracy"][r] == pytest.approx(acc, abs=1 / len(splits.val.y) + 1e-12)
+    with pytest.raises(InputError, match="coefficients"):
+        soup_scores(paths, [[1.0, 0.0]], digits.make_model(), data)
+
+    base = paths[0].parent / digits.BASE_NAME
+    pg = pair_gains(paths, base, digits.make_model(), data)
+    assert pg.metric == "accuracy" and len(pg.individual) == 3
+    gram = delta_gram(paths, base)
+    assert np.array_equal(pg.angles_deg, gram.angles_deg)
+    for i in range(3):
+        assert pg.individual[i] == pytest.approx(_scores(sds[i], splits.val.x, splits.val.y)[1], abs=1e-12)
+        for j in range(3):
+            if i == j:
+                assert math.isnan(pg.soup[i, j])
+                continue
+            mid = {n: (0.5 * sds[i][n].double() + 0.5 * sds[j][n].double()).float() for n in sds[0]}
+            assert pg.soup[i, j] == pytest.approx(_scores(mid, splits.val.x, splits.val.y)[1], abs=1 / len(splits.val.y) + 1e-12)
+            assert pg.gain[i, j] == pytest.approx(pg.soup[i, j] - (pg.individual[i] + pg.individual[j]) / 2)
+    assert len(pg.to_dict()["pairs"]) == 3 and "gain" in pg.to_table()
