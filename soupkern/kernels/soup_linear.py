@@ -8,8 +8,9 @@ Contract (every path implements it):
   W: [K, OUT, IN]; b: [K, OUT] or None; A: [S, K]. X, W, b: fp32, fp16 or bf16 (any mix); A is
   rounded to fp32.
 - The mixed weight `Σ_k A[s,k] W_k` is formed in fp32 (Triton: k in order, one fp32 multiply-add
-  per term; torch path: one fp32 GEMM, BLAS summation order), then rounded once to X's dtype (a no-op for fp32 X): exactly the weight `F.linear` would see
-  if the soup were materialized in X's dtype. Products X·Wᵀ are accumulated in fp32 (true fp32 for
+  per term; torch path: an fp32 einsum, BLAS summation order), then rounded once to X's dtype (a
+  no-op for fp32 X): exactly the weight `F.linear` would see if the soup were materialized in X's
+  dtype. Products X·Wᵀ are accumulated in fp32 (true fp32 for
   fp32 X: `input_precision="ieee"`, no TF32), the fp32 bias mix is added, and the result is rounded
   once to the output dtype: X's dtype by default, or fp32 (`out_dtype=torch.float32`).
 - Not differentiable (evaluation only).
@@ -24,8 +25,8 @@ Cost (Triton kernel, blocks BM x BN x BK; x, w, y item sizes):
   bytes) and needs S·OUT·IN·w of memory; the fused kernel needs none.
 
 CPU path (`soup_linear_torch`): blocks of `out_block` output rows; per block the K ingredient rows
-(in fp32: a copy unless they are fp32) are mixed by one GEMM [S, K] x [K, out_block·IN] into an
-[S, out_block, IN] fp32 temporary, then multiplied with X by a batched GEMM. Extra memory: at most
+(in fp32: a copy unless they are fp32) are mixed by one einsum (a GEMM [S, K] x [K, out_block·IN])
+into an [S, out_block, IN] fp32 temporary, then multiplied with X by a batched GEMM. Extra memory: at most
 (K + S)·out_block·IN·4 + S·B·out_block·4 bytes (+ an fp32 copy of X when X is not fp32), with
 out_block chosen from a budget (default 64 MiB, as the engine).
 """
