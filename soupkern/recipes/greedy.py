@@ -296,17 +296,10 @@ class _Ingredient:
 
 
 def _device_kernels(device: torch.device) -> DeviceKernels:
-    from soupkern.backends.device import TorchDeviceKernels
+    """The greedy candidate/accept kernels for `device` (CUDA/Triton on a GPU, torch ops otherwise)."""
+    from soupkern.backends.device import device_kernels
 
-    if device.type != "cpu":
-        try:
-            from soupkern.backends.device import device_kernels  # type: ignore[attr-defined]
-        except ImportError:
-            pass
-        else:
-            kernels: DeviceKernels = device_kernels(device)
-            return kernels
-    return TorchDeviceKernels()
+    return device_kernels(device)
 
 
 def greedy_soup(
