@@ -329,6 +329,44 @@ def tensor_view(ck: Checkpoint, name: str) -> torch.Tensor:
     return t.view(TORCH_DTYPES[info.dtype]).reshape(info.shape)
 
 
+def module_from_checkpoint(path: str | os.PathLike[str], device: str | torch.device | None = None) -> nn.Module:
+    """An `nn.Module` holding a copy of a checkpoint's tensors, whose state dict has exactly the
+    checkpoint's names, shapes, dtypes and values (dotted names become nested submodules).
+
+    For scorers that take a state dict rather than a model: `Evaluator(module_from_checkpoint(p),
+    score=lambda m: fn(m.state_dict()))`. Float tensors are parameters (requires_grad=False),
+    others buffers.
+    """
+    from soupkern.io import open_checkpoint
+
+    root = nn.Module()
+    with open_checkpoint(path) as ck:
+        for name in sorted(ck.tensors):
+            *parents, leaf = name.split(".")
+            if not leaf or not all(parents):
+                raise InputError("tensor name has an empty component", path=ck.path, tensor=name)
+            owner = root
+            for part in parents:
+                child = owner._modules.get(part)
+                if child is None:
+                    if hasattr(owner, part):
+                        raise InputError(f"'{part}' is both a tensor and a prefix of other tensor names",
+                                         path=ck.path, tensor=name)
+                    child = nn.Module()
+                    owner.add_module(part, child)
+                owner = child
+            if leaf in owner._modules or hasattr(owner, leaf):
+                raise InputError("tensor name collides with a prefix of other tensor names", path=ck.path, tensor=name)
+            value = tensor_view(ck, name).clone()
+            if value.is_floating_point():
+                owner.register_parameter(leaf, nn.Parameter(value, requires_grad=False))
+            else:
+                owner.register_buffer(leaf, value)
+    if device is not None:
+        root.to(device)
+    return root.eval()
+
+
 def make_evaluator(model: ModelLike | None = None, data: Iterable[Any] | None = None, *,
                    metric: str | MetricFn = "accuracy", score: ScoreFn | None = None,
                    maximize: bool | None = None, device: str | torch.device | None = None,

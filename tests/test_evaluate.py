@@ -260,3 +260,28 @@ def test_batched_on_gpu(digits_ingredients: list[Path], digits_splits: digits.Sp
         # TF32 is off by default for matmuls in torch; GPU and CPU fp32 differ by rounding order only
         assert math.isclose(b, gpu.score(soup), rel_tol=1e-5)
         assert math.isclose(b, cpu.score(soup), rel_tol=1e-4)
+
+
+def test_module_from_checkpoint_for_state_dict_scorers(digits_ingredients: list[Path], digits_splits: digits.Splits,
+                                                       tmp_path: Path) -> None:
+    from soupkern.evaluate import module_from_checkpoint
+    from soupkern.recipes.greedy import greedy_soup
+
+    holder = module_from_checkpoint(digits_ingredients[0])
+    ref = digits.load_state(digits_ingredients[0])
+    sd = holder.state_dict()
+    assert list(sd) == sorted(ref) and all(torch.equal(sd[k], ref[k]) for k in ref)
+
+    def score_state(state: dict[str, torch.Tensor]) -> float:  # a user scorer that takes a state dict
+        model = digits.DigitsMLP()
+        model.load_state_dict(state)
+        return digits.accuracy(model, *digits_splits.val)
+
+    via_state = greedy_soup(digits_ingredients, model=holder, score=lambda m: score_state(m.state_dict()))
+    via_model = greedy_soup(digits_ingredients, model=digits.make_model(),
+                            score=lambda m: digits.accuracy(m, *digits_splits.val))
+    assert via_state.kept == via_model.kept and via_state.steps == via_model.steps
+    # names where one is a prefix of another cannot be nested modules: refused with the tensor named
+    bad = digits.save_ingredient({"a": torch.zeros(2), "a.b": torch.zeros(2)}, tmp_path / "clash.safetensors")
+    with pytest.raises(InputError, match="a.b|'a'"):
+        module_from_checkpoint(bad)
