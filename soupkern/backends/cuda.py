@@ -8,6 +8,7 @@ launches on that stream: one launch per group, normally one for the whole call.
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -30,6 +31,11 @@ def build_note() -> str | None:
     return None if info.get("built") else str(info.get("reason"))
 
 
+def _extension() -> Any:
+    """The compiled module soupkern._cuda (ImportError when it was not built)."""
+    return importlib.import_module("soupkern._cuda")
+
+
 def _lowest_arch(archs: str) -> int:
     numbers = [int("".join(c for c in a if c.isdigit()) or 0) for a in archs.replace(",", ";").split(";") if a.strip()]
     return min(numbers) if numbers else 0
@@ -43,10 +49,9 @@ class CudaKernels:
     def __init__(self) -> None:
         import torch
 
-        from soupkern import _cuda  # type: ignore[attr-defined]  # compiled extension
-
+        _cuda = _extension()
         self._torch = torch
-        self._ext: Any = _cuda
+        self._ext = _cuda
         self._codes = {torch.float32: _cuda.F32, torch.float16: _cuda.F16, torch.bfloat16: _cuda.BF16}
 
     # ---- validation ---------------------------------------------------------------------
@@ -161,7 +166,7 @@ class CudaKernels:
 def load() -> tuple[CudaKernels | None, str]:
     """The CUDA kernels if this machine can run them, and why (not). Never raises."""
     try:
-        from soupkern import _cuda  # type: ignore[attr-defined]  # compiled extension
+        _cuda = _extension()
     except ImportError as e:
         note = build_note()
         if note is not None:
