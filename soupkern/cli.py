@@ -203,27 +203,6 @@ def _inspect(path: str, as_json: bool) -> None:
             print(f"metadata {key}: {value}")
 
 
-def _state_dict_model(path: str) -> Any:
-    """An nn.Module whose state dict has exactly the checkpoint's names and shapes (for score(state_dict))."""
-    import torch
-    from torch import nn
-
-    from soupkern.io import open_checkpoint
-    from soupkern.torch_dtypes import TORCH_DTYPES
-
-    root = nn.Module()
-    with open_checkpoint(path) as ck:
-        for name, (_, info) in ck.tensors.items():
-            module = root
-            *parents, leaf = name.split(".")
-            for part in parents:
-                if not hasattr(module, part):
-                    module.add_module(part, nn.Module())
-                module = getattr(module, part)
-            module.register_buffer(leaf, torch.empty(info.shape, dtype=TORCH_DTYPES[info.dtype]))
-    return root
-
-
 def _greedy(args: argparse.Namespace) -> None:
     from soupkern import weighted_soup
     from soupkern.recipes.greedy import GreedyStep, greedy_soup
@@ -233,7 +212,9 @@ def _greedy(args: argparse.Namespace) -> None:
         model = load_callable(args.model, "--model")
         score = fn
     else:
-        model = _state_dict_model(args.ingredients[0])
+        from soupkern.evaluate import module_from_checkpoint
+
+        model = module_from_checkpoint(args.ingredients[0])
         score = lambda m: fn(m.state_dict())  # noqa: E731
     names = [os.path.basename(os.path.normpath(p)) for p in args.ingredients]
 
