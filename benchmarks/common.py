@@ -36,7 +36,7 @@ def import_soupkern(native: bool = False) -> ModuleType:
     name = "soupkern._native" if native else "soupkern"
     try:
         return importlib.import_module(name)
-    except ImportError as first:
+    except ImportError:
         if str(REPO_ROOT) not in sys.path:
             sys.path.append(str(REPO_ROOT))
             sys.modules.pop("soupkern", None)

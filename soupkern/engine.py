@@ -73,7 +73,7 @@ def execute(plan: SoupPlan, writer: SoupWriter, backend: Backend, *, budget_byte
     for name in order:
         tp = by_name[name]
         if tp.average:
-            _average(tp, plan.coefficients, writer, backend, budget_bytes, progress)
+            _average(tp, plan.coefficients_for(name), writer, backend, budget_bytes, progress)
         else:
             _copy(tp, writer, progress)
     writer.flush()

@@ -4,8 +4,8 @@ coefficients validated, the output dtype of every tensor fixed, chunk sizes boun
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Literal, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Mapping, Sequence
 
 import numpy as np
 
@@ -47,8 +47,35 @@ class TensorPlan:
 
 @dataclass(frozen=True)
 class SoupPlan:
+    """Tensors to make and their coefficients: `per_tensor[name]` where given, else `coefficients`."""
+
     tensors: tuple[TensorPlan, ...]
     coefficients: tuple[float, ...]
+    per_tensor: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
+
+    def coefficients_for(self, name: str) -> tuple[float, ...]:
+        return self.per_tensor.get(name, self.coefficients)
+
+    def with_per_tensor(self, coefficients: Mapping[str, Sequence[float]]) -> SoupPlan:
+        """This plan with per-tensor coefficient vectors (validated; names must be soup tensors)."""
+        names = {tp.out.name for tp in self.tensors}
+        unknown = sorted(set(coefficients) - names)
+        if unknown:
+            raise InputError("coefficients given for a tensor the soup does not have", tensor=unknown[0])
+        k = len(self.coefficients)
+        per = {}
+        for name, values in coefficients.items():
+            try:
+                per[name] = check_coefficients(values, k)
+            except InputError as e:
+                raise InputError(str(e), tensor=name) from None
+        return SoupPlan(self.tensors, self.coefficients, per)
+
+    def coefficients_json(self) -> object:
+        """What `soupkern.coefficients` records: one list, or tensor name -> list when per tensor."""
+        if not self.per_tensor:
+            return list(self.coefficients)
+        return {tp.out.name: list(self.coefficients_for(tp.out.name)) for tp in sorted(self.tensors, key=lambda t: t.out.name)}
 
     @property
     def bytes_read(self) -> int:

@@ -134,3 +134,32 @@ def test_import_is_cheap() -> None:
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert r.stdout.strip() == "[]"
 
+
+
+def test_per_tensor_coefficients(tmp_path: Path) -> None:
+    """A mapping of coefficients: each named tensor gets its own vector, the others `default`;
+    each tensor must equal the single-vector soup with its coefficients, bit for bit."""
+    paths = _ingredients(tmp_path)
+    per = {"w": [0.5, 0.25, 0.25], "scalar": [2.0, -1.0, 0.0]}
+    default = [0.2, 0.3, 0.5]
+    soupkern.weighted_soup(paths, per, tmp_path / "per.safetensors", default=default)
+    got = load_file(str(tmp_path / "per.safetensors"))
+    for name in got:
+        coeffs = per.get(name, default)
+        soupkern.weighted_soup(paths, coeffs, tmp_path / "one.safetensors", overwrite=True)
+        ref = load_file(str(tmp_path / "one.safetensors"))[name]
+        assert torch.equal(got[name].reshape(-1).view(torch.uint8), ref.reshape(-1).view(torch.uint8)), name
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "per.safetensors"), framework="pt") as f:
+        recorded = json.loads(f.metadata()["soupkern.coefficients"])
+    assert recorded["w"] == per["w"] and recorded["b"] == default
+    state = soupkern.weighted_state_dict(paths, per, default=default)
+    assert all(torch.equal(state[n], got[n]) for n in got)
+    with pytest.raises(soupkern.InputError, match="nope"):
+        soupkern.weighted_soup(paths, {"nope": [1, 0, 0]}, tmp_path / "bad.safetensors")
+    with pytest.raises(soupkern.InputError, match="'w'|w"):
+        soupkern.weighted_soup(paths, {"w": [1, 0]}, tmp_path / "bad.safetensors")
+    with pytest.raises(soupkern.InputError, match="default"):
+        soupkern.weighted_soup(paths, [1, 0, 0], tmp_path / "bad.safetensors", default=[1, 0, 0])
+    assert not (tmp_path / "bad.safetensors").exists()

@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import pytest
 import torch
 from safetensors import safe_open

@@ -26,7 +26,6 @@ div.rn.f32 (not the approximate div.full.f32 of Triton's `/`) and 16-byte vector
 
 from __future__ import annotations
 
-import math
 import os
 import subprocess
 import sys

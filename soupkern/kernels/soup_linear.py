@@ -218,7 +218,6 @@ def soup_linear_torch(
     step = max(1, budget_bytes // max(1, ((k + s) * n_in + s * b) * 4))
     for n0 in range(0, n_out, step):
         n1 = min(n0 + step, n_out)
-        rows = n1 - n0
         # einsum on the strided block view: torch.matmul on a [K, rows·IN] view of it would copy it first
         wmix = torch.einsum("sk,koi->soi", a, weights[:, n0:n1].to(torch.float32))
         if x.dtype != torch.float32:  # the contract's single rounding of the mixed weight to X's dtype

@@ -39,11 +39,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from soupkern.backends import Backend, get_backend
-from soupkern.engine import DEFAULT_BUDGET_BYTES, MIN_BUDGET_BYTES, execute, fill_tensor, staging_bytes_for
+from soupkern.engine import DEFAULT_BUDGET_BYTES, MIN_BUDGET_BYTES, fill_tensor
 from soupkern.errors import InputError, OutputError
-from soupkern.io import SoupWriter, open_checkpoint, plan_output
+from soupkern.io import open_checkpoint
 from soupkern.plan import KeyPolicy, SoupPlan, TensorPlan, build_plan
-from soupkern.recipes.weighted import SoupReport, _progress_bar, _version, weighted_soup
+from soupkern.recipes.weighted import SoupReport, weighted_soup
 from soupkern.torch_dtypes import TORCH_DTYPES
 
 PathLike = str | os.PathLike[str]
@@ -338,68 +338,14 @@ def per_tensor_soup(
     out: PathLike,
     *,
     default: Sequence[float] | None = None,
-    dtype: str | None = None,
-    keys: KeyPolicy = "same",
-    max_shard_size: int | None = None,
-    budget_bytes: int = DEFAULT_BUDGET_BYTES,
-    backend: str | None = None,
-    overwrite: bool = False,
-    fsync: bool = False,
-    progress: bool = False,
     recipe: str = "per_tensor",
-    metadata: dict[str, str] | None = None,
+    **options: Any,
 ) -> SoupReport:
     """Write out[t] = Σ_k coefficients[t][k] · ingredients[k][t] with one coefficient vector per tensor.
 
-    Tensors not named in `coefficients` use `default` (uniform 1/K when None). Same arithmetic,
-    checks, layout, atomic write and bounded memory as `weighted_soup`: the engine runs tensor by
-    tensor (one single-tensor plan each, in output-file order). `soupkern.coefficients` in the
-    metadata is the JSON object tensor name -> coefficients.
+    Tensors not named in `coefficients` use `default` (uniform 1/K when None). This is
+    `weighted_soup` with a mapping of coefficients: same arithmetic, checks, layout, atomic write
+    and bounded memory; `soupkern.coefficients` in the metadata is the JSON object tensor name ->
+    coefficients. `options` are those of `weighted_soup`.
     """
-    if budget_bytes < MIN_BUDGET_BYTES:
-        raise InputError(f"budget_bytes must be at least {MIN_BUDGET_BYTES}, got {budget_bytes}")
-    k = len(ingredients)
-    if k == 0:
-        raise InputError("a soup needs at least one ingredient")
-    t0 = time.perf_counter()
-    kernel = get_backend(backend)
-    fallback = tuple(default) if default is not None else (1.0 / k,) * k
-    with ExitStack() as stack:
-        checkpoints = [stack.enter_context(open_checkpoint(p)) for p in ingredients]
-        plan = build_plan(checkpoints, fallback, dtype=dtype, keys=keys)
-        names = {tp.out.name for tp in plan.tensors}
-        unknown = sorted(set(coefficients) - names)
-        if unknown:
-            raise InputError("coefficients given for a tensor the soup does not have", tensor=unknown[0])
-        per = {tp.out.name: build_plan_coefficients(coefficients.get(tp.out.name, fallback), k, tp.out.name)
-               for tp in plan.tensors}
-        meta = {
-            "soupkern.version": _version(),
-            "soupkern.recipe": recipe,
-            "soupkern.ingredients": json.dumps([os.fspath(p) for p in ingredients]),
-            "soupkern.coefficients": json.dumps({n: list(c) for n, c in sorted(per.items())}),
-            "soupkern.backend": kernel.name,
-            "soupkern.keys": keys,
-            **(metadata or {}),
-        }
-        layout = plan_output([tp.out for tp in plan.tensors], out, meta, max_shard_size)
-        inputs = [f.path for ck in checkpoints for f in ck.files] + [ck.path for ck in checkpoints]
-        writer = SoupWriter(layout, inputs=inputs, staging_bytes=staging_bytes_for(budget_bytes),
-                            overwrite=overwrite, fsync=fsync)
-        order = sorted(plan.tensors, key=lambda tp: layout.where[tp.out.name])
-        with writer, _progress_bar(plan.bytes_read + plan.bytes_written, progress) as bar:
-            for tp in order:
-                execute(SoupPlan((tp,), per[tp.out.name]), writer, kernel, budget_bytes=budget_bytes,
-                        progress=bar.update if bar else None)
-            paths: list[Path] = writer.commit()
-    return SoupReport(tuple(paths), len(plan.tensors), plan.bytes_read, plan.bytes_written,
-                      time.perf_counter() - t0, kernel.name, fallback)
-
-
-def build_plan_coefficients(values: Sequence[float], k: int, name: str) -> tuple[float, ...]:
-    from soupkern.plan import check_coefficients
-
-    try:
-        return check_coefficients(values, k)
-    except InputError as e:
-        raise InputError(str(e), tensor=name) from None
+    return weighted_soup(ingredients, coefficients, out, default=default, recipe=recipe, **options)

@@ -15,13 +15,13 @@ import time
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence, Union
 
 from soupkern.backends import DEVICE_BACKENDS, get_backend, requested_backend
 from soupkern.engine import DEFAULT_BUDGET_BYTES, MIN_BUDGET_BYTES, execute, fill_tensor, staging_bytes_for
 from soupkern.errors import InputError
-from soupkern.io import SoupWriter, open_checkpoint, plan_output
-from soupkern.plan import KeyPolicy, build_plan
+from soupkern.io import Checkpoint, SoupWriter, open_checkpoint, plan_output
+from soupkern.plan import KeyPolicy, SoupPlan, build_plan
 
 if TYPE_CHECKING:
     import torch
@@ -54,11 +54,27 @@ def _version() -> str:
     return __version__
 
 
+Coefficients = Union[Sequence[float], Mapping[str, Sequence[float]]]
+"""One vector for every tensor, or tensor name -> vector (others: `default`, else uniform 1/K)."""
+
+
+def _plan(checkpoints: list[Checkpoint], coefficients: Coefficients, default: Sequence[float] | None,
+          dtype: str | None, keys: KeyPolicy) -> SoupPlan:
+    if isinstance(coefficients, Mapping):
+        k = len(checkpoints)
+        fallback = default if default is not None else [1.0 / k] * k
+        return build_plan(checkpoints, fallback, dtype=dtype, keys=keys).with_per_tensor(coefficients)
+    if default is not None:
+        raise InputError("`default` applies only to per-tensor coefficients (a mapping)")
+    return build_plan(checkpoints, coefficients, dtype=dtype, keys=keys)
+
+
 def weighted_soup(
     ingredients: Sequence[PathLike],
-    coefficients: Sequence[float],
+    coefficients: Coefficients,
     out: PathLike,
     *,
+    default: Sequence[float] | None = None,
     dtype: str | None = None,
     keys: KeyPolicy = "same",
     max_shard_size: int | None = None,
@@ -73,6 +89,9 @@ def weighted_soup(
     device_budget_bytes: int | None = None,
 ) -> SoupReport:
     """Write sum_k coefficients[k] * ingredients[k] to `out`, streaming with bounded memory.
+
+    `coefficients` may instead map tensor names to vectors (per-tensor soups such as the by-layer
+    learned soup); unnamed tensors use `default` (uniform when None).
 
     Ingredients are safetensors files, sharded-checkpoint index files or folders. Every check
     (headers, names, shapes, dtypes, output path, disk space) runs before any output byte is
@@ -92,9 +111,11 @@ def weighted_soup(
     kernel_name = kernels.name if kernels is not None else kernel.name  # type: ignore[union-attr]
     with ExitStack() as stack:
         checkpoints = [stack.enter_context(open_checkpoint(p)) for p in ingredients]
-        plan = build_plan(checkpoints, coefficients, dtype=dtype, keys=keys)
+        plan = _plan(checkpoints, coefficients, default, dtype, keys)
         streamer = None
         if kernels is not None:
+            if plan.per_tensor:
+                raise InputError("per-tensor coefficients run on the host backends (cpp, torch), not through a device")
             from soupkern.gpu_engine import DEFAULT_DEVICE_BUDGET_BYTES, DeviceStreamer
 
             streamer = DeviceStreamer(plan, kernels, dev, budget_bytes=device_budget_bytes or DEFAULT_DEVICE_BUDGET_BYTES)
@@ -102,7 +123,7 @@ def weighted_soup(
             "soupkern.version": _version(),
             "soupkern.recipe": recipe,
             "soupkern.ingredients": json.dumps([os.fspath(p) for p in ingredients]),
-            "soupkern.coefficients": json.dumps(list(plan.coefficients)),
+            "soupkern.coefficients": json.dumps(plan.coefficients_json()),
             "soupkern.backend": kernel_name,
             "soupkern.keys": keys,
             **(metadata or {}),
@@ -144,8 +165,9 @@ def uniform_soup(ingredients: Sequence[PathLike], out: PathLike, **kwargs: objec
 
 def weighted_state_dict(
     ingredients: Sequence[PathLike],
-    coefficients: Sequence[float],
+    coefficients: Coefficients,
     *,
+    default: Sequence[float] | None = None,
     dtype: str | None = None,
     keys: KeyPolicy = "same",
     backend: str | None = None,
@@ -171,17 +193,19 @@ def weighted_state_dict(
         kernels = device_kernels(device, backend)
         with ExitStack() as stack:
             checkpoints = [stack.enter_context(open_checkpoint(p)) for p in ingredients]
-            plan = build_plan(checkpoints, coefficients, dtype=dtype, keys=keys)
+            plan = _plan(checkpoints, coefficients, default, dtype, keys)
+            if plan.per_tensor:
+                raise InputError("per-tensor coefficients run on the host backends (cpp, torch), not through a device")
             streamer = DeviceStreamer(plan, kernels, device, budget_bytes=device_budget_bytes or DEFAULT_DEVICE_BUDGET_BYTES)
             return streamer.to_state_dict()
     kernel = get_backend(backend)
     result: dict[str, torch.Tensor] = {}
     with ExitStack() as stack:
         checkpoints = [stack.enter_context(open_checkpoint(p)) for p in ingredients]
-        plan = build_plan(checkpoints, coefficients, dtype=dtype, keys=keys)
+        plan = _plan(checkpoints, coefficients, default, dtype, keys)
         for tp in plan.tensors:
             t = torch.empty(tp.out.shape, dtype=TORCH_DTYPES[tp.out.dtype])
-            fill_tensor(tp, plan.coefficients, t.view(-1).view(torch.uint8).numpy(), kernel)
+            fill_tensor(tp, plan.coefficients_for(tp.out.name), t.view(-1).view(torch.uint8).numpy(), kernel)
             result[tp.out.name] = t
     return result
 
