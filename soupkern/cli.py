@@ -51,10 +51,15 @@ def _soup_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--intersection", action="store_true", help="soup only the tensor names all ingredients share")
     p.add_argument("--max-shard-size", type=parse_size, help="write HF-style shards of at most this size (e.g. 5GB)")
     p.add_argument("--budget", type=parse_size, default=None, help="working-memory budget (default 64MiB)")
-    p.add_argument("--backend", help="kernel backend (default: $SOUPKERN_BACKEND or the best available)")
+    p.add_argument("--backend", help="kernel backend: cpp, torch, cuda, triton (default: $SOUPKERN_BACKEND or the best available)")
     p.add_argument("--force", action="store_true", help="replace an existing output")
     p.add_argument("--fsync", action="store_true", help="fsync the output before renaming it into place")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+
+
+def _device_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", help="stream the soup through this torch device (e.g. cuda): pinned host buffers, "
+                                    "bounded device memory, same output bytes")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,10 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("uniform", help="plain mean of the ingredients")
     p.add_argument("ingredients", nargs="+", help="safetensors files, index json files or checkpoint folders")
     _soup_options(p)
+    _device_option(p)
 
     p = sub.add_parser("weighted", help="sum of coefficient * ingredient (coefficients of any sign)")
     p.add_argument("ingredients", nargs="+", metavar="PATH:COEFF", help="e.g. a.safetensors:0.3 b.safetensors:0.7")
     _soup_options(p)
+    _device_option(p)
 
     p = sub.add_parser("inspect", help="tensors, dtypes, sizes and metadata of a checkpoint")
     p.add_argument("path")
@@ -165,7 +172,7 @@ def _soup_opts(args: argparse.Namespace) -> dict[str, Any]:
 def _run_soup(args: argparse.Namespace, paths: list[str], coeffs: list[float] | None) -> None:
     from soupkern import uniform_soup, weighted_soup
 
-    opts = _soup_opts(args)
+    opts = {**_soup_opts(args), "device": args.device}
     if coeffs is None:
         report = uniform_soup(paths, args.output, **opts)
     else:
