@@ -24,7 +24,7 @@ Every method turns N ingredient files into one uniform-soup output file:
 
 Child protocol (used by bench_soup.py): `python baselines.py SPEC.json` where SPEC holds
 {method, inputs, out, kwargs, fsync, result}. The child measures, around the soup call only:
-wall time (`soup_s`), then optionally `os.fsync` of the output (`fsync_s`); separately the time
+wall time (`soup_s`) and CPU time of all its threads (`soup_cpu_s`), then optionally `os.fsync` of the output (`fsync_s`); separately the time
 to import the method's modules (`import_s`: torch and safetensors for every method but io_floor,
 so that a lazy import inside a soup call is not timed as soup work), the RSS after imports, and the peak anonymous RSS
 (RssAnon sampled every 5 ms by a thread) and VmHWM. `ru_maxrss` comes from `os.wait4` in a small
@@ -38,6 +38,7 @@ T_PROCESS = time.perf_counter()  # first thing: child start, before any heavy im
 
 import json  # noqa: E402
 import os  # noqa: E402
+import resource  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -249,9 +250,11 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
     rss_after_import = _status_kib("VmRSS")
     sampler = _AnonSampler()
     sampler.start()
+    cpu0 = resource.getrusage(resource.RUSAGE_SELF)
     t2 = time.perf_counter()
     info = fn(spec["inputs"], spec["out"], **spec.get("kwargs", {}))
     t3 = time.perf_counter()
+    cpu1 = resource.getrusage(resource.RUSAGE_SELF)
     peak_anon = sampler.stop()
     fsync_s = None
     if spec.get("fsync"):
@@ -267,6 +270,8 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
         "startup_s": t0 - T_PROCESS,
         "import_s": t1 - t0,
         "soup_s": t3 - t2,
+        # CPU seconds of all threads during the soup call (user + system)
+        "soup_cpu_s": (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime),
         "fsync_s": fsync_s,
         "rss_after_import_kib": rss_after_import,
         "peak_rss_anon_kib": peak_anon,

@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -177,6 +178,13 @@ def _cell_status(rec: dict[str, Any], m: str) -> str | None:
     return None
 
 
+def _cpu_s(rec: dict[str, Any], m: str) -> float | None:
+    """Median user + system CPU seconds of the soup call (all threads; imports excluded) over a
+    method's successful runs: less disturbed than wall time by other jobs on the cores."""
+    t = [r["soup_cpu_s"] for r in rec["runs"] if r["method"] == m and r["returncode"] == 0 and "soup_cpu_s" in r]
+    return statistics.median(t) if t else None
+
+
 def _config_order(results: dict[str, Any]) -> list[dict[str, Any]]:
     return sorted(results["configs"].values(), key=lambda r: (r["params"], r["dtype"], r["n"]))
 
@@ -204,12 +212,12 @@ def render_md(results: dict[str, Any]) -> str:
         for m in rec["methods"]:
             why = _cell_status(rec, m)
             if why is not None:
-                detail_rows.append([key, m, why, "", "", "", "", "", ""])
+                detail_rows.append([key, m, why, "", "", "", "", "", "", ""])
                 continue
             s = rec["summary"][m]
             detail_rows.append([
                 key, m, f"{s['median_s']:.3f} ({s['min_s']:.3f}–{s['max_s']:.3f}) ×{s['runs']}",
-                fmt(_time_ratio(rec, m), 2), fmt(s["gbps"], 2), f"{s['maxrss_mib']:.0f}",
+                fmt(_time_ratio(rec, m), 2), fmt(s["gbps"], 2), fmt(_cpu_s(rec, m), 2), f"{s['maxrss_mib']:.0f}",
                 f"{s['peak_anon_mib']:.0f}", rec["page_cache"].get(m, ""), check_cell(m, rec["checks"].get(m))])
     load_rows = [[config_key(r["model"], r["dtype"], r["n"]), r.get("date_utc_start", ""),
                   " ".join(f"{x:.2f}" for x in r["loadavg_start"]),
@@ -242,8 +250,10 @@ Commands that produced these results (each replaces the configs it ran):
 Check = max abs error vs fp64 mean / max ulp from round(fp64 mean) / share of elements not
 bit-identical to it / err÷bound (bound = 1 ulp at |mean| + (N+1)·2⁻²⁴·mean|x|, the allowance
 of an fp32-accumulated mean), on all small tensors plus the first and last block and the head.
+CPU s = median user + system CPU time of the soup call, all threads (soupkern uses both cores),
+a figure less disturbed than wall time by other jobs on the machine (n/a: not recorded then).
 
-{md_table(["config", "method", "median s (min–max) ×runs", "÷ soupkern", "GB/s", "maxrss MiB",
+{md_table(["config", "method", "median s (min–max) ×runs", "÷ soupkern", "GB/s", "CPU s", "maxrss MiB",
            "peak anon MiB", "page cache", "check"], detail_rows)}
 
 ## Methods
@@ -268,8 +278,19 @@ of an fp32-accumulated mean), on all small tensors plus the first and last block
 """
 
 
+METRICS = (("median_s", "wall time (s)"), ("cpu_s", "CPU time of the soup, user + system (s)"),
+           ("maxrss_mib", "peak RSS (MiB)"))
+
+
+def _metric(rec: dict[str, Any], m: str, metric: str) -> float | None:
+    s = rec["summary"].get(m, {})
+    if not s.get("runs"):
+        return None
+    return _cpu_s(rec, m) if metric == "cpu_s" else float(s[metric])
+
+
 def render_plots(results: dict[str, Any], out_dir: Path, n_for_size: int, model_for_n: str) -> list[Path]:
-    """Time and peak RSS against model size (at N=`n_for_size`) and against N (for
+    """Wall time, CPU time and peak RSS against model size (at N=`n_for_size`) and against N (for
     `model_for_n`), one panel per (metric, dtype), one line per method; missing = skipped."""
     import matplotlib
 
@@ -284,14 +305,13 @@ def render_plots(results: dict[str, Any], out_dir: Path, n_for_size: int, model_
     for name, xkey, select, xlabel in (
             ("size", "params", lambda r: r["n"] == n_for_size, f"parameters (N = {n_for_size})"),
             ("n", "n", lambda r: r["model"] == model_for_n, f"ingredients N ({model_for_n})")):
-        fig, axes = plt.subplots(2, len(dtypes), figsize=(5.5 * len(dtypes), 8), squeeze=False)
+        fig, axes = plt.subplots(3, len(dtypes), figsize=(5.5 * len(dtypes), 11), squeeze=False)
         for j, dt in enumerate(dtypes):
             sel = [r for r in recs if r["dtype"] == dt and select(r)]
-            for i, (metric, label) in enumerate((("median_s", "time (s)"), ("maxrss_mib", "peak RSS (MiB)"))):
+            for i, (metric, label) in enumerate(METRICS):
                 ax = axes[i][j]
                 for m in PEER_METHODS:
-                    pts = [(r[xkey], r["summary"][m][metric]) for r in sel
-                           if r["summary"].get(m, {}).get("runs")]
+                    pts = [(r[xkey], v) for r in sel if (v := _metric(r, m, metric)) is not None]
                     if pts:
                         ax.plot(*zip(*pts), marker="o", label=m)
                 ax.set_xscale("log", base=10 if xkey == "params" else 2)
@@ -303,7 +323,7 @@ def render_plots(results: dict[str, Any], out_dir: Path, n_for_size: int, model_
                 if xkey == "n":
                     ax.set_xticks(sorted({r["n"] for r in sel}) or [2])
                     ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
-                if i == 0 and j == 0:
+                if i == 0 and j == 0 and ax.get_legend_handles_labels()[0]:
                     ax.legend(fontsize=8)
         fig.suptitle("uniform soup, file to file (a missing point = skipped or failed; see peers_cpu.md)")
         fig.tight_layout()
