@@ -196,7 +196,8 @@ def render_md(results: dict[str, Any]) -> str:
     for rec in _config_order(results):
         key = config_key(rec["model"], rec["dtype"], rec["n"])
         k = rec["summary"].get("soupkern", {})
-        cells = [key, f"{k['median_s']:.2f} s, {k['maxrss_mib']:.0f} MiB" if k.get("runs") else "–"]
+        cells = [key, f"{k['median_s']:.2f} s, {k['maxrss_mib']:.0f} / {k['peak_anon_mib']:.0f} MiB"
+                 if k.get("runs") else "–"]
         for m in ("io_floor", "naive_safetensors", "model_soups_reference", "mergekit_linear"):
             why = _cell_status(rec, m)
             r = _time_ratio(rec, m)
@@ -206,7 +207,7 @@ def render_md(results: dict[str, Any]) -> str:
                              "not installed" if "not installed" in why else why[:40])
             else:
                 s = rec["summary"][m]
-                cells.append(f"{fmt(r, 2)}×, {s['maxrss_mib']:.0f} MiB"
+                cells.append(f"{fmt(r, 2)}×, {s['maxrss_mib']:.0f} / {s['peak_anon_mib']:.0f} MiB"
                              + ("" if m == "io_floor" or rec["checks"].get(m, {}).get("ok") else " ✗"))
         summary_rows.append(cells)
         for m in rec["methods"]:
@@ -240,9 +241,12 @@ Commands that produced these results (each replaces the configs it ran):
 
 {cmds}
 
-## Summary: soupkern time and peak RSS; each peer as time ÷ soupkern's, and its peak RSS
+## Summary: soupkern's median time; each peer's as a multiple of it; peak RSS / peak anonymous RSS of each
 
-{md_table(["config (model/dtype/N)", "soupkern", "io_floor", "naive_safetensors", "model_soups_reference",
+Peak RSS counts touched pages of memory-mapped input files, which the kernel can drop under
+pressure; peak anonymous RSS (sampled every 5 ms) is the heap a tool really needs.
+
+{md_table(["config (model/dtype/N)", "soupkern: s, RSS / anon", "io_floor", "naive_safetensors", "model_soups_reference",
            "mergekit_linear"], summary_rows)}
 
 ## All figures
