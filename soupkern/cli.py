@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", help="the shared pretrained checkpoint (default: none, raw weights)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
-    p = sub.add_parser("demo", help="real model-soup experiment on scikit-learn's digits (about 5 minutes; --fast: 1)")
+    p = sub.add_parser("demo", help="real model-soup experiment on scikit-learn's digits (about a minute; --fast: seconds)")
     p.add_argument("--workdir", default="demo_out", help="where ingredients, soups and results go (default ./demo_out)")
     p.add_argument("--fast", action="store_true", help="fewer ingredients and seeds")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing; results still go to the workdir")

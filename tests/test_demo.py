@@ -34,7 +34,7 @@ def _accuracy(state: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) 
 
 def test_outputs_written(demo: tuple[Path, dict]) -> None:
     workdir, result = demo
-    assert (workdir / "results.md").read_text().count("\n| ") == len(ROWS) + 2  # header, rule, rows
+    assert (workdir / "results.md").read_text().count("\n| ") == 2 * len(ROWS) + 3  # two tables: headers, rules, rows
     assert (workdir / "soups.png").stat().st_size > 10_000
     seed = result["per_seed"][0]
     assert len(seed["ingredients"]) == DemoConfig.tiny().ingredients
