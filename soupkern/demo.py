@@ -160,16 +160,19 @@ def plot(per_seed: Sequence[dict[str, Any]], path: Path) -> None:
     x_col, y_col = "test", f"shift:{SHIFTS[0]}"
     xs = [100 * i[x_col] for s in per_seed for i in s["ingredients"]]
     ys = [100 * i[y_col] for s in per_seed for i in s["ingredients"]]
-    ax.scatter(xs, ys, s=14, c="0.6", label="fine-tuned ingredients")
-    markers = {"uniform soup": ("s", "tab:blue"), "greedy soup": ("*", "tab:red"),
+    ax.scatter(xs, ys, s=10, c="0.75", label="fine-tuned ingredients (all seeds)")
+    markers = {"best single model": ("o", "k"), "uniform soup": ("s", "tab:blue"), "greedy soup": ("*", "tab:red"),
                "learned soup": ("D", "tab:purple"), "logit ensemble": ("^", "tab:green")}
     for row, (marker, color) in markers.items():
-        ax.scatter([100 * s["rows"][row][x_col] for s in per_seed], [100 * s["rows"][row][y_col] for s in per_seed],
-                   marker=marker, s=70 if marker == "*" else 40, c=color, edgecolors="k", linewidths=0.5, label=row)
+        px = [100 * s["rows"][row][x_col] for s in per_seed]
+        py = [100 * s["rows"][row][y_col] for s in per_seed]
+        size = 90 if marker == "*" else 45
+        ax.scatter(px, py, marker=marker, s=size / 3, c=color, alpha=0.35, linewidths=0)
+        ax.scatter([statistics.fmean(px)], [statistics.fmean(py)], marker=marker, s=size * 2.5, c=color,
+                   edgecolors="k", linewidths=0.8, label=f"{row} (mean)")
     ax.set_xlabel("test accuracy (%)")
     ax.set_ylabel("accuracy under pixel noise (%)")
-    seeds = ", ".join(str(s["seed"]) for s in per_seed)
-    ax.set_title(f"Model soups on digits (MLP, seeds {seeds}: one point per seed)")
+    ax.set_title(f"Model soups on digits: {len(per_seed)} seeds (small: one per seed; large: mean)")
     ax.legend(loc="lower right", fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
