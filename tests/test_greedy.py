@@ -280,3 +280,13 @@ def test_greedy_on_gpu_matches_cpu(digits_ingredients: list[Path], digits_splits
     assert gpu.kept == cpu.kept
     for k, v in gpu_model.state_dict().items():
         assert torch.equal(v.cpu(), cpu_model.state_dict()[k])  # same fp32 adds and division: same bits
+
+
+def test_default_speculation_follows_the_cost_of_a_pass(digits_ingredients: list[Path],
+                                                        digits_splits: digits.Splits) -> None:
+    """In-memory batches on a CPU: sequential (batched passes measured slower there); a DataLoader:
+    speculative. The picks are the same either way."""
+    in_memory = greedy_soup(digits_ingredients, model=digits.make_model(), data=digits.batches(digits_splits.val))
+    loader = greedy_soup(digits_ingredients, model=digits.make_model(), data=digits.make_loader(digits_splits.val))
+    assert in_memory.speculative == 1 and loader.speculative > 1
+    assert in_memory.kept == loader.kept

@@ -332,8 +332,11 @@ def greedy_soup(
     Scoring: `evaluator`, or one built from `model` (module or factory, state-dict names = the
     ingredients' tensor names) with held-out `data` + `metric` ("accuracy", "loss" or a callable), or
     with `score(model) -> float`. `maximize` overrides the metric's direction. `ingredient_scores`
-    (input order) skips step 1. `speculative`: candidates per batched pass; default 8 when the
-    evaluator can batch (held-out data), 1 with a score callable (where S > 1 is refused).
+    (input order) skips step 1. `speculative`: candidates per batched pass. Default: 8 where a
+    pass over the data costs more than its arithmetic, i.e. the model is on a GPU or the data is a
+    `torch.utils.data.DataLoader`; otherwise 1 (in-memory batches on a CPU: batched evaluation is
+    compute-bound there and measured slower, see benchmarks/results/greedy_digits_cpu.md). A score
+    callable allows only 1.
     `tie`, `sort`: see the module docstring. Output options (`dtype`, `overwrite`, `backend`,
     `progress`) as `weighted_soup`; `metadata` is added to the greedy provenance.
 
@@ -347,7 +350,7 @@ def greedy_soup(
         raise InputError("greedy soup needs at least one ingredient")
     ev = make_evaluator(model, data, metric=metric, score=score, maximize=maximize, device=device, evaluator=evaluator)
     if speculative is None:
-        speculative = DEFAULT_SPECULATIVE if ev.can_batch() else 1
+        speculative = DEFAULT_SPECULATIVE if ev.can_batch() and _passes_are_costly(ev) else 1
     if speculative < 1:
         raise InputError(f"speculative must be >= 1, got {speculative}")
     if speculative > 1 and not ev.can_batch():
@@ -394,6 +397,13 @@ def greedy_soup(
                                backend=backend, progress=progress, recipe="greedy",
                                metadata={**result.metadata(), **(metadata or {})})
     return replace(result, seconds=time.perf_counter() - t0, report=report)
+
+
+def _passes_are_costly(ev: Evaluator) -> bool:
+    """Whether sharing a pass over the data among several candidates pays (see `greedy_soup`)."""
+    from torch.utils.data import DataLoader
+
+    return ev.device.type != "cpu" or isinstance(ev.data, DataLoader)
 
 
 def _score_ingredients(soup: _RunningSoup, speculative: int) -> list[float]:
