@@ -60,6 +60,7 @@ class CudaPlan:
     lib_dir: str | None = None
     archs: str = DEFAULT_CUDA_ARCHS
     gencode: list[str] = field(default_factory=list)
+    required: bool = False  # SOUPKERN_BUILD_CUDA=1: a failed CUDA build fails the install
 
 
 def parse_archs(spec: str) -> list[tuple[int, str, bool]]:
@@ -157,7 +158,7 @@ def plan_cuda(env: dict[str, str] | None = None) -> CudaPlan:
             raise CudaBuildError(f"SOUPKERN_BUILD_CUDA=1 but {msg}; set CUDA_HOME to the toolkit root")
         return CudaPlan(False, msg)
     archs = env.get("SOUPKERN_CUDA_ARCHS", "").strip() or DEFAULT_CUDA_ARCHS
-    return CudaPlan(True, f"built with {nvcc} for {archs}", nvcc, home, lib_dir, archs, gencode_flags(archs))
+    return CudaPlan(True, f"built with {nvcc} for {archs}", nvcc, home, lib_dir, archs, gencode_flags(archs), required)
 
 
 def _newer(target: str, sources: list[str]) -> bool:
@@ -175,10 +176,12 @@ class BuildExt(build_ext):
         try:
             super().run()
         finally:
-            for proc, _, _ in self._nvcc_jobs:
+            for proc, obj, _ in self._nvcc_jobs:
                 if proc is not None and proc.poll() is None:
                     proc.kill()
                     proc.wait()
+                    if os.path.exists(obj):  # a truncated object newer than its source would be reused
+                        os.unlink(obj)
         self._write_build_info()
 
     def _start_nvcc(self) -> None:
@@ -199,8 +202,16 @@ class BuildExt(build_ext):
         with open(arch_stamp, "w") as f:
             f.write(" ".join(flags))
 
+    def build_extensions(self) -> None:
+        super().build_extensions()
+        if not CUDA.build:  # an optional CUDA build that failed: nothing to copy or install for it
+            self.extensions = [e for e in self.extensions if e.name != "soupkern._cuda"]
+
     def build_extension(self, ext: Pybind11Extension) -> None:
-        if ext.name == "soupkern._cuda":
+        if ext.name != "soupkern._cuda":
+            super().build_extension(ext)
+            return
+        try:
             objects = []
             for proc, obj, cmd in self._nvcc_jobs:
                 if proc is not None:
@@ -212,7 +223,12 @@ class BuildExt(build_ext):
                         raise CudaBuildError(f"nvcc failed (exit {proc.returncode}): {' '.join(cmd)}")
                 objects.append(obj)
             ext.extra_objects = objects
-        super().build_extension(ext)
+            super().build_extension(ext)
+        except Exception as e:  # noqa: BLE001 - optional unless SOUPKERN_BUILD_CUDA=1
+            if CUDA.required:
+                raise
+            CUDA.build, CUDA.reason = False, f"CUDA build failed ({e}); set SOUPKERN_BUILD_CUDA=1 to make it an error"
+            print(f"soupkern: warning: {CUDA.reason}; installing without the CUDA extension", file=sys.stderr, flush=True)
 
     def _write_build_info(self) -> None:
         info = {"built": CUDA.build, "reason": CUDA.reason, "archs": CUDA.archs if CUDA.build else None,

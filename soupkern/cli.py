@@ -213,6 +213,7 @@ def _inspect(path: str, as_json: bool) -> None:
 def _greedy(args: argparse.Namespace) -> None:
     from soupkern import weighted_soup
     from soupkern.recipes.greedy import GreedyStep, greedy_soup
+    from soupkern.recipes.weighted import check_soup_output
 
     fn = load_callable(args.score, "--score")
     if args.model:
@@ -231,6 +232,9 @@ def _greedy(args: argparse.Namespace) -> None:
             print(f"  {names[step.ingredient]:<32} soup of {step.soup_size + 1}: {step.score:.6g}  {verdict}",
                   file=sys.stderr)
 
+    opts = _soup_opts(args)
+    check_soup_output(args.ingredients, args.output, dtype=opts["dtype"], keys=opts["keys"],
+                      max_shard_size=opts["max_shard_size"], overwrite=opts["overwrite"])
     if not args.quiet:
         print(f"greedy soup of {len(names)} ingredients (tie rule '{args.tie}'): scoring each ingredient...",
               file=sys.stderr)
@@ -238,7 +242,7 @@ def _greedy(args: argparse.Namespace) -> None:
                          device=args.device, on_step=on_step)
     n = len(result.kept)
     report = weighted_soup([result.paths[i] for i in result.kept], [1.0 / n] * n, args.output, recipe="greedy",
-                           metadata=result.metadata(), **_soup_opts(args))
+                           metadata=result.metadata(), **opts)
     if not args.quiet:
         print(f"\n{'rank':>4}  {'ingredient':<32} {'score':>12}  in soup", file=sys.stderr)
         for rank, i in enumerate(result.order):
@@ -257,7 +261,7 @@ def _learned(args: argparse.Namespace) -> None:
     opts = _soup_opts(args)
     result = learned_soup(args.ingredients, model, data, args.output, mode=args.mode, epochs=args.epochs, lr=args.lr,
                           seed=args.seed, **{k: opts[k] for k in ("dtype", "keys", "max_shard_size", "budget_bytes",
-                                                                   "backend", "overwrite")})
+                                                                   "backend", "overwrite", "fsync")})
     if not args.quiet:
         print(result.to_table(), file=sys.stderr)
     _summary(args, result.report)

@@ -245,6 +245,8 @@ class DeviceStreamer:
         with o.stream("copy_in"):
             if reused:
                 o.wait("copy_in", self.kernel_done[slot])
+                if results is None:  # the slot's previous outputs must be copied out before inputs land
+                    o.wait("copy_in", self.d2h_done[slot])  # (the host already waited for it: belt and braces)
             self.dev[slot][: batch.in_bytes].copy_(self.host[slot][: batch.in_bytes], non_blocking=True)
             o.record(self.h2d_done[slot], "copy_in")
         with o.stream("compute"):

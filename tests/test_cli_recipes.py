@@ -98,3 +98,33 @@ def test_analyze_json(work: tuple[Path, list[Path]], capsys: pytest.CaptureFixtu
     np.testing.assert_allclose(got, np.array([[d1 @ d2 for d2 in deltas] for d1 in deltas]), rtol=1e-12)
     assert main(["analyze", *map(str, paths), "--base", str(base)]) == 0
     assert "angle_deg" in capsys.readouterr().out
+
+
+def test_output_checked_before_any_evaluation(work: tuple[Path, list[Path]]) -> None:
+    """An unwritable output fails before the (expensive) evaluations or training, not after."""
+    from soupkern.errors import InputError, OutputError
+    from soupkern.recipes.greedy import greedy_soup
+    from soupkern.recipes.learned import learned_soup
+
+    wd, paths = work
+    taken = wd / "taken.safetensors"
+    taken.write_bytes(b"not ours")
+    calls = []
+
+    def score(model: object) -> float:
+        calls.append(1)
+        return 0.0
+
+    with pytest.raises(OutputError, match="already exists"):
+        greedy_soup(paths, taken, model=digits.make_model, score=score)
+    with pytest.raises(OutputError, match="does not exist"):
+        greedy_soup(paths, wd / "no_such_dir" / "g.safetensors", model=digits.make_model, score=score)
+    assert calls == []
+    splits = digits.make_splits(0)
+    with pytest.raises(OutputError, match="already exists"):
+        learned_soup(paths, digits.make_model(), digits.batches(splits.val), taken, progress=lambda *a: calls.append(1))
+    with pytest.raises(InputError, match="by-layer"):
+        learned_soup(paths, digits.make_model(), digits.batches(splits.val), wd / "l.safetensors", mode="by_layer",
+                     backend="triton", progress=lambda *a: calls.append(1))
+    assert calls == []
+    assert taken.read_bytes() == b"not ours"

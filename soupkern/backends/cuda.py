@@ -110,8 +110,8 @@ class CudaKernels:
     def greedy_candidate(self, outs: Sequence[torch.Tensor], sums: Sequence[torch.Tensor],
                          xs: Sequence[torch.Tensor], n: int) -> None:
         """outs[t] = round((sums[t] + xs[t]) / (n + 1)) (fp32 add, IEEE division, one rounding)."""
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0 or n + 1 >= 1 << 24:
-            raise InputError(f"n must be an int in [0, 2^24 - 1) (exact in fp32), got {n!r}")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0 or n + 1 > 1 << 24:
+            raise InputError(f"n must be an int with 0 <= n and n + 1 <= 2^24 (exact in fp32), got {n!r}")
         self._greedy_checks(sums, xs)
         rows = [[s, x] for s, x in zip(sums, xs)]
         self._rows(outs, rows, 2, ("outs", "sums/xs"))

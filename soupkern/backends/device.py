@@ -13,7 +13,8 @@ multi_weighted_sum(outs, inputs, weights):
     outs[t] receives it. One launch for the whole table where the backend supports it.
 greedy_candidate(outs, sums, xs, n):
     outs[t] = round(((sums[t] + float(xs[t])) / (n + 1))): fp32 add, IEEE fp32 division, one
-    rounding to outs[t]'s dtype. sums are fp32 running sums of n ingredients.
+    rounding to outs[t]'s dtype. sums are fp32 running sums of n ingredients; 0 <= n and
+    n + 1 <= 2^24 (exact in fp32).
     Bytes moved: 4 + x itemsize + out itemsize per element.
 greedy_accept(sums, xs):
     sums[t] += float(xs[t]) in fp32. Bytes moved: 8 + x itemsize per element.
@@ -156,6 +157,11 @@ def measure(device: torch.device, candidates: dict[str, object], repeats: int = 
     elements (bias/norm-sized). Each candidate runs once untimed first (compiles Triton)."""
     import torch
 
+    with torch.cuda.device(device):  # events and launches on `device`, not the current device
+        return _measure(torch, device, candidates, repeats)
+
+
+def _measure(torch: Any, device: torch.device, candidates: dict[str, object], repeats: int) -> dict[str, float]:
     n, small, k = 1 << 23, 1664, 4
     g = torch.Generator(device=device).manual_seed(0)
     xs = [torch.randn(n, generator=g, device=device).to(torch.bfloat16) for _ in range(k)]

@@ -243,7 +243,11 @@ def device_table(host: np.ndarray, device: torch.device) -> torch.Tensor:
     key = (device, stream, host.tobytes())
     table = _TABLES.get(key)
     if table is None:
-        table = torch.from_numpy(np.ascontiguousarray(host, dtype=np.int64)).to(device)
+        src = torch.from_numpy(np.ascontiguousarray(host, dtype=np.int64))
+        if device.type == "cuda":  # pinned + non_blocking: a pageable copy would block the host on the stream
+            table = src.pin_memory().to(device, non_blocking=True)  # torch keeps the pinned block until copied
+        else:
+            table = src.to(device)
         while _TABLES and _table_bytes + host.nbytes > _TABLE_CACHE_BYTES:
             _table_bytes -= _TABLES.pop(next(iter(_TABLES))).numel() * 8
         if host.nbytes <= _TABLE_CACHE_BYTES:

@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from soupkern.errors import InputError, MismatchError
-from soupkern.recipes.weighted import SoupReport, weighted_soup
+from soupkern.recipes.weighted import SoupReport, check_soup_output, weighted_soup
 
 if TYPE_CHECKING:
     import torch
@@ -253,7 +253,10 @@ class _RunningSoup:
 
         with torch.no_grad():
             for n, t in zip(self.names, self.targets):
-                t.copy_(self.sums[n] / float(self.n))
+                # a tensor divisor: torch turns division by a Python number into a multiplication
+                # by its rounded reciprocal on CUDA, which is not the IEEE division of the contract
+                divisor = torch.full((), float(self.n), dtype=torch.float32, device=self.sums[n].device)
+                t.copy_(self.sums[n] / divisor)
 
 
 class _Ingredient:
@@ -358,6 +361,8 @@ def greedy_soup(
                          "scored in one batched pass; with a score callable use speculative=1")
     if tie not in ("ge", "gt"):
         raise InputError(f"tie must be 'ge' or 'gt', got {tie!r}")
+    if out is not None:  # fail before the evaluations, not after them
+        check_soup_output(paths, out, dtype=dtype, overwrite=overwrite)
     soup = _RunningSoup(ev, paths)
 
     if ingredient_scores is None:

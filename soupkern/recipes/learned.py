@@ -31,19 +31,18 @@ import os
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from soupkern.backends import Backend, get_backend
+from soupkern.backends import DEVICE_BACKENDS, Backend, get_backend, requested_backend
 from soupkern.engine import DEFAULT_BUDGET_BYTES, MIN_BUDGET_BYTES, fill_tensor
-from soupkern.errors import InputError, OutputError
+from soupkern.errors import InputError
 from soupkern.io import open_checkpoint
 from soupkern.plan import KeyPolicy, SoupPlan, TensorPlan, build_plan
-from soupkern.recipes.weighted import SoupReport, weighted_soup
+from soupkern.recipes.weighted import SoupReport, check_soup_output, weighted_soup
 from soupkern.torch_dtypes import TORCH_DTYPES
 
 PathLike = str | os.PathLike[str]
@@ -231,6 +230,7 @@ def learned_soup(
     budget_bytes: int = DEFAULT_BUDGET_BYTES,
     backend: str | None = None,
     overwrite: bool = False,
+    fsync: bool = False,
     progress: Callable[[int, float], None] | None = None,
 ) -> LearnedSoupResult:
     """Learn softmax mixing coefficients on held-out `data`, then write the soup to `out` (if given).
@@ -242,7 +242,7 @@ def learned_soup(
       steps (cycling through the data). `eval_data` (default: `data`) gives the reported held-out
       loss/accuracy of the uniform and the learned soup.
     loss_fn: (outputs, targets) -> mean loss; default cross-entropy.
-    Output options (`dtype`, `keys`, `max_shard_size`, `budget_bytes`, `backend`, `overwrite`) as
+    Output options (`dtype`, `keys`, `max_shard_size`, `budget_bytes`, `backend`, `overwrite`, `fsync`) as
     `weighted_soup`. `progress(step, loss)` is called after every step. Seeded by `seed` (the
     global torch RNG is restored afterwards).
     """
@@ -254,9 +254,11 @@ def learned_soup(
         raise InputError(f"bad optimizer settings: lr={lr}, epochs={epochs}, steps={steps}, weight_decay={weight_decay}")
     if budget_bytes < MIN_BUDGET_BYTES:
         raise InputError(f"budget_bytes must be at least {MIN_BUDGET_BYTES}, got {budget_bytes}")
-    if out is not None and max_shard_size is None and Path(out).is_file() and not overwrite:
-        # the writer checks this too, but only after training: fail before the work
-        raise OutputError(f"{out}: already exists; pass overwrite=True (--force) to replace it")
+    if out is not None:  # fail before training, not after it
+        if mode == "by_layer" and requested_backend(backend) in DEVICE_BACKENDS:
+            raise InputError("a by-layer soup (per-tensor coefficients) is written by the host backends (cpp, torch); "
+                             f"backend '{requested_backend(backend)}' runs on a device")
+        check_soup_output(ingredients, out, dtype=dtype, keys=keys, max_shard_size=max_shard_size, overwrite=overwrite)
     loss_fn = loss_fn or F.cross_entropy
     eval_data = data if eval_data is None else eval_data
     kernel = get_backend(backend)
@@ -324,7 +326,8 @@ def learned_soup(
         "soupkern.learned.settings": json.dumps(settings),
     }
     opts: dict[str, Any] = {"dtype": dtype, "keys": keys, "max_shard_size": max_shard_size,
-                            "budget_bytes": budget_bytes, "backend": backend, "overwrite": overwrite}
+                            "budget_bytes": budget_bytes, "backend": backend, "overwrite": overwrite,
+                            "fsync": fsync}
     if mode == "by_model":
         report = weighted_soup(ingredients, coeffs[0], out, recipe="learned", metadata=meta, **opts)
     else:

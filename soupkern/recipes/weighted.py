@@ -155,6 +155,27 @@ def _device_route(backend: str | None, device: str | None) -> tuple[str | None, 
     return device, device_kernels(device, backend)
 
 
+def check_soup_output(
+    ingredients: Sequence[PathLike],
+    out: PathLike,
+    *,
+    dtype: str | None = None,
+    keys: KeyPolicy = "same",
+    max_shard_size: int | None = None,
+    overwrite: bool = False,
+) -> None:
+    """Every check `weighted_soup` makes before writing, without writing: for recipes that do
+    expensive work (evaluations, training) before they write, so bad input or an unwritable
+    output fails first. Raises what `weighted_soup` would raise."""
+    with ExitStack() as stack:
+        checkpoints = [stack.enter_context(open_checkpoint(p)) for p in ingredients]
+        k = len(checkpoints)
+        plan = build_plan(checkpoints, [1.0 / max(k, 1)] * k, dtype=dtype, keys=keys)
+        layout = plan_output([tp.out for tp in plan.tensors], out, {}, max_shard_size)
+        inputs = [f.path for ck in checkpoints for f in ck.files] + [ck.path for ck in checkpoints]
+        SoupWriter(layout, inputs=inputs, staging_bytes=1, overwrite=overwrite).check()
+
+
 def uniform_soup(ingredients: Sequence[PathLike], out: PathLike, **kwargs: object) -> SoupReport:
     """The uniform soup (plain mean) of `ingredients` written to `out`; options as `weighted_soup`."""
     k = len(ingredients)
