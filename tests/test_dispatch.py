@@ -114,3 +114,24 @@ def test_import_soupkern_loads_no_torch_triton_or_cuda() -> None:
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout) == []
+
+
+def test_torch_device_kernels_validate_operands() -> None:
+    """The torch implementation of the device contracts refuses what the fused kernels refuse."""
+    import torch
+
+    from soupkern.backends.device import TorchDeviceKernels
+    from soupkern.errors import InputError
+
+    k = TorchDeviceKernels()
+    out = torch.empty(4)
+    with pytest.raises(InputError, match="K >= 1"):
+        k.weighted_sum(out, [], [])
+    with pytest.raises(InputError, match="elements"):
+        k.weighted_sum(out, [torch.ones(5)], [1.0])
+    with pytest.raises(InputError, match="dtype"):
+        k.weighted_sum(out, [torch.ones(4, dtype=torch.float64)], [1.0])
+    with pytest.raises(InputError, match="2\\^24"):
+        k.greedy_candidate([out], [torch.zeros(4)], [torch.ones(4)], 1 << 24)
+    k.weighted_sum(out, [torch.ones(4), torch.full((4,), 2.0)], [0.5, 0.25])
+    assert out.tolist() == [1.0] * 4

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
+from soupkern.errors import InputError
+
 if TYPE_CHECKING:
     import torch
 
@@ -58,6 +60,7 @@ class TorchDeviceKernels:
         import numpy as np
         import torch
 
+        _check_operands(out, inputs, weights)
         acc = None
         for x, w in zip(inputs, weights):
             w32 = float(np.float32(w))
@@ -70,6 +73,8 @@ class TorchDeviceKernels:
 
     def multi_weighted_sum(self, outs: Sequence[torch.Tensor], inputs: Sequence[Sequence[torch.Tensor]],
                            weights: Sequence[float]) -> None:
+        if len(outs) != len(inputs):
+            raise InputError(f"multi_weighted_sum: {len(outs)} outputs for {len(inputs)} input rows")
         for out, xs in zip(outs, inputs):
             self.weighted_sum(out, xs, weights)
 
@@ -77,6 +82,10 @@ class TorchDeviceKernels:
                          xs: Sequence[torch.Tensor], n: int) -> None:
         import torch
 
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0 or n + 1 > 1 << 24:
+            raise InputError(f"n must be an int with 0 <= n and n + 1 <= 2^24 (exact in fp32), got {n!r}")
+        if not len(outs) == len(sums) == len(xs):
+            raise InputError(f"greedy_candidate: {len(outs)} outputs, {len(sums)} sums, {len(xs)} ingredients")
         for out, s, x in zip(outs, sums, xs):
             divisor = torch.full((), float(n + 1), dtype=torch.float32, device=s.device)
             out.copy_((s + x.to(torch.float32)).div_(divisor).view(out.shape))
@@ -86,6 +95,20 @@ class TorchDeviceKernels:
 
         for s, x in zip(sums, xs):
             s.add_(x.to(torch.float32).view(s.shape))
+
+
+def _check_operands(out: torch.Tensor, inputs: Sequence[torch.Tensor], weights: Sequence[float]) -> None:
+    import torch
+
+    supported = (torch.float32, torch.float16, torch.bfloat16)
+    if not inputs or len(inputs) != len(weights):
+        raise InputError(f"weighted_sum: {len(inputs)} inputs and {len(weights)} weights (need K >= 1 of each)")
+    for i, t in enumerate([out, *inputs]):
+        role = "out" if i == 0 else f"input {i - 1}"
+        if t.dtype not in supported:
+            raise InputError(f"weighted_sum: {role} has dtype {t.dtype}; device kernels take fp32, fp16, bf16")
+        if t.numel() != out.numel():
+            raise InputError(f"weighted_sum: {role} has {t.numel()} elements, out has {out.numel()}")
 
 
 # ---------------------------------------------------------------------------------------------
