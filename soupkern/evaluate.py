@@ -13,7 +13,11 @@ stacked dict (e.g. buffers) come from the model. The S scores equal S separate e
 the rounding of batched vs unbatched matmuls (fp32: relative ~1e-6 in the outputs; an accuracy can
 differ only where a sample's top-2 logits are that close). Models vmap cannot run (data-dependent
 Python control flow, in-place buffer updates) fall back to S sequential evaluations (`batched="auto"`,
-with a warning) or raise (`batched="vmap"`).
+with a warning) or raise (`batched="vmap"`). `batched="shared"` also makes one pass over the data
+but runs each batch through the S soups one after another (plain forwards through
+`functional_call`, results identical to separate evaluations): on a CPU, where the evaluation is
+compute-bound, vmap'd matmuls over S soups are slower than S plain ones (measured in
+benchmarks/results/greedy_digits_cpu.md), so `"auto"` means "shared" on a CPU and vmap elsewhere.
 
 Scores are means over samples of a per-sample metric, accumulated in fp64: "accuracy" (top-1 over
 the last output dimension, higher is better) or "loss" (cross-entropy of fp32 logits, lower is
@@ -47,7 +51,7 @@ MetricFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """(outputs [B, ...], targets [B]) -> per-sample values [B]; the score is their mean over all samples."""
 ScoreFn = Callable[[nn.Module], float]
 ModelLike = Union[nn.Module, Callable[[], nn.Module]]
-BatchedMode = Literal["auto", "vmap", "sequential"]
+BatchedMode = Literal["auto", "vmap", "shared", "sequential"]
 
 
 def accuracy_metric(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -116,6 +120,8 @@ class Evaluator:
       False for loss, True for a callable.
     score: instead of data, a callable `score(model) -> float` (called under `torch.no_grad()`);
       `maximize` defaults to True. Batched evaluation then runs the soups one after another.
+    batched: how `score_stacked` shares a pass among soups: "auto" ("shared" on a CPU, "vmap"
+      elsewhere), "vmap", "shared" or "sequential" (one pass per soup); see the module docstring.
     """
 
     def __init__(self, model: ModelLike, data: Iterable[Any] | None = None, *,
@@ -130,8 +136,8 @@ class Evaluator:
                 raise InputError(f"the model factory returned {type(model).__name__}, not an nn.Module")
         if (data is None) == (score is None):
             raise InputError("give either held-out data (with a metric) or a score(model) callable, not both or neither")
-        if batched not in ("auto", "vmap", "sequential"):
-            raise InputError(f"batched must be 'auto', 'vmap' or 'sequential', got {batched!r}")
+        if batched not in ("auto", "vmap", "shared", "sequential"):
+            raise InputError(f"batched must be 'auto', 'vmap', 'shared' or 'sequential', got {batched!r}")
         if device is not None:
             model.to(device)
         self.model = model.eval()
@@ -264,6 +270,8 @@ class Evaluator:
         return sizes.pop()
 
     def _score_chunk(self, stacked: Mapping[str, torch.Tensor], s: int) -> list[float]:
+        if self.can_batch() and (self.batched == "shared" or (self.batched == "auto" and self._prefers_shared())):
+            return self._score_shared(stacked, s)
         if self.can_batch():
             try:
                 return self._score_vmap(stacked, s)
@@ -304,6 +312,27 @@ class Evaluator:
             targets = targets.to(outputs.device, non_blocking=True)
             for i in range(s):
                 totals[i] = self._accumulate(totals[i], outputs[i], targets)
+        return [t.mean() for t in totals]
+
+    def _prefers_shared(self) -> bool:
+        """"auto" on a CPU: plain forwards beat vmap'd ones there (see the module docstring)."""
+        return self.device.type == "cpu"
+
+    def _score_shared(self, stacked: Mapping[str, torch.Tensor], s: int) -> list[float]:
+        """One pass over the data; each batch goes through the S soups one after another
+        (functional_call with soup i's tensors). Shares the cost of producing the batches;
+        each forward is a plain one, which on a CPU is faster than a vmap'd one."""
+        from torch.func import functional_call
+
+        totals = [_Totals(0.0, 0) for _ in range(s)]
+        soups = [{k: v[i] for k, v in stacked.items()} for i in range(s)]
+        assert self.data is not None  # can_batch() implies data
+        for batch in self.data:
+            inputs, targets = _split(batch)
+            args = _args(_to(inputs, self.device))
+            targets = targets.to(self.device, non_blocking=True)
+            for i, params in enumerate(soups):
+                totals[i] = self._accumulate(totals[i], functional_call(self.model, params, args), targets)
         return [t.mean() for t in totals]
 
     def _score_sequential(self, stacked: Mapping[str, torch.Tensor], s: int) -> list[float]:

@@ -135,17 +135,18 @@ def test_bad_arguments(digits_splits: digits.Splits) -> None:
         make_evaluator(model, evaluator=Evaluator(model, []))
 
 
+@pytest.mark.parametrize("mode", ["vmap", "shared"])
 def test_batched_equals_separate_evaluations(digits_ingredients: list[Path], digits_splits: digits.Splits,
-                                             val_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+                                             val_batches: list[tuple[torch.Tensor, torch.Tensor]], mode: str) -> None:
     soups = _random_soups(_states(digits_ingredients), 6)
     stacked = _stack(soups)
     model = digits.make_model()
-    ev = Evaluator(model, val_batches)
-    loss_ev = Evaluator(model, val_batches, metric="loss")
+    ev = Evaluator(model, val_batches, batched=mode)  # type: ignore[arg-type]
+    loss_ev = Evaluator(model, val_batches, metric="loss", batched=mode)  # type: ignore[arg-type]
     weights_before = {k: v.clone() for k, v in model.state_dict().items()}
     batched = ev.score_stacked(stacked)
     batched_loss = loss_ev.score_stacked(stacked)
-    torch.testing.assert_close(model.state_dict(), weights_before, atol=0, rtol=0)  # vmap path: untouched
+    torch.testing.assert_close(model.state_dict(), weights_before, atol=0, rtol=0)  # batched paths: untouched
     assert ev.can_batch() and loss_ev.can_batch()  # no silent fallback to sequential evaluation
     assert ev.score_stacked(stacked, max_soups=4) == batched  # chunked passes give the same scores
 
@@ -188,10 +189,11 @@ class _Scaled(nn.Module):
         return self.out(torch.relu(self.bn(self.fc(x)))) * self.scale
 
 
-def test_batched_handles_buffers(digits_splits: digits.Splits) -> None:
+@pytest.mark.parametrize("mode", ["vmap", "shared"])
+def test_batched_handles_buffers(digits_splits: digits.Splits, mode: str) -> None:
     torch.manual_seed(0)
     model = _Scaled()
-    ev = Evaluator(model, digits.batches(digits_splits.val, 128), metric="loss")
+    ev = Evaluator(model, digits.batches(digits_splits.val, 128), metric="loss", batched=mode)  # type: ignore[arg-type]
     assert not model.training  # put in eval mode: BatchNorm uses (and does not update) running stats
     g = torch.Generator().manual_seed(1)
     base = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
@@ -227,7 +229,13 @@ def test_vmap_failure_falls_back_or_raises(digits_splits: digits.Splits) -> None
     strict = Evaluator(model, data, batched="vmap")
     with pytest.raises(BatchedEvaluationUnavailable):
         strict.score_stacked(stacked)
+    # "auto" on a CPU shares each batch among plain forwards: no vmap, so this model just works
+    shared = Evaluator(model, data)
+    assert shared.score_stacked(stacked) == [shared.score({"fc.weight": s}) for s in stacked["fc.weight"]]
+    assert shared.can_batch()
+    # "auto" where it would use vmap (a GPU): falls back to sequential with a warning
     ev = Evaluator(model, data)
+    ev._prefers_shared = lambda: False  # type: ignore[method-assign]
     with pytest.warns(RuntimeWarning, match="one after another"):
         scores = ev.score_stacked(stacked)
     assert not ev.can_batch()
