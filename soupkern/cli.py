@@ -1,7 +1,9 @@
 """The `soupkern` command: a thin layer over the Python API.
 
-Exit status: 0 on success, 2 on bad input or an unwritable output (a one-line message, no
-traceback), 130 when interrupted (no output is left behind).
+Exit status: 0 on success; 2 on a bad option, bad input or an unwritable output (one line on
+stderr, no traceback); 128 + the signal's number when SIGINT (130), SIGHUP (129) or SIGTERM (143)
+stops it (the message says whether the output had already been completed; otherwise nothing was
+written or replaced); 141 when its standard output is closed early (`soupkern inspect ... | head`).
 """
 
 from __future__ import annotations
@@ -9,26 +11,68 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
-import json
+import logging
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from soupkern.errors import SoupkernError
+from soupkern import strict_json
+from soupkern.errors import Interrupted, SoupkernError
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
 
 
 def parse_size(text: str) -> int:
-    """'5GB' -> 5e9, '64MiB' -> 64 * 2**20, '1000' -> 1000."""
+    """'5GB' -> 5e9, '64MiB' -> 64 * 2**20, '1000' -> 1000; a size must be positive."""
     m = _SIZE.match(text)
     if not m:
         raise argparse.ArgumentTypeError(f"not a size: '{text}' (e.g. 5GB, 500MB, 64MiB)")
     unit = (m.group(2) or "").lower().rstrip("b")
-    return int(float(m.group(1)) * _UNITS[unit])
+    size = int(float(m.group(1)) * _UNITS[unit])
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"a size must be positive, got '{text}'")
+    return size
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: '{text}'") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: '{text}'") from None
+    if not (value > 0 and value < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got '{text}'")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: '{text}'") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"a seed must be in [0, 2**63), got {value}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the documented error format: one line on stderr, exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
 def parse_weighted(items: Sequence[str]) -> tuple[list[str], list[float]]:
@@ -50,7 +94,7 @@ def _soup_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", help="output dtype of float tensors: fp32, fp16, bf16, fp64 (default: the first ingredient's)")
     p.add_argument("--intersection", action="store_true", help="soup only the tensor names all ingredients share")
     p.add_argument("--max-shard-size", type=parse_size, help="write HF-style shards of at most this size (e.g. 5GB)")
-    p.add_argument("--budget", type=parse_size, default=None, help="working-memory budget (default 64MiB)")
+    p.add_argument("--budget", type=parse_size, default=None, help="working-memory budget, at least 1MiB (default 64MiB)")
     p.add_argument("--backend", help="kernel backend: cpp, torch, cuda, triton (default: $SOUPKERN_BACKEND or the best available)")
     p.add_argument("--force", action="store_true", help="replace an existing output")
     p.add_argument("--fsync", action="store_true", help="fsync the output before renaming it into place")
@@ -63,7 +107,7 @@ def _device_option(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="soupkern", description="Model soups over safetensors checkpoints.")
+    parser = _Parser(prog="soupkern", description="Model soups over safetensors checkpoints.")
     parser.add_argument("--version", action="version", version=f"soupkern {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -104,9 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="zero-argument function returning the held-out batches, a list of (inputs, targets) or a DataLoader")
     p.add_argument("--mode", choices=("by_model", "by_layer"), default="by_model",
                    help="one coefficient per ingredient, or per ingredient and tensor")
-    p.add_argument("--epochs", type=int, default=5, help="passes over the held-out data (default 5)")
-    p.add_argument("--lr", type=float, default=0.05, help="AdamW learning rate of the mixing logits (default 0.05)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=_positive_int, default=5, help="passes over the held-out data (default 5)")
+    p.add_argument("--lr", type=_positive_float, default=0.05, help="AdamW learning rate of the mixing logits (default 0.05)")
+    p.add_argument("--seed", type=_seed, default=0)
     _soup_options(p)
 
     p = sub.add_parser("analyze", help="norms, angles and distances of ingredient deltas from a base checkpoint")
@@ -161,7 +205,7 @@ def _soup_opts(args: argparse.Namespace) -> dict[str, Any]:
         dtype=args.dtype,
         keys="intersection" if args.intersection else "same",
         max_shard_size=args.max_shard_size,
-        budget_bytes=args.budget or DEFAULT_BUDGET_BYTES,
+        budget_bytes=DEFAULT_BUDGET_BYTES if args.budget is None else args.budget,
         backend=args.backend,
         overwrite=args.force,
         fsync=args.fsync,
@@ -197,7 +241,7 @@ def _inspect(path: str, as_json: bool) -> None:
     with open_checkpoint(path) as ck:
         rows = [(name, info.dtype, list(info.shape), info.nbytes) for name, (_, info) in sorted(ck.tensors.items())]
         if as_json:
-            print(json.dumps({"path": ck.path, "files": [f.path for f in ck.files], "metadata": ck.metadata,
+            print(strict_json.dumps({"path": ck.path, "files": [f.path for f in ck.files], "metadata": ck.metadata,
                               "tensors": [{"name": n, "dtype": d, "shape": s, "nbytes": b} for n, d, s, b in rows]}, indent=2))
             return
         width = max((len(r[0]) for r in rows), default=4)
@@ -212,9 +256,15 @@ def _inspect(path: str, as_json: bool) -> None:
 
 def _greedy(args: argparse.Namespace) -> None:
     from soupkern import weighted_soup
+    from soupkern.options import check_device
     from soupkern.recipes.greedy import GreedyStep, greedy_soup
     from soupkern.recipes.weighted import check_soup_output
 
+    opts = _soup_opts(args)
+    if args.device is not None:
+        check_device(args.device)
+    # every option, input and the output are checked before the first evaluation
+    check_soup_output(args.ingredients, args.output, **{k: opts[k] for k in _CHECKED})
     fn = load_callable(args.score, "--score")
     if args.model:
         model = load_callable(args.model, "--model")
@@ -232,9 +282,6 @@ def _greedy(args: argparse.Namespace) -> None:
             print(f"  {names[step.ingredient]:<32} soup of {step.soup_size + 1}: {step.score:.6g}  {verdict}",
                   file=sys.stderr)
 
-    opts = _soup_opts(args)
-    check_soup_output(args.ingredients, args.output, dtype=opts["dtype"], keys=opts["keys"],
-                      max_shard_size=opts["max_shard_size"], overwrite=opts["overwrite"])
     if not args.quiet:
         print(f"greedy soup of {len(names)} ingredients (tie rule '{args.tie}'): scoring each ingredient...",
               file=sys.stderr)
@@ -253,12 +300,17 @@ def _greedy(args: argparse.Namespace) -> None:
     _summary(args, report)
 
 
+_CHECKED = ("dtype", "keys", "max_shard_size", "budget_bytes", "backend", "overwrite", "fsync")
+
+
 def _learned(args: argparse.Namespace) -> None:
     from soupkern.recipes.learned import learned_soup
+    from soupkern.recipes.weighted import check_soup_output
 
+    opts = _soup_opts(args)
+    check_soup_output(args.ingredients, args.output, **{k: opts[k] for k in _CHECKED})
     model = load_callable(args.model, "--model")()
     data = load_callable(args.data, "--data")()
-    opts = _soup_opts(args)
     result = learned_soup(args.ingredients, model, data, args.output, mode=args.mode, epochs=args.epochs, lr=args.lr,
                           seed=args.seed, **{k: opts[k] for k in ("dtype", "keys", "max_shard_size", "budget_bytes",
                                                                    "backend", "overwrite", "fsync")})
@@ -269,10 +321,13 @@ def _learned(args: argparse.Namespace) -> None:
 
 def _analyze(args: argparse.Namespace) -> None:
     from soupkern.analysis import delta_gram
+    from soupkern.options import ingredient_paths
+
+    ingredient_paths(args.ingredients)
 
     result = delta_gram(args.ingredients, args.base)
     if args.json:
-        print(json.dumps(result.to_dict(), indent=2))
+        print(strict_json.dumps(result.to_dict(), indent=2))
     else:
         print(result.to_table())
 
@@ -284,8 +339,55 @@ def _backends() -> None:
         print(f"{status.name:<8} {'yes' if status.available else 'no ':<4} {status.reason}")
 
 
+class _Notices(logging.Handler):
+    """soupkern's warnings (e.g. a stale temporary file removed) as one stderr line each."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"soupkern: notice: {record.getMessage()}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logger = logging.getLogger("soupkern")
+    handler = _Notices(logging.WARNING)
+    logger.addHandler(handler)
+    try:
+        return _dispatch(args)
+    except SoupkernError as e:
+        print(f"soupkern: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except OSError as e:  # e.g. permission denied on the output folder
+        if isinstance(e, BrokenPipeError):
+            return _broken_pipe()
+        print(f"soupkern: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except Interrupted as e:
+        what = ("the output was already complete: " + ", ".join(map(str, e.committed))) if e.committed \
+            else "no output was written or replaced"
+        print(f"soupkern: stopped by {e.signame}; {what}", file=sys.stderr)
+        return 128 + e.signum
+    except KeyboardInterrupt:
+        print("soupkern: interrupted; no output was written or replaced", file=sys.stderr)
+        return 128 + signal.SIGINT
+    finally:
+        logger.removeHandler(handler)
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split("\n")).strip() or type(e).__name__
+
+
+def _broken_pipe() -> int:
+    """The reader of our stdout went away (`| head`): stop quietly, as `cat` would."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    return 128 + signal.SIGPIPE
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     try:
         if args.command == "uniform":
             _run_soup(args, list(args.ingredients), None)
@@ -306,15 +408,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             from soupkern.demo import DemoConfig, run_demo
 
             return run_demo(Path(args.workdir), DemoConfig.fast() if args.fast else None, quiet=args.quiet)
-    except SoupkernError as e:
-        print(f"soupkern: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # e.g. permission denied on the output folder
-        print(f"soupkern: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("soupkern: interrupted; no output was written", file=sys.stderr)
-        return 130
+        sys.stdout.flush()
+    except BrokenPipeError:
+        return _broken_pipe()
     return 0
 
 

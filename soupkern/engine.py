@@ -14,10 +14,12 @@ import numpy as np
 
 from soupkern.backends import Backend
 from soupkern.io import SoupWriter, dtype_itemsize
+from soupkern.options import MIN_BUDGET_BYTES
 from soupkern.plan import SoupPlan, TensorPlan
 
+__all__ = ["DEFAULT_BUDGET_BYTES", "MIN_BUDGET_BYTES", "execute", "fill_tensor", "staging_bytes_for"]
+
 DEFAULT_BUDGET_BYTES = 64 << 20
-MIN_BUDGET_BYTES = 1 << 20
 Progress = Callable[[int], None]
 
 

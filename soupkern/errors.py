@@ -40,3 +40,16 @@ class OutputError(SoupkernError, OSError):
 
 class BackendUnavailableError(SoupkernError, RuntimeError):
     """A backend asked for by name cannot run here; the message says why."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT, SIGTERM or SIGHUP arrived while soupkern was writing. `committed` lists the output
+    paths that were already complete when it arrived (empty: nothing was written or replaced)."""
+
+    def __init__(self, signum: int, committed: tuple[os.PathLike[str] | str, ...] = ()):
+        import signal
+
+        self.signum = signum
+        self.committed = tuple(committed)
+        self.signame = signal.Signals(signum).name
+        super().__init__(self.signame)

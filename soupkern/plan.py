@@ -10,6 +10,7 @@ from typing import Literal, Mapping, Sequence
 import numpy as np
 
 from soupkern.errors import InputError, MismatchError
+from soupkern.options import coefficient_vector
 from soupkern.io import FLOAT_DTYPES, Checkpoint, OutputTensor, SafetensorsFile, TensorInfo
 
 KeyPolicy = Literal["same", "intersection"]
@@ -22,10 +23,15 @@ DTYPE_ALIASES = {
 _COMPARE_BLOCK = 16 << 20
 
 
-def normalize_dtype(dtype: str | None) -> str | None:
-    """'bf16', 'bfloat16', 'BF16', ... -> the safetensors name; None stays None."""
+def normalize_dtype(dtype: object) -> str | None:
+    """'bf16', 'bfloat16', 'BF16', torch.bfloat16, ... -> the safetensors name; None stays None."""
     if dtype is None:
         return None
+    if not isinstance(dtype, str):
+        if type(dtype).__module__ == "torch" and type(dtype).__name__ == "dtype":
+            dtype = str(dtype).removeprefix("torch.")
+        else:
+            raise InputError(f"output dtype must be a string such as 'bf16' or a torch dtype, got {dtype!r}")
     name = DTYPE_ALIASES.get(dtype.lower(), dtype.upper())
     if name not in FLOAT_DTYPES:
         raise InputError(f"output dtype must be one of fp32, fp16, bf16, fp64; got '{dtype}'")
@@ -87,13 +93,7 @@ class SoupPlan:
 
 
 def check_coefficients(coefficients: Sequence[float], k: int) -> tuple[float, ...]:
-    if len(coefficients) != k:
-        raise InputError(f"{len(coefficients)} coefficients given for {k} ingredients")
-    out = tuple(float(c) for c in coefficients)
-    bad = [c for c in out if not math.isfinite(c)]
-    if bad:
-        raise InputError(f"coefficients must be finite numbers, got {bad[0]}")
-    return out
+    return coefficient_vector(coefficients, k)
 
 
 def _identical(a: tuple[SafetensorsFile, TensorInfo], b: tuple[SafetensorsFile, TensorInfo]) -> bool:
@@ -124,8 +124,8 @@ def build_plan(
     """
     if not checkpoints:
         raise InputError("a soup needs at least one ingredient")
-    if keys not in ("same", "intersection"):
-        raise InputError(f"keys must be 'same' or 'intersection', got '{keys}'")
+    if not isinstance(keys, str) or keys not in ("same", "intersection"):
+        raise InputError(f"keys must be 'same' or 'intersection', got {keys!r}")
     coeffs = check_coefficients(coefficients, len(checkpoints))
     out_dtype = normalize_dtype(dtype)
     first = checkpoints[0]

@@ -59,19 +59,19 @@ def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
 
 
 def no_temporaries(folder: Path) -> None:
-    assert not [n for n in listing(folder) if n.endswith(".soupkern-tmp")], listing(folder)
+    assert not [n for n in listing(folder) if ".soupkern-" in n], listing(folder)
 
 
 def record_temp_files(monkeypatch) -> list:
-    """Record every temporary file the writer creates (none may be created on a refused soup)."""
+    """Record every temporary file or folder the writer creates (none may be created on a refused soup)."""
     made: list = []
-    real = writer_mod.tempfile.mkstemp
+    real = writer_mod.atomic.artifact_path
 
-    def mkstemp(*a, **kw):
-        made.append(kw.get("dir"))
-        return real(*a, **kw)
+    def artifact_path(target, kind):
+        made.append((target, kind))
+        return real(target, kind)
 
-    monkeypatch.setattr(writer_mod.tempfile, "mkstemp", mkstemp)
+    monkeypatch.setattr(writer_mod.atomic, "artifact_path", artifact_path)
     return made
 
 
@@ -500,7 +500,7 @@ def test_interrupted_single_file_leaves_nothing(tmp_path, monkeypatch, exc):
     with pytest.raises(type(exc)):
         soupkern.uniform_soup(paths, out / "soup.safetensors", budget_bytes=1 << 20)
     assert fb.calls == 3
-    assert any(n.endswith(".soupkern-tmp") for n in fb.seen), fb.seen  # it was mid-write
+    assert any(".soupkern-tmp-" in n for n in fb.seen), fb.seen  # it was mid-write
     assert not (out / "soup.safetensors").exists()
     assert listing(out) == []
     assert [fingerprint(p) for p in paths] == before
@@ -524,36 +524,33 @@ def test_interrupted_sharded_leaves_nothing(tmp_path, monkeypatch, at):
     paths = _big_ingredients(tmp_path, ["a", "b", "c"])
     out = tmp_path / "out"
     out.mkdir()
-    fb = FailingBackend(at, KeyboardInterrupt(), out)
+    fb = FailingBackend(at, KeyboardInterrupt(), tmp_path)
     monkeypatch.setattr(weighted_mod, "get_backend", lambda name=None: fb)
     with pytest.raises(KeyboardInterrupt):
         soupkern.uniform_soup(paths, out, max_shard_size=(4 << 20) + 1024, budget_bytes=1 << 20)
     assert fb.calls == at
-    assert len([n for n in fb.seen if n.endswith(".soupkern-tmp")]) == 3, fb.seen
+    assert len([n for n in fb.seen if n.startswith(".out.soupkern-tmp-")]) == 1, fb.seen  # the folder being built
     assert listing(out) == []
+    no_temporaries(tmp_path)
 
 
 def test_interrupted_commit_leaves_no_partial_sharded_output(tmp_path, monkeypatch):
-    """An interrupt while the shards are being renamed into place must not leave some shards
-    (and no index) behind: such a folder would read back as a different, partial checkpoint."""
+    """An exception at the moment the new folder is to be put in place leaves the old folder (here
+    an earlier soup) exactly as it was, and no temporary folder."""
     paths = make_ingredients(tmp_path / "in", spec=SHARD_SPEC)
     out = tmp_path / "out"
-    out.mkdir()
-    real_replace = os.replace
-    calls = []
+    soupkern.uniform_soup(paths, out, max_shard_size=9000)
+    before = {f: sha256(out / f) for f in listing(out)}
 
-    def flaky_replace(src, dst, *a, **kw):
-        calls.append(dst)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_replace(src, dst, *a, **kw)
+    def failing(*a, **kw):
+        raise KeyboardInterrupt
 
-    monkeypatch.setattr(writer_mod.os, "replace", flaky_replace)
+    monkeypatch.setattr(writer_mod.atomic, "exchange", failing)
     with pytest.raises(KeyboardInterrupt):
-        soupkern.uniform_soup(paths, out, max_shard_size=9000)
+        soupkern.weighted_soup(paths, [1, 0, 0], out, max_shard_size=9000, overwrite=True)
     monkeypatch.undo()
-    no_temporaries(out)
-    assert listing(out) == [], listing(out)
+    assert {f: sha256(out / f) for f in listing(out)} == before
+    no_temporaries(tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------

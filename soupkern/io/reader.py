@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import mmap
 import os
@@ -23,6 +24,63 @@ SHARD_NAME = re.compile(r"^model-(\d+)-of-(\d+)\.safetensors$")
 _MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux >= 5.14
 
 
+def _signature(st: os.stat_result) -> tuple[int, int, int, int, int]:
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
+
+
+_KIND_NAMES = [(stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+               (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder")]
+
+
+def open_regular(path: str) -> int:
+    """Open a regular file for reading without ever blocking: stat first (a FIFO's open would wait
+    for a writer forever), then open with O_NONBLOCK and check it is still the same regular file."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise InputError(f"cannot open ({e.strerror})", path=path) from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = next((name for test, name in _KIND_NAMES if test(st.st_mode)), "not a regular file")
+        raise InputError(f"is {kind}, not a regular file; soupkern reads only regular files", path=path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        hint = " (too many open files: raise `ulimit -n`)" if e.errno == errno.EMFILE else ""
+        raise InputError(f"cannot open ({e.strerror}){hint}", path=path) from None
+    st2 = os.fstat(fd)
+    if not stat.S_ISREG(st2.st_mode) or (st2.st_dev, st2.st_ino) != (st.st_dev, st.st_ino):
+        os.close(fd)
+        raise InputError("was replaced while being opened", path=path)
+    return fd
+
+
+def _pread(fd: int, n: int, offset: int, path: str) -> bytes:
+    try:
+        data = os.pread(fd, n, offset)
+    except OSError as e:
+        raise InputError(f"cannot read ({e.strerror})", path=path) from None
+    if len(data) != n:
+        raise InputError(f"file shrank while being read ({len(data)} of {n} bytes at offset {offset})", path=path)
+    return data
+
+
+def _looks_like(fd: int) -> str:
+    """A hint for a file that is not safetensors: what its first bytes say it is."""
+    try:
+        head = os.pread(fd, 8, 0)
+    except OSError:
+        return ""
+    if head.startswith(b"PK\x03\x04"):
+        return " (the file is a zip archive: a PyTorch torch.save checkpoint, not safetensors)"
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return " (the file is a Python pickle: a legacy torch.save checkpoint, not safetensors)"
+    if head.startswith(b"\x93NUMPY"):
+        return " (the file is a numpy .npy array, not safetensors)"
+    if head[:1] in (b"{", b"["):
+        return " (the file looks like JSON, not safetensors)"
+    return " (not a safetensors file?)"
+
+
 class SafetensorsFile:
     """One safetensors file: validated header, read-only mmap, zero-copy byte views.
 
@@ -32,30 +90,44 @@ class SafetensorsFile:
 
     def __init__(self, path: str | os.PathLike[str]):
         self.path = os.fspath(path)
-        try:
-            fd = os.open(self.path, os.O_RDONLY)
-        except OSError as e:
-            raise InputError(f"cannot open ({e.strerror})", path=self.path) from None
+        fd = open_regular(self.path)
         try:
             st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise InputError("not a regular file", path=self.path)
+            self.signature = _signature(st)
             size = st.st_size
             if size < 8:
                 raise HeaderError(f"file has {size} bytes, fewer than the 8-byte header length", path=self.path)
-            (n,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+            (n,) = struct.unpack("<Q", _pread(fd, 8, 0, self.path))
             if n > MAX_HEADER_BYTES:
-                raise HeaderError(f"header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit", path=self.path)
+                raise HeaderError(f"header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit{_looks_like(fd)}",
+                                  path=self.path)
             if 8 + n > size:
-                raise HeaderError(f"header length {n} runs past the end of the {size}-byte file", path=self.path)
-            raw = os.pread(fd, n, 8)
+                raise HeaderError(f"header length {n} runs past the end of the {size}-byte file{_looks_like(fd)}",
+                                  path=self.path)
+            raw = _pread(fd, n, 8, self.path)
             self.tensors, self.metadata = parse_header(raw, size - 8 - n, self.path)
             self.size = size
-            self._mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+            try:
+                self._mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+            except OSError as e:
+                raise InputError(f"cannot map the file ({e.strerror})", path=self.path) from None
         finally:
             os.close(fd)
         self._mm.madvise(mmap.MADV_SEQUENTIAL)
         self._can_populate = True
+
+    def check_unchanged(self) -> None:
+        """Raise InputError if the file changed since it was opened (size, mtime, ctime, inode):
+        best effort against a rewrite in place, which no reader can fully detect."""
+        try:
+            now = _signature(os.stat(self.path))
+        except OSError as e:
+            raise InputError(f"was removed or became unreadable while being read ({e.strerror}); "
+                             f"the soup was not written", path=self.path) from None
+        if now != self.signature:
+            what = "truncated" if now[0] < self.signature[0] else "modified"
+            raise InputError(f"was {what} by another process while being read; the soup was not written "
+                             f"(rerun once the file is stable)", path=self.path)
 
     def view(self, info: TensorInfo, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Read-only uint8 view of bytes [start, stop) of a tensor's data; no copy."""
@@ -106,6 +178,11 @@ class Checkpoint:
         for f in self.files:
             f.close()
 
+    def check_unchanged(self) -> None:
+        """Raise InputError naming the file if any of its files changed since it was opened."""
+        for f in self.files:
+            f.check_unchanged()
+
     def __enter__(self) -> Checkpoint:
         return self
 
@@ -114,10 +191,19 @@ class Checkpoint:
 
 
 def _open_index(index_path: Path) -> Checkpoint:
+    fd = open_regular(os.fspath(index_path))
     try:
-        index = json.loads(index_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise InputError(f"cannot read sharded-checkpoint index ({e})", path=index_path) from None
+        size = os.fstat(fd).st_size
+        if size > MAX_HEADER_BYTES:
+            raise InputError(f"index file of {size} bytes exceeds the {MAX_HEADER_BYTES}-byte limit", path=index_path)
+        raw = _pread(fd, size, 0, os.fspath(index_path))
+    finally:
+        os.close(fd)
+    try:
+        index = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as e:
+        what = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+        raise InputError(f"cannot read sharded-checkpoint index ({what})", path=index_path) from None
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise InputError("index has no 'weight_map' of tensor name -> shard file", path=index_path)
@@ -145,7 +231,7 @@ def _open_index(index_path: Path) -> Checkpoint:
             f.close()
         raise
     meta = index.get("metadata") if isinstance(index.get("metadata"), dict) else {}
-    metadata = {str(k): str(v) for k, v in meta.items()}
+    metadata = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
     return Checkpoint(os.fspath(index_path), list(files.values()), tensors, metadata)
 
 

@@ -1,31 +1,42 @@
-"""Streaming safetensors writer: pre-computed headers, pre-sized temporary files, atomic rename.
+"""Streaming safetensors writer: pre-computed headers, pre-sized temporary files, atomic commit.
 
 Output bytes go through one reusable staging window (`reserve`) that maps onto a contiguous
 range of an output file; the window is written with pwrite when the next reservation does not
-continue it. Nothing appears at an output path until `commit` renames complete files into place;
-on any failure or interrupt the temporary files are removed.
+continue it.
 
-A sharded output is a folder (created if missing). Several files cannot be renamed atomically,
-so `commit` orders its steps so that no interrupted state reads back as a valid checkpoint: the
-old index goes first, then the shards are renamed in (and removed again if the commit is cut
-short), the index comes last, and only then are stale shards of an earlier soup removed.
+Nothing lost (soupkern/io/atomic.py has the primitives): an output path holds its previous
+content or the complete new soup, never nothing and never a mix. A file output is written as a
+temporary file beside it and renamed into place (without `overwrite`: a no-replace rename, so
+of two runs only one can succeed). A folder output (sharded, or `out/`) is built whole as a
+temporary folder beside the target and swapped in with one RENAME_EXCHANGE (two renames where
+the filesystem lacks it; the next run repairs an interruption between them). A lock file held
+for the writer's whole life refuses a second run on the same output and tells live artifacts
+from those of a killed run, which the next run into the folder removes. SIGINT, SIGTERM and
+SIGHUP raise `Interrupted` so cleanup runs, and are held back during the commit's renames.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import shutil
-import tempfile
+import stat
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
-from soupkern.errors import OutputError
-from soupkern.io.format import DTYPES, METADATA_KEY
+from soupkern.errors import InputError, Interrupted, OutputError
+from soupkern.io import atomic
+from soupkern.io.format import DTYPES, MAX_HEADER_BYTES, METADATA_KEY
 from soupkern.io.reader import INDEX_NAME, SHARD_NAME, SINGLE_NAME
+
+log = logging.getLogger("soupkern")
+FILES_KEY = "soupkern.files"  # metadata: the names of every file soupkern wrote into a folder output
 
 
 @dataclass(frozen=True)
@@ -52,22 +63,15 @@ class Shard:
 
 @dataclass
 class OutputLayout:
-    """Where every output tensor goes: shard files (and an index when there are several)."""
+    """Where every output tensor goes: shard files (and an index when there are several).
+
+    `target` is what appears at the end: the output file, or the output folder (`folder` True)."""
 
     shards: list[Shard]
     index_path: Path | None
     where: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # name -> (shard, begin, end)
-    folder: Path | None = None  # set for a sharded (folder) output
-
-    def stale(self) -> list[Path]:
-        """Checkpoint files of an earlier soup in the output folder that this one does not write."""
-        if self.folder is None or not self.folder.is_dir():
-            return []
-        mine = {p.name for p in self.paths}
-        return sorted(
-            f for f in self.folder.iterdir()
-            if f.name not in mine and (f.name in (INDEX_NAME, SINGLE_NAME) or SHARD_NAME.match(f.name))
-        )
+    target: Path = Path()
+    folder: bool = False
 
     @property
     def total_bytes(self) -> int:
@@ -76,6 +80,33 @@ class OutputLayout:
     @property
     def paths(self) -> list[Path]:
         return [s.path for s in self.shards] + ([self.index_path] if self.index_path else [])
+
+    def file_names(self) -> list[str]:
+        return [p.name for p in self.paths]
+
+
+def output_path(out: object) -> str:
+    """The output argument as text: str, bytes or os.PathLike; anything else is refused."""
+    if isinstance(out, (str, bytes)) or hasattr(out, "__fspath__"):
+        text = os.fsdecode(os.fspath(out))  # type: ignore[arg-type]
+        if not text or "\0" in text:
+            raise InputError(f"output path {out!r} is empty or holds a NUL byte")
+        return text
+    raise InputError(f"output path must be a str or os.PathLike, got {type(out).__name__} {out!r}")
+
+
+def check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
+    """`__metadata__` must map strings to strings (the safetensors format); refuse anything else."""
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, Mapping):
+        raise InputError(f"metadata must be a dict of str -> str, got {type(metadata).__name__}")
+    for k, v in metadata.items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise InputError(f"metadata must map str to str (the safetensors format); entry {k!r}: {v!r} is not")
+        if k == METADATA_KEY:
+            raise InputError(f"metadata key {k!r} is reserved")
+    return dict(metadata)
 
 
 def _header(tensors: list[OutputTensor], metadata: dict[str, str]) -> tuple[bytes, dict[str, tuple[int, int]]]:
@@ -95,59 +126,126 @@ def _header(tensors: list[OutputTensor], metadata: dict[str, str]) -> tuple[byte
 def plan_output(
     tensors: Iterable[OutputTensor],
     out: str | os.PathLike[str],
-    metadata: dict[str, str],
+    metadata: Mapping[str, str] | None,
     max_shard_size: int | None = None,
 ) -> OutputLayout:
     """Lay out the output: tensors sorted by (item size descending, name), so every tensor is
-    aligned to its item size; one file at `out`, or with `max_shard_size` HF-style shards
-    `model-0000k-of-0000n.safetensors` and `model.safetensors.index.json` in the folder `out`
-    (a single `model.safetensors` when everything fits in one shard)."""
+    aligned to its item size.
+
+    Output path rules: `out` names a file, unless it ends with a path separator, is an existing
+    folder, or `max_shard_size` is given: then it names a folder that receives HF-style shards
+    `model-0000k-of-0000n.safetensors` and `model.safetensors.index.json` (a single
+    `model.safetensors` when everything fits in one shard, or without `max_shard_size`). A folder
+    output whose name ends in `.safetensors` is refused (it reads like a file name)."""
+    text = output_path(out)
+    meta = {"format": "pt", **check_metadata(metadata)}
     order = sorted(tensors, key=lambda t: (-DTYPES[t.dtype], t.name))
-    meta = {"format": "pt", **metadata}
-    out = Path(out)
-    if max_shard_size is None:
-        if out.is_dir():
-            raise OutputError(f"{out}: is a folder; give a file path, or a max shard size for a sharded output")
-        groups = [order]
-    else:
-        if max_shard_size <= 0:
-            raise OutputError(f"max shard size must be positive, got {max_shard_size}")
-        groups, size = [[]], 0
-        for t in order:
-            if groups[-1] and size + t.nbytes > max_shard_size:
-                groups.append([])
-                size = 0
-            groups[-1].append(t)
-            size += t.nbytes
-    layout = OutputLayout([], None, folder=None if max_shard_size is None else out)
+    target = Path(os.path.abspath(text))
+    folder = max_shard_size is not None or text.endswith(("/", os.sep)) or target.is_dir()
+    if max_shard_size is not None and (isinstance(max_shard_size, bool) or not isinstance(max_shard_size, int)
+                                       or max_shard_size <= 0):
+        raise InputError(f"max shard size must be a positive number of bytes, got {max_shard_size!r}")
+    if folder and target.name.endswith(".safetensors") and not target.is_dir():
+        raise InputError(f"{text}: a sharded or folder output is a folder, but this name ends in .safetensors; "
+                         f"give a folder path (e.g. '{text[: -len('.safetensors')]}/') or drop --max-shard-size")
+    if folder and target.parent == target:
+        raise InputError(f"{text}: the root folder cannot be an output folder")
+    groups: list[list[OutputTensor]] = [[]]
+    size = 0
+    for t in order:
+        if max_shard_size is not None and groups[-1] and size + t.nbytes > max_shard_size:
+            groups.append([])
+            size = 0
+        groups[-1].append(t)
+        size += t.nbytes
+    layout = OutputLayout([], None, target=target, folder=folder)
     n = len(groups)
+    names = [SINGLE_NAME] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    if folder:
+        meta[FILES_KEY] = json.dumps(names + ([INDEX_NAME] if n > 1 else []))
     for i, group in enumerate(groups):
-        if max_shard_size is None:
-            path = out
-        elif n == 1:
-            path = out / SINGLE_NAME
-        else:
-            path = out / f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        path = target / names[i] if folder else target
         header, placements = _header(group, meta)
-        size = len(header) + sum(t.nbytes for t in group)
-        layout.shards.append(Shard(path, header, size, placements))
+        layout.shards.append(Shard(path, header, len(header) + sum(t.nbytes for t in group), placements))
         for name, (b, e) in placements.items():
             layout.where[name] = (i, b, e)
     if n > 1:
-        layout.index_path = out / INDEX_NAME
+        layout.index_path = target / INDEX_NAME
     return layout
 
 
-def _same_file(a: Path, b: str) -> bool:
+def _same_file(a: Path | str, b: Path | str) -> bool:
     try:
         return os.path.samefile(a, b)
-    except OSError:
+    except (OSError, ValueError):
         return False
 
 
+_KINDS = [(stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISSOCK, "a socket"), (stat.S_ISLNK, "a symbolic link"), (stat.S_ISDIR, "a folder")]
+
+
+def _kind(mode: int) -> str:
+    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
+
+
+def _header_metadata(path: Path) -> dict[str, str] | None:
+    """The `__metadata__` of a safetensors file, read without mapping it; None if unreadable."""
+    try:
+        st = os.stat(path, follow_symlinks=False)
+        if not stat.S_ISREG(st.st_mode) or st.st_size < 8:
+            return None
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            (n,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+            if n > min(MAX_HEADER_BYTES, st.st_size - 8):
+                return None
+            head = json.loads(os.pread(fd, n, 8))
+        finally:
+            os.close(fd)
+        meta = head.get(METADATA_KEY) if isinstance(head, dict) else None
+        return meta if isinstance(meta, dict) else {}
+    except (OSError, ValueError, RecursionError):
+        return None
+
+
+def soupkern_files(folder: Path) -> set[str] | None:
+    """The files of `folder` that a soupkern soup consists of (its index, the shards the index
+    names, and what its provenance lists), or None when the folder holds no soupkern checkpoint."""
+    files: set[str] = set()
+    index = folder / INDEX_NAME
+    if os.path.lexists(index):
+        try:
+            if not stat.S_ISREG(os.stat(index, follow_symlinks=False).st_mode) or index.stat().st_size > MAX_HEADER_BYTES:
+                return None
+            weight_map = json.loads(index.read_bytes()).get("weight_map")
+            shards = sorted(set(weight_map.values()))
+        except (OSError, ValueError, AttributeError, TypeError, RecursionError):
+            return None
+        files.add(INDEX_NAME)
+    else:
+        shards = [SINGLE_NAME]
+    for shard in shards:
+        if not isinstance(shard, str) or "/" in shard or shard in ("", ".", ".."):
+            return None
+        meta = _header_metadata(folder / shard)
+        if meta is None or "soupkern.version" not in meta:
+            return None
+        files.add(shard)
+        try:
+            listed = json.loads(meta.get(FILES_KEY, "[]"))
+            files.update(n for n in listed if isinstance(n, str))
+        except ValueError:
+            pass
+    return files
+
+
 class SoupWriter:
-    """Writes an OutputLayout. Use as a context manager and call `commit()` at the end;
-    leaving the block without committing (an exception, Ctrl-C) removes every temporary file."""
+    """Writes an OutputLayout. Use as a context manager and call `commit()` at the end; leaving
+    the block without committing (an exception, a signal) removes every temporary file.
+
+    `verify` runs just before the commit (e.g. checks that no input changed while it was read);
+    its exception aborts the commit. `extra_files` (name -> bytes) go into a folder output."""
 
     def __init__(
         self,
@@ -157,72 +255,143 @@ class SoupWriter:
         staging_bytes: int = 8 << 20,
         overwrite: bool = False,
         fsync: bool = False,
+        verify: Callable[[], None] | None = None,
+        extra_files: Mapping[str, bytes] | None = None,
     ):
         self.layout = layout
-        self._inputs = list(inputs)
+        self._inputs = [os.fspath(p) for p in inputs]
         self._overwrite = overwrite
         self._fsync = fsync
+        self._verify = verify
+        self._extra = dict(extra_files or {})
+        if self._extra and not layout.folder:
+            raise InputError("extra files need a folder output")
         self._staging = np.empty(max(staging_bytes, 1), dtype=np.uint8)
         self._staging.fill(0)  # fault the pages in once, here, not in the hot loop
         self._fds: list[int] = []
-        self._tmp: list[str] = []
+        self._stage: Path | None = None  # the temporary file, or the temporary folder
+        self._lock: atomic.OutputLock | None = None
+        self._exits = contextlib.ExitStack()
         self._win: tuple[int, int, int] | None = None  # (shard, file offset of window start, used bytes)
-        self._placed: list[Path] = []  # files renamed into place by an unfinished commit
-        self._made_folder = False
         self._committed = False
         self.bytes_written = 0
+        self.notices: list[str] = []
 
     @property
     def staging_bytes(self) -> int:
         return len(self._staging)
 
+    @property
+    def target(self) -> Path:
+        return self.layout.target
+
+    # -- checks -------------------------------------------------------------------------------
+
     def check(self) -> None:
-        """Refuse an output that is an input or exists (without overwrite), or a too-small disk."""
-        for p in self.layout.paths:
-            for src in self._inputs:
-                if _same_file(p, src):
-                    raise OutputError(f"{p}: output path is one of the inputs ({src}); choose another output path")
-            if p.exists() and not self._overwrite:
-                raise OutputError(f"{p}: already exists; pass overwrite=True (--force) to replace it")
-            if p.exists() and p.is_dir():
-                raise OutputError(f"{p}: is a folder")
-        for p in self.layout.stale():
-            for src in self._inputs:
-                if _same_file(p, src):
-                    raise OutputError(f"{p}: the output folder holds an input ({src}); choose another output folder")
-            if not self._overwrite:
-                raise OutputError(f"{p}: the output folder already holds a checkpoint; pass overwrite=True (--force) to replace it")
-        folder = self.layout.shards[0].path.parent
-        if not folder.is_dir() and not (self.layout.folder is not None and folder.parent.is_dir()):
-            raise OutputError(f"{folder}: output folder does not exist")
-        free = shutil.disk_usage(folder if folder.is_dir() else folder.parent).free
+        """Refuse, before anything is written: an output that is (or holds) an input; an existing
+        output without overwrite; a non-regular output (FIFO, device, symlink), ever; a folder
+        holding files soupkern did not write, ever; a missing parent folder; a too-small disk."""
+        target = self.target
+        for src in self._inputs:
+            if _same_file(target, src) or any(_same_file(p, src) for p in self.layout.paths):
+                raise OutputError(f"{target}: output path is one of the inputs ({src}); choose another output path")
+        try:
+            st = os.stat(target, follow_symlinks=False)
+        except FileNotFoundError:
+            st = None
+        except OSError as e:
+            raise OutputError(f"{target}: cannot check the output path ({e.strerror})") from None
+        if st is not None:
+            self._check_existing(st)
+        parent = target.parent
+        if not parent.is_dir():
+            raise OutputError(f"{parent}: output folder does not exist")
+        free = shutil.disk_usage(parent).free
         need = self.layout.total_bytes
         if free < need:
-            raise OutputError(f"{folder}: {need / 1e9:.2f} GB needed for the output but only {free / 1e9:.2f} GB free")
+            raise OutputError(f"{parent}: {need / 1e9:.2f} GB needed for the output but only {free / 1e9:.2f} GB free")
+
+    def _check_existing(self, st: os.stat_result) -> None:
+        target = self.target
+        if not self.layout.folder:
+            if not stat.S_ISREG(st.st_mode):
+                raise OutputError(f"{target}: is {_kind(st.st_mode)}, not a regular file; soupkern never replaces it")
+            if not self._overwrite:
+                raise OutputError(f"{target}: already exists; pass overwrite=True (--force) to replace it")
+            return
+        if not stat.S_ISDIR(st.st_mode):
+            raise OutputError(f"{target}: is {_kind(st.st_mode)}, not a folder; a folder output "
+                              f"(sharded or ending in '/') replaces only a folder")
+        entries = sorted(os.listdir(target))
+        for entry in entries:
+            for src in self._inputs:
+                if _same_file(target / entry, src) or _same_file(target, os.path.dirname(os.path.abspath(src))):
+                    raise OutputError(f"{target}: the output folder holds an input ({src}); choose another output folder")
+        if not entries:
+            return
+        if not self._overwrite:
+            raise OutputError(f"{target}: already exists and holds {len(entries)} file(s) ({_some(entries)}); "
+                              f"pass overwrite=True (--force) to replace it")
+        mine = soupkern_files(target) or set()
+        foreign = [e for e in entries if e not in mine or not (target / e).is_file() or (target / e).is_symlink()]
+        if foreign:
+            raise OutputError(f"{target}: holds {len(foreign)} file(s) soupkern did not write ({_some(foreign)}); "
+                              f"replacing the folder would lose them, so it is refused: choose another output folder")
+
+    # -- life cycle ---------------------------------------------------------------------------
 
     def __enter__(self) -> SoupWriter:
         self.check()
         try:
-            if self.layout.folder is not None and not self.layout.folder.exists():
-                self.layout.folder.mkdir()
-                self._made_folder = True
-            mask = os.umask(0)
-            os.umask(mask)
-            for shard in self.layout.shards:
-                fd, tmp = tempfile.mkstemp(prefix=f".{shard.path.name}.", suffix=".soupkern-tmp", dir=shard.path.parent)
-                self._fds.append(fd)
-                self._tmp.append(tmp)
-                os.fchmod(fd, 0o666 & ~mask)
-                os.ftruncate(fd, shard.size)
-                self._pwrite(fd, memoryview(shard.header), 0)
+            self._exits.enter_context(atomic.signals_raise(self._interrupted))
+            lock = atomic.OutputLock(self.target)
+            try:
+                got = lock.acquire()
+            except OSError as e:
+                raise OutputError(f"{lock.path}: cannot create the output's lock file ({e.strerror})") from None
+            if not got:
+                raise OutputError(f"{self.target}: another soupkern run ({lock.owner()}) is writing this output; "
+                                  f"wait for it to finish or choose another output path")
+            self._lock = lock
+            lock.write_owner()
+            self.notices = atomic.sweep(self.target.parent, own=lock)
+            for notice in self.notices:
+                log.warning(notice)
+            self.check()  # a repair may have put a previous output back
+            self._create()
         except BaseException:
             self._abort()
             raise
         return self
 
+    def _create(self) -> None:
+        mask = os.umask(0)
+        os.umask(mask)
+        self._stage = atomic.artifact_path(self.target, "tmp")
+        if self.layout.folder:
+            os.mkdir(self._stage, 0o777)
+        for shard in self.layout.shards:
+            path = self._stage / shard.path.name if self.layout.folder else self._stage
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666 & ~mask)
+            except OSError as e:
+                raise OutputError(f"{self.target}: cannot create a temporary file beside it ({e.strerror})") from None
+            self._fds.append(fd)
+            self._guard_io(os.ftruncate, fd, shard.size)
+            self._pwrite(fd, memoryview(shard.header), 0)
+        atomic.test_pause("writing")
+
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        if not self._committed:
-            self._abort()
+        try:
+            if not self._committed:
+                self._abort()
+        finally:
+            self._exits.close()
+
+    def _interrupted(self, signum: int) -> Interrupted:
+        return Interrupted(signum, tuple(self.layout.paths) if self._committed else ())
+
+    # -- writing ------------------------------------------------------------------------------
 
     def reserve(self, name: str, start: int, nbytes: int) -> np.ndarray:
         """Writable view for bytes [start, start + nbytes) of tensor `name`'s data.
@@ -249,66 +418,120 @@ class SoupWriter:
             self._pwrite(self._fds[shard], self._staging.data[:used], wstart)
             self.bytes_written += used
 
-    @staticmethod
-    def _pwrite(fd: int, data: memoryview, offset: int) -> None:
+    def _guard_io(self, fn: Callable[..., object], *args: object) -> object:
+        try:
+            return fn(*args)
+        except OSError as e:  # ENOSPC, EIO, EDQUOT...: name the output, keep errno
+            err = OutputError(f"{self.target}: writing the output failed ({e.strerror}); nothing was replaced")
+            err.errno = e.errno
+            raise err from None
+
+    def _pwrite(self, fd: int, data: memoryview, offset: int) -> None:
         while len(data):
-            n = os.pwrite(fd, data, offset)
-            data, offset = data[n:], offset + n
+            n = self._guard_io(os.pwrite, fd, data, offset)
+            data, offset = data[n:], offset + n  # type: ignore[operator]
+
+    # -- commit -------------------------------------------------------------------------------
 
     def commit(self) -> list[Path]:
-        """Flush, close and rename every file into place (index last). Returns the paths written."""
+        """Flush, close, verify the inputs and put the output in place. Returns the paths written."""
+        assert self._stage is not None and self._lock is not None, "commit() outside the with block"
         self.flush()
         for fd in self._fds:
             if self._fsync:
-                os.fsync(fd)
+                self._guard_io(os.fsync, fd)
+        for fd in self._fds:
             os.close(fd)
         self._fds = []
-        stale = self.layout.stale()
-        old_index = self.layout.folder / INDEX_NAME if self.layout.folder is not None else None
-        if old_index is not None and old_index.exists():
-            os.unlink(old_index)  # first, so no index ever points at a mix of old and new shards
-        for tmp, shard in zip(self._tmp, self.layout.shards):
-            self._placed.append(shard.path)
-            os.replace(tmp, shard.path)
-        self._tmp = []
+        if self.layout.folder:
+            self._write_folder_files()
+        if self._verify is not None:
+            self._verify()
+        atomic.test_pause("before-commit")
+        with atomic.signals_deferred() as pending:
+            atomic.test_pause("commit", pending)
+            self._place(pending)
+            self._lock.release(remove=True)
+            self._lock = None
+        return self.layout.paths
+
+    def _write_folder_files(self) -> None:
+        assert self._stage is not None
+        files = dict(self._extra)
         if self.layout.index_path is not None:
             index = {
-                "metadata": {"total_size": sum(s.size - len(s.header) for s in self.layout.shards)},
+                "metadata": {"total_size": sum(s.size - len(s.header) for s in self.layout.shards),
+                             FILES_KEY: self.layout.file_names() + sorted(self._extra)},
                 "weight_map": {
                     name: self.layout.shards[i].path.name for name, (i, _, _) in sorted(self.layout.where.items())
                 },
             }
-            fd, tmp = tempfile.mkstemp(prefix=f".{INDEX_NAME}.", suffix=".soupkern-tmp", dir=self.layout.index_path.parent)
-            self._tmp.append(tmp)
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(index, f, indent=2)
-                f.write("\n")
-            mask = os.umask(0)
-            os.umask(mask)
-            os.chmod(tmp, 0o666 & ~mask)
-            os.replace(tmp, self.layout.index_path)
-            self._tmp = []
+            files[INDEX_NAME] = (json.dumps(index, indent=2) + "\n").encode()
+        mask = os.umask(0)
+        os.umask(mask)
+        for name, data in files.items():
+            fd = os.open(self._stage / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666 & ~mask)
+            try:
+                self._pwrite(fd, memoryview(data), 0)
+                if self._fsync:
+                    self._guard_io(os.fsync, fd)
+            finally:
+                os.close(fd)
+        if self._fsync:
+            atomic.fsync_dir(self._stage)
+
+    def _place(self, pending: list[int]) -> None:
+        """The renames; runs with signals held. Sets `_committed` the moment the new output is in."""
+        assert self._stage is not None
+        target, stage = self.target, self._stage
+        try:
+            st = os.stat(target, follow_symlinks=False)
+        except FileNotFoundError:
+            st = None
+        if st is not None:
+            self._check_existing(st)  # again: the path may have changed since the run began
+        old: Path | None = None
+        try:
+            if st is None or not self._overwrite and not self.layout.folder:
+                atomic.rename_noreplace(stage, target)
+            elif not self.layout.folder:
+                os.replace(stage, target)
+            elif atomic.exchange(stage, target):
+                old = stage  # the exchange left the previous folder at the temporary name
+            else:
+                old = atomic.artifact_path(target, "old")
+                os.rename(target, old)
+                atomic.test_pause("moved-aside", pending)
+                os.rename(stage, target)
+        except FileExistsError:
+            raise OutputError(f"{target}: appeared while the soup was being written (another process?); "
+                              f"it was not replaced") from None
         self._committed = True
-        self._placed = []
-        for old in stale:
-            if old.exists() and old.name != INDEX_NAME:
-                os.unlink(old)
-        return self.layout.paths
+        self._stage = None
+        atomic.test_pause("committed", pending)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        if self._fsync:
+            atomic.fsync_dir(target.parent)
 
     def _abort(self) -> None:
-        for fd in self._fds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        for tmp in self._tmp + self._placed:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-        self._fds, self._tmp, self._placed = [], [], []
-        if self._made_folder:
-            try:
-                self.layout.folder.rmdir()  # type: ignore[union-attr]
-            except OSError:
-                pass
+        with atomic.signals_deferred():
+            for fd in self._fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            self._fds = []
+            if self._stage is not None:
+                if self._stage.is_dir():
+                    shutil.rmtree(self._stage, ignore_errors=True)
+                else:
+                    with contextlib.suppress(OSError):
+                        os.unlink(self._stage)
+                self._stage = None
+            if self._lock is not None:
+                self._lock.release(remove=True)
+                self._lock = None
+
+
+def _some(names: list[str], n: int = 3) -> str:
+    shown = ", ".join(names[:n])
+    return shown if len(names) <= n else f"{shown} and {len(names) - n} more"

@@ -41,7 +41,6 @@ the in-memory greedy soup, whose score is `GreedyResult.final_score`.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -50,6 +49,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from soupkern import strict_json
+from soupkern.options import ingredient_paths
 from soupkern.errors import InputError, MismatchError
 from soupkern.recipes.weighted import SoupReport, check_soup_output, weighted_soup
 
@@ -107,14 +108,14 @@ class GreedyResult:
         return {
             "soupkern.greedy.tie": self.tie,
             "soupkern.greedy.sort": self.sort,
-            "soupkern.greedy.maximize": json.dumps(self.maximize),
-            "soupkern.greedy.kept": json.dumps([name[i] for i in self.kept]),
-            "soupkern.greedy.order": json.dumps([name[i] for i in self.order]),
-            "soupkern.greedy.ingredient_scores": json.dumps({name[i]: self.ingredient_scores[i] for i in self.order}),
-            "soupkern.greedy.steps": json.dumps([{"ingredient": name[s.ingredient], "score": s.score,
+            "soupkern.greedy.maximize": strict_json.dumps(self.maximize),
+            "soupkern.greedy.kept": strict_json.dumps([name[i] for i in self.kept]),
+            "soupkern.greedy.order": strict_json.dumps([name[i] for i in self.order]),
+            "soupkern.greedy.ingredient_scores": strict_json.dumps({name[i]: self.ingredient_scores[i] for i in self.order}),
+            "soupkern.greedy.steps": strict_json.dumps([{"ingredient": name[s.ingredient], "score": s.score,
                                                   "accepted": s.accepted, "soup_size": s.soup_size}
                                                  for s in self.steps]),
-            "soupkern.greedy.final_score": json.dumps(self.final_score),
+            "soupkern.greedy.final_score": strict_json.dumps(self.final_score),
         }
 
 
@@ -348,9 +349,9 @@ def greedy_soup(
     from soupkern.evaluate import make_evaluator
 
     t0 = time.perf_counter()
-    paths = [Path(p) for p in ingredients]
-    if not paths:
-        raise InputError("greedy soup needs at least one ingredient")
+    paths = [Path(p) for p in ingredient_paths(ingredients)]
+    if out is not None:  # fail before the evaluations, not after them
+        check_soup_output(paths, out, dtype=dtype, overwrite=overwrite, backend=backend, metadata=metadata)
     ev = make_evaluator(model, data, metric=metric, score=score, maximize=maximize, device=device, evaluator=evaluator)
     if speculative is None:
         speculative = DEFAULT_SPECULATIVE if ev.can_batch() and _passes_are_costly(ev) else 1
@@ -361,8 +362,6 @@ def greedy_soup(
                          "scored in one batched pass; with a score callable use speculative=1")
     if tie not in ("ge", "gt"):
         raise InputError(f"tie must be 'ge' or 'gt', got {tie!r}")
-    if out is not None:  # fail before the evaluations, not after them
-        check_soup_output(paths, out, dtype=dtype, overwrite=overwrite)
     soup = _RunningSoup(ev, paths)
 
     if ingredient_scores is None:

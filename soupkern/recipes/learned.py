@@ -25,7 +25,6 @@ metadata (`soupkern.learned.*`) and the soup is produced by the engine: by_model
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import time
@@ -38,7 +37,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from soupkern.backends import DEVICE_BACKENDS, Backend, get_backend, requested_backend
-from soupkern.engine import DEFAULT_BUDGET_BYTES, MIN_BUDGET_BYTES, fill_tensor
+from soupkern.engine import DEFAULT_BUDGET_BYTES, fill_tensor
+from soupkern import strict_json
+from soupkern.options import check_budget, ingredient_paths
 from soupkern.errors import InputError
 from soupkern.io import open_checkpoint
 from soupkern.plan import KeyPolicy, SoupPlan, TensorPlan, build_plan
@@ -248,17 +249,16 @@ def learned_soup(
     """
     if mode not in ("by_model", "by_layer"):
         raise InputError(f"mode must be 'by_model' or 'by_layer', got {mode!r}")
-    if not ingredients:
-        raise InputError("a soup needs at least one ingredient")
+    ingredients = ingredient_paths(ingredients)
     if not (math.isfinite(lr) and lr > 0) or epochs < 0 or (steps is not None and steps < 0) or weight_decay < 0:
         raise InputError(f"bad optimizer settings: lr={lr}, epochs={epochs}, steps={steps}, weight_decay={weight_decay}")
-    if budget_bytes < MIN_BUDGET_BYTES:
-        raise InputError(f"budget_bytes must be at least {MIN_BUDGET_BYTES}, got {budget_bytes}")
+    check_budget(budget_bytes)
     if out is not None:  # fail before training, not after it
         if mode == "by_layer" and requested_backend(backend) in DEVICE_BACKENDS:
             raise InputError("a by-layer soup (per-tensor coefficients) is written by the host backends (cpp, torch); "
                              f"backend '{requested_backend(backend)}' runs on a device")
-        check_soup_output(ingredients, out, dtype=dtype, keys=keys, max_shard_size=max_shard_size, overwrite=overwrite)
+        check_soup_output(ingredients, out, dtype=dtype, keys=keys, max_shard_size=max_shard_size, overwrite=overwrite,
+                          budget_bytes=budget_bytes, backend=backend, fsync=fsync)
     loss_fn = loss_fn or F.cross_entropy
     eval_data = data if eval_data is None else eval_data
     kernel = get_backend(backend)
@@ -319,11 +319,11 @@ def learned_soup(
         return result
     meta = {
         "soupkern.learned.mode": mode,
-        "soupkern.learned.coefficients": json.dumps(result.to_dict()["coefficients"]),
+        "soupkern.learned.coefficients": strict_json.dumps(result.to_dict()["coefficients"]),
         "soupkern.learned.steps": str(result.steps),
         "soupkern.learned.final_loss": repr(result.learned_loss),
         "soupkern.learned.uniform_loss": repr(result.uniform_loss),
-        "soupkern.learned.settings": json.dumps(settings),
+        "soupkern.learned.settings": strict_json.dumps(settings),
     }
     opts: dict[str, Any] = {"dtype": dtype, "keys": keys, "max_shard_size": max_shard_size,
                             "budget_bytes": budget_bytes, "backend": backend, "overwrite": overwrite,

@@ -9,7 +9,6 @@ arithmetic). Provenance recorded in the output's __metadata__: soupkern.version,
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from contextlib import ExitStack, nullcontext
@@ -18,10 +17,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Sequence, Union
 
 from soupkern.backends import DEVICE_BACKENDS, get_backend, requested_backend
-from soupkern.engine import DEFAULT_BUDGET_BYTES, MIN_BUDGET_BYTES, execute, fill_tensor, staging_bytes_for
+from soupkern.engine import DEFAULT_BUDGET_BYTES, execute, fill_tensor, staging_bytes_for
+from soupkern import strict_json
 from soupkern.errors import InputError
 from soupkern.io import Checkpoint, SoupWriter, open_checkpoint, plan_output
-from soupkern.plan import KeyPolicy, SoupPlan, build_plan
+from soupkern.io.writer import check_metadata
+from soupkern.options import check_budget, check_device, check_flag, coefficient_vector, ingredient_paths
+from soupkern.plan import KeyPolicy, SoupPlan, build_plan, normalize_dtype
 
 if TYPE_CHECKING:
     import torch
@@ -62,6 +64,8 @@ def _plan(checkpoints: list[Checkpoint], coefficients: Coefficients, default: Se
           dtype: str | None, keys: KeyPolicy) -> SoupPlan:
     if isinstance(coefficients, Mapping):
         k = len(checkpoints)
+        if not all(isinstance(n, str) for n in coefficients):
+            raise InputError("per-tensor coefficients must map tensor names (str) to vectors")
         fallback = default if default is not None else [1.0 / k] * k
         return build_plan(checkpoints, fallback, dtype=dtype, keys=keys).with_per_tensor(coefficients)
     if default is not None:
@@ -103,14 +107,17 @@ def weighted_soup(
     soup through that device (soupkern/gpu_engine.py): pinned host buffers and
     `device_budget_bytes` (default 1 GiB) of device memory, same output bytes.
     """
-    if budget_bytes < MIN_BUDGET_BYTES:
-        raise InputError(f"budget_bytes must be at least {MIN_BUDGET_BYTES}, got {budget_bytes}")
     t0 = time.perf_counter()
+    paths = ingredient_paths(ingredients)
+    if not isinstance(coefficients, Mapping):
+        coefficients = coefficient_vector(coefficients, len(paths))
+    check_soup_options(budget_bytes=budget_bytes, dtype=dtype, keys=keys, max_shard_size=max_shard_size,
+                       metadata=metadata, overwrite=overwrite, fsync=fsync)
     dev, kernels = _device_route(backend, device)
     kernel = get_backend(backend) if kernels is None else None
     kernel_name = kernels.name if kernels is not None else kernel.name  # type: ignore[union-attr]
     with ExitStack() as stack:
-        checkpoints = [stack.enter_context(open_checkpoint(p)) for p in ingredients]
+        checkpoints = [stack.enter_context(open_checkpoint(p)) for p in paths]
         plan = _plan(checkpoints, coefficients, default, dtype, keys)
         streamer = None
         if kernels is not None:
@@ -122,8 +129,8 @@ def weighted_soup(
         meta = {
             "soupkern.version": _version(),
             "soupkern.recipe": recipe,
-            "soupkern.ingredients": json.dumps([os.fspath(p) for p in ingredients]),
-            "soupkern.coefficients": json.dumps(plan.coefficients_json()),
+            "soupkern.ingredients": strict_json.dumps(paths),
+            "soupkern.coefficients": strict_json.dumps(plan.coefficients_json()),
             "soupkern.backend": kernel_name,
             "soupkern.keys": keys,
             **(metadata or {}),
@@ -131,7 +138,7 @@ def weighted_soup(
         layout = plan_output([tp.out for tp in plan.tensors], out, meta, max_shard_size)
         inputs = [f.path for ck in checkpoints for f in ck.files] + [ck.path for ck in checkpoints]
         writer = SoupWriter(layout, inputs=inputs, staging_bytes=staging_bytes_for(budget_bytes),
-                            overwrite=overwrite, fsync=fsync)
+                            overwrite=overwrite, fsync=fsync, verify=lambda: verify_inputs(checkpoints))
         with writer, _progress_bar(plan.bytes_read + plan.bytes_written, progress) as bar:
             if streamer is not None:
                 streamer.to_writer(writer, host_budget_bytes=budget_bytes, progress=bar.update if bar else None)
@@ -142,8 +149,34 @@ def weighted_soup(
                       time.perf_counter() - t0, kernel_name, plan.coefficients)
 
 
-def _device_route(backend: str | None, device: str | None) -> tuple[str | None, DeviceKernels | None]:
+def verify_inputs(checkpoints: Sequence[Checkpoint]) -> None:
+    """Before a commit: no input was truncated under its mapping or changed while being read."""
+    for ck in checkpoints:
+        ck.check_unchanged()
+
+
+def check_soup_options(*, budget_bytes: object = DEFAULT_BUDGET_BYTES, dtype: object = None, keys: object = "same",
+                       max_shard_size: object = None, metadata: object = None, overwrite: object = False,
+                       fsync: object = False) -> None:
+    """The cheap checks of the output options (no file is opened): InputError on the first bad one."""
+    check_budget(budget_bytes)
+    normalize_dtype(dtype)
+    if not isinstance(keys, str) or keys not in ("same", "intersection"):
+        raise InputError(f"keys must be 'same' or 'intersection', got {keys!r}")
+    if max_shard_size is not None and (isinstance(max_shard_size, bool) or not isinstance(max_shard_size, int)
+                                       or max_shard_size <= 0):
+        raise InputError(f"max_shard_size must be a positive number of bytes, got {max_shard_size!r}")
+    check_metadata(metadata)  # type: ignore[arg-type]
+    check_flag(overwrite, "overwrite")
+    check_flag(fsync, "fsync")
+
+
+def _device_route(backend: str | None, device: object) -> tuple[object, DeviceKernels | None]:
     """(device, kernels) when the soup streams through a device, else (None, None)."""
+    if backend is not None and not isinstance(backend, str):
+        raise InputError(f"backend must be a name such as 'cpp', got {backend!r}")
+    if device is not None:
+        device = check_device(device)
     requested = requested_backend(backend)
     if device is None and requested not in DEVICE_BACKENDS:
         return None, None
@@ -163,24 +196,34 @@ def check_soup_output(
     keys: KeyPolicy = "same",
     max_shard_size: int | None = None,
     overwrite: bool = False,
+    budget_bytes: int = DEFAULT_BUDGET_BYTES,
+    backend: str | None = None,
+    device: object = None,
+    fsync: bool = False,
+    metadata: dict[str, str] | None = None,
 ) -> None:
     """Every check `weighted_soup` makes before writing, without writing: for recipes that do
-    expensive work (evaluations, training) before they write, so bad input or an unwritable
-    output fails first. Raises what `weighted_soup` would raise."""
+    expensive work (evaluations, training) before they write, so bad input, a bad option or an
+    unwritable output fails first. Raises what `weighted_soup` would raise."""
+    paths = ingredient_paths(ingredients)
+    check_soup_options(budget_bytes=budget_bytes, dtype=dtype, keys=keys, max_shard_size=max_shard_size,
+                       metadata=metadata, overwrite=overwrite, fsync=fsync)
+    _, kernels = _device_route(backend, device)
+    if kernels is None:
+        get_backend(backend)
     with ExitStack() as stack:
-        checkpoints = [stack.enter_context(open_checkpoint(p)) for p in ingredients]
+        checkpoints = [stack.enter_context(open_checkpoint(p)) for p in paths]
         k = len(checkpoints)
-        plan = build_plan(checkpoints, [1.0 / max(k, 1)] * k, dtype=dtype, keys=keys)
-        layout = plan_output([tp.out for tp in plan.tensors], out, {}, max_shard_size)
+        plan = build_plan(checkpoints, [1.0 / k] * k, dtype=dtype, keys=keys)
+        layout = plan_output([tp.out for tp in plan.tensors], out, metadata, max_shard_size)
         inputs = [f.path for ck in checkpoints for f in ck.files] + [ck.path for ck in checkpoints]
         SoupWriter(layout, inputs=inputs, staging_bytes=1, overwrite=overwrite).check()
 
 
 def uniform_soup(ingredients: Sequence[PathLike], out: PathLike, **kwargs: object) -> SoupReport:
     """The uniform soup (plain mean) of `ingredients` written to `out`; options as `weighted_soup`."""
+    ingredients = ingredient_paths(ingredients)
     k = len(ingredients)
-    if k == 0:
-        raise InputError("a soup needs at least one ingredient")
     return weighted_soup(ingredients, [1.0 / k] * k, out, recipe="uniform", **kwargs)  # type: ignore[arg-type]
 
 
@@ -207,10 +250,17 @@ def weighted_state_dict(
 
     from soupkern.torch_dtypes import TORCH_DTYPES
 
+    ingredients = ingredient_paths(ingredients)
+    if not isinstance(coefficients, Mapping):
+        coefficients = coefficient_vector(coefficients, len(ingredients))
+    check_soup_options(dtype=dtype, keys=keys)
+    if backend is not None and not isinstance(backend, str):
+        raise InputError(f"backend must be a name such as 'cpp', got {backend!r}")
     if device is not None:
         from soupkern.backends.device import device_kernels
         from soupkern.gpu_engine import DEFAULT_DEVICE_BUDGET_BYTES, DeviceStreamer
 
+        device = check_device(device)
         kernels = device_kernels(device, backend)
         with ExitStack() as stack:
             checkpoints = [stack.enter_context(open_checkpoint(p)) for p in ingredients]
@@ -228,14 +278,14 @@ def weighted_state_dict(
             t = torch.empty(tp.out.shape, dtype=TORCH_DTYPES[tp.out.dtype])
             fill_tensor(tp, plan.coefficients_for(tp.out.name), t.view(-1).view(torch.uint8).numpy(), kernel)
             result[tp.out.name] = t
+        verify_inputs(checkpoints)
     return result
 
 
 def uniform_state_dict(ingredients: Sequence[PathLike], **kwargs: object) -> dict[str, torch.Tensor]:
     """The uniform soup as an in-memory state dict; options as `weighted_state_dict`."""
+    ingredients = ingredient_paths(ingredients)
     k = len(ingredients)
-    if k == 0:
-        raise InputError("a soup needs at least one ingredient")
     return weighted_state_dict(ingredients, [1.0 / k] * k, **kwargs)  # type: ignore[arg-type]
 
 

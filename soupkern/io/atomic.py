@@ -1,0 +1,365 @@
+"""Filesystem primitives behind the writer's guarantee: an output path holds its previous content
+or the complete new soup, never nothing and never a mix, whatever signal arrives and whenever.
+
+- Every artifact of a run that writes output NAME lives beside it, named `.KEY.soupkern-lock`,
+  `.KEY.soupkern-tmp-XXXXXXXX` (the new file or folder being written) or `.KEY.soupkern-old-XXXXXXXX`
+  (a replaced folder on its way out); KEY is NAME, or a prefix of it plus a hash when NAME is long.
+- The run holds an fcntl lock (open-file-description lock; POSIX record lock where those are
+  missing) on the lock file for its whole life, so a second run on the same output is refused at
+  once and a lock that nobody holds marks artifacts of a run that died (SIGKILL, power loss):
+  `sweep` removes those, restoring a replaced folder when the run died between the two renames of
+  the fallback swap, and never touches artifacts of a live run, on this host or another.
+- Commits are renames: `renameat2(RENAME_NOREPLACE)` without overwrite (two runs can never both
+  succeed), `rename` over a file, `renameat2(RENAME_EXCHANGE)` to swap a whole folder in, and a
+  two-rename swap (old folder aside, new one in) where the filesystem lacks RENAME_EXCHANGE.
+- `signals_deferred` holds SIGINT/SIGTERM/SIGHUP for the few system calls of a commit, so no
+  interrupt can land between a rename and the bookkeeping that follows it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+log = logging.getLogger("soupkern")
+
+LOCK_SUFFIX = ".soupkern-lock"
+ARTIFACT = re.compile(r"^\.(?P<key>.+)\.soupkern-(?:(?P<lock>lock)|(?P<kind>tmp|old)-[0-9a-f]{8})$")
+_MAX_KEY_BYTES = 180
+HANDLED_SIGNALS = tuple(s for s in (signal.SIGINT, getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)) if s)
+
+_RENAME_NOREPLACE = 1
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def artifact_key(name: str) -> str:
+    """The KEY of an output's artifacts: its name, shortened with a hash so every artifact name
+    stays within NAME_MAX (255 bytes) however long the output's name is."""
+    raw = name.encode("utf-8", "surrogateescape")
+    if len(raw) <= _MAX_KEY_BYTES:
+        return name
+    head = raw[:120].decode("utf-8", "ignore")
+    return f"{head}~{hashlib.sha256(raw).hexdigest()[:16]}"
+
+
+def artifact_path(target: Path, kind: str) -> Path:
+    """A fresh artifact path beside `target`: kind is 'tmp' or 'old'."""
+    return target.parent / f".{artifact_key(target.name)}.soupkern-{kind}-{os.urandom(4).hex()}"
+
+
+def lock_path(target: Path) -> Path:
+    return target.parent / f".{artifact_key(target.name)}{LOCK_SUFFIX}"
+
+
+# ---------------------------------------------------------------------------------------------
+# locks
+
+def _flock_struct(kind: int) -> bytes:
+    # struct flock {short l_type; short l_whence; off_t l_start; off_t l_len; pid_t l_pid;}
+    return struct.pack("hhxxxxqqixxxx", kind, os.SEEK_SET, 0, 0, 0)
+
+
+def _try_lock(fd: int) -> bool:
+    """Exclusive non-blocking lock on the whole file; False when another open file holds it."""
+    try:
+        if hasattr(fcntl, "F_OFD_SETLK"):
+            try:
+                fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _flock_struct(fcntl.F_WRLCK))
+                return True
+            except OSError as e:
+                if e.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                    raise
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError as e:
+        if e.errno in (errno.EACCES, errno.EAGAIN):
+            return False
+        raise
+
+
+class OutputLock:
+    """The lock file of one output, held from `acquire` to `release` (which removes the file)."""
+
+    def __init__(self, target: Path):
+        self.target = target
+        self.path = lock_path(target)
+        self.fd: int | None = None
+
+    def acquire(self) -> bool:
+        """Take the lock; False if a live run holds it. Safe against a holder removing the file:
+        after locking, the path must still name the locked inode, else try again."""
+        for _ in range(100):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+            try:
+                if not _try_lock(fd):
+                    os.close(fd)
+                    return False
+                st = os.fstat(fd)
+                try:
+                    now = os.stat(self.path, follow_symlinks=False)
+                except FileNotFoundError:
+                    now = None
+                if now is not None and (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+                    self.fd = fd
+                    return True
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)  # the previous holder removed it between our open and our lock
+        return False
+
+    def write_owner(self) -> None:
+        assert self.fd is not None
+        info = {"output": self.target.name, "pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, json.dumps(info).encode(), 0)
+
+    def owner(self) -> str:
+        """Who holds it, for messages: 'pid P on host H'."""
+        try:
+            info = json.loads(self.path.read_bytes() or b"{}")
+            return f"pid {info['pid']} on host {info['host']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            return "another process"
+
+    def release(self, remove: bool = True) -> None:
+        if self.fd is None:
+            return
+        if remove:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+        os.close(self.fd)
+        self.fd = None
+
+
+def _owner_name(lock_file: Path, key: str) -> str | None:
+    """The output name a lock file guards (its content, else the key when the key is the name)."""
+    try:
+        name = json.loads(lock_file.read_bytes() or b"{}").get("output")
+        if isinstance(name, str) and artifact_key(name) == key:
+            return name
+    except (OSError, ValueError, AttributeError):
+        pass
+    return key if artifact_key(key) == key else None
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+def repair(folder: Path, key: str, target_name: str | None) -> list[str]:
+    """Undo what a dead run left for KEY in `folder` (its lock must be held by the caller): put a
+    replaced folder back when the run died between the two renames of a fallback swap, delete the
+    rest. Returns what was done, for notices."""
+    done: list[str] = []
+    tmps, olds = [], []
+    for entry in os.listdir(folder):
+        m = ARTIFACT.match(entry)
+        if m and m.group("key") == key and not m.group("lock"):
+            (olds if m.group("kind") == "old" else tmps).append(folder / entry)
+    if olds and target_name is not None and not os.path.lexists(folder / target_name):
+        keep = max(olds, key=lambda p: p.stat(follow_symlinks=False).st_mtime_ns)
+        os.rename(keep, folder / target_name)
+        olds.remove(keep)
+        done.append(f"restored {folder / target_name} from {keep.name}, which an interrupted swap had moved aside")
+    for p in tmps + olds:
+        _remove(p)
+        done.append(f"removed {p}, left by an interrupted soupkern run")
+    return done
+
+
+def sweep(folder: Path, own: OutputLock | None = None) -> list[str]:
+    """Remove artifacts of dead runs in `folder` (those whose lock nobody holds); repair
+    `own.target`'s artifacts under the lock the caller holds. Returns notices."""
+    notices: list[str] = []
+    try:
+        entries = os.listdir(folder)
+    except OSError:
+        return notices
+    keys: dict[str, bool] = {}
+    for entry in entries:
+        m = ARTIFACT.match(entry)
+        if m:
+            keys[m.group("key")] = keys.get(m.group("key"), False) or bool(m.group("lock"))
+    for key in sorted(keys):
+        lock_file = folder / f".{key}{LOCK_SUFFIX}"
+        if own is not None and own.path == lock_file:
+            notices += repair(folder, key, own.target.name)
+            continue
+        target_name = _owner_name(lock_file, key)
+        other = OutputLock(folder / (target_name or key))
+        other.path = lock_file
+        try:
+            if not other.acquire():
+                continue  # a live run, here or on another host
+        except OSError:
+            continue
+        try:
+            notices += repair(folder, key, target_name)
+        finally:
+            other.release(remove=True)
+    return notices
+
+
+# ---------------------------------------------------------------------------------------------
+# renames
+
+_libc: ctypes.CDLL | None = None
+
+
+def _renameat2(src: Path, dst: Path, flags: int) -> None:
+    """renameat2(2) through libc; OSError(ENOSYS/EINVAL) where the kernel, libc or filesystem lacks it."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    fn = getattr(_libc, "renameat2", None)
+    if fn is None or os.environ.get("SOUPKERN_TEST_NO_RENAMEAT2"):
+        raise OSError(errno.ENOSYS, "renameat2 is not available")
+    r = fn(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), ctypes.c_uint(flags))
+    if r != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e), os.fspath(src), None, os.fspath(dst))
+
+
+def rename_noreplace(src: Path, dst: Path) -> None:
+    """Move src to dst only if dst does not exist (FileExistsError otherwise), atomically where the
+    filesystem allows (renameat2 NOREPLACE, else link + unlink for files)."""
+    try:
+        _renameat2(src, dst, _RENAME_NOREPLACE)
+        return
+    except OSError as e:
+        if e.errno not in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+            raise
+    if not src.is_dir():
+        try:
+            os.link(src, dst)
+        except OSError as e:
+            if e.errno == errno.EEXIST:
+                raise FileExistsError(errno.EEXIST, "exists", os.fspath(dst)) from None
+            if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+                raise
+        else:
+            os.unlink(src)
+            return
+    if os.path.lexists(dst):  # no atomic primitive here: the output lock is what serializes runs
+        raise FileExistsError(errno.EEXIST, "exists", os.fspath(dst))
+    os.rename(src, dst)
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        _renameat2(a, b, _RENAME_EXCHANGE)
+        return True
+    except OSError as e:
+        if e.errno in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+            return False
+        raise
+
+
+def fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------------
+# signals
+
+def _in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+def _is_default(signum: int, handler: object) -> bool:
+    if signum == signal.SIGINT:
+        return handler is signal.default_int_handler
+    return handler == signal.SIG_DFL
+
+
+@contextlib.contextmanager
+def signals_raise(make_exc: Callable[[int], BaseException]) -> Iterator[None]:
+    """While inside: SIGINT, SIGTERM and SIGHUP raise `make_exc(signum)` in the main thread, so
+    the writer's cleanup runs (by default SIGTERM and SIGHUP kill without any cleanup). Handlers a
+    user installed (and ignored signals, e.g. SIGHUP under nohup) are left alone."""
+    if not _in_main_thread():
+        yield
+        return
+    old: dict[int, object] = {}
+
+    def handler(signum: int, frame: object) -> None:
+        raise make_exc(signum)
+
+    try:
+        for s in HANDLED_SIGNALS:
+            current = signal.getsignal(s)
+            if _is_default(s, current) or getattr(current, "_soupkern", False):
+                handler._soupkern = True  # type: ignore[attr-defined]
+                old[s] = signal.signal(s, handler)
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)  # type: ignore[arg-type]
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[list[int]]:
+    """Hold SIGINT/SIGTERM/SIGHUP for the body (a few system calls), then deliver them to the
+    handlers that were in place. Yields the list of signals that arrived (tests poll it)."""
+    if not _in_main_thread():
+        yield []
+        return
+    pending: list[int] = []
+    old: dict[int, object] = {}
+    try:
+        for s in HANDLED_SIGNALS:
+            old[s] = signal.signal(s, lambda signum, frame: pending.append(signum))
+        yield pending
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)  # type: ignore[arg-type]
+    for s in dict.fromkeys(pending):
+        h = old.get(s)
+        if callable(h):
+            h(s, None)
+        elif h == signal.SIG_DFL:
+            os.kill(os.getpid(), s)
+
+
+# ---------------------------------------------------------------------------------------------
+# the private test hook
+
+def test_pause(point: str, pending: list[int] | None = None) -> None:
+    """Pause at a named point of the commit when $SOUPKERN_TEST_PAUSE_AT names it (comma-separated):
+    announce it on stderr and wait (up to 60 s) until a signal arrives, so tests can signal the
+    process at exactly that point. Does nothing otherwise."""
+    points = os.environ.get("SOUPKERN_TEST_PAUSE_AT")
+    if not points or point not in points.split(","):
+        return
+    print(f"soupkern-test-pause {point}", file=sys.stderr, flush=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not pending:
+        time.sleep(0.005)  # a raising signal handler interrupts this
