@@ -14,6 +14,10 @@
 namespace py = pybind11;
 using soupkern::DType;
 
+namespace soupkern {
+void register_mapping(py::module_& m);  // mapping.cpp: Mapping, guard_take
+}
+
 namespace {
 
 DType parse_dtype(const std::string& s) {
@@ -106,4 +110,5 @@ PYBIND11_MODULE(_native, m) {
     return out;
   });
   m.def("max_threads", []() { return omp_get_max_threads(); });
+  soupkern::register_mapping(m);
 }

@@ -352,14 +352,15 @@ def signals_deferred() -> Iterator[list[int]]:
 # ---------------------------------------------------------------------------------------------
 # the private test hook
 
-def test_pause(point: str, pending: list[int] | None = None) -> None:
-    """Pause at a named point of the commit when $SOUPKERN_TEST_PAUSE_AT names it (comma-separated):
-    announce it on stderr and wait (up to 60 s) until a signal arrives, so tests can signal the
-    process at exactly that point. Does nothing otherwise."""
+def pause_point(point: str, pending: list[int] | None = None) -> None:
+    """Pause at a named point when $SOUPKERN_TEST_PAUSE_AT names it (comma-separated): announce it
+    on stderr and wait (up to 60 s) until a signal arrives or the file $SOUPKERN_TEST_RESUME
+    exists, so tests can act at exactly that point. Does nothing otherwise."""
     points = os.environ.get("SOUPKERN_TEST_PAUSE_AT")
     if not points or point not in points.split(","):
         return
     print(f"soupkern-test-pause {point}", file=sys.stderr, flush=True)
+    resume = os.environ.get("SOUPKERN_TEST_RESUME")
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not pending:
+    while time.monotonic() < deadline and not pending and not (resume and os.path.exists(resume)):
         time.sleep(0.005)  # a raising signal handler interrupts this

@@ -9,6 +9,7 @@ import os
 import re
 import stat
 import struct
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,6 +82,34 @@ def _looks_like(fd: int) -> str:
     return " (not a safetensors file?)"
 
 
+def _map(fd: int, size: int) -> object:
+    """A read-only shared mapping of the whole file. The native one holds no file descriptor (so
+    any number of inputs fit under `ulimit -n`) and is guarded: a page lost to a truncation by
+    another process reads as zeros and is recorded, instead of killing the process with SIGBUS."""
+    try:
+        from soupkern import _native
+    except ImportError:  # built without the extension: Python's mmap, unguarded
+        return mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+    return _native.Mapping(fd, size)
+
+
+_LIVE: weakref.WeakSet[SafetensorsFile] = weakref.WeakSet()
+
+
+def check_guard() -> None:
+    """Raise InputError naming the file if a mapped input lost pages to a truncation since the
+    last call (the guarded mappings then read zeros there)."""
+    try:
+        from soupkern import _native
+    except ImportError:
+        return
+    count, address = _native.guard_take()
+    if count:
+        owner = next((f for f in list(_LIVE) if f.owns(address)), None)
+        raise InputError("was truncated by another process while being read; the soup was not written "
+                         "(rerun once the file is stable)", path=owner.path if owner else "an input")
+
+
 class SafetensorsFile:
     """One safetensors file: validated header, read-only mmap, zero-copy byte views.
 
@@ -108,17 +137,30 @@ class SafetensorsFile:
             self.tensors, self.metadata = parse_header(raw, size - 8 - n, self.path)
             self.size = size
             try:
-                self._mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+                self._mm = _map(fd, size)
             except OSError as e:
                 raise InputError(f"cannot map the file ({e.strerror})", path=self.path) from None
         finally:
             os.close(fd)
-        self._mm.madvise(mmap.MADV_SEQUENTIAL)
+        self._advise(mmap.MADV_SEQUENTIAL, 0, size)
         self._can_populate = True
+        _LIVE.add(self)
+
+    def _advise(self, advice: int, begin: int, length: int) -> None:
+        if isinstance(self._mm, mmap.mmap):
+            self._mm.madvise(advice, begin, length)
+        elif length:
+            self._mm.advise(advice, begin, length)
+
+    def owns(self, address: int) -> bool:
+        """Whether `address` lies in this file's mapping (to attribute a guarded fault)."""
+        base = getattr(self._mm, "address", None)
+        return base is not None and base <= address < base + self.size
 
     def check_unchanged(self) -> None:
         """Raise InputError if the file changed since it was opened (size, mtime, ctime, inode):
         best effort against a rewrite in place, which no reader can fully detect."""
+        check_guard()
         try:
             now = _signature(os.stat(self.path))
         except OSError as e:
@@ -139,23 +181,34 @@ class SafetensorsFile:
         if end <= begin or not self._can_populate:
             return
         b = begin - begin % PAGE
-        try:
-            self._mm.madvise(_MADV_POPULATE_READ, b, end - b)
-        except OSError:  # kernel without MADV_POPULATE_READ: fall back to ordinary faults
+        if isinstance(self._mm, mmap.mmap):
+            try:
+                self._mm.madvise(_MADV_POPULATE_READ, b, end - b)
+            except OSError:  # kernel without MADV_POPULATE_READ: fall back to ordinary faults
+                self._can_populate = False
+            return
+        err = self._mm.populate(b, end - b)
+        if err == errno.EFAULT:  # pages past the end of the file: it was truncated under us
+            raise InputError("was truncated by another process while being read; the soup was not written "
+                             "(rerun once the file is stable)", path=self.path)
+        if err:  # kernel without MADV_POPULATE_READ: fall back to ordinary faults
             self._can_populate = False
 
     def release(self, begin: int, end: int) -> None:
         """Unmap the pages covering file bytes [begin, end) from this process."""
         b = begin - begin % PAGE
-        e = min(-(-end // PAGE) * PAGE, len(self._mm))
+        e = min(-(-end // PAGE) * PAGE, self.size)
         if e > b:
-            self._mm.madvise(mmap.MADV_DONTNEED, b, e - b)
+            self._advise(mmap.MADV_DONTNEED, b, e - b)
 
     def close(self) -> None:
-        try:
-            self._mm.close()
-        except BufferError:  # a caller still holds a view; the mapping goes with the last one
-            pass
+        """Drop this file's mapping; views still held keep it alive until they go."""
+        _LIVE.discard(self)
+        if isinstance(self._mm, mmap.mmap):
+            try:
+                self._mm.close()
+            except BufferError:  # a caller still holds a view; the mapping goes with the last one
+                pass
 
     def __repr__(self) -> str:
         return f"SafetensorsFile({self.path!r}, {len(self.tensors)} tensors)"

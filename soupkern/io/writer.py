@@ -379,7 +379,7 @@ class SoupWriter:
             self._fds.append(fd)
             self._guard_io(os.ftruncate, fd, shard.size)
             self._pwrite(fd, memoryview(shard.header), 0)
-        atomic.test_pause("writing")
+        atomic.pause_point("writing")
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         try:
@@ -447,9 +447,9 @@ class SoupWriter:
             self._write_folder_files()
         if self._verify is not None:
             self._verify()
-        atomic.test_pause("before-commit")
+        atomic.pause_point("before-commit")
         with atomic.signals_deferred() as pending:
-            atomic.test_pause("commit", pending)
+            atomic.pause_point("commit", pending)
             self._place(pending)
             self._lock.release(remove=True)
             self._lock = None
@@ -501,18 +501,22 @@ class SoupWriter:
             else:
                 old = atomic.artifact_path(target, "old")
                 os.rename(target, old)
-                atomic.test_pause("moved-aside", pending)
+                atomic.pause_point("moved-aside", pending)
                 os.rename(stage, target)
         except FileExistsError:
             raise OutputError(f"{target}: appeared while the soup was being written (another process?); "
                               f"it was not replaced") from None
         self._committed = True
         self._stage = None
-        atomic.test_pause("committed", pending)
+        atomic.pause_point("committed", pending)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         if self._fsync:
-            atomic.fsync_dir(target.parent)
+            try:
+                atomic.fsync_dir(target.parent)
+            except OSError as e:  # the soup is in place; only the rename's durability is in doubt
+                log.warning("%s is complete, but syncing its folder failed (%s): a power loss now could undo the rename",
+                            target, e.strerror)
 
     def _abort(self) -> None:
         with atomic.signals_deferred():
