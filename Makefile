@@ -3,7 +3,7 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: install demo test bench-smoke
+.PHONY: install demo test bench-smoke gpu-check
 
 # torch is installed first and pinned by constraints.txt so pip keeps the CPU build here.
 install:
@@ -15,3 +15,10 @@ demo: install
 
 test: install
 	$(PYTHON) -m pytest -q
+
+# On a GPU machine with its own torch/triton and no network (never `install`): editable install with
+# the CUDA build, GPU tests, every GPU benchmark at a reduced size, one tarball in $OUT (else
+# gpu_check_out/); at most ~5 minutes on an H200. Runs anywhere; without a GPU the GPU stages say
+# "skipped: no GPU". GPU_CHECK_ARGS passes options (python3 benchmarks/gpu_check.py --help).
+gpu-check:
+	PYTHONUNBUFFERED=1 $(PYTHON) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)

@@ -373,6 +373,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.removeHandler(handler)
 
 
+def _check_workdir(workdir: str) -> None:
+    if not workdir.strip():
+        raise SoupkernError("--workdir: an empty path is not a folder")
+    p = Path(workdir)
+    for q in (p, *p.parents):
+        if q.exists():
+            if not q.is_dir():
+                raise SoupkernError(f"--workdir {workdir}: {q} is not a folder")
+            break
+
+
 def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split("\n")).strip() or type(e).__name__
 
@@ -407,6 +418,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         elif args.command == "demo":
             from soupkern.demo import DemoConfig, run_demo
 
+            _check_workdir(args.workdir)
             return run_demo(Path(args.workdir), DemoConfig.fast() if args.fast else None, quiet=args.quiet)
         sys.stdout.flush()
     except BrokenPipeError:
