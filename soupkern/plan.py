@@ -32,7 +32,7 @@ def normalize_dtype(dtype: object) -> str | None:
             dtype = str(dtype).removeprefix("torch.")
         else:
             raise InputError(f"output dtype must be a string such as 'bf16' or a torch dtype, got {dtype!r}")
-    name = DTYPE_ALIASES.get(dtype.lower(), dtype.upper())
+    name = DTYPE_ALIASES.get(dtype.lower().removeprefix("torch."), dtype.upper())
     if name not in FLOAT_DTYPES:
         raise InputError(f"output dtype must be one of fp32, fp16, bf16, fp64; got '{dtype}'")
     return name
