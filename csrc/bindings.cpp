@@ -5,6 +5,7 @@
 
 #include <omp.h>
 
+#include <limits>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -43,7 +44,7 @@ py::buffer_info byte_view(const py::handle& obj, std::size_t nbytes, bool writab
 
 void weighted_sum_py(const py::object& out, const std::string& out_dtype, const py::sequence& inputs,
                      const std::vector<std::string>& in_dtypes, const std::vector<double>& weights,
-                     std::size_t n, int threads, const std::string& isa) {
+                     std::size_t n, int threads, const std::string& isa, double divisor) {
   soupkern::WeightedSumFn fn = nullptr;
   if (!isa.empty()) {
     fn = soupkern::isa_by_name(isa.c_str());
@@ -51,6 +52,8 @@ void weighted_sum_py(const py::object& out, const std::string& out_dtype, const 
   }
   const std::size_t k = py::len(inputs);
   if (k == 0) throw py::value_error("weighted_sum needs at least one input");
+  if (!(divisor > 0.0) || divisor == std::numeric_limits<double>::infinity())
+    throw py::value_error("divisor must be a positive finite number");
   if (in_dtypes.size() != k || weights.size() != k)
     throw py::value_error("inputs, in_dtypes and weights must have the same length");
   const DType od = parse_dtype(out_dtype);
@@ -67,7 +70,7 @@ void weighted_sum_py(const py::object& out, const std::string& out_dtype, const 
   }
   void* optr = infos[0].ptr;
   py::gil_scoped_release release;
-  soupkern::weighted_sum(optr, od, ptrs.data(), dts.data(), weights.data(), static_cast<int>(k), n, threads, fn);
+  soupkern::weighted_sum(optr, od, ptrs.data(), dts.data(), weights.data(), divisor, static_cast<int>(k), n, threads, fn);
 }
 
 void copy_py(const py::object& dst, const py::object& src, std::size_t nbytes, int threads) {
@@ -94,8 +97,9 @@ PYBIND11_MODULE(_native, m) {
   m.doc() = "soupkern C++ kernels (framework-free; see csrc/soupkern.h for the contract)";
   m.def("weighted_sum", &weighted_sum_py, py::arg("out"), py::arg("out_dtype"), py::arg("inputs"),
         py::arg("in_dtypes"), py::arg("weights"), py::arg("n"), py::arg("threads") = 0, py::arg("isa") = "",
-        "out[i] = sum_k w_k * x_k[i] over n elements; contract in csrc/soupkern.h. isa: '' (best), "
-        "'avx512', 'avx2' or 'generic' (each gives the same bits).");
+        py::arg("divisor") = 1.0,
+        "out[i] = round((sum_k w_k * x_k[i]) / divisor) over n elements, fp64 accumulation; contract in "
+        "csrc/soupkern.h. isa: '' (best), 'avx512', 'avx2' or 'generic' (each gives the same bits).");
   m.def("copy", &copy_py, py::arg("dst"), py::arg("src"), py::arg("nbytes"), py::arg("threads") = 0,
         "OpenMP memcpy of nbytes: the same-run memory-copy baseline for the kernel.");
   m.def("read", &read_py, py::arg("buffers"), py::arg("nbytes"), py::arg("threads") = 0,

@@ -54,14 +54,14 @@ int resolve_threads(int threads) { return threads > 0 ? threads : omp_get_max_th
 }  // namespace
 
 void weighted_sum(void* out, DType out_dtype, const void* const* inputs, const DType* in_dtypes,
-                  const double* weights, int k, std::size_t n, int threads, WeightedSumFn fn) {
+                  const double* weights, double divisor, int k, std::size_t n, int threads, WeightedSumFn fn) {
   static const WeightedSumFn best = select_isa(nullptr);
   if (fn == nullptr) fn = best;
   if (n == 0) return;
   const bool stream = n * itemsize(out_dtype) >= kStreamBytes && reinterpret_cast<std::uintptr_t>(out) % 64 == 0;
   const int t = n < kMinParallel ? 1 : resolve_threads(threads);
   if (t == 1) {
-    fn(out, out_dtype, inputs, in_dtypes, weights, k, 0, n, stream);
+    fn(out, out_dtype, inputs, in_dtypes, weights, divisor, k, 0, n, stream);
     return;
   }
   const std::size_t grains = (n + kGrain - 1) / kGrain;
@@ -71,7 +71,7 @@ void weighted_sum(void* out, DType out_dtype, const void* const* inputs, const D
     const std::size_t id = static_cast<std::size_t>(omp_get_thread_num());
     const std::size_t g0 = grains * id / nt, g1 = grains * (id + 1) / nt;
     const std::size_t b = std::min(n, g0 * kGrain), e = std::min(n, g1 * kGrain);
-    if (b < e) fn(out, out_dtype, inputs, in_dtypes, weights, k, b, e, stream);
+    if (b < e) fn(out, out_dtype, inputs, in_dtypes, weights, divisor, k, b, e, stream);
   }
 }
 

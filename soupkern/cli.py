@@ -288,8 +288,8 @@ def _greedy(args: argparse.Namespace) -> None:
     result = greedy_soup(args.ingredients, model=model, score=score, tie=args.tie, sort=args.sort,
                          device=args.device, on_step=on_step)
     n = len(result.kept)
-    report = weighted_soup([result.paths[i] for i in result.kept], [1.0 / n] * n, args.output, recipe="greedy",
-                           metadata=result.metadata(), **opts)
+    report = weighted_soup([result.paths[i] for i in result.kept], [1.0] * n, args.output, recipe="greedy",
+                           divisor=n, metadata=result.metadata(), **opts)
     if not args.quiet:
         print(f"\n{'rank':>4}  {'ingredient':<32} {'score':>12}  in soup", file=sys.stderr)
         for rank, i in enumerate(result.order):

@@ -34,7 +34,7 @@ def _chunks(numel: int, step: int) -> Iterator[tuple[int, int]]:
         yield start, min(step, numel - start)
 
 
-def _average(tp: TensorPlan, coeffs: tuple[float, ...], writer: SoupWriter, backend: Backend,
+def _average(tp: TensorPlan, coeffs: tuple[float, ...], divisor: float, writer: SoupWriter, backend: Backend,
              budget_bytes: int, progress: Progress | None) -> None:
     out_size = dtype_itemsize(tp.out.dtype)
     in_sizes = [dtype_itemsize(info.dtype) for _, info in tp.sources]
@@ -48,7 +48,7 @@ def _average(tp: TensorPlan, coeffs: tuple[float, ...], writer: SoupWriter, back
             f.prefetch(info.begin + start * size, info.begin + (start + m) * size)
             views.append(f.view(info, start * size, (start + m) * size))
         out = writer.reserve(tp.out.name, start * out_size, m * out_size)
-        backend.weighted_sum(out, tp.out.dtype, views, in_dtypes, coeffs, m)
+        backend.weighted_sum(out, tp.out.dtype, views, in_dtypes, coeffs, m, divisor)
         del views
         for (f, info), size in zip(tp.sources, in_sizes):
             f.release(info.begin + start * size, info.begin + (start + m) * size)
@@ -75,17 +75,19 @@ def execute(plan: SoupPlan, writer: SoupWriter, backend: Backend, *, budget_byte
     for name in order:
         tp = by_name[name]
         if tp.average:
-            _average(tp, plan.coefficients_for(name), writer, backend, budget_bytes, progress)
+            _average(tp, plan.coefficients_for(name), plan.divisor_for(name), writer, backend, budget_bytes, progress)
         else:
             _copy(tp, writer, progress)
     writer.flush()
 
 
-def fill_tensor(tp: TensorPlan, coeffs: tuple[float, ...], out: np.ndarray, backend: Backend) -> None:
+def fill_tensor(tp: TensorPlan, coeffs: tuple[float, ...], out: np.ndarray, backend: Backend,
+                divisor: float = 1.0) -> None:
     """Compute one whole tensor into `out` (a writable uint8 array of its output bytes)."""
     if tp.average:
         views = [f.view(info) for f, info in tp.sources]
-        backend.weighted_sum(out, tp.out.dtype, views, [i.dtype for _, i in tp.sources], coeffs, math.prod(tp.out.shape))
+        backend.weighted_sum(out, tp.out.dtype, views, [i.dtype for _, i in tp.sources], coeffs,
+                             math.prod(tp.out.shape), divisor)
         del views
     else:
         f, info = tp.sources[0]

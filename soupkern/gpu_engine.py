@@ -261,7 +261,7 @@ class DeviceStreamer:
                 else:
                     outs.append(results[c.tp.out.name].view(-1)[c.start: c.start + c.count])
                 rows.append([self._view(dev, off, c.count, info.dtype) for (_, info), off in zip(c.tp.sources, c.in_offsets)])
-            self.kernels.multi_weighted_sum(outs, rows, self.plan.coefficients)
+            self.kernels.multi_weighted_sum(outs, rows, self.plan.coefficients, self.plan.divisor)
             o.record(self.kernel_done[slot], "compute")
         if results is None:
             with o.stream("copy_out"):

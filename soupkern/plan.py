@@ -53,14 +53,24 @@ class TensorPlan:
 
 @dataclass(frozen=True)
 class SoupPlan:
-    """Tensors to make and their coefficients: `per_tensor[name]` where given, else `coefficients`."""
+    """Tensors to make and their coefficients: `per_tensor[name]` where given, else `coefficients`
+    and `divisor` (out = round((sum_k c_k x_k) / divisor); the uniform soup: c_k = 1, divisor K)."""
 
     tensors: tuple[TensorPlan, ...]
     coefficients: tuple[float, ...]
     per_tensor: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
+    divisor: float = 1.0
 
     def coefficients_for(self, name: str) -> tuple[float, ...]:
         return self.per_tensor.get(name, self.coefficients)
+
+    def divisor_for(self, name: str) -> float:
+        return 1.0 if name in self.per_tensor else self.divisor
+
+    @property
+    def effective_coefficients(self) -> tuple[float, ...]:
+        """The global coefficients with the divisor folded in (c_k / divisor), for reports."""
+        return tuple(c / self.divisor for c in self.coefficients)
 
     def with_per_tensor(self, coefficients: Mapping[str, Sequence[float]]) -> SoupPlan:
         """This plan with per-tensor coefficient vectors (validated; names must be soup tensors)."""
@@ -75,7 +85,7 @@ class SoupPlan:
                 per[name] = check_coefficients(values, k)
             except InputError as e:
                 raise InputError(str(e), tensor=name) from None
-        return SoupPlan(self.tensors, self.coefficients, per)
+        return SoupPlan(self.tensors, self.coefficients, per, self.divisor)
 
     def coefficients_json(self) -> object:
         """What `soupkern.coefficients` records: one list, or tensor name -> list when per tensor."""
@@ -114,6 +124,7 @@ def build_plan(
     *,
     dtype: str | None = None,
     keys: KeyPolicy = "same",
+    divisor: float = 1.0,
 ) -> SoupPlan:
     """Check every ingredient against the first and decide every output tensor.
 
@@ -165,4 +176,4 @@ def build_plan(
                     )
             out = OutputTensor(name, i0.dtype, i0.shape)
         plans.append(TensorPlan(out, sources, is_float))
-    return SoupPlan(tuple(plans), coeffs)
+    return SoupPlan(tuple(plans), coeffs, {}, float(divisor))

@@ -54,10 +54,11 @@ def encode(x64: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def weighted_sum_f64(values: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
-    """sum_k w_k * x_k in float64, k in order (the exact result up to fp64 rounding)."""
-    acc = np.zeros_like(np.asarray(values[0], dtype=np.float64))
+    """sum_k w_k * x_k in float64, k in order, starting from w_0 * x_0 as the kernels do (so the
+    sign of a zero sum is theirs: -0 + -0 = -0)."""
     with np.errstate(invalid="ignore", over="ignore"):  # Inf - Inf is NaN, as in the kernel
-        for x, w in zip(values, weights):
+        acc = np.float64(weights[0]) * np.asarray(values[0], dtype=np.float64)
+        for x, w in zip(values[1:], weights[1:]):
             acc = acc + np.float64(w) * np.asarray(x, dtype=np.float64)
     return acc
 
@@ -100,3 +101,94 @@ def within_rounding(got: np.ndarray, exact: np.ndarray, bound: np.ndarray, dtype
         ok = (g >= lo) & (g <= hi)
     nan = np.isnan(exact)
     return np.where(nan, np.isnan(g), ok | (np.isinf(exact) & (g == exact)))
+
+
+def contract_weighted_sum(raws: Sequence[np.ndarray], dtypes: Sequence[str], weights: Sequence[float],
+                          out_dtype: str, divisor: float = 1.0) -> np.ndarray:
+    """The exact-arithmetic contract (csrc/soupkern.h) in numpy, as raw bytes: fp64 accumulation
+    in input order, one division by `divisor` when it is not 1, one rounding to `out_dtype`.
+    Multiply and add round separately here (numpy has no fma), so for weights other than 1 the
+    fp64 accumulator may differ from a fused kernel's in its last bit; for weights of 1 (the
+    uniform soup) it is the contract exactly."""
+    acc = weighted_sum_f64([decode(r, d) for r, d in zip(raws, dtypes)], weights)
+    if divisor != 1.0:
+        acc = acc / np.float64(divisor)
+    return encode(acc, out_dtype)
+
+
+def _neighbour_bits(bits: int, step: int, dtype: str) -> int:
+    """The next representable value's bits in magnitude order (step +-1), crossing zero."""
+    width = {"F16": 16, "BF16": 16, "F32": 32, "F64": 64}[dtype]
+    sign = 1 << (width - 1)
+    value = -(bits & (sign - 1)) if bits & sign else bits & (sign - 1)  # signed magnitude -> integer line
+    value += step
+    return (sign | -value) if value < 0 else value
+
+
+def _two_sum(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """s = fl(a + b) and the exact error e: a + b = s + e (Knuth)."""
+    s = a + b
+    bb = s - a
+    return s, (a - (s - bb)) + (b - bb)
+
+
+def _two_prod(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """p = fl(a * b) and the exact error e: a * b = p + e (Dekker, Veltkamp splitting)."""
+    p = a * b
+    ca, cb = 134217729.0 * a, 134217729.0 * b  # 2^27 + 1
+    ah, bh = ca - (ca - a), cb - (cb - b)
+    al, bl = a - ah, b - bh
+    return p, ((ah * bh - p) + ah * bl + al * bh) + al * bl
+
+
+def round_exact_weighted_sum(raws: Sequence[np.ndarray], dtypes: Sequence[str], weights: Sequence[float],
+                             out_dtype: str, divisor: float = 1.0) -> tuple[np.ndarray, int]:
+    """round_{out_dtype}((sum_k w_k x_k) / divisor) with the sum and the quotient EXACT (rational),
+    rounded once to nearest even, as raw bytes; and how many elements needed exact rational
+    arithmetic. Elements whose fp64 evaluation lies far enough from an output rounding boundary
+    (by a rigorous bound on the fp64 error) take the rounding of the fp64 value; the rest are
+    computed with fractions.Fraction. Independent of the kernels; slow only where it must be."""
+    from fractions import Fraction
+
+    values = [decode(r, d) for r, d in zip(raws, dtypes)]
+    k = len(values)
+    d = np.float64(divisor)
+    with np.errstate(over="ignore", invalid="ignore"):
+        # error-free transformations: the exact sum is s + err up to ~4K^2 u^2 sum|w x|
+        s, err = _two_prod(np.float64(weights[0]), values[0])
+        mag = np.abs(s)
+        for x, w in zip(values[1:], weights[1:]):
+            p, pe = _two_prod(np.float64(w), x)
+            s, e = _two_sum(s, p)
+            err = err + (e + pe)
+            mag = mag + np.abs(p)
+        q0 = s / d
+        p, pe = _two_prod(q0, d)
+        rest = ((s - p) - pe) + err
+        acc = q0 + rest / d
+        u = 2.0**-53
+        bound = 4 * u * np.abs(acc) + 16 * k * k * u * u * mag / d + (k + 2) * 2.0**-1074
+        # exact when no error term arose (q0 * d == s exactly): ties then round to even in encode
+        bound = np.where((err == 0) & (rest == 0) & (mag < 2.0**1000), 0.0, bound)
+        lo, hi = encode(acc - bound, out_dtype), encode(acc + bound, out_dtype)
+    size = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}[out_dtype]
+    out = encode(acc, out_dtype).copy()
+    lo_i = lo.view(f"<u{size}")
+    hi_i = hi.view(f"<u{size}")
+    finite = np.isfinite(acc)
+    todo = np.nonzero((lo_i != hi_i) & finite)[0]
+    out_i = out.view(f"<u{size}")
+    for i in todo:
+        q = sum(Fraction(float(w)) * Fraction(float(x[i])) for x, w in zip(values, weights)) / Fraction(divisor)
+        guess = int(encode(np.array([float(q)]), out_dtype).view(f"<u{size}")[0])
+        best, best_d = None, None
+        for cand in (_neighbour_bits(guess, -1, out_dtype), guess, _neighbour_bits(guess, 1, out_dtype)):
+            v = decode(np.array([cand], dtype=f"<u{size}").view(np.uint8), out_dtype)[0]
+            if not np.isfinite(v):
+                continue
+            d = abs(Fraction(float(v)) - q)
+            if best is None or d < best_d or (d == best_d and cand % 2 == 0):
+                best, best_d = cand, d
+        if best is not None and not np.isinf(decode(np.array([guess], dtype=f"<u{size}").view(np.uint8), out_dtype)[0]):
+            out_i[i] = best
+    return out, len(todo)

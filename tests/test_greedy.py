@@ -10,7 +10,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+import numpy as np
 import torch
+
+import soupkern
 from digits_fixtures import digits_dir, digits_ingredients, digits_splits  # noqa: F401
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -204,17 +207,33 @@ def test_written_soup_and_metadata(digits_ingredients: list[Path], digits_splits
             assert torch.equal(written[k], v)
 
 
-def test_written_soup_bit_identical_for_power_of_two(digits_ingredients: list[Path], digits_splits: digits.Splits,
-                                                     tmp_path: Path) -> None:
-    # equal given scores + a scorer that always ties -> tie="ge" keeps all 8 ingredients (n = 8)
+@pytest.mark.parametrize("count", range(1, 9))
+def test_written_soup_is_the_scored_soup_for_every_count(digits_ingredients: list[Path], digits_splits: digits.Splits,
+                                                         tmp_path: Path, count: int) -> None:
+    """Every candidate is the uniform soup of its ingredients under the engine's exact contract, so
+    the file written for K kept ingredients is the last scored soup bit for bit, K = 1..8."""
+    paths = digits_ingredients[:count]
     model = digits.make_model()
-    r = greedy_soup(digits_ingredients, tmp_path / "all.safetensors", model=model, score=lambda m: 1.0,
-                    ingredient_scores=[0.5] * len(digits_ingredients))
-    assert list(r.kept) == list(range(len(digits_ingredients)))  # stable order, all ties kept
-    written = load_file(str(tmp_path / "all.safetensors"))
+    seen = []
+
+    def score(m: torch.nn.Module) -> float:
+        seen.append({k: v.clone() for k, v in m.state_dict().items()})
+        return 1.0  # ties: tie="ge" keeps every candidate
+
+    out = tmp_path / "all.safetensors"
+    r = greedy_soup(paths, out, model=model, score=score, ingredient_scores=[0.5] * count)
+    assert list(r.kept) == list(range(count))
+    written = load_file(str(out))
     for k, v in model.state_dict().items():
-        assert torch.equal(written[k], v)
-    # tie="gt" keeps none of them
+        assert torch.equal(written[k], v), k
+        if count > 1:
+            assert torch.equal(written[k], seen[-1][k]), k
+    # and it is the uniform soup the engine writes for those files
+    assert all(torch.equal(written[k], v) for k, v in soupkern.uniform_state_dict(paths).items())
+
+
+def test_tie_gt_keeps_only_the_best(digits_ingredients: list[Path], digits_splits: digits.Splits) -> None:
+    model = digits.make_model()
     r = greedy_soup(digits_ingredients, model=model, score=lambda m: 1.0, tie="gt",
                     ingredient_scores=[1.0] * len(digits_ingredients))
     assert list(r.kept) == [0] and all(not s.accepted for s in r.steps)
@@ -222,6 +241,8 @@ def test_written_soup_bit_identical_for_power_of_two(digits_ingredients: list[Pa
 
 def test_bf16_candidates_follow_the_contract(digits_dir: Path, digits_splits: digits.Splits, tmp_path: Path) -> None:
     import shutil
+
+    from soupkern.reference import decode, encode
 
     shutil.copy(digits_dir / digits.BASE_NAME, tmp_path / digits.BASE_NAME)  # reuse the cached init
     paths = digits.make_ingredients(tmp_path, 3, 0, dtype="BF16")
@@ -234,14 +255,17 @@ def test_bf16_candidates_follow_the_contract(digits_dir: Path, digits_splits: di
 
     greedy_soup(paths, model=model, score=score, ingredient_scores=[3.0, 2.0, 1.0])
     states = [load_file(str(p)) for p in paths]
-    # candidate 1 = round_bf16((x0 + x1) / 2), candidate 2 = round_bf16((x0 + x1 + x2) / 3)
+    # candidate 1 = round_bf16((x0 + x1) / 2), candidate 2 = round_bf16((x0 + x1 + x2) / 3): fp64
+    # sum and division, one rounding (numpy's independent fp64 -> bf16 rounding in reference.py)
     assert len(seen) == 2
     for cand, members in zip(seen, ([0, 1], [0, 1, 2])):
         for k, v in cand.items():
-            total = torch.zeros(v.shape, dtype=torch.float32)
-            for i in members:
-                total = total + states[i][k].float()
-            assert torch.equal(v, (total / len(members)).to(torch.bfloat16)), k
+            raw = [states[i][k].contiguous().view(torch.int16).numpy().reshape(-1).view(np.uint8) for i in members]
+            total = decode(raw[0], "BF16")
+            for r in raw[1:]:
+                total = total + decode(r, "BF16")
+            want = encode(total / len(members), "BF16")
+            assert np.array_equal(v.contiguous().view(torch.int16).numpy().reshape(-1).view(np.uint8), want), k
 
 
 def test_score_callable_and_errors(digits_ingredients: list[Path], digits_splits: digits.Splits,

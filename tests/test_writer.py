@@ -117,7 +117,7 @@ def test_uniform_soup_matches_state_dict(tmp_path, backend):
     assert meta["format"] == "pt"
     assert meta["soupkern.recipe"] == "uniform"
     assert json.loads(meta["soupkern.ingredients"]) == [os.fspath(p) for p in paths]
-    assert json.loads(meta["soupkern.coefficients"]) == [1 / 3] * 3
+    assert json.loads(meta["soupkern.coefficients"]) == [1.0] * 3 and meta["soupkern.divisor"] == "3.0"
     assert meta["soupkern.version"] == soupkern.__version__
     assert meta["soupkern.backend"] == backend
     assert meta["soupkern.keys"] == "same"

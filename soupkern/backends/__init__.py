@@ -2,7 +2,7 @@
 
 Four backends: "cpp" (C++/OpenMP, soupkern._native), "torch" (plain torch ops), "cuda"
 (soupkern._cuda) and "triton" (soupkern/kernels). Host kernels implement the contract in
-csrc/soupkern.h on raw byte buffers: `weighted_sum(out, out_dtype, inputs, in_dtypes, weights, n)`
+csrc/soupkern.h on raw byte buffers: `weighted_sum(out, out_dtype, inputs, in_dtypes, weights, n, divisor=1.0)`
 with `out` a writable uint8 array and each input a uint8 array, dtypes named as in safetensors
 (F64, F32, F16, BF16); `get_backend` returns one. Device kernels (device.py's DeviceKernels:
 CUDA, Triton, torch) work on torch tensors on a GPU; `device_kernels` returns one, and
@@ -57,6 +57,7 @@ class Backend(Protocol):
         in_dtypes: Sequence[str],
         weights: Sequence[float],
         n: int,
+        divisor: float = 1.0,
     ) -> None: ...
 
 

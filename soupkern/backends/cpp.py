@@ -25,8 +25,10 @@ class CppBackend:
         in_dtypes: Sequence[str],
         weights: Sequence[float],
         n: int,
+        divisor: float = 1.0,
     ) -> None:
-        self._native.weighted_sum(out, out_dtype, list(inputs), list(in_dtypes), [float(w) for w in weights], n, self.threads)
+        self._native.weighted_sum(out, out_dtype, list(inputs), list(in_dtypes), [float(w) for w in weights], n,
+                                  self.threads, divisor=float(divisor))
 
 
 def load() -> tuple[CppBackend | None, str]:

@@ -3,21 +3,24 @@
 Every implementation (torch, Triton, CUDA) follows the contracts below; Triton and CUDA are
 bit-identical to each other and to the C++ host kernel (fused multiply-add in the same order).
 
-weighted_sum(out, inputs, weights):
-    acc = w_0 * x_0; acc = fma(w_k, x_k, acc) for k = 1..K-1, in fp32 (weights rounded to fp32
-    first); out = acc rounded once to out's dtype (round to nearest even; NaN stays NaN).
-    Inputs and output fp32 / fp16 / bf16, contiguous, same number of elements.
+weighted_sum(out, inputs, weights, divisor=1.0):
+    the exact-arithmetic contract of csrc/soupkern.h: acc = w_0 * x_0; acc = fma(w_k, x_k, acc)
+    for k = 1..K-1 in fp64 (fp64 weights); acc / divisor by one IEEE division when divisor != 1;
+    out = acc rounded once to out's dtype (nearest even; NaN stays NaN). Inputs and output
+    fp32 / fp16 / bf16, contiguous, same number of elements.
     Bytes moved: sum of input bytes + output bytes.
-multi_weighted_sum(outs, inputs, weights):
+multi_weighted_sum(outs, inputs, weights, divisor=1.0):
     the same for many tensors at once: inputs[t][k] is ingredient k's copy of tensor t and
     outs[t] receives it. One launch for the whole table where the backend supports it.
 greedy_candidate(outs, sums, xs, n):
-    outs[t] = round(((sums[t] + float(xs[t])) / (n + 1))): fp32 add, IEEE fp32 division, one
-    rounding to outs[t]'s dtype. sums are fp32 running sums of n ingredients; 0 <= n and
-    n + 1 <= 2^24 (exact in fp32).
-    Bytes moved: 4 + x itemsize + out itemsize per element.
+    outs[t] = round((sums[t] + float64(xs[t])) / (n + 1)): fp64 add, IEEE fp64 division, one
+    rounding to outs[t]'s dtype. sums are fp64 running sums of n ingredients (the uniform
+    contract's accumulator over the kept ingredients in order), so the candidate is bit for bit
+    the uniform soup of those n + 1 ingredients; 0 <= n and n + 1 <= 2^53.
+    Bytes moved: 8 + x itemsize + out itemsize per element.
 greedy_accept(sums, xs):
-    sums[t] += float(xs[t]) in fp32. Bytes moved: 8 + x itemsize per element.
+    sums[t] += float64(xs[t]) (the first accept into zeros gives x exactly). Bytes moved:
+    16 + x itemsize per element.
 """
 
 from __future__ import annotations
@@ -33,10 +36,11 @@ if TYPE_CHECKING:
 class DeviceKernels(Protocol):
     name: str
 
-    def weighted_sum(self, out: torch.Tensor, inputs: Sequence[torch.Tensor], weights: Sequence[float]) -> None: ...
+    def weighted_sum(self, out: torch.Tensor, inputs: Sequence[torch.Tensor], weights: Sequence[float],
+                     divisor: float = 1.0) -> None: ...
 
     def multi_weighted_sum(self, outs: Sequence[torch.Tensor], inputs: Sequence[Sequence[torch.Tensor]],
-                           weights: Sequence[float]) -> None: ...
+                           weights: Sequence[float], divisor: float = 1.0) -> None: ...
 
     def greedy_candidate(self, outs: Sequence[torch.Tensor], sums: Sequence[torch.Tensor],
                          xs: Sequence[torch.Tensor], n: int) -> None: ...
@@ -56,45 +60,65 @@ class TorchDeviceKernels:
 
     name = "torch"
 
-    def weighted_sum(self, out: torch.Tensor, inputs: Sequence[torch.Tensor], weights: Sequence[float]) -> None:
-        import numpy as np
+    def weighted_sum(self, out: torch.Tensor, inputs: Sequence[torch.Tensor], weights: Sequence[float],
+                     divisor: float = 1.0) -> None:
         import torch
 
         _check_operands(out, inputs, weights)
         acc = None
         for x, w in zip(inputs, weights):
-            w32 = float(np.float32(w))
+            x64 = x.reshape(-1).to(torch.float64)
             if acc is None:
-                acc = x.to(torch.float32) * w32
+                acc = x64 * float(w)
+            elif w == 1.0:
+                acc.add_(x64)  # x * 1 is exact: the contract's fma exactly
             else:
-                acc.add_(x.to(torch.float32), alpha=w32)
-        if acc is not None:
-            out.copy_(acc.view(out.shape))
+                acc.add_(x64 * float(w))
+        assert acc is not None
+        if divisor != 1.0:
+            acc.div_(torch.full((), float(divisor), dtype=torch.float64, device=acc.device))
+        out.copy_(round_f64(acc, out.dtype).view(out.shape))
 
     def multi_weighted_sum(self, outs: Sequence[torch.Tensor], inputs: Sequence[Sequence[torch.Tensor]],
-                           weights: Sequence[float]) -> None:
+                           weights: Sequence[float], divisor: float = 1.0) -> None:
         if len(outs) != len(inputs):
             raise InputError(f"multi_weighted_sum: {len(outs)} outputs for {len(inputs)} input rows")
         for out, xs in zip(outs, inputs):
-            self.weighted_sum(out, xs, weights)
+            self.weighted_sum(out, xs, weights, divisor)
 
     def greedy_candidate(self, outs: Sequence[torch.Tensor], sums: Sequence[torch.Tensor],
                          xs: Sequence[torch.Tensor], n: int) -> None:
         import torch
 
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0 or n + 1 > 1 << 24:
-            raise InputError(f"n must be an int with 0 <= n and n + 1 <= 2^24 (exact in fp32), got {n!r}")
+        _check_n(n)
         if not len(outs) == len(sums) == len(xs):
             raise InputError(f"greedy_candidate: {len(outs)} outputs, {len(sums)} sums, {len(xs)} ingredients")
         for out, s, x in zip(outs, sums, xs):
-            divisor = torch.full((), float(n + 1), dtype=torch.float32, device=s.device)
-            out.copy_((s + x.to(torch.float32)).div_(divisor).view(out.shape))
+            divisor = torch.full((), float(n + 1), dtype=torch.float64, device=s.device)
+            out.copy_(round_f64((s.reshape(-1) + x.reshape(-1).to(torch.float64)).div_(divisor), out.dtype).view(out.shape))
 
     def greedy_accept(self, sums: Sequence[torch.Tensor], xs: Sequence[torch.Tensor]) -> None:
         import torch
 
         for s, x in zip(sums, xs):
-            s.add_(x.to(torch.float32).view(s.shape))
+            s.add_(x.to(torch.float64).view(s.shape))
+
+
+def _check_n(n: object) -> None:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0 or n + 1 > 1 << 53:
+        raise InputError(f"n must be an int with 0 <= n and n + 1 <= 2^53 (exact in fp64), got {n!r}")
+
+
+def round_f64(acc: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """fp64 values rounded once to `dtype` (nearest even). torch converts fp64 to fp16/bf16 through
+    fp32, rounding twice; round-to-odd fp32 first makes the second rounding the correct one."""
+    import torch
+
+    from soupkern.backends.torch_backend import f64_to_f32_odd
+
+    if dtype in (torch.float16, torch.bfloat16):
+        return f64_to_f32_odd(torch, acc).to(dtype)
+    return acc.to(dtype)
 
 
 def _check_operands(out: torch.Tensor, inputs: Sequence[torch.Tensor], weights: Sequence[float]) -> None:

@@ -1,8 +1,10 @@
-"""The plain torch backend: same contract as the C++ kernel in ordinary torch ops.
+"""The plain torch backend: the exact-arithmetic contract (csrc/soupkern.h) in ordinary torch ops.
 
-fp32 (or fp64) accumulation in the same order, but multiply and add are separate roundings
-(torch has no guaranteed fused multiply-add on CPU), so its results may differ from the C++
-backend in the last bit of the accumulator; both stay within the same error bound.
+fp64 accumulation in the same order, the same IEEE division and the same single rounding to the
+output, so a uniform soup (weights 1, divisor K) is bit-identical to the C++ kernel. For other
+weights, multiply and add are separate roundings (torch has no guaranteed fused multiply-add on
+CPU): the fp64 accumulator may differ from the C++ one in its last bit, which changes the output
+only where that straddles an output rounding boundary.
 """
 
 from __future__ import annotations
@@ -37,32 +39,38 @@ class TorchBackend:
         in_dtypes: Sequence[str],
         weights: Sequence[float],
         n: int,
+        divisor: float = 1.0,
     ) -> None:
         if n == 0:
             return
-        wide = out_dtype == "F64" or "F64" in in_dtypes
-        acc_dtype = self.torch.float64 if wide else self.torch.float32
+        torch = self.torch
         acc = None
         for buf, dt, w in zip(inputs, in_dtypes, weights):
-            x = self._tensor(buf, dt, n).to(acc_dtype)
-            w_acc = float(np.float64(w) if wide else np.float32(w))
+            x = self._tensor(buf, dt, n).to(torch.float64)
             if acc is None:
-                acc = x * w_acc  # out of place: x may be the (read-only) input itself
+                acc = x * float(w)  # out of place: x may be the (read-only) input itself
+            elif w == 1.0:
+                acc.add_(x)  # x * 1 is exact: this is the contract's fma exactly
             else:
-                acc.add_(x, alpha=w_acc)
-        if wide and out_dtype in ("F16", "BF16"):
-            acc = self._f64_to_f32_odd(acc)  # torch rounds fp64 -> half through fp32: twice
+                acc.add_(x * float(w))
+        assert acc is not None
+        if divisor != 1.0:
+            acc.div_(torch.tensor(float(divisor), dtype=torch.float64))
+        if out_dtype in ("F16", "BF16"):
+            acc = f64_to_f32_odd(torch, acc)  # torch rounds fp64 -> half through fp32: twice
         self._tensor(out, out_dtype, n).copy_(acc)
 
-    def _f64_to_f32_odd(self, d):  # (torch.Tensor) -> torch.Tensor
-        """fp64 -> fp32 rounded to odd; a second rounding to F16/BF16 is then correct."""
-        torch = self.torch
-        f = d.to(torch.float32)
-        back = f.to(torch.float64)
-        bits = f.view(torch.int32)
-        fix = (back != d) & ((bits & 1) == 0) & ~torch.isnan(d)
-        step = torch.where((back < d) == (f > 0), 1, -1).to(torch.int32)
-        return torch.where(fix, bits + step, bits).view(torch.float32)
+
+def f64_to_f32_odd(torch, d):  # (module, torch.Tensor) -> torch.Tensor
+    """fp64 -> fp32 rounded to odd (truncate toward zero, set the last bit if inexact); a second
+    rounding to nearest-even F16/BF16 is then the correct single rounding of the fp64 value."""
+    f = d.to(torch.float32)
+    back = f.to(torch.float64)
+    bits = f.view(torch.int32)
+    inexact = (back != d) & ~torch.isnan(d)
+    bits = torch.where(inexact & (back.abs() > d.abs()), bits - 1, bits)
+    bits = torch.where(inexact, bits | 1, bits)
+    return bits.view(torch.float32)
 
 
 def load() -> tuple[TorchBackend | None, str]:

@@ -7,17 +7,18 @@ Recipe, exactly:
    does (github.com/mlfoundations/model-soups main.py: `sorted(..., key=score)` ascending, then
    `list.reverse()`).
 3. Start the soup from the best ingredient; its score is the best so far.
-4. For each next ingredient x in that order, with the soup's fp32 running sum `sum` of n kept
-   ingredients: candidate = ((sum + float32(x)) / (n + 1)) rounded once to the model's dtype (fp32
-   add, IEEE fp32 division, round to nearest even). Score the candidate; keep x if
+4. For each next ingredient x in that order, with the soup's fp64 running sum `sum` of n kept
+   ingredients (in kept order): candidate = ((sum + float64(x)) / (n + 1)) rounded once to the
+   model's dtype (fp64 add, IEEE fp64 division, round to nearest even): exactly the uniform soup of
+   the n + 1 ingredients under the engine's contract. Score the candidate; keep x if
    score >= best (`tie="ge"`, the paper's "if held-out accuracy does not decrease") or only if
    score > best (`tie="gt"`, the reference code: `if held_out_val_accuracy > best_val_acc_so_far`).
-   On keeping, sum += float32(x) and best = score. A NaN score is never kept. For a lower-is-better
+   On keeping, sum += float64(x) and best = score. A NaN score is never kept. For a lower-is-better
    metric (loss) the comparisons are made on -score (exact, so the tie rules are unchanged).
    The reference code keeps a running *mean* (soup * n/(n+1) + x/(n+1) in the checkpoint dtype)
    instead of a sum; that differs from the sum by rounding only.
 
-State: the fp32 running sum, the model's own parameters (candidates are written straight into
+State: the fp64 running sum, the model's own parameters (candidates are written straight into
 them), and one ingredient at a time, read zero-copy through mmap. On a GPU model the sum lives on
 the GPU and candidates are formed there (`soupkern.backends.device` kernels).
 
@@ -31,12 +32,12 @@ score tables with ties and on real models). The batched pass computes a candidat
 batched matmuls, equal to the unbatched ones up to fp32 rounding order: an accuracy can differ only
 through a sample whose top-2 logits agree to about 1e-6. Extra memory: S candidate weight sets.
 
-The soup is then written by the streaming engine, `weighted_soup(kept, [1/n] * n, out,
-recipe="greedy")`, with the run recorded in metadata (`soupkern.greedy.*`). The engine computes
-fma(1/n, x_k, acc) in fp32 in kept order while the in-memory soup is (sum of x_k) / n: they are
-bit-identical when n is a power of two (1/n exact) and otherwise differ by fp32 accumulation
-rounding (a few ulp of fp32 before the one rounding to the output dtype). On return the model holds
-the in-memory greedy soup, whose score is `GreedyResult.final_score`.
+The soup is then written by the streaming engine as the uniform soup of the kept ingredients in
+kept order (`weighted_soup(kept, [1] * n, out, divisor=n, recipe="greedy")`), with the run
+recorded in metadata (`soupkern.greedy.*`): the fp64 sum in kept order divided once by n, the same
+operations as the last kept candidate, so the file is the scored soup bit for bit (when the model's
+dtype is the file's dtype). On return the model holds the in-memory greedy soup, whose score is
+`GreedyResult.final_score`.
 """
 
 from __future__ import annotations
@@ -180,7 +181,9 @@ def greedy_select(order: Sequence[int], first_score: float, score_candidates: Ca
 
 
 class _RunningSoup:
-    """fp32 running sum of the kept ingredients on the model's device, and candidate formation."""
+    """fp64 running sum of the kept ingredients on the model's device (the uniform contract's
+    accumulator, so each candidate is bit for bit the uniform soup of its ingredients), and
+    candidate formation."""
 
     def __init__(self, evaluator: Evaluator, paths: Sequence[Path]):
         import torch
@@ -202,7 +205,7 @@ class _RunningSoup:
             evaluator.load_(self.fixed_values)
         for n in self.names:
             evaluator.check(n, self.layout[n][1], path=os.fspath(self.paths[0]))
-        self.sums = {n: torch.zeros(self.layout[n][1], dtype=torch.float32, device=self.device) for n in self.names}
+        self.sums = {n: torch.zeros(self.layout[n][1], dtype=torch.float64, device=self.device) for n in self.names}
         self.n = 0
         self.targets = [evaluator.tensors[n] for n in self.names]
         self._stack: dict[str, torch.Tensor] | None = None
@@ -249,15 +252,18 @@ class _RunningSoup:
                 t.copy_(x)
 
     def final_into_model(self) -> None:
-        """Model <- sum / n (bit-identical to the last kept candidate: same fp32 sum, same division)."""
+        """Model <- round(sum / n) (bit-identical to the last kept candidate and to the uniform soup
+        of the kept ingredients that the file receives: same fp64 sum, same division, one rounding)."""
         import torch
+
+        from soupkern.backends.device import round_f64
 
         with torch.no_grad():
             for n, t in zip(self.names, self.targets):
                 # a tensor divisor: torch turns division by a Python number into a multiplication
                 # by its rounded reciprocal on CUDA, which is not the IEEE division of the contract
-                divisor = torch.full((), float(self.n), dtype=torch.float32, device=self.sums[n].device)
-                t.copy_(self.sums[n] / divisor)
+                divisor = torch.full((), float(self.n), dtype=torch.float64, device=self.sums[n].device)
+                t.copy_(round_f64(self.sums[n] / divisor, t.dtype))
 
 
 class _Ingredient:
@@ -397,7 +403,7 @@ def greedy_soup(
     report = None
     if out is not None:
         n = len(kept)
-        report = weighted_soup([paths[i] for i in kept], [1.0 / n] * n, out, dtype=dtype, overwrite=overwrite,
+        report = weighted_soup([paths[i] for i in kept], [1.0] * n, out, divisor=n, dtype=dtype, overwrite=overwrite,
                                backend=backend, progress=progress, recipe="greedy",
                                metadata={**result.metadata(), **(metadata or {})})
     return replace(result, seconds=time.perf_counter() - t0, report=report)

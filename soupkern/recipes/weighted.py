@@ -61,7 +61,7 @@ Coefficients = Union[Sequence[float], Mapping[str, Sequence[float]]]
 
 
 def _plan(checkpoints: list[Checkpoint], coefficients: Coefficients, default: Sequence[float] | None,
-          dtype: str | None, keys: KeyPolicy) -> SoupPlan:
+          dtype: str | None, keys: KeyPolicy, divisor: float = 1.0) -> SoupPlan:
     if isinstance(coefficients, Mapping):
         k = len(checkpoints)
         if not all(isinstance(n, str) for n in coefficients):
@@ -70,7 +70,7 @@ def _plan(checkpoints: list[Checkpoint], coefficients: Coefficients, default: Se
         return build_plan(checkpoints, fallback, dtype=dtype, keys=keys).with_per_tensor(coefficients)
     if default is not None:
         raise InputError("`default` applies only to per-tensor coefficients (a mapping)")
-    return build_plan(checkpoints, coefficients, dtype=dtype, keys=keys)
+    return build_plan(checkpoints, coefficients, dtype=dtype, keys=keys, divisor=divisor)
 
 
 def weighted_soup(
@@ -91,8 +91,11 @@ def weighted_soup(
     metadata: dict[str, str] | None = None,
     device: str | None = None,
     device_budget_bytes: int | None = None,
+    divisor: float = 1.0,
 ) -> SoupReport:
-    """Write sum_k coefficients[k] * ingredients[k] to `out`, streaming with bounded memory.
+    """Write (sum_k coefficients[k] * ingredients[k]) / divisor to `out`, streaming with bounded
+    memory, under the exact-arithmetic contract (fp64 accumulation in input order, one IEEE
+    division when divisor != 1, one rounding to the output dtype; see csrc/soupkern.h).
 
     `coefficients` may instead map tensor names to vectors (per-tensor soups such as the by-layer
     learned soup); unnamed tensors use `default` (uniform when None).
@@ -113,12 +116,13 @@ def weighted_soup(
         coefficients = coefficient_vector(coefficients, len(paths))
     check_soup_options(budget_bytes=budget_bytes, dtype=dtype, keys=keys, max_shard_size=max_shard_size,
                        metadata=metadata, overwrite=overwrite, fsync=fsync)
+    divisor = check_divisor(divisor)
     dev, kernels = _device_route(backend, device)
     kernel = get_backend(backend) if kernels is None else None
     kernel_name = kernels.name if kernels is not None else kernel.name  # type: ignore[union-attr]
     with ExitStack() as stack:
         checkpoints = [stack.enter_context(open_checkpoint(p)) for p in paths]
-        plan = _plan(checkpoints, coefficients, default, dtype, keys)
+        plan = _plan(checkpoints, coefficients, default, dtype, keys, divisor)
         streamer = None
         if kernels is not None:
             if plan.per_tensor:
@@ -131,6 +135,7 @@ def weighted_soup(
             "soupkern.recipe": recipe,
             "soupkern.ingredients": strict_json.dumps(paths),
             "soupkern.coefficients": strict_json.dumps(plan.coefficients_json()),
+            **({"soupkern.divisor": repr(plan.divisor)} if plan.divisor != 1.0 else {}),
             "soupkern.backend": kernel_name,
             "soupkern.keys": keys,
             **(metadata or {}),
@@ -146,13 +151,19 @@ def weighted_soup(
                 execute(plan, writer, kernel, budget_bytes=budget_bytes, progress=bar.update if bar else None)  # type: ignore[arg-type]
             paths = writer.commit()
     return SoupReport(tuple(paths), len(plan.tensors), plan.bytes_read, plan.bytes_written,
-                      time.perf_counter() - t0, kernel_name, plan.coefficients)
+                      time.perf_counter() - t0, kernel_name, plan.effective_coefficients)
 
 
 def verify_inputs(checkpoints: Sequence[Checkpoint]) -> None:
     """Before a commit: no input was truncated under its mapping or changed while being read."""
     for ck in checkpoints:
         ck.check_unchanged()
+
+
+def check_divisor(divisor: object) -> float:
+    if isinstance(divisor, bool) or not isinstance(divisor, (int, float)) or not (0 < float(divisor) < float("inf")):
+        raise InputError(f"divisor must be a positive finite number, got {divisor!r}")
+    return float(divisor)
 
 
 def check_soup_options(*, budget_bytes: object = DEFAULT_BUDGET_BYTES, dtype: object = None, keys: object = "same",
@@ -221,10 +232,12 @@ def check_soup_output(
 
 
 def uniform_soup(ingredients: Sequence[PathLike], out: PathLike, **kwargs: object) -> SoupReport:
-    """The uniform soup (plain mean) of `ingredients` written to `out`; options as `weighted_soup`."""
+    """The uniform soup of `ingredients` written to `out`: the fp64 sum of the inputs in input
+    order, divided once by K, rounded once (csrc/soupkern.h); options as `weighted_soup`."""
     ingredients = ingredient_paths(ingredients)
     k = len(ingredients)
-    return weighted_soup(ingredients, [1.0 / k] * k, out, recipe="uniform", **kwargs)  # type: ignore[arg-type]
+    kwargs.setdefault("recipe", "uniform")
+    return weighted_soup(ingredients, [1.0] * k, out, divisor=k, **kwargs)  # type: ignore[arg-type]
 
 
 def weighted_state_dict(
@@ -237,6 +250,7 @@ def weighted_state_dict(
     backend: str | None = None,
     device: str | None = None,
     device_budget_bytes: int | None = None,
+    divisor: float = 1.0,
 ) -> dict[str, torch.Tensor]:
     """sum_k coefficients[k] * ingredients[k] as an in-memory dict of torch tensors.
 
@@ -254,6 +268,7 @@ def weighted_state_dict(
     if not isinstance(coefficients, Mapping):
         coefficients = coefficient_vector(coefficients, len(ingredients))
     check_soup_options(dtype=dtype, keys=keys)
+    divisor = check_divisor(divisor)
     if backend is not None and not isinstance(backend, str):
         raise InputError(f"backend must be a name such as 'cpp', got {backend!r}")
     if device is not None:
@@ -264,7 +279,7 @@ def weighted_state_dict(
         kernels = device_kernels(device, backend)
         with ExitStack() as stack:
             checkpoints = [stack.enter_context(open_checkpoint(p)) for p in ingredients]
-            plan = _plan(checkpoints, coefficients, default, dtype, keys)
+            plan = _plan(checkpoints, coefficients, default, dtype, keys, divisor)
             if plan.per_tensor:
                 raise InputError("per-tensor coefficients run on the host backends (cpp, torch), not through a device")
             streamer = DeviceStreamer(plan, kernels, device, budget_bytes=device_budget_bytes or DEFAULT_DEVICE_BUDGET_BYTES)
@@ -273,10 +288,11 @@ def weighted_state_dict(
     result: dict[str, torch.Tensor] = {}
     with ExitStack() as stack:
         checkpoints = [stack.enter_context(open_checkpoint(p)) for p in ingredients]
-        plan = _plan(checkpoints, coefficients, default, dtype, keys)
+        plan = _plan(checkpoints, coefficients, default, dtype, keys, divisor)
         for tp in plan.tensors:
             t = torch.empty(tp.out.shape, dtype=TORCH_DTYPES[tp.out.dtype])
-            fill_tensor(tp, plan.coefficients_for(tp.out.name), t.view(-1).view(torch.uint8).numpy(), kernel)
+            fill_tensor(tp, plan.coefficients_for(tp.out.name), t.view(-1).view(torch.uint8).numpy(), kernel,
+                        plan.divisor_for(tp.out.name))
             result[tp.out.name] = t
         verify_inputs(checkpoints)
     return result
@@ -286,7 +302,7 @@ def uniform_state_dict(ingredients: Sequence[PathLike], **kwargs: object) -> dic
     """The uniform soup as an in-memory state dict; options as `weighted_state_dict`."""
     ingredients = ingredient_paths(ingredients)
     k = len(ingredients)
-    return weighted_state_dict(ingredients, [1.0 / k] * k, **kwargs)  # type: ignore[arg-type]
+    return weighted_state_dict(ingredients, [1.0] * k, divisor=k, **kwargs)  # type: ignore[arg-type]
 
 
 def _progress_bar(total: int, enabled: bool):  # -> context manager yielding a tqdm or None
