@@ -1,9 +1,12 @@
 """Kernel microbenchmark: `soupkern._native.weighted_sum` against a memory copy and torch.
 
 Measured, for K = 2, 4, 8 inputs of ~256 MiB each (SOUPKERN_BENCH_MIB), inputs BF16 or F32 and
-the output in the same dtype, weights 1/K:
+the output in the same dtype, the uniform soup:
 
-- `weighted_sum`: out = sum_k w_k x_k (fp32 accumulation), all cores (threads=0).
+- `weighted_sum`: the exact-arithmetic contract (csrc/soupkern.h): weights 1, divisor K, fp64
+  accumulation, one IEEE division, one rounding; all cores (threads=0).
+- `old_contract` (with `--old-native PATH`, a `_native` extension built from an earlier commit):
+  the previous contract in the same run, fp32 accumulation with weights fl(1/K).
 - `copy`: `_native.copy` (OpenMP memcpy, all cores) of half the kernel's bytes, so that its
   bytes read + written equal the kernel's: the same-run bandwidth ceiling.
 - `torch`: the naive torch way, preallocated buffers, `torch.set_num_threads(<cores>)`:
@@ -16,7 +19,8 @@ the output in the same dtype, weights 1/K:
 
 GB/s = (K * in_itemsize + out_itemsize) * n / time for every row (bf16 counts 2 bytes), median
 of >= 7 interleaved runs after one warm-up; "fraction" = GB/s / copy GB/s from the same run.
-The kernel's output is checked against round(fp64 sum) on the first 2^20 elements (max ulp).
+The kernel's output is checked against round(exact mean) (soupkern.reference, exact rational
+arithmetic where fp64 cannot decide) on the first 2^18 elements: the share of elements equal.
 
     python benchmarks/bench_kernel.py              # writes benchmarks/results/kernel_cpu.md/.json
     pytest benchmarks/bench_kernel.py --benchmark-only
@@ -43,7 +47,7 @@ SIZE_MIB = int(os.environ.get("SOUPKERN_BENCH_MIB", "256"))
 KS = (2, 4, 8)
 DTYPES = ("BF16", "F32")
 TORCH_DT = {"BF16": torch.bfloat16, "F32": torch.float32}
-CHECK_N = 1 << 20
+CHECK_N = 1 << 18
 
 
 def native_or_none() -> ModuleType | None:
@@ -70,6 +74,7 @@ class Buffers:
     t_in: list[torch.Tensor]
     t_out: torch.Tensor
     acc: torch.Tensor | None  # fp32 accumulator for the torch baseline of 16-bit dtypes
+    raw_old: np.ndarray  # output of the previous contract's kernel (--old-native)
 
     @property
     def itemsize(self) -> int:
@@ -94,7 +99,8 @@ def make_buffers(dtype: str, size_mib: int = SIZE_MIB, kmax: int = max(KS)) -> B
         t_in.append(t)
     raw_out = np.zeros(n * tdt.itemsize, dtype=np.uint8)
     acc = torch.zeros(n, dtype=torch.float32) if tdt != torch.float32 else None
-    return Buffers(dtype, n, raw_in, raw_out, t_in, torch.from_numpy(raw_out).view(tdt), acc)
+    return Buffers(dtype, n, raw_in, raw_out, t_in, torch.from_numpy(raw_out).view(tdt), acc,
+                   np.zeros(n * tdt.itemsize, dtype=np.uint8))
 
 
 def make_copy_buffers(nbytes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -108,7 +114,24 @@ def weights(k: int) -> list[float]:
 
 
 def run_native(native: ModuleType, b: Buffers, k: int) -> None:
-    native.weighted_sum(b.raw_out, b.dtype, b.raw_in[:k], [b.dtype] * k, weights(k), b.n, 0)
+    native.weighted_sum(b.raw_out, b.dtype, b.raw_in[:k], [b.dtype] * k, [1.0] * k, b.n, 0, divisor=float(k))
+
+
+def run_old(old: ModuleType, b: Buffers, k: int) -> None:
+    """The previous contract (fp32 accumulation, weights fl(1/K)) into a separate output."""
+    old.weighted_sum(b.raw_old, b.dtype, b.raw_in[:k], [b.dtype] * k, weights(k), b.n, 0)
+
+
+def load_old_native(path: str) -> ModuleType:
+    """An `_native` extension built from an earlier commit, loaded beside the current one."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("soupkern_old_contract._native", path)
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def run_copy(native: ModuleType, dst: np.ndarray, src: np.ndarray, nbytes: int) -> None:
@@ -132,21 +155,18 @@ def run_torch(b: Buffers, k: int) -> None:
         b.t_out.copy_(b.acc)
 
 
-def check_native(b: Buffers, k: int) -> tuple[int, float]:
-    """(max ulp distance from round(fp64 weighted sum), max error / allowed bound) of the
-    kernel's output on the first CHECK_N elements; see soupcheck.error_ratio (ok <= 1)."""
-    from soupcheck import error_ratio, round_f64, ulp_distance
+def check_exact(raw_out: np.ndarray, b: Buffers, k: int) -> float:
+    """Share of the first CHECK_N output elements equal to round(exact mean) (+0 == -0)."""
+    from soupkern.reference import decode, round_exact_weighted_sum
 
     m = min(CHECK_N, b.n)
-    exact = torch.zeros(m, dtype=torch.float64)
-    abs_terms = torch.zeros(m, dtype=torch.float64)
-    for j, w in enumerate(weights(k)):
-        term = b.t_in[j][:m].to(torch.float64) * w
-        exact += term
-        abs_terms += term.abs_()
-    got = b.t_out[:m]
-    ulp = int(ulp_distance(got, round_f64(exact, TORCH_DT[b.dtype])).max().item())
-    return ulp, float(error_ratio(got, exact, abs_terms, k).max().item())
+    size = b.itemsize
+    raws = [r[: m * size] for r in b.raw_in[:k]]
+    exact, _ = round_exact_weighted_sum(raws, [b.dtype] * k, [1.0] * k, b.dtype, float(k))
+    got = raw_out[: m * size]
+    bits = np.uint16 if size == 2 else np.uint32
+    zero = (decode(got, b.dtype) == 0) & (decode(exact, b.dtype) == 0)
+    return float(1.0 - ((got.view(bits) != exact.view(bits)) & ~zero).sum() / m)
 
 
 def time_interleaved(fns: dict[str, Callable[[], None]], repeats: int) -> dict[str, list[float]]:
@@ -169,7 +189,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ks", default=",".join(map(str, KS)))
     ap.add_argument("--dtypes", default=",".join(DTYPES))
     ap.add_argument("--results-dir", default=str(RESULTS_DIR))
+    ap.add_argument("--old-native", help="an _native extension built from an earlier commit: its kernel (the "
+                                         "previous fp32-accumulation contract) is timed in the same run")
     args = ap.parse_args(argv)
+    old = load_old_native(args.old_native) if args.old_native else None
     ks = [int(k) for k in args.ks.split(",")]
     dtypes = args.dtypes.split(",")
     torch.set_num_threads(cores())
@@ -189,15 +212,20 @@ def main(argv: list[str] | None = None) -> int:
             fns: dict[str, Callable[[], None]] = {}
             if native is not None:
                 fns["weighted_sum"] = lambda: run_native(native, b, k)
+                if old is not None:
+                    fns["old_contract"] = lambda: run_old(old, b, k)
                 fns["copy"] = lambda: run_copy(native, dst, src, half)
                 fns["read"] = lambda: native.read(b.raw_in[:k], b.n * b.t_in[0].element_size(), 0)
             fns["torch"] = lambda: run_torch(b, k)
             fns["numpy_copy"] = lambda: run_numpy_copy(dst, src, half)
             times = time_interleaved(fns, args.repeats)
-            ulp, ratio = None, None
+            exact_share, old_share = None, None
             if native is not None:
                 run_native(native, b, k)
-                ulp, ratio = check_native(b, k)
+                exact_share = check_exact(b.raw_out, b, k)
+            if old is not None:
+                run_old(old, b, k)
+                old_share = check_exact(b.raw_old, b, k)
             med = {name: statistics.median(t) for name, t in times.items()}
             gbps = {name: nb / 1e9 / t for name, t in med.items()}
             ref = gbps.get("copy")
@@ -206,20 +234,24 @@ def main(argv: list[str] | None = None) -> int:
             of_read = med["read"] / med["weighted_sum"] if "read" in med else None
             raw.append({"dtype": dtype, "k": k, "n": b.n, "bytes_moved": nb, "times_s": times,
                         "median_s": med, "gbps": gbps, "fraction_of_copy": frac,
-                        "read_time_over_kernel_time": of_read, "max_ulp": ulp,
-                        "max_err_over_bound": ratio})
+                        "read_time_over_kernel_time": of_read, "share_round_exact_mean": exact_share,
+                        "old_contract_share_round_exact_mean": old_share})
             rows.append([f"{dtype}→{dtype}", k, f"{nb / 1e9:.2f}",
                          fmt(gbps.get("weighted_sum"), 1), fmt(frac.get("weighted_sum"), 2),
+                         fmt(gbps.get("old_contract"), 1), fmt(frac.get("old_contract"), 2),
                          fmt(of_read, 2), fmt(gbps.get("copy"), 1), fmt(gbps["torch"], 1), fmt(frac.get("torch"), 2),
                          fmt(gbps["numpy_copy"], 1),
-                         "n/a" if ulp is None else f"{ulp} / {ratio:.2g}"])
+                         "n/a" if exact_share is None else f"{100 * exact_share:.4f}%",
+                         "n/a" if old_share is None else f"{100 * old_share:.4f}%"])
             print(f"{dtype} K={k}: " + ", ".join(f"{name} {g:.1f} GB/s" for name, g in gbps.items())
-                  + (f", max ulp {ulp}, err/bound {ratio:.2g}" if ulp is not None else ""), flush=True)
+                  + (f", exact {exact_share}, old {old_share}"), flush=True)
         del b
 
-    table = md_table(["dtype", "K", "GB moved", "weighted_sum GB/s", "fraction of copy",
+    table = md_table(["dtype", "K", "GB moved", "weighted_sum GB/s (exact contract)", "fraction of copy",
+                      "old contract GB/s", "old fraction of copy",
                       "read floor time ÷ kernel time", "copy GB/s",
-                      "torch GB/s", "torch fraction", "numpy copy (1 thr) GB/s", "kernel max ulp / err÷bound"], rows)
+                      "torch GB/s", "torch fraction", "numpy copy (1 thr) GB/s",
+                      "= round(exact mean), exact contract", "= round(exact mean), old contract"], rows)
     prov = provenance()
     if native is not None:
         prov["native"] = {"isa": _call(native, "isa"), "max_threads": _call(native, "max_threads")}
@@ -228,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
 
 `{cmd}`
 
-- {args.size_mib} MiB per input, weights 1/K, output in the input dtype; median of {args.repeats} \
+- {args.size_mib} MiB per input, the uniform soup (exact contract: weights 1, divisor K; old \
+contract: weights fl(1/K), fp32 accumulation), output in the input dtype; median of {args.repeats} \
 interleaved runs after a warm-up; all cores ({cores()}) for weighted_sum, copy and torch
 - GB/s = (K * in_itemsize + out_itemsize) * n / median time (bf16 = 2 bytes); copy moves the same \
 bytes (half read, half written); fraction = GB/s / copy GB/s in the same run
@@ -237,8 +270,7 @@ bytes (half read, half written); fraction = GB/s / copy GB/s in the same run
 inputs (on this machine a core reads slower than it copies, since a copy's writes proceed in \
 parallel with its reads)
 - torch = preallocated `mul` + `add_(alpha=)` (fp32 accumulator for BF16); kernel check on the \
-first {CHECK_N} elements: max ulp distance from round(fp64 weighted sum) (large values come from \
-cancellation near zero) and max |out - exact| / (1 ulp of the output + K·2^-24·Σ|w x|), ok <= 1
+first {CHECK_N} elements: share of elements equal to the correctly rounded exact mean
 - native: {prov.get('native', 'not importable')}
 
 {table}
@@ -302,9 +334,9 @@ if pytest is not None:
     def test_weighted_sum(benchmark: Any, dtype: str, k: int) -> None:
         native, b = _native(), _bufs(dtype)
         _bench(benchmark, lambda: run_native(native, b, k), f"{dtype} K={k}", b.bytes_moved(k))
-        _, ratio = check_native(b, k)
-        if ratio > 1.0:
-            raise AssertionError(f"weighted_sum {dtype} K={k}: error {ratio:.3g} x the fp32-accumulation bound")
+        share = check_exact(b.raw_out, b, k)
+        if share < 0.99999:
+            raise AssertionError(f"weighted_sum {dtype} K={k}: only {share:.6%} of elements equal round(exact mean)")
 
     @pytest.mark.parametrize("k", KS)
     @pytest.mark.parametrize("dtype", DTYPES)

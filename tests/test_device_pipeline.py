@@ -45,7 +45,8 @@ class CppDeviceKernels:
     def __init__(self) -> None:
         self.calls: list[int] = []  # tensors per multi_weighted_sum call
 
-    def weighted_sum(self, out: torch.Tensor, inputs: Sequence[torch.Tensor], weights: Sequence[float]) -> None:
+    def weighted_sum(self, out: torch.Tensor, inputs: Sequence[torch.Tensor], weights: Sequence[float],
+                     divisor: float = 1.0) -> None:
         from soupkern import _native  # type: ignore[attr-defined]
 
         n = out.numel()
@@ -53,12 +54,12 @@ class CppDeviceKernels:
             return
         _native.weighted_sum(out.view(-1).view(torch.uint8).numpy(), NAMES[out.dtype],
                              [x.view(-1).view(torch.uint8).numpy() for x in inputs], [NAMES[x.dtype] for x in inputs],
-                             list(weights), n)
+                             list(weights), n, divisor=divisor)
 
-    def multi_weighted_sum(self, outs, inputs, weights) -> None:  # noqa: ANN001
+    def multi_weighted_sum(self, outs, inputs, weights, divisor=1.0) -> None:  # noqa: ANN001
         self.calls.append(len(outs))
         for out, xs in zip(outs, inputs):
-            self.weighted_sum(out, xs, weights)
+            self.weighted_sum(out, xs, weights, divisor)
 
     def greedy_candidate(self, outs, sums, xs, n) -> None:  # noqa: ANN001
         raise NotImplementedError

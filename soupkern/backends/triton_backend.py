@@ -45,15 +45,16 @@ class TritonKernels:
 
     # weighted_sum serves both protocols, told apart by the type of `out`
     @overload
-    def weighted_sum(self, out: torch.Tensor, inputs: Sequence[torch.Tensor], weights: Sequence[float]) -> None: ...
+    def weighted_sum(self, out: torch.Tensor, inputs: Sequence[torch.Tensor], weights: Sequence[float],
+                     divisor: float = 1.0) -> None: ...
 
     @overload
     def weighted_sum(self, out: np.ndarray, out_dtype: str, inputs: Sequence[np.ndarray], in_dtypes: Sequence[str],
-                     weights: Sequence[float], n: int) -> None: ...
+                     weights: Sequence[float], n: int, divisor: float = 1.0) -> None: ...
 
     def weighted_sum(self, out: Any, *args: Any, **kwargs: Any) -> None:
-        """DeviceKernels.weighted_sum(out, inputs, weights) on device tensors, or
-        Backend.weighted_sum(out, out_dtype, inputs, in_dtypes, weights, n) on host bytes."""
+        """DeviceKernels.weighted_sum(out, inputs, weights, divisor) on device tensors, or
+        Backend.weighted_sum(out, out_dtype, inputs, in_dtypes, weights, n, divisor) on host bytes."""
         if isinstance(out, np.ndarray):
             self.weighted_sum_bytes(out, *args, **kwargs)
         else:
@@ -62,8 +63,8 @@ class TritonKernels:
     # DeviceKernels: torch tensors on the device
 
     def multi_weighted_sum(self, outs: Sequence[torch.Tensor], inputs: Sequence[Sequence[torch.Tensor]],
-                           weights: Sequence[float]) -> None:
-        self._mws.multi_weighted_sum(outs, inputs, weights)
+                           weights: Sequence[float], divisor: float = 1.0) -> None:
+        self._mws.multi_weighted_sum(outs, inputs, weights, divisor)
 
     def greedy_candidate(self, outs: Sequence[torch.Tensor], sums: Sequence[torch.Tensor],
                          xs: Sequence[torch.Tensor], n: int) -> None:
@@ -81,18 +82,19 @@ class TritonKernels:
         in_dtypes: Sequence[str],
         weights: Sequence[float],
         n: int,
+        divisor: float = 1.0,
     ) -> None:
         if n == 0:
             return
         if out_dtype not in GPU_DTYPES or any(d not in GPU_DTYPES for d in in_dtypes):
-            self._host.weighted_sum(out, out_dtype, inputs, in_dtypes, weights, n)
+            self._host.weighted_sum(out, out_dtype, inputs, in_dtypes, weights, n, divisor)
             return
         xs = [self._host._tensor(buf, dt, n).to(self.device) for buf, dt in zip(inputs, in_dtypes)]
         host_out = self._host._tensor(out[: n * dtype_itemsize(out_dtype)], out_dtype, n)
         if host_out.device == self.device:  # interpreter: write in place
-            self._ws.weighted_sum(host_out, xs, weights)
+            self._ws.weighted_sum(host_out, xs, weights, divisor)
         else:
-            host_out.copy_(self._ws.weighted_sum(host_out.new_empty(n, device=self.device), xs, weights))
+            host_out.copy_(self._ws.weighted_sum(host_out.new_empty(n, device=self.device), xs, weights, divisor))
 
 
 def load() -> tuple[TritonKernels | None, str]:

@@ -1,21 +1,18 @@
 """Triton fused updates of the greedy soup recipe, multi-tensor (one launch per dtype group).
 
-The greedy recipe keeps an fp32 running sum ``s`` of the n ingredients accepted so far and tries
-each next ingredient x:
+The greedy recipe keeps an fp64 running sum ``s`` of the n ingredients accepted so far (the
+uniform contract's accumulator, csrc/soupkern.h) and tries each next ingredient x:
 
 greedy_candidate(outs, sums, xs, n):
-    outs[t] = round((sums[t] + float(xs[t])) / (n + 1))
-    one fp32 add, one IEEE fp32 division (``tl.math.div_rn`` -> ``div.rn.f32``), one rounding to
-    outs[t]'s dtype (nearest even; bf16 as in weighted_sum.py). Bit-identical to the torch
-    expression ``((s + x.float()) / (n + 1)).to(dtype)``. Triton's plain ``/`` on fp32 lowers to
-    the approximate ``div.full.f32`` (up to 2 ulp off; seen in the PTX of an offline sm_90
-    compile with triton 3.7), which is why it is not used here.
-    Bytes moved: numel · (4 + itemsize(x) + itemsize(out)).
+    outs[t] = round((sums[t] + float64(xs[t])) / (n + 1))
+    one fp64 add, one IEEE fp64 division (``div.rn.f64``), one rounding to outs[t]'s dtype
+    (nearest even; fp16/bf16 through round-to-odd fp32 as in weighted_sum.py): exactly the
+    uniform soup of the n + 1 ingredients. Bytes moved: numel · (8 + itemsize(x) + itemsize(out)).
 greedy_accept(sums, xs):
-    sums[t] = sums[t] + float(xs[t]) in fp32, in place. Bytes moved: numel · (8 + itemsize(x)).
+    sums[t] = sums[t] + float64(xs[t]), in place. Bytes moved: numel · (16 + itemsize(x)).
 
 Each is one pass over memory: the candidate soup is written straight in the model's dtype from
-the running sum, with no fp32 temporary. Tensors are laid out in one launch as in
+the running sum, with no temporary. Tensors are laid out in one launch as in
 multi_weighted_sum.py (table rows: sum, x[, out] addresses; binary search from program to
 tensor; full blocks unmasked for 16-byte vector accesses); tensors are grouped by (x dtype,
 out dtype).
@@ -32,7 +29,7 @@ import triton.language as tl
 from soupkern.errors import InputError
 from soupkern.kernels.multi_weighted_sum import build_table, launch_groups, locate
 from soupkern.kernels.weighted_sum import (
-    DTYPE_CODES, F32, GPU_WARPS, all_aligned, check_block, check_device, check_tensor, device_table, load_f32,
+    DTYPE_CODES, F64, GPU_WARPS, all_aligned, check_block, check_device, check_tensor, device_table, fp64_bits, load_f64,
     store_rounded, typed_pointer)
 
 
@@ -41,22 +38,22 @@ def _greedy_block(s_addr, x_addr, out_addr, denom, start, n, X_CODE: tl.constexp
                   ACCEPT: tl.constexpr, MASKED: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.arange(0, BLOCK)
     mask = offs < n - start
-    s_ptrs = typed_pointer(s_addr, F32, ALIGNED) + start + offs
-    total = load_f32(s_ptrs, mask, MASKED) + load_f32(typed_pointer(x_addr, X_CODE, ALIGNED) + start + offs, mask, MASKED)
+    s_ptrs = typed_pointer(s_addr, F64, ALIGNED) + start + offs
+    total = load_f64(s_ptrs, mask, MASKED) + load_f64(typed_pointer(x_addr, X_CODE, ALIGNED) + start + offs, mask, MASKED)
     if ACCEPT:
         store_rounded(s_ptrs, total, mask, MASKED)
     else:
-        store_rounded(typed_pointer(out_addr, OUT_CODE, ALIGNED) + start + offs, tl.math.div_rn(total, denom),
-                      mask, MASKED)
+        store_rounded(typed_pointer(out_addr, OUT_CODE, ALIGNED) + start + offs, total / denom, mask, MASKED)
 
 
 @triton.jit
-def _greedy_kernel(table, T, denom, X_CODE: tl.constexpr, OUT_CODE: tl.constexpr, ACCEPT: tl.constexpr,
+def _greedy_kernel(table, T, X_CODE: tl.constexpr, OUT_CODE: tl.constexpr, ACCEPT: tl.constexpr,
                    ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
-    # table rows: [sum, x] (accept) or [sum, x, out] (candidate) addresses
+    # table rows: [sum, x] (accept) or [sum, x, out] (candidate) addresses; extra: n + 1 as fp64 bits
     R: tl.constexpr = 2 if ACCEPT else 3
     pid = tl.program_id(0)
     t, first = locate(table, T, R, pid)
+    denom = tl.load(table + T * R + 2 * T + 1).to(tl.float64, bitcast=True)
     start = (pid - first).to(tl.int64) * BLOCK
     n = tl.load(table + T * R + t)
     row = table + t * R
@@ -77,42 +74,50 @@ def _launch(sums: Sequence[torch.Tensor], xs: Sequence[torch.Tensor], outs: Sequ
         raise InputError(f"{what}: {counts}: one of each per tensor")
     if not sums:
         return
-    device = check_tensor(sums[0], "sums[0]").device
+    device = _check_sum(sums[0], "sums[0]", None).device
     check_device(device)
     block = check_block(block)
     keys = []
     for t, (s, x) in enumerate(zip(sums, xs)):
-        check_tensor(s, f"sums[{t}]", device)
-        if s.dtype != torch.float32:
-            raise InputError(f"sums[{t}]: the running sum must be float32, got {s.dtype}")
+        _check_sum(s, f"sums[{t}]", device)
         check_tensor(x, f"xs[{t}]", device, s.numel())
         if outs is not None:
             check_tensor(outs[t], f"outs[{t}]", device, s.numel())
-        keys.append((DTYPE_CODES[x.dtype], DTYPE_CODES[torch.float32 if outs is None else outs[t].dtype]))
+        keys.append((DTYPE_CODES[x.dtype], F64.value if outs is None else DTYPE_CODES[outs[t].dtype]))
     for (x_code, out_code), members in launch_groups(keys, [s.numel() for s in sums]):
         rows = [[sums[t].data_ptr(), xs[t].data_ptr()] + ([] if outs is None else [outs[t].data_ptr()])
                 for t in members]
-        host, programs = build_table(rows, [sums[t].numel() for t in members], block)
+        host, programs = build_table(rows, [sums[t].numel() for t in members], block, fp64_bits([denom]))
         tensors = [sums[t] for t in members] + [xs[t] for t in members] + ([] if outs is None else [outs[t] for t in members])
-        _greedy_kernel[(programs,)](device_table(host, device), len(members), denom, X_CODE=x_code, OUT_CODE=out_code,
+        _greedy_kernel[(programs,)](device_table(host, device), len(members), X_CODE=x_code, OUT_CODE=out_code,
                                     ACCEPT=outs is None, ALIGNED=all_aligned(tensors), BLOCK=block, num_warps=num_warps)
+
+
+def _check_sum(s: object, what: str, device: torch.device | None) -> torch.Tensor:
+    if not isinstance(s, torch.Tensor) or s.dtype != torch.float64:
+        raise InputError(f"{what}: the running sum must be a float64 tensor, got {getattr(s, 'dtype', type(s).__name__)}")
+    if not s.is_contiguous():
+        raise InputError(f"{what}: not contiguous")
+    if device is not None and s.device != device:
+        raise InputError(f"{what}: on {s.device}, expected {device}")
+    return s
 
 
 def greedy_candidate(outs: Sequence[torch.Tensor], sums: Sequence[torch.Tensor], xs: Sequence[torch.Tensor], n: int,
                      *, block: int | None = None, num_warps: int = GPU_WARPS) -> None:
-    """outs[t] = round((sums[t] + xs[t]) / (n + 1)) (module contract). sums: fp32; xs, outs:
+    """outs[t] = round((sums[t] + xs[t]) / (n + 1)) (module contract). sums: fp64; xs, outs:
     fp32/fp16/bf16; all contiguous on one device, matching numels per t; n >= 0."""
-    if n < 0 or n + 1 > 2**24:
-        raise InputError(f"greedy_candidate: n = {n} ingredients; need 0 <= n < 2^24 (n + 1 exact in fp32)")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0 or n + 1 > 2**53:
+        raise InputError(f"greedy_candidate: n = {n!r} ingredients; need an int with 0 <= n and n + 1 <= 2^53 (exact in fp64)")
     _launch(sums, xs, outs, float(n + 1), block, num_warps)
 
 
 def greedy_accept(sums: Sequence[torch.Tensor], xs: Sequence[torch.Tensor], *, block: int | None = None,
                   num_warps: int = GPU_WARPS) -> None:
-    """sums[t] += xs[t] in fp32, in place (module contract)."""
+    """sums[t] += xs[t] in fp64, in place (module contract)."""
     _launch(sums, xs, None, 1.0, block, num_warps)
 
 
 def bytes_moved(numel: int, x_itemsize: int, out_itemsize: int | None) -> int:
     """Bytes read and written: greedy_candidate (out_itemsize given) or greedy_accept (None)."""
-    return numel * (4 + x_itemsize + out_itemsize) if out_itemsize is not None else numel * (8 + x_itemsize)
+    return numel * (8 + x_itemsize + out_itemsize) if out_itemsize is not None else numel * (16 + x_itemsize)

@@ -1,8 +1,8 @@
 """Triton weighted sum over many tensors in one launch (multi-tensor form of weighted_sum.py).
 
-Contract: for every tensor t, ``outs[t] = Σ_k w_k · inputs[t][k]`` exactly as weighted_sum.py
-(fp32 accumulation, acc = w_0·x_0 then fma(w_k, x_k, acc) in order, weights rounded to fp32, one
-round-to-nearest-even to outs[t]'s dtype). Bytes moved: Σ_t numel_t · (Σ_k itemsize(x_tk) +
+Contract: for every tensor t, ``outs[t] = round((Σ_k w_k · inputs[t][k]) / d)`` exactly as
+weighted_sum.py (fp64 accumulation, acc = w_0·x_0 then fma(w_k, x_k, acc) in order, fp64
+weights, one IEEE division when d != 1, one round-to-nearest-even to outs[t]'s dtype). Bytes moved: Σ_t numel_t · (Σ_k itemsize(x_tk) +
 itemsize(out_t)).
 
 Why: a checkpoint is hundreds of tensors (ViT-G/14: 584), most of them biases and norms of a
@@ -14,7 +14,7 @@ addresses each):
     [T·R addresses, row t = the R addresses of tensor t]   (here R = K inputs + 1 output)
     [T numels]
     [T + 1 block starts: prefix sums of cdiv(numel_t, BLOCK)]
-    [extra entries of the kernel]                          (here K fp32 weight bits, K dtype codes)
+    [extra entries of the kernel]                          (here K fp64 weight bits, K dtype codes, divisor bits)
 
 The grid is one program per BLOCK of every tensor (Σ_t cdiv(numel_t, BLOCK) programs). Program
 p finds its tensor by a binary search in the block starts (about log2 T scalar loads that hit
@@ -38,8 +38,8 @@ import triton.language as tl
 
 from soupkern.errors import InputError
 from soupkern.kernels.weighted_sum import (
-    DTYPE_CODES, GPU_WARPS, all_aligned, check_block, check_device, check_tensor, device_table, fp32_bits,
-    input_code, weighted_sum_block)
+    DTYPE_CODES, GPU_WARPS, all_aligned, check_block, check_device, check_divisor, check_tensor, device_table,
+    fp64_bits, input_code, weighted_sum_block)
 
 
 @triton.jit
@@ -59,7 +59,7 @@ def locate(table, T, R, pid):
 
 @triton.jit
 def _multi_weighted_sum_kernel(table, T, K, IN_CODE: tl.constexpr, OUT_CODE: tl.constexpr,
-                               ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+                               DIVIDE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     R = K + 1
     t, first = locate(table, T, R, pid)
@@ -67,8 +67,8 @@ def _multi_weighted_sum_kernel(table, T, K, IN_CODE: tl.constexpr, OUT_CODE: tl.
     n = tl.load(table + T * R + t)
     extra = table + T * R + 2 * T + 1
     row = table + t * R
-    weighted_sum_block(row, extra, extra + K, K, tl.load(row + K), start, n, IN_CODE, OUT_CODE,
-                       ALIGNED, BLOCK)
+    weighted_sum_block(row, extra, extra + K, K, extra + 2 * K, tl.load(row + K), start, n, IN_CODE, OUT_CODE,
+                       DIVIDE, ALIGNED, BLOCK)
 
 
 def build_table(rows: Sequence[Sequence[int]], numels: Sequence[int], block: int,
@@ -97,15 +97,16 @@ def launch_groups(keys: Sequence[KeyT], numels: Sequence[int]) -> Iterator[tuple
 
 
 def multi_weighted_sum(outs: Sequence[torch.Tensor], inputs: Sequence[Sequence[torch.Tensor]],
-                       weights: Sequence[float], *, block: int | None = None,
+                       weights: Sequence[float], divisor: float = 1.0, *, block: int | None = None,
                        num_warps: int = GPU_WARPS) -> None:
-    """outs[t] = Σ_k weights[k] · inputs[t][k] for every t, one launch per dtype group.
+    """outs[t] = round((Σ_k weights[k] · inputs[t][k]) / divisor) for every t, one launch per dtype group.
 
     inputs[t] lists tensor t of each of the K ingredients (same K and weights for every t);
     every tensor contiguous fp32/fp16/bf16 on one device, inputs[t][k] with outs[t]'s numel.
     """
     if len(outs) != len(inputs):
         raise InputError(f"{len(outs)} outputs but {len(inputs)} input lists")
+    d = check_divisor(divisor)
     if not outs:
         return
     k = len(weights)
@@ -122,15 +123,15 @@ def multi_weighted_sum(outs: Sequence[torch.Tensor], inputs: Sequence[Sequence[t
         for i, x in enumerate(xs):
             check_tensor(x, f"inputs[{t}][{i}]", device, out.numel())
         keys.append((tuple(DTYPE_CODES[x.dtype] for x in xs), DTYPE_CODES[out.dtype]))
-    bits = fp32_bits(weights)
+    bits = fp64_bits(weights)
     for (codes, out_code), members in launch_groups(keys, [out.numel() for out in outs]):
         rows = [[x.data_ptr() for x in inputs[t]] + [outs[t].data_ptr()] for t in members]
         host, programs = build_table(rows, [outs[t].numel() for t in members], block,
-                                     np.concatenate([bits, np.asarray(codes, np.int64)]))
+                                     np.concatenate([bits, np.asarray(codes, np.int64), fp64_bits([d])]))
         tensors = [x for t in members for x in (*inputs[t], outs[t])]
         _multi_weighted_sum_kernel[(programs,)](
             device_table(host, device), len(members), k, IN_CODE=input_code(codes), OUT_CODE=out_code,
-            ALIGNED=all_aligned(tensors), BLOCK=block, num_warps=num_warps)
+            DIVIDE=d != 1.0, ALIGNED=all_aligned(tensors), BLOCK=block, num_warps=num_warps)
 
 
 def bytes_moved(numels: Sequence[int], in_itemsizes: Sequence[int], out_itemsize: int) -> int:

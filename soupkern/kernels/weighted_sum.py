@@ -1,27 +1,29 @@
-"""Triton weighted sum of K tensors: ``out = Σ_k w_k · x_k`` (the contract of csrc/soupkern.h).
+"""Triton weighted sum of K tensors: ``out = round((Σ_k w_k · x_k) / d)`` (the exact-arithmetic
+contract of csrc/soupkern.h).
 
 Math, in this order for every element i:
 
-    acc = w_0 * x_0[i]                          (fp32 multiply; weights rounded to fp32 first)
-    acc = fma(w_k, x_k[i], acc)   k = 1..K-1    (fp32 fused multiply-add, one rounding)
+    acc = w_0 * x_0[i]                          (fp64 multiply, fp64 weights)
+    acc = fma(w_k, x_k[i], acc)   k = 1..K-1    (fp64 fused multiply-add, one rounding)
+    acc = acc / d                               (one IEEE fp64 division; skipped when d == 1)
     out[i] = round(acc)                         (once, to out's dtype, to nearest even)
 
-- Inputs: fp32, fp16 or bf16, any mix across k; decoded exactly to fp32.
-- Output: fp32, fp16 or bf16. fp16 via the hardware conversion (round to nearest even, overflow
-  to Inf). bf16 by integer rounding of the fp32 bits, ``(u + 0x7fff + lsb) >> 16``, with NaN kept
-  NaN as ``(u >> 16) | 0x40``: the same bits as the C++ kernel's ``f32_to_bf16`` (the GPU's
-  ``cvt.rn.bf16.f32`` gives the same finite results but a canonical NaN; the integer form also
-  makes the Triton interpreter, whose fp32 -> bf16 cast truncates, produce correct bits).
+- Inputs: fp32, fp16 or bf16, any mix across k; decoded exactly to fp64.
+- Output: fp32 (``cvt.rn.f32.f64``), or fp16/bf16 through fp32 rounded to odd (truncate toward
+  zero, set the last bit when inexact), which makes the second rounding the correct single
+  rounding of the fp64 value: fp16 by the hardware conversion, bf16 by integer rounding of the
+  fp32 bits, ``(u + 0x7fff + lsb) >> 16``, NaN kept NaN as ``(u >> 16) | 0x40``: the same bits as
+  the C++ kernel (the integer form also makes the Triton interpreter, whose fp32 -> bf16 cast
+  truncates, produce correct bits).
 - Bytes moved: Σ_k numel · itemsize(x_k) + numel · itemsize(out), each byte once.
-- Bit-identical to the C++ kernel on a GPU (NaN payloads aside: NaN stays NaN): ``tl.fma``
-  lowers to ``fma.rn.f32`` (checked in the PTX of an offline compile for sm_90 with triton 3.7).
-  The Triton interpreter emulates ``tl.fma`` as ``x * y + z`` in numpy (two roundings), so there
-  the results agree with the C++ kernel only where the products are exact; tests/test_triton.py
-  swaps in an exact fma to check the rest.
+- Bit-identical to the C++ kernel (NaN payloads aside: NaN stays NaN): ``tl.fma`` on fp64 lowers
+  to ``fma.rn.f64``, fp64 ``/`` to ``div.rn.f64``. The Triton interpreter may emulate ``tl.fma`` as
+  ``x * y + z`` in numpy (two roundings); with weights of 1 (the uniform soup) the product is
+  exact and so is the emulation; tests/test_triton.py handles the rest.
 
 How the K inputs reach the kernel: a small int64 table on the device holds the K input
-addresses, the K fp32 weights (as bit patterns) and K dtype codes; the kernel loops over k at run
-time. One compiled kernel therefore serves every K (up to the 72 ingredients of a sweep) and
+addresses, the K fp64 weights (as bit patterns), K dtype codes and the divisor (fp64 bits); the
+kernel loops over k at run time. One compiled kernel therefore serves every K (up to the 72 ingredients of a sweep) and
 every mix of input dtypes: a uniform mix is a compile-time constant (no branch); a mixed one is
 read from the table per k (a uniform branch, negligible next to the loads). A tuple of tensors
 with ``tl.static_range`` would recompile for every K and dtype mix; a stacked [K, n] tensor
@@ -52,6 +54,7 @@ F32 = tl.constexpr(0)
 F16 = tl.constexpr(1)
 BF16 = tl.constexpr(2)
 MIXED = tl.constexpr(3)  # input dtypes differ across k: read each code from the table
+F64 = tl.constexpr(4)  # the greedy kernels' running sums only
 DTYPE_CODES: dict[torch.dtype, int] = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 GPU_BLOCK = 2048  # elements per program on a GPU: 16 per thread at 4 warps (4-8 x 16-byte loads)
@@ -80,6 +83,8 @@ def typed_pointer(addr, CODE: tl.constexpr, ALIGNED: tl.constexpr):
     """int64 address -> pointer to the dtype of CODE (16-byte aligned when ALIGNED)."""
     if CODE == F32:
         p = addr.to(tl.pointer_type(tl.float32))
+    elif CODE == F64:
+        p = addr.to(tl.pointer_type(tl.float64))
     elif CODE == F16:
         p = addr.to(tl.pointer_type(tl.float16))
     else:
@@ -90,28 +95,31 @@ def typed_pointer(addr, CODE: tl.constexpr, ALIGNED: tl.constexpr):
 
 
 @triton.jit
-def load_f32(ptrs, mask, MASKED: tl.constexpr):
+def load_f64(ptrs, mask, MASKED: tl.constexpr):
+    """Load and decode exactly to fp64 (16-bit floats through fp32, which holds them exactly)."""
     if MASKED:
         x = tl.load(ptrs, mask=mask, other=0.0)
     else:
         x = tl.load(ptrs)
-    return x.to(tl.float32)
+    if ptrs.dtype.element_ty != tl.float64:
+        x = x.to(tl.float32)
+    return x.to(tl.float64)
 
 
 @triton.jit
-def load_input_f32(addr, code, start, offs, mask, CODE: tl.constexpr, MASKED: tl.constexpr,
+def load_input_f64(addr, code, start, offs, mask, CODE: tl.constexpr, MASKED: tl.constexpr,
                    ALIGNED: tl.constexpr):
-    """Elements [start + offs] of the input at `addr` as fp32 (exact). CODE == MIXED: the dtype
+    """Elements [start + offs] of the input at `addr` as fp64 (exact). CODE == MIXED: the dtype
     is the runtime `code`, otherwise the compile-time CODE."""
     if CODE == MIXED:
         if code == 0:
-            x = load_f32(typed_pointer(addr, F32, ALIGNED) + start + offs, mask, MASKED)
+            x = load_f64(typed_pointer(addr, F32, ALIGNED) + start + offs, mask, MASKED)
         elif code == 1:
-            x = load_f32(typed_pointer(addr, F16, ALIGNED) + start + offs, mask, MASKED)
+            x = load_f64(typed_pointer(addr, F16, ALIGNED) + start + offs, mask, MASKED)
         else:
-            x = load_f32(typed_pointer(addr, BF16, ALIGNED) + start + offs, mask, MASKED)
+            x = load_f64(typed_pointer(addr, BF16, ALIGNED) + start + offs, mask, MASKED)
     else:
-        x = load_f32(typed_pointer(addr, CODE, ALIGNED) + start + offs, mask, MASKED)
+        x = load_f64(typed_pointer(addr, CODE, ALIGNED) + start + offs, mask, MASKED)
     return x
 
 
@@ -127,12 +135,28 @@ def round_to_bf16(x):
 
 
 @triton.jit
+def round_to_odd_f32(acc):
+    """fp64 -> fp32 rounded to odd: truncate toward zero, then set the last bit if inexact; a
+    second rounding to fp16/bf16 is then the correct single rounding of the fp64 value."""
+    f = acc.to(tl.float32)
+    back = f.to(tl.float64)
+    u = f.to(tl.uint32, bitcast=True)
+    u = tl.where(tl.abs(back) > tl.abs(acc), u - 1, u)
+    u = tl.where((back != acc) & (acc == acc), u | 1, u)
+    return u.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def store_rounded(ptrs, acc, mask, MASKED: tl.constexpr):
-    """Round fp32 `acc` once to the pointee dtype of `ptrs` and store it."""
-    if ptrs.dtype.element_ty == tl.bfloat16:
-        v = round_to_bf16(acc)
+    """Round fp64 `acc` once to the pointee dtype of `ptrs` and store it."""
+    if ptrs.dtype.element_ty == tl.float64:
+        v = acc
+    elif ptrs.dtype.element_ty == tl.float32:
+        v = acc.to(tl.float32)
+    elif ptrs.dtype.element_ty == tl.bfloat16:
+        v = round_to_bf16(round_to_odd_f32(acc))
     else:
-        v = acc.to(ptrs.dtype.element_ty)
+        v = round_to_odd_f32(acc).to(tl.float16)
     if MASKED:
         tl.store(ptrs, v, mask=mask)
     else:
@@ -140,42 +164,47 @@ def store_rounded(ptrs, acc, mask, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _accumulate(in_addrs, weight_bits, codes, K, start, offs, mask, IN_CODE: tl.constexpr,
-                MASKED: tl.constexpr, ALIGNED: tl.constexpr):
-    w = tl.load(weight_bits).to(tl.int32).to(tl.float32, bitcast=True)
-    x = load_input_f32(tl.load(in_addrs), tl.load(codes), start, offs, mask, IN_CODE, MASKED, ALIGNED)
+def _accumulate(in_addrs, weight_bits, codes, K, divisor_bits, start, offs, mask, IN_CODE: tl.constexpr,
+                DIVIDE: tl.constexpr, MASKED: tl.constexpr, ALIGNED: tl.constexpr):
+    w = tl.load(weight_bits).to(tl.float64, bitcast=True)
+    x = load_input_f64(tl.load(in_addrs), tl.load(codes), start, offs, mask, IN_CODE, MASKED, ALIGNED)
     acc = w * x
     for k in range(1, K):
-        w = tl.load(weight_bits + k).to(tl.int32).to(tl.float32, bitcast=True)
-        x = load_input_f32(tl.load(in_addrs + k), tl.load(codes + k), start, offs, mask, IN_CODE,
+        w = tl.load(weight_bits + k).to(tl.float64, bitcast=True)
+        x = load_input_f64(tl.load(in_addrs + k), tl.load(codes + k), start, offs, mask, IN_CODE,
                            MASKED, ALIGNED)
         acc = tl.fma(w, x, acc)
+    if DIVIDE:
+        acc = acc / tl.load(divisor_bits).to(tl.float64, bitcast=True)  # div.rn.f64: IEEE
     return acc
 
 
 @triton.jit
-def weighted_sum_block(in_addrs, weight_bits, codes, K, out_addr, start, n, IN_CODE: tl.constexpr,
-                       OUT_CODE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+def weighted_sum_block(in_addrs, weight_bits, codes, K, divisor_bits, out_addr, start, n, IN_CODE: tl.constexpr,
+                       OUT_CODE: tl.constexpr, DIVIDE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     """Elements [start, min(start + BLOCK, n)) of one tensor: in_addrs[k], weight_bits[k] and
-    codes[k] are the table entries of input k; out_addr is the output's address."""
+    codes[k] are the table entries of input k, divisor_bits the divisor's; out_addr is the
+    output's address."""
     offs = tl.arange(0, BLOCK)
     out = typed_pointer(out_addr, OUT_CODE, ALIGNED) + start + offs
     mask = offs < n - start
     if start + BLOCK <= n:  # full block: no mask, so accesses can be 16-byte vectors
-        acc = _accumulate(in_addrs, weight_bits, codes, K, start, offs, mask, IN_CODE, False, ALIGNED)
+        acc = _accumulate(in_addrs, weight_bits, codes, K, divisor_bits, start, offs, mask, IN_CODE, DIVIDE,
+                          False, ALIGNED)
         store_rounded(out, acc, mask, False)
     else:
-        acc = _accumulate(in_addrs, weight_bits, codes, K, start, offs, mask, IN_CODE, True, ALIGNED)
+        acc = _accumulate(in_addrs, weight_bits, codes, K, divisor_bits, start, offs, mask, IN_CODE, DIVIDE,
+                          True, ALIGNED)
         store_rounded(out, acc, mask, True)
 
 
 @triton.jit
 def _weighted_sum_kernel(table, out_addr, n, K, IN_CODE: tl.constexpr, OUT_CODE: tl.constexpr,
-                         ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
-    # table: [K input addresses][K fp32 weight bits][K dtype codes]
+                         DIVIDE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    # table: [K input addresses][K fp64 weight bits][K dtype codes][divisor fp64 bits]
     start = tl.program_id(0).to(tl.int64) * BLOCK
-    weighted_sum_block(table, table + K, table + 2 * K, K, out_addr, start, n, IN_CODE, OUT_CODE,
-                       ALIGNED, BLOCK)
+    weighted_sum_block(table, table + K, table + 2 * K, K, table + 3 * K, out_addr, start, n, IN_CODE, OUT_CODE,
+                       DIVIDE, ALIGNED, BLOCK)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,9 +243,16 @@ def check_device(device: torch.device) -> None:
         raise InputError(f"Triton kernels need CUDA tensors, got {device} (set TRITON_INTERPRET=1 to run on CPU)")
 
 
-def fp32_bits(weights: Sequence[float]) -> np.ndarray:
-    """Weights rounded to fp32, as sign-extended int64 bit patterns (table entries)."""
-    return np.asarray([float(w) for w in weights], dtype=np.float32).view(np.int32).astype(np.int64)
+def fp64_bits(values: Sequence[float]) -> np.ndarray:
+    """fp64 values as int64 bit patterns (table entries)."""
+    return np.asarray([float(v) for v in values], dtype=np.float64).view(np.int64)
+
+
+def check_divisor(divisor: float) -> float:
+    d = float(divisor)
+    if not (0.0 < d < float("inf")):
+        raise InputError(f"divisor must be a positive finite number, got {divisor!r}")
+    return d
 
 
 def input_code(codes: Sequence[int]) -> int:
@@ -256,9 +292,10 @@ def device_table(host: np.ndarray, device: torch.device) -> torch.Tensor:
     return table
 
 
-def weighted_sum(out: torch.Tensor, inputs: Sequence[torch.Tensor], weights: Sequence[float], *,
-                 block: int | None = None, num_warps: int = GPU_WARPS) -> torch.Tensor:
-    """out = Σ_k weights[k] · inputs[k] (the module's contract), one launch; returns `out`.
+def weighted_sum(out: torch.Tensor, inputs: Sequence[torch.Tensor], weights: Sequence[float],
+                 divisor: float = 1.0, *, block: int | None = None, num_warps: int = GPU_WARPS) -> torch.Tensor:
+    """out = round((Σ_k weights[k] · inputs[k]) / divisor) (the module's contract), one launch;
+    returns `out`.
 
     out and every input: contiguous fp32/fp16/bf16 tensors with the same number of elements, on
     one CUDA device (CPU under TRITON_INTERPRET=1); shapes may differ (flat element order).
@@ -273,18 +310,19 @@ def weighted_sum(out: torch.Tensor, inputs: Sequence[torch.Tensor], weights: Seq
         raise InputError("weighted_sum needs at least one input")
     if len(weights) != k:
         raise InputError(f"{k} inputs but {len(weights)} weights")
+    d = check_divisor(divisor)
     n = out.numel()
     xs = [check_tensor(x, f"inputs[{i}]", out.device, n) for i, x in enumerate(inputs)]
     if n == 0:
         return out
     block = check_block(block)
     codes = [DTYPE_CODES[x.dtype] for x in xs]
-    host = np.concatenate([np.array([x.data_ptr() for x in xs], np.int64), fp32_bits(weights),
-                           np.array(codes, np.int64)])
+    host = np.concatenate([np.array([x.data_ptr() for x in xs], np.int64), fp64_bits(weights),
+                           np.array(codes, np.int64), fp64_bits([d])])
     table = device_table(host, out.device)
     grid = (triton.cdiv(n, block),)
     _weighted_sum_kernel[grid](table, out.data_ptr(), n, k, IN_CODE=input_code(codes),
-                               OUT_CODE=DTYPE_CODES[out.dtype], ALIGNED=all_aligned([out, *xs]),
+                               OUT_CODE=DTYPE_CODES[out.dtype], DIVIDE=d != 1.0, ALIGNED=all_aligned([out, *xs]),
                                BLOCK=block, num_warps=num_warps)
     return out
 
