@@ -1,10 +1,11 @@
 """Uniform and weighted soups, file to file (streaming) or into an in-memory state dict.
 
-Recipe: out = sum_k c_k * x_k per tensor, k in the order given; fp32 accumulation (fp64 when a
-F64 tensor is involved), one rounding to the output dtype (round to nearest even). Uniform:
-c_k = 1/K. Coefficients may have any sign and need not sum to 1 (WiSE-FT interpolation, task
-arithmetic). Provenance recorded in the output's __metadata__: soupkern.version, .recipe,
-.ingredients, .coefficients, .backend, .keys.
+Recipe (the exact-arithmetic contract, csrc/soupkern.h): out = round((sum_k c_k * x_k) / d) per
+tensor, k in the order given, fp64 accumulation with fma, one IEEE division when d != 1, one
+rounding to the output dtype (round to nearest even). Uniform: c_k = 1, d = K. Coefficients may
+have any sign and need not sum to 1 (WiSE-FT interpolation, task arithmetic). Provenance recorded
+in the output's __metadata__: soupkern.version, .recipe, .ingredients, .coefficients, .divisor
+(when not 1), .backend, .keys.
 """
 
 from __future__ import annotations
