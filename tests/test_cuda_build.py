@@ -83,7 +83,7 @@ def test_table_packing_and_argument_errors() -> None:
     assert list(words[:3]) == [0, 2, 2]  # tile prefix sums (the empty tensor has none)
     assert list(words[3:7]) == [16, 32, tile + 1, 0]  # out addresses, element counts
     assert list(words[7:11]) == [0, 16, 48, 4]  # input addresses
-    assert buf[88:96].view(np.float32).tolist() == [0.5, np.float32(1 / 3)]  # weights rounded to fp32
+    assert buf[88:104].view(np.float64).tolist() == [0.5, 1 / 3]  # fp64 weights, as given
     with pytest.raises(ValueError, match="access width"):  # an fp32 tensor cannot take 8-wide accesses
         _cuda.pack_table(buf.ctypes.data, nbytes, 8, [16, 32], [_cuda.BF16, _cuda.F32], [0, 16, 48, 64],
                          [_cuda.BF16] * 2 + [_cuda.F32] * 2, [1, 1], [0.5, 0.5])
@@ -95,6 +95,21 @@ def test_table_packing_and_argument_errors() -> None:
         _cuda.table_bytes(1, 5000)
     with pytest.raises(ValueError, match="greedy"):
         _cuda.launch(_cuda.OP_GREEDY_ACCEPT, 1, 0, 1, 3, 1, 1.0, 0, 0)
+    # greedy tables: input 0 is the fp64 running sum (so at most 4-wide), accept writes it back
+    assert _cuda.access_widths([16], [_cuda.F64], [16, 32], [_cuda.F64, _cuda.BF16], 2) == [4]
+    greedy = dict(outs=[16], ins=[16, 32], numels=[5], weights=[1.0, 1.0])
+    assert _cuda.pack_table(buf.ctypes.data, nbytes, 4, out_dtypes=[_cuda.F64], in_dtypes=[_cuda.F64, _cuda.BF16],
+                            op=_cuda.OP_GREEDY_ACCEPT, **greedy) == 1
+    assert _cuda.pack_table(buf.ctypes.data, nbytes, 4, out_dtypes=[_cuda.BF16], in_dtypes=[_cuda.F64, _cuda.F16],
+                            op=_cuda.OP_GREEDY_CANDIDATE, **greedy) == 1
+    with pytest.raises(ValueError, match="running sum"):  # an fp32 running sum is the old contract
+        _cuda.pack_table(buf.ctypes.data, nbytes, 4, out_dtypes=[_cuda.F32], in_dtypes=[_cuda.F32, _cuda.F32],
+                         op=_cuda.OP_GREEDY_ACCEPT, **greedy)
+    with pytest.raises(ValueError, match="F64"):  # accept writes the fp64 running sum
+        _cuda.pack_table(buf.ctypes.data, nbytes, 4, out_dtypes=[_cuda.BF16], in_dtypes=[_cuda.F64, _cuda.BF16],
+                         op=_cuda.OP_GREEDY_ACCEPT, **greedy)
+    with pytest.raises(ValueError, match="dtype"):  # the weighted sum takes no fp64
+        _cuda.pack_table(buf.ctypes.data, nbytes, 4, out_dtypes=[_cuda.F32], in_dtypes=[_cuda.F64, _cuda.F32], **greedy)
 
 
 def test_build_switch(setup_py: ModuleType) -> None:

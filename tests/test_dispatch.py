@@ -131,7 +131,7 @@ def test_torch_device_kernels_validate_operands() -> None:
         k.weighted_sum(out, [torch.ones(5)], [1.0])
     with pytest.raises(InputError, match="dtype"):
         k.weighted_sum(out, [torch.ones(4, dtype=torch.float64)], [1.0])
-    with pytest.raises(InputError, match="2\\^24"):
-        k.greedy_candidate([out], [torch.zeros(4)], [torch.ones(4)], 1 << 24)
+    with pytest.raises(InputError, match="2\\^53"):
+        k.greedy_candidate([out], [torch.zeros(4, dtype=torch.float64)], [torch.ones(4)], 1 << 53)
     k.weighted_sum(out, [torch.ones(4), torch.full((4,), 2.0)], [0.5, 0.25])
     assert out.tolist() == [1.0] * 4

@@ -4,12 +4,14 @@ bit-identical to the torch expression, the streaming pipeline equal to the C++ p
 Marked `gpu`; every test skips when torch sees no CUDA GPU. On a GPU machine a backend that
 cannot load fails (it should run there), it is not skipped.
 
-Tolerance: none. The device kernels implement the C++ kernel's exact instruction sequence (fp32
-multiply, then fused multiply-adds in order, one round-to-nearest-even), so their bytes must
-equal the C++ kernel's, with one exception: a NaN's payload (the GPU's arithmetic produces the
-canonical NaN), so NaN positions are compared instead of NaN bits. The C++ kernel itself is
-checked against the fp64 reference in tests/test_kernel.py; the same parametrization runs here
-(dtypes, K = 1..9 and 72, odd sizes, empty tensors, many small tensors, unaligned views).
+Tolerance: none. The device kernels implement the exact-arithmetic contract of csrc/soupkern.h
+with the C++ kernel's instruction sequence (fp64: multiply, then fused multiply-adds in order, one
+IEEE division by the divisor when it is not 1, one rounding: round-to-odd fp32 first for F16/BF16),
+so their bytes must equal the C++ kernel's, with one exception: a NaN's payload (the GPU's
+arithmetic produces the canonical NaN), so NaN positions are compared instead of NaN bits. The
+C++ kernel itself is checked against the fp64 reference in tests/test_kernel.py; the same
+parametrization runs here (dtypes, K = 1..9 and 72, odd sizes, empty tensors, many small tensors,
+unaligned views).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 
 from soupkern import _native  # type: ignore[attr-defined]  # noqa: E402
+from soupkern.backends.device import round_f64  # noqa: E402
 from soupkern.reference import decode  # noqa: E402
 from test_device_pipeline import make_ingredients, tensors_of  # noqa: E402
 from test_kernel import make_input  # noqa: E402
@@ -46,9 +49,16 @@ def kernels_for(name: str):  # -> DeviceKernels
     return load_backend(name)  # raises with the reason: on a GPU machine both must run
 
 
+def misalign(offset: int, dtype: str) -> int:
+    """`offset` bytes, or one element where torch cannot view `dtype` at that offset (fp32 at 2):
+    still an address that is not 16-byte aligned."""
+    return offset if offset % SIZE[dtype] == 0 else SIZE[dtype]
+
+
 def to_device(raw: np.ndarray, dtype: str, offset: int = 0) -> torch.Tensor:
     """Raw bytes as a CUDA tensor of `dtype`, starting `offset` bytes into a fresh allocation
-    (offset 2: an address that is not 16-byte aligned)."""
+    (offset 2: an address that is not 16-byte aligned; 4 for fp32)."""
+    offset = misalign(offset, dtype)
     buf = torch.zeros(raw.size + offset + 16, dtype=torch.uint8, device="cuda")
     if raw.size:
         buf[offset: offset + raw.size].copy_(torch.from_numpy(raw))
@@ -57,6 +67,7 @@ def to_device(raw: np.ndarray, dtype: str, offset: int = 0) -> torch.Tensor:
 
 def empty_out(n: int, dtype: str, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """An output of n elements `offset` bytes into a buffer, and the 16 sentinel bytes after it."""
+    offset = misalign(offset, dtype)
     buf = torch.full((n * SIZE[dtype] + offset + 16,), 0xAB, dtype=torch.uint8, device="cuda")
     return buf[offset: offset + n * SIZE[dtype]].view(TORCH[dtype]), buf[offset + n * SIZE[dtype]:]
 
@@ -65,9 +76,10 @@ def raw(t: torch.Tensor) -> np.ndarray:
     return t.view(torch.uint8).cpu().numpy() if t.numel() else np.zeros(0, np.uint8)
 
 
-def cpp(out_dtype: str, raws: list[np.ndarray], dtypes: list[str], weights: list[float], n: int) -> np.ndarray:
+def cpp(out_dtype: str, raws: list[np.ndarray], dtypes: list[str], weights: list[float], n: int,
+        divisor: float = 1.0) -> np.ndarray:
     out = np.empty(n * SIZE[out_dtype], np.uint8)
-    _native.weighted_sum(out, out_dtype, raws, dtypes, weights, n)
+    _native.weighted_sum(out, out_dtype, raws, dtypes, weights, n, divisor=divisor)
     return out
 
 
@@ -81,13 +93,14 @@ def assert_same(got: np.ndarray, want: np.ndarray, dtype: str, what: str) -> Non
 
 
 def run_case(name: str, out_dtype: str, raws: list[np.ndarray], dtypes: list[str], weights: list[float], n: int,
-             offset: int = 0) -> None:
+             offset: int = 0, divisor: float = 1.0) -> None:
     xs = [to_device(r, d, offset) for r, d in zip(raws, dtypes)]
     out, guard = empty_out(n, out_dtype, offset)
-    kernels_for(name).weighted_sum(out, xs, weights)
+    kernels_for(name).weighted_sum(out, xs, weights, divisor)
     torch.cuda.synchronize()
     assert (guard == 0xAB).all(), "wrote past the end of the output"
-    assert_same(raw(out), cpp(out_dtype, raws, dtypes, weights, n), out_dtype, f"{name} {dtypes}->{out_dtype} n={n}")
+    assert_same(raw(out), cpp(out_dtype, raws, dtypes, weights, n, divisor), out_dtype,
+                f"{name} {dtypes}->{out_dtype} n={n} divisor={divisor}")
 
 
 @pytest.mark.parametrize("name", BACKENDS)
@@ -99,6 +112,7 @@ def test_each_dtype_pair(name: str, in_dtype: str, out_dtype: str) -> None:
     raws = [make_input(rng, n, in_dtype, specials=(i == 1)) for i in range(k)]
     for offset in (0, 2):  # vector accesses, then element-wise accesses
         run_case(name, out_dtype, raws, [in_dtype] * k, [0.5, -0.25, 1.0 / 3.0], n, offset)
+        run_case(name, out_dtype, raws, [in_dtype] * k, [1.0] * k, n, offset, divisor=float(k))  # uniform soup
 
 
 @pytest.mark.parametrize("name", BACKENDS)
@@ -114,11 +128,12 @@ def test_mixed_dtypes_and_k(name: str, k: int) -> None:
 
 
 @pytest.mark.parametrize("name", BACKENDS)
-def test_many_small_tensors_in_one_call(name: str) -> None:
+@pytest.mark.parametrize("weights,divisor", [([0.1, 0.2, 0.3, 0.4], 1.0), ([1.0] * 4, 4.0)])
+def test_many_small_tensors_in_one_call(name: str, weights: list[float], divisor: float) -> None:
     """multi_weighted_sum over 600 tensors of 0 to 3000 elements (biases and norms), mixed
     dtypes and alignments, equals the C++ kernel tensor by tensor; nothing written outside."""
     rng = np.random.default_rng(600)
-    k, weights = 4, [0.1, 0.2, 0.3, 0.4]
+    k = 4
     outs, guards, rows, want = [], [], [], []
     for t in range(600):
         n = int(rng.integers(0, 3000)) if t % 50 else 0
@@ -130,8 +145,8 @@ def test_many_small_tensors_in_one_call(name: str) -> None:
         out, guard = empty_out(n, out_dtype, offset)
         outs.append(out)
         guards.append(guard)
-        want.append((cpp(out_dtype, raws, dtypes, weights, n), out_dtype))
-    kernels_for(name).multi_weighted_sum(outs, rows, weights)
+        want.append((cpp(out_dtype, raws, dtypes, weights, n, divisor), out_dtype))
+    kernels_for(name).multi_weighted_sum(outs, rows, weights, divisor)
     torch.cuda.synchronize()
     for t, (out, guard, (w, dt)) in enumerate(zip(outs, guards, want)):
         assert_same(raw(out), w, dt, f"{name} tensor {t}")
@@ -141,21 +156,25 @@ def test_many_small_tensors_in_one_call(name: str) -> None:
 @pytest.mark.parametrize("name", BACKENDS)
 @pytest.mark.parametrize("x_dtype", DTYPES)
 def test_greedy_kernels_match_the_torch_expression(name: str, x_dtype: str) -> None:
-    """candidate = round((sum + x) / (n + 1)), accept: sum += x, fp32 add and IEEE division
-    (a 0-dim device tensor as divisor: torch divides by a Python number through its reciprocal)."""
+    """candidate = round((sum + x) / (n + 1)), accept: sum += x, with fp64 running sums: fp64 add,
+    IEEE fp64 division (a 0-dim device tensor as divisor: torch divides by a Python number through
+    its reciprocal), one rounding (round_f64: round-to-odd fp32 first for fp16/bf16)."""
     g = torch.Generator(device="cuda").manual_seed(1)
     kern = kernels_for(name)
     sizes = [0, 1, 17, 4096, 100_003]
-    sums = [torch.randn(s, generator=g, device="cuda") * 3 for s in sizes]
-    xs = [torch.randn(s, generator=g, device="cuda").to(TORCH[x_dtype]) for s in sizes]
+    # every other tensor starts one element into its allocation: not 16-byte aligned (element-wise path)
+    sums = [(torch.randn(s + 1, generator=g, device="cuda", dtype=torch.float64) * 3)[i % 2:][:s]
+            for i, s in enumerate(sizes)]
+    xs = [torch.randn(s + 1, generator=g, device="cuda").to(TORCH[x_dtype])[i % 2:][:s] for i, s in enumerate(sizes)]
     for n in (1, 2, 6, 71):
-        outs = [torch.empty(s, dtype=TORCH[x_dtype], device="cuda") for s in sizes]
-        kern.greedy_candidate(outs, sums, xs, n)
-        divisor = torch.tensor(float(n + 1), device="cuda")
-        for out, s, x in zip(outs, sums, xs):
-            want = ((s + x.float()) / divisor).to(out.dtype)
-            assert torch.equal(out.view(torch.uint8) if out.numel() else out, want.view(torch.uint8) if want.numel() else want)
-    want_sums = [s + x.float() for s, x in zip(sums, xs)]
+        for out_dtype in DTYPES:
+            outs = [torch.empty(s, dtype=TORCH[out_dtype], device="cuda") for s in sizes]
+            kern.greedy_candidate(outs, sums, xs, n)
+            divisor = torch.tensor(float(n + 1), dtype=torch.float64, device="cuda")
+            for out, s, x in zip(outs, sums, xs):
+                want = round_f64((s + x.double()) / divisor, out.dtype)
+                assert torch.equal(out.view(torch.uint8) if out.numel() else out, want.view(torch.uint8) if want.numel() else want)
+    want_sums = [s + x.double() for s, x in zip(sums, xs)]
     kern.greedy_accept(sums, xs)
     for s, w in zip(sums, want_sums):
         assert torch.equal(s, w)

@@ -72,7 +72,8 @@ std::vector<int> access_widths(const std::vector<std::uint64_t>& outs, const std
 std::int64_t pack_table(std::uintptr_t host, std::size_t nbytes, int width, const std::vector<std::uint64_t>& outs,
                         const std::vector<int>& out_dtypes, const std::vector<std::uint64_t>& ins,
                         const std::vector<int>& in_dtypes, const std::vector<std::int64_t>& numels,
-                        const std::vector<double>& weights) {
+                        const std::vector<double>& weights, int op) {
+  if (op < skc::kWeightedSum || op > skc::kGreedyAccept) throw py::value_error("unknown op " + std::to_string(op));
   const std::int64_t tensors = static_cast<std::int64_t>(outs.size());
   const int k = static_cast<int>(weights.size());
   const std::size_t need = table_bytes(tensors, k);
@@ -80,11 +81,10 @@ std::int64_t pack_table(std::uintptr_t host, std::size_t nbytes, int width, cons
   if (numels.size() != outs.size()) throw py::value_error("outs and numels must have the same length");
   if (nbytes < need) throw py::value_error("table buffer holds " + std::to_string(nbytes) + " bytes, needs " + std::to_string(need));
   if (host == 0) throw py::value_error("table buffer address is null");
-  std::vector<float> w32(weights.size());
-  for (std::size_t j = 0; j < weights.size(); ++j) w32[j] = static_cast<float>(weights[j]);  // round to nearest
-  const char* error = nullptr;
-  const std::int64_t tiles = skc::pack_table(reinterpret_cast<void*>(host), width, tensors, k, outs.data(), out_dtypes.data(),
-                                             ins.data(), in_dtypes.data(), numels.data(), w32.data(), &error);
+  const char* error = nullptr;  // the weights go into the table as the fp64 values given
+  const std::int64_t tiles =
+      skc::pack_table(reinterpret_cast<void*>(host), static_cast<skc::Op>(op), width, tensors, k, outs.data(), out_dtypes.data(),
+                      ins.data(), in_dtypes.data(), numels.data(), weights.data(), &error);
   if (tiles < 0) throw py::value_error(error);
   return tiles;
 }
@@ -93,14 +93,15 @@ void launch(int op, int width, std::uintptr_t table, std::int64_t tensors, int k
             std::uintptr_t stream) {
   if (op < skc::kWeightedSum || op > skc::kGreedyAccept) throw py::value_error("unknown op " + std::to_string(op));
   if (width != 1 && width != 4 && width != 8) throw py::value_error("access width must be 1, 4 or 8");
+  if (op != skc::kWeightedSum && width == 8) throw py::value_error("access width 8 is for the weighted sum only");
   if (op != skc::kWeightedSum && k != 2) throw py::value_error("the greedy ops take k = 2 (running sum, candidate)");
   if (tiles > 0 && table == 0) throw py::value_error("table address is null");
   if (!std::isfinite(divisor) || divisor == 0.0) throw py::value_error("divisor must be finite and non-zero");
   int code = 0;
   {
     py::gil_scoped_release release;
-    code = skc::launch(static_cast<skc::Op>(op), width, reinterpret_cast<const void*>(table), tensors, k, tiles,
-                       static_cast<float>(divisor), device, stream);
+    code = skc::launch(static_cast<skc::Op>(op), width, reinterpret_cast<const void*>(table), tensors, k, tiles, divisor,
+                       device, stream);
   }
   if (code != 0) raise_cuda("kernel launch", code);
 }
@@ -118,8 +119,9 @@ PYBIND11_MODULE(_cuda, m) {
   m.def("access_widths", &access_widths, py::arg("outs"), py::arg("out_dtypes"), py::arg("ins"), py::arg("in_dtypes"),
         py::arg("k"), "Per tensor, the widest access (8, 4 or 1 elements) its addresses and dtypes allow.");
   m.def("pack_table", &pack_table, py::arg("host"), py::arg("nbytes"), py::arg("width"), py::arg("outs"), py::arg("out_dtypes"),
-        py::arg("ins"), py::arg("in_dtypes"), py::arg("numels"), py::arg("weights"),
-        "Write the launch table of one access width into host memory at address `host` (nbytes long); returns the tile count.");
+        py::arg("ins"), py::arg("in_dtypes"), py::arg("numels"), py::arg("weights"), py::arg("op") = static_cast<int>(skc::kWeightedSum),
+        "Write the launch table of `op` with one access width into host memory at address `host` (nbytes long; fp64 "
+        "weights); returns the tile count. Launch it with the same op.");
   m.def("launch", &launch, py::arg("op"), py::arg("width"), py::arg("table"), py::arg("tensors"), py::arg("k"), py::arg("tiles"),
         py::arg("divisor"), py::arg("device"), py::arg("stream"),
         "Launch `op` over a device copy of a packed table on `stream` (cudaStream_t as int) of `device`.");
@@ -127,6 +129,7 @@ PYBIND11_MODULE(_cuda, m) {
   m.attr("OP_WEIGHTED_SUM") = static_cast<int>(skc::kWeightedSum);
   m.attr("OP_GREEDY_CANDIDATE") = static_cast<int>(skc::kGreedyCandidate);
   m.attr("OP_GREEDY_ACCEPT") = static_cast<int>(skc::kGreedyAccept);
+  m.attr("F64") = static_cast<int>(soupkern::F64);
   m.attr("F32") = static_cast<int>(soupkern::F32);
   m.attr("F16") = static_cast<int>(soupkern::F16);
   m.attr("BF16") = static_cast<int>(soupkern::BF16);

@@ -6,73 +6,46 @@
 #include <mutex>
 #include <tuple>
 
+#include "convert.h"
 #include "soupkern_cuda.h"
 
 namespace soupkern {
 namespace cuda {
 namespace {
 
-// ---- element conversions (fp32 <-> storage dtype) ------------------------------------------
-
-__device__ __forceinline__ float bf16_to_f32(unsigned short h) { return __uint_as_float(static_cast<unsigned>(h) << 16); }
-
-__device__ __forceinline__ unsigned short f32_to_bf16(float f) {
-  const unsigned u = __float_as_uint(f);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<unsigned short>((u >> 16) | 0x40u);  // NaN stays NaN
-  return static_cast<unsigned short>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-
-__device__ __forceinline__ float f16_to_f32(unsigned short h) { return __half2float(__ushort_as_half(h)); }
-
-__device__ __forceinline__ unsigned short f32_to_f16(float f) { return __half_as_ushort(__float2half_rn(f)); }
-
-__device__ __forceinline__ float half_to_f32(unsigned short h, int dt) { return dt == BF16 ? bf16_to_f32(h) : f16_to_f32(h); }
-
-__device__ __forceinline__ unsigned short f32_to_half(float f, int dt) { return dt == BF16 ? f32_to_bf16(f) : f32_to_f16(f); }
-
-// ---- per-element arithmetic of each Op -----------------------------------------------------
-
-template <Op OP>
-__device__ __forceinline__ float first_term(float w, float x) {
-  if constexpr (OP == kWeightedSum) return __fmul_rn(w, x);
-  return x;
-}
-
-template <Op OP>
-__device__ __forceinline__ float next_term(float w, float x, float acc) {
-  if constexpr (OP == kWeightedSum) return __fmaf_rn(w, x, acc);
-  return __fadd_rn(acc, x);
-}
-
-template <Op OP>
-__device__ __forceinline__ float finish(float acc, float divisor) {
-  if constexpr (OP == kGreedyCandidate) return __fdiv_rn(acc, divisor);
-  return acc;
-}
+using convert::f64_to_f32;
+using convert::f64_to_half;
+using convert::half_to_f64;
 
 // ---- loads and stores: scalar and E-element vectors (16-byte aligned) ---------------------
 
-__device__ __forceinline__ float load1(const void* p, int dt, long long i) {
-  if (dt == F32) return __ldcs(static_cast<const float*>(p) + i);
-  return half_to_f32(__ldcs(static_cast<const unsigned short*>(p) + i), dt);
+__device__ __forceinline__ double load1(const void* p, int dt, long long i) {
+  if (dt == F32) return static_cast<double>(__ldcs(static_cast<const float*>(p) + i));
+  return half_to_f64(__ldcs(static_cast<const unsigned short*>(p) + i), dt);
 }
 
-__device__ __forceinline__ void store1(void* p, int dt, long long i, float v) {
-  if (dt == F32) {
-    __stcs(static_cast<float*>(p) + i, v);
+// Rounds v once to the output dtype and stores it. F64 (the greedy running sum) only where
+// HAS_F64: the weighted-sum kernels never see it (pack_table checks).
+template <bool HAS_F64>
+__device__ __forceinline__ void store1(void* p, int dt, long long i, double v) {
+  if (HAS_F64 && dt == F64) {
+    __stcs(static_cast<double*>(p) + i, v);
+  } else if (dt == F32) {
+    __stcs(static_cast<float*>(p) + i, f64_to_f32(v));
   } else {
-    __stcs(static_cast<unsigned short*>(p) + i, f32_to_half(v, dt));
+    __stcs(static_cast<unsigned short*>(p) + i, f64_to_half(v, dt));
   }
 }
 
-__device__ __forceinline__ unsigned pack2(const float* v, int dt) {
-  return static_cast<unsigned>(f32_to_half(v[0], dt)) | (static_cast<unsigned>(f32_to_half(v[1], dt)) << 16);
+__device__ __forceinline__ unsigned pack2(const double* v, int dt) {
+  return static_cast<unsigned>(f64_to_half(v[0], dt)) | (static_cast<unsigned>(f64_to_half(v[1], dt)) << 16);
 }
 
-// One 16-byte-aligned access of E elements, kept raw until each element is used: E = 8 (every
-// operand 2 bytes wide: one 16-byte load of 8 halves) or E = 4 (one 16-byte load of 4 fp32, or
-// one 8-byte load of 4 halves). Keeping the raw words (4 registers) instead of E decoded floats
-// holds the register count down, so more warps stay resident to keep loads in flight.
+// One 16-byte-aligned access of E elements of a 4- or 2-byte dtype, kept raw until each element
+// is used: E = 8 (every operand 2 bytes wide: one 16-byte load of 8 halves) or E = 4 (one
+// 16-byte load of 4 fp32, or one 8-byte load of 4 halves). Keeping the raw words (4 registers)
+// instead of E decoded values holds the register count down, so more warps stay resident to
+// keep loads in flight.
 template <int E>
 __device__ __forceinline__ uint4 load_raw(const void* p, int dt, long long i) {
   if (E == 4 && dt == F32) {
@@ -86,18 +59,25 @@ __device__ __forceinline__ uint4 load_raw(const void* p, int dt, long long i) {
 
 __device__ __forceinline__ unsigned word(const uint4& r, int j) { return j == 0 ? r.x : j == 1 ? r.y : j == 2 ? r.z : r.w; }
 
-// Element e (a compile-time constant after unrolling) of a raw access, as fp32 (exact).
+// Element e (a compile-time constant after unrolling) of a raw access, as fp64 (exact).
 template <int E>
-__device__ __forceinline__ float element(const uint4& r, int dt, int e) {
-  if (E == 4 && dt == F32) return __uint_as_float(word(r, e));
+__device__ __forceinline__ double element(const uint4& r, int dt, int e) {
+  if (E == 4 && dt == F32) return static_cast<double>(__uint_as_float(word(r, e)));
   const unsigned w = word(r, e / 2);
-  return half_to_f32(static_cast<unsigned short>(e % 2 == 0 ? (w & 0xffffu) : (w >> 16)), dt);
+  return half_to_f64(static_cast<unsigned short>(e % 2 == 0 ? (w & 0xffffu) : (w >> 16)), dt);
 }
 
-template <int E>
-__device__ __forceinline__ void store_vec(void* p, int dt, long long i, const float* v) {
-  if (E == 4 && dt == F32) {
-    __stcs(reinterpret_cast<float4*>(static_cast<float*>(p) + i), make_float4(v[0], v[1], v[2], v[3]));
+// E results, each rounded once to the output dtype, stored with one access (F64 where HAS_F64:
+// E = 4 only, two 16-byte stores).
+template <bool HAS_F64, int E>
+__device__ __forceinline__ void store_vec(void* p, int dt, long long i, const double* v) {
+  if (HAS_F64 && E == 4 && dt == F64) {
+    double2* q = reinterpret_cast<double2*>(static_cast<double*>(p) + i);
+    __stcs(q, make_double2(v[0], v[1]));
+    __stcs(q + 1, make_double2(v[2], v[3]));
+  } else if (E == 4 && dt == F32) {
+    __stcs(reinterpret_cast<float4*>(static_cast<float*>(p) + i),
+           make_float4(f64_to_f32(v[0]), f64_to_f32(v[1]), f64_to_f32(v[2]), f64_to_f32(v[3])));
   } else if (E == 8) {
     __stcs(reinterpret_cast<uint4*>(static_cast<unsigned short*>(p) + i),
            make_uint4(pack2(v, dt), pack2(v + 2, dt), pack2(v + 4, dt), pack2(v + 6, dt)));
@@ -111,29 +91,30 @@ __device__ __forceinline__ void store_vec(void* p, int dt, long long i, const fl
 // The tile's row, staged in shared memory by the block.
 struct Row {
   const void* const* in;
-  const float* weight;
+  const double* weight;
   const unsigned char* dtype;  // K input dtypes
   void* out;
   int out_dtype;
   int k;
 };
 
-// Elements [begin, end) with E-element accesses, in passes of kThreads * U * E elements: in a
-// pass, thread j owns accesses j, j + kThreads, ... (U of them, loaded together so that U
-// loads are in flight). Accesses not wholly inside [begin, end) are skipped (tile_tail).
-template <Op OP, int E, int U>
-__device__ __forceinline__ void tile_vector(const Row& r, long long begin, long long end, float divisor) {
+// kWeightedSum, elements [begin, end) with E-element accesses, in passes of kThreads * U * E
+// elements: in a pass, thread j owns accesses j, j + kThreads, ... (U of them, loaded together
+// so that U loads are in flight). Accesses not wholly inside [begin, end) are skipped
+// (tile_tail).
+template <int E, int U>
+__device__ __forceinline__ void tile_vector(const Row& r, long long begin, long long end, double divisor) {
   for (long long base = begin + static_cast<long long>(threadIdx.x) * E; base < end; base += kThreads * U * E) {
     bool full[U];
 #pragma unroll
     for (int u = 0; u < U; ++u) full[u] = base + u * kThreads * E + E <= end;
-    float acc[U][E];
-    uint4 raw[U];
+    double acc[U][E];
 #pragma unroll 1
     for (int k = 0; k < r.k; ++k) {
       const void* p = r.in[k];
       const int dt = r.dtype[k];
-      const float w = r.weight[k];
+      const double w = r.weight[k];
+      uint4 raw[U];
 #pragma unroll
       for (int u = 0; u < U; ++u)
         if (full[u]) raw[u] = load_raw<E>(p, dt, base + u * kThreads * E);
@@ -141,52 +122,110 @@ __device__ __forceinline__ void tile_vector(const Row& r, long long begin, long 
       for (int u = 0; u < U; ++u)
 #pragma unroll
         for (int e = 0; e < E; ++e) {
-          const float x = element<E>(raw[u], dt, e);
-          acc[u][e] = k == 0 ? first_term<OP>(w, x) : next_term<OP>(w, x, acc[u][e]);
+          const double x = element<E>(raw[u], dt, e);
+          acc[u][e] = k == 0 ? convert::first_term<kWeightedSum>(w, x) : convert::next_term<kWeightedSum>(w, x, acc[u][e]);
         }
     }
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       if (!full[u]) continue;
 #pragma unroll
-      for (int e = 0; e < E; ++e) acc[u][e] = finish<OP>(acc[u][e], divisor);
-      store_vec<E>(r.out, r.out_dtype, base + u * kThreads * E, acc[u]);
+      for (int e = 0; e < E; ++e) acc[u][e] = convert::finish<kWeightedSum>(acc[u][e], divisor);
+      store_vec<false, E>(r.out, r.out_dtype, base + u * kThreads * E, acc[u]);
     }
   }
 }
 
-// Elements [begin, end) one by one, in passes of kThreads * U: thread j owns begin + j,
-// begin + j + kThreads, ... (U of them per pass).
-template <Op OP, int U>
-__device__ __forceinline__ void tile_scalar(const Row& r, long long begin, long long end, float divisor) {
+// kWeightedSum, elements [begin, end) one by one, in passes of kThreads * U: thread j owns
+// begin + j, begin + j + kThreads, ... (U of them per pass).
+template <int U>
+__device__ __forceinline__ void tile_scalar(const Row& r, long long begin, long long end, double divisor) {
   for (long long base = begin + static_cast<long long>(threadIdx.x); base < end; base += kThreads * U) {
-    float acc[U];
+    double acc[U];
 #pragma unroll 1
     for (int k = 0; k < r.k; ++k) {
       const void* p = r.in[k];
       const int dt = r.dtype[k];
-      const float w = r.weight[k];
-      float x[U];
+      const double w = r.weight[k];
+      double x[U];
 #pragma unroll
       for (int u = 0; u < U; ++u)
         if (base + u * kThreads < end) x[u] = load1(p, dt, base + u * kThreads);
 #pragma unroll
-      for (int u = 0; u < U; ++u) acc[u] = k == 0 ? first_term<OP>(w, x[u]) : next_term<OP>(w, x[u], acc[u]);
+      for (int u = 0; u < U; ++u)
+        acc[u] = k == 0 ? convert::first_term<kWeightedSum>(w, x[u]) : convert::next_term<kWeightedSum>(w, x[u], acc[u]);
     }
 #pragma unroll
     for (int u = 0; u < U; ++u)
-      if (base + u * kThreads < end) store1(r.out, r.out_dtype, base + u * kThreads, finish<OP>(acc[u], divisor));
+      if (base + u * kThreads < end)
+        store1<false>(r.out, r.out_dtype, base + u * kThreads, convert::finish<kWeightedSum>(acc[u], divisor));
   }
 }
 
-// The last end % E elements of a vector tile (fewer than E): one per thread.
-template <Op OP, int E>
-__device__ __forceinline__ void tile_tail(const Row& r, long long begin, long long end, float divisor) {
+// kWeightedSum, the last end % E elements of a vector tile (fewer than E): one per thread.
+template <int E>
+__device__ __forceinline__ void tile_tail(const Row& r, long long begin, long long end, double divisor) {
   const long long i = begin + (end - begin) / E * E + threadIdx.x;
   if (i >= end) return;
-  float acc = first_term<OP>(r.weight[0], load1(r.in[0], r.dtype[0], i));
-  for (int k = 1; k < r.k; ++k) acc = next_term<OP>(r.weight[k], load1(r.in[k], r.dtype[k], i), acc);
-  store1(r.out, r.out_dtype, i, finish<OP>(acc, divisor));
+  double acc = convert::first_term<kWeightedSum>(r.weight[0], load1(r.in[0], r.dtype[0], i));
+  for (int k = 1; k < r.k; ++k) acc = convert::next_term<kWeightedSum>(r.weight[k], load1(r.in[k], r.dtype[k], i), acc);
+  store1<false>(r.out, r.out_dtype, i, convert::finish<kWeightedSum>(acc, divisor));
+}
+
+// The greedy ops (K = 2: input 0 the fp64 running sum, input 1 the candidate x of any 4- or
+// 2-byte dtype), elements [begin, end): with E = 4 (16-byte aligned: two 16-byte loads of the
+// sum, one load of x, one store) in passes of kThreads * U * 4, then the tail one per thread;
+// with E = 1 element by element in passes of kThreads * U.
+template <Op OP>
+__device__ __forceinline__ double greedy_value(double sum, double x, double divisor) {
+  return convert::finish<OP>(convert::next_term<OP>(0.0, x, convert::first_term<OP>(0.0, sum)), divisor);
+}
+
+template <Op OP, int E, int U>
+__device__ __forceinline__ void tile_greedy(const Row& r, long long begin, long long end, double divisor) {
+  const double* sum = static_cast<const double*>(r.in[0]);
+  const void* x = r.in[1];
+  const int dt = r.dtype[1];
+  if constexpr (E == 4) {
+    for (long long base = begin + static_cast<long long>(threadIdx.x) * 4; base < end; base += kThreads * U * 4) {
+      double2 lo[U], hi[U];
+      uint4 raw[U];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const long long i = base + u * kThreads * 4;
+        if (i + 4 <= end) {
+          lo[u] = __ldcs(reinterpret_cast<const double2*>(sum + i));
+          hi[u] = __ldcs(reinterpret_cast<const double2*>(sum + i) + 1);
+          raw[u] = load_raw<4>(x, dt, i);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const long long i = base + u * kThreads * 4;
+        if (i + 4 > end) continue;
+        const double v[4] = {greedy_value<OP>(lo[u].x, element<4>(raw[u], dt, 0), divisor),
+                             greedy_value<OP>(lo[u].y, element<4>(raw[u], dt, 1), divisor),
+                             greedy_value<OP>(hi[u].x, element<4>(raw[u], dt, 2), divisor),
+                             greedy_value<OP>(hi[u].y, element<4>(raw[u], dt, 3), divisor)};
+        store_vec<true, 4>(r.out, r.out_dtype, i, v);
+      }
+    }
+    const long long i = begin + (end - begin) / 4 * 4 + threadIdx.x;
+    if (i < end) store1<true>(r.out, r.out_dtype, i, greedy_value<OP>(__ldcs(sum + i), load1(x, dt, i), divisor));
+  } else {
+    for (long long base = begin + static_cast<long long>(threadIdx.x); base < end; base += kThreads * U) {
+      double s[U], v[U];
+#pragma unroll
+      for (int u = 0; u < U; ++u)
+        if (base + u * kThreads < end) {
+          s[u] = __ldcs(sum + base + u * kThreads);
+          v[u] = load1(x, dt, base + u * kThreads);
+        }
+#pragma unroll
+      for (int u = 0; u < U; ++u)
+        if (base + u * kThreads < end) store1<true>(r.out, r.out_dtype, base + u * kThreads, greedy_value<OP>(s[u], v[u], divisor));
+    }
+  }
 }
 
 // ---- the kernel --------------------------------------------------------------------------
@@ -195,18 +234,18 @@ __device__ __forceinline__ void tile_tail(const Row& r, long long begin, long lo
 // dtypes); E = 1: any addresses. The host groups tensors by access width (pack_table checks).
 template <Op OP, int E>
 __global__ void __launch_bounds__(kThreads, 4) multi_tensor_kernel(const unsigned char* table, long long tensors, int k,
-                                                                 long long tiles, float divisor) {
+                                                                 long long tiles, double divisor) {
   const TableLayout l = table_layout(tensors, k);
   const long long* tile_start = reinterpret_cast<const long long*>(table + l.tile_start);
   const unsigned long long* outs = reinterpret_cast<const unsigned long long*>(table + l.out);
   const long long* numels = reinterpret_cast<const long long*>(table + l.numel);
   const unsigned long long* ins = reinterpret_cast<const unsigned long long*>(table + l.in);
-  const float* weights = reinterpret_cast<const float*>(table + l.weight);
+  const double* weights = reinterpret_cast<const double*>(table + l.weight);
   const unsigned char* dtypes = table + l.dtype;
 
-  extern __shared__ unsigned long long smem[];  // K addresses, K weights, K dtypes
+  extern __shared__ unsigned long long smem[];  // K addresses, K fp64 weights, K dtypes
   const void** s_in = reinterpret_cast<const void**>(smem);
-  float* s_weight = reinterpret_cast<float*>(smem + k);
+  double* s_weight = reinterpret_cast<double*>(smem + k);
   unsigned char* s_dtype = reinterpret_cast<unsigned char*>(s_weight + k);
   for (int j = threadIdx.x; j < k; j += kThreads) s_weight[j] = weights[j];
 
@@ -228,20 +267,33 @@ __global__ void __launch_bounds__(kThreads, 4) multi_tensor_kernel(const unsigne
     const Row r{s_in, s_weight, s_dtype, reinterpret_cast<void*>(outs[t]), dtypes[t * (k + 1)], k};
     const long long begin = (tile - tile_start[t]) * kTile;
     const long long end = min(begin + kTile, numels[t]);
-    if constexpr (E == 1) {
-      tile_scalar<OP, 8>(r, begin, end, divisor);
+    // U (accesses per thread loaded together) as high as 64 registers (4 blocks of 256 per SM)
+    // allow without spilling on sm_80 and sm_90 (ptxas -v): fp64 values take two registers each.
+    // Weighted sum E = 8 with U = 2 needs 80 registers (3 blocks per SM): not measured against
+    // this on a GPU yet.
+    if constexpr (OP != kWeightedSum) {
+      tile_greedy<OP, E, E == 4 ? 1 : 4>(r, begin, end, divisor);
+    } else if constexpr (E == 1) {
+      tile_scalar<4>(r, begin, end, divisor);
     } else {
-      tile_vector<OP, E, kPerThread / 8>(r, begin, end, divisor);
-      tile_tail<OP, E>(r, begin, end, divisor);
+      tile_vector<E, E == 8 ? 1 : 2>(r, begin, end, divisor);
+      tile_tail<E>(r, begin, end, divisor);
     }
   }
 }
 
-using KernelFn = void (*)(const unsigned char*, long long, int, long long, float);
+using KernelFn = void (*)(const unsigned char*, long long, int, long long, double);
 
+// nullptr for a width the op never gets: the greedy ops read an fp64 running sum, so their
+// tables allow at most 4-wide accesses (pack_table checks).
 template <Op OP>
 KernelFn kernel_for_width(int width) {
-  return width == 8 ? multi_tensor_kernel<OP, 8> : width == 4 ? multi_tensor_kernel<OP, 4> : multi_tensor_kernel<OP, 1>;
+  if constexpr (OP == kWeightedSum) {
+    if (width == 8) return multi_tensor_kernel<OP, 8>;
+  } else {
+    if (width == 8) return nullptr;
+  }
+  return width == 4 ? multi_tensor_kernel<OP, 4> : multi_tensor_kernel<OP, 1>;
 }
 
 KernelFn kernel_for(Op op, int width) {
@@ -252,7 +304,7 @@ KernelFn kernel_for(Op op, int width) {
   }
 }
 
-std::size_t shared_bytes(int k) { return static_cast<std::size_t>(k) * (8 + 4 + 1); }
+std::size_t shared_bytes(int k) { return static_cast<std::size_t>(k) * (8 + 8 + 1); }
 
 // Resident blocks per device (SMs x blocks per SM), computed once per (device, kernel, K).
 std::mutex grid_mu;
@@ -277,10 +329,11 @@ cudaError_t resident_blocks(int device, Op op, int width, int k, int* blocks) {
 
 }  // namespace
 
-int launch(Op op, int width, const void* device_table, std::int64_t tensors, int k, std::int64_t tiles, float divisor,
+int launch(Op op, int width, const void* device_table, std::int64_t tensors, int k, std::int64_t tiles, double divisor,
            int device, std::uintptr_t stream) {
   if (tiles <= 0) return cudaSuccess;
   if (k < 1 || k > kMaxInputs || tensors < 1 || (width != 1 && width != 4 && width != 8)) return cudaErrorInvalidValue;
+  if (kernel_for(op, width) == nullptr) return cudaErrorInvalidValue;
   cudaError_t err = cudaSetDevice(device);
   if (err != cudaSuccess) return err;
   int blocks = 0;

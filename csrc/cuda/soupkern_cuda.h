@@ -1,28 +1,32 @@
 // soupkern CUDA kernels: framework-free host API (no CUDA headers needed to include this file).
 //
-// One multi-tensor kernel serves every contract; `Op` picks the per-element arithmetic (all in
-// fp32, every operation a single IEEE rounding, nothing contracted; nvcc also gets -fmad=false):
-//   kWeightedSum:     acc = w_0 * x_0 (__fmul_rn); acc = fmaf(w_k, x_k, acc) (__fmaf_rn) for
-//                     k = 1..K-1 in order; out = round(acc). Weights rounded to fp32 once.
-//                     The contract of csrc/soupkern.h for fp32/fp16/bf16, bit-identical to the
-//                     C++ kernel (NaN stays NaN; its payload is the GPU's canonical one).
-//   kGreedyCandidate: K = 2, x_0 = fp32 running sum, x_1 = candidate:
-//                     out = round(__fdiv_rn(__fadd_rn(x_0, x_1), divisor)).
-//   kGreedyAccept:    K = 2, out = x_0 = the fp32 running sum (updated in place):
-//                     out = __fadd_rn(x_0, x_1).
-// round() to fp16 is __float2half_rn; to bf16 the integer round-to-nearest-even of the fp32 bits
-// (the same bits as the C++ kernel's f32_to_bf16 and as __float2bfloat16_rn for non-NaN values).
-// Inputs and outputs are fp32/fp16/bf16 (dtype tags of csrc/soupkern.h; F64 is refused), any mix
-// per (tensor, input). Bytes moved: sum over tensors of numel * (sum_k itemsize(x_k) + itemsize(out)).
+// One multi-tensor kernel serves every contract; `Op` picks the per-element arithmetic. It is
+// the exact-arithmetic contract of csrc/soupkern.h, in fp64, every operation one IEEE rounding by
+// an explicit intrinsic (nothing contracted; nvcc also gets --fmad=false); csrc/cuda/convert.h:
+//   kWeightedSum:     inputs decoded exactly to fp64; acc = w_0 * x_0 (__dmul_rn); acc =
+//                     fma(w_k, x_k, acc) (__fma_rn) for k = 1..K-1 in order; acc / divisor
+//                     (__ddiv_rn) when divisor != 1; out = round(acc). fp64 weights. Bit-identical
+//                     to the C++ kernel (NaN stays NaN; its payload is the GPU's canonical one).
+//   kGreedyCandidate: K = 2, x_0 = fp64 running sum, x_1 = candidate:
+//                     out = round(__ddiv_rn(__dadd_rn(x_0, x_1), divisor)), divisor = n + 1.
+//   kGreedyAccept:    K = 2, out = x_0 = the fp64 running sum (updated in place):
+//                     out = __dadd_rn(x_0, x_1), stored as fp64.
+// round(): to fp32 __double2float_rn; to fp16 / bf16 one rounding through round-to-odd fp32
+// (__double2float_rz, last bit set when inexact), then __float2half_rn, or for bf16 the integer
+// round-to-nearest-even of the fp32 bits (the C++ kernel's f32_to_bf16; NaN -> quiet NaN).
+// Weighted sum: inputs and outputs fp32/fp16/bf16 (dtype tags of csrc/soupkern.h; F64 refused),
+// any mix per (tensor, input). Greedy ops: input 0 and accept's output F64, the rest
+// fp32/fp16/bf16 (pack_table checks). Bytes moved: sum over tensors of
+// numel * (sum_k itemsize(x_k) + itemsize(out)).
 //
 // Work split: every tensor is cut into tiles of kTile elements; tiles of all tensors are numbered
 // in table order and a grid-stride loop over tile numbers finds each tile's tensor by a binary
 // search in the tiles' prefix sums. Access width, one per launch (a kernel per width keeps the
 // register count low): 8 = 16-byte accesses of 8 elements (every address 16-byte aligned, every
-// operand 2 bytes wide); 4 = 16-byte fp32 / 8-byte half accesses of 4 elements (every address
-// 16-byte aligned); 1 = element by element (any addresses). Each element gets the same
-// instruction sequence whatever the width, so the bits do not depend on alignment, tiling or
-// grid size.
+// operand 2 bytes wide); 4 = accesses of 4 elements (every address 16-byte aligned: 16 bytes of
+// fp32, 8 of halves, 2 x 16 of fp64); 1 = element by element (any addresses). Each element gets
+// the same instruction sequence whatever the width, so the bits do not depend on alignment,
+// tiling or grid size.
 #pragma once
 
 #include <cstddef>
@@ -52,7 +56,7 @@ constexpr int kMaxInputs = 2048;              // K limit: the row of a tile is s
 //   int64  out[T]              output addresses
 //   int64  numel[T]
 //   int64  in[T * K]           input addresses, row t = tensor t's K inputs
-//   float  weight[K]           (padded to 8 bytes)
+//   double weight[K]           fp64 weights (the greedy ops ignore them)
 //   uint8  dtype[T * (K + 1)]  row t = out dtype, then the K input dtypes
 struct TableLayout {
   std::size_t tile_start, out, numel, in, weight, dtype, total;
@@ -66,7 +70,7 @@ SOUPKERN_HOST_DEVICE inline TableLayout table_layout(std::int64_t tensors, int k
   l.out = o; o += 8 * t;
   l.numel = o; o += 8 * t;
   l.in = o; o += 8 * t * kk;
-  l.weight = o; o += 4 * kk; o = (o + 7) & ~std::size_t{7};
+  l.weight = o; o += 8 * kk;
   l.dtype = o; o += t * (kk + 1); o = (o + 7) & ~std::size_t{7};
   l.total = o;
   return l;
@@ -75,18 +79,21 @@ SOUPKERN_HOST_DEVICE inline TableLayout table_layout(std::int64_t tensors, int k
 // The widest access (8, 4 or 1) that a tensor with these addresses and dtypes allows.
 int access_width(std::uint64_t out, int out_dtype, const std::uint64_t* ins, const int* in_dtypes, int k);
 
-// Fills `host` (at least table_layout(tensors, k).total bytes) and returns the number of tiles.
-// outs[t], numels[t], out_dtypes[t]; ins[t * k + j], in_dtypes[t * k + j]; weights[j].
-// Returns -1 with *error set on a bad argument (dtype not F32/F16/BF16, negative numel, a tensor
-// that does not allow access `width`).
-std::int64_t pack_table(void* host, int width, std::int64_t tensors, int k, const std::uint64_t* outs, const int* out_dtypes,
-                        const std::uint64_t* ins, const int* in_dtypes, const std::int64_t* numels,
-                        const float* weights, const char** error);
+// Fills `host` (at least table_layout(tensors, k).total bytes) for a launch of `op` and returns
+// the number of tiles. outs[t], numels[t], out_dtypes[t]; ins[t * k + j], in_dtypes[t * k + j];
+// weights[j]. Returns -1 with *error set on a bad argument (dtypes that `op` does not take,
+// negative numel, a tensor that does not allow access `width`). A table must be launched with
+// the op it was packed for.
+std::int64_t pack_table(void* host, Op op, int width, std::int64_t tensors, int k, const std::uint64_t* outs,
+                        const int* out_dtypes, const std::uint64_t* ins, const int* in_dtypes, const std::int64_t* numels,
+                        const double* weights, const char** error);
 
 // Launches `op` with access `width` (that of pack_table) over a device table on `stream` (a cudaStream_t as an integer; 0 = the legacy
 // default stream) of device `device`. Returns the cudaError_t value (0 = success): the launch's
 // own status, not that of the kernel's execution.
-int launch(Op op, int width, const void* device_table, std::int64_t tensors, int k, std::int64_t tiles, float divisor,
+// divisor: fp64, != 0 and finite (weighted sum: 1 = no division; candidate: n + 1; accept: 1).
+// Width 8 exists for kWeightedSum only (cudaErrorInvalidValue otherwise).
+int launch(Op op, int width, const void* device_table, std::int64_t tensors, int k, std::int64_t tiles, double divisor,
            int device, std::uintptr_t stream);
 
 // cudaGetDeviceCount's status and count (count = 0 on any error).

@@ -10,6 +10,26 @@ namespace {
 
 bool half_or_float(int dt) { return dt == F32 || dt == F16 || dt == BF16; }
 
+// The dtypes `op` takes, or nullptr with the reason: weighted sum: F32/F16/BF16 everywhere;
+// greedy ops: K = 2, input 0 the F64 running sum, input 1 F32/F16/BF16, output F32/F16/BF16
+// (candidate) or F64 (accept: the running sum itself).
+const char* check_dtypes(Op op, int k, int out_dtype, const int* in_dtypes) {
+  if (op == kWeightedSum) {
+    if (!half_or_float(out_dtype)) return "output dtype must be F32, F16 or BF16";
+    for (int j = 0; j < k; ++j)
+      if (!half_or_float(in_dtypes[j])) return "input dtype must be F32, F16 or BF16";
+    return nullptr;
+  }
+  if (op != kGreedyCandidate && op != kGreedyAccept) return "unknown op";
+  if (k != 2) return "the greedy ops take k = 2 (running sum, candidate)";
+  if (in_dtypes[0] != F64) return "greedy: the running sum (input 0) dtype must be F64";
+  if (!half_or_float(in_dtypes[1])) return "greedy: the candidate (input 1) dtype must be F32, F16 or BF16";
+  if (op == kGreedyAccept ? out_dtype != F64 : !half_or_float(out_dtype))
+    return op == kGreedyAccept ? "greedy accept: output dtype must be F64 (the running sum)"
+                               : "greedy candidate: output dtype must be F32, F16 or BF16";
+  return nullptr;
+}
+
 template <typename T>
 void put(unsigned char* base, std::size_t offset, std::size_t index, T value) {
   std::memcpy(base + offset + index * sizeof(T), &value, sizeof(T));
@@ -18,17 +38,17 @@ void put(unsigned char* base, std::size_t offset, std::size_t index, T value) {
 }  // namespace
 
 int access_width(std::uint64_t out, int out_dtype, const std::uint64_t* ins, const int* in_dtypes, int k) {
-  bool aligned = out % 16 == 0, narrow = out_dtype != F32;
+  bool aligned = out % 16 == 0, narrow = out_dtype == F16 || out_dtype == BF16;
   for (int j = 0; j < k; ++j) {
     aligned = aligned && ins[j] % 16 == 0;
-    narrow = narrow && in_dtypes[j] != F32;
+    narrow = narrow && (in_dtypes[j] == F16 || in_dtypes[j] == BF16);
   }
   return aligned ? (narrow ? 8 : 4) : 1;
 }
 
-std::int64_t pack_table(void* host, int width, std::int64_t tensors, int k, const std::uint64_t* outs, const int* out_dtypes,
-                        const std::uint64_t* ins, const int* in_dtypes, const std::int64_t* numels,
-                        const float* weights, const char** error) {
+std::int64_t pack_table(void* host, Op op, int width, std::int64_t tensors, int k, const std::uint64_t* outs,
+                        const int* out_dtypes, const std::uint64_t* ins, const int* in_dtypes, const std::int64_t* numels,
+                        const double* weights, const char** error) {
   if (width != 1 && width != 4 && width != 8) {
     *error = "access width must be 1, 4 or 8";
     return -1;
@@ -44,15 +64,9 @@ std::int64_t pack_table(void* host, int width, std::int64_t tensors, int k, cons
       *error = "negative element count";
       return -1;
     }
-    if (!half_or_float(out_dtypes[t])) {
-      *error = "output dtype must be F32, F16 or BF16";
+    if (const char* bad = check_dtypes(op, k, out_dtypes[t], in_dtypes + row)) {
+      *error = bad;
       return -1;
-    }
-    for (int j = 0; j < k; ++j) {
-      if (!half_or_float(in_dtypes[row + static_cast<std::size_t>(j)])) {
-        *error = "input dtype must be F32, F16 or BF16";
-        return -1;
-      }
     }
     const int allowed = access_width(outs[t], out_dtypes[t], ins + row, in_dtypes + row, k);
     if (width > allowed || (width == 8 && allowed == 4)) {
@@ -71,7 +85,7 @@ std::int64_t pack_table(void* host, int width, std::int64_t tensors, int k, cons
     }
   }
   put<std::int64_t>(b, l.tile_start, static_cast<std::size_t>(tensors), tiles);
-  for (int j = 0; j < k; ++j) put<float>(b, l.weight, static_cast<std::size_t>(j), weights[j]);
+  for (int j = 0; j < k; ++j) put<double>(b, l.weight, static_cast<std::size_t>(j), weights[j]);
   return tiles;
 }
 

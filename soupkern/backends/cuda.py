@@ -2,17 +2,21 @@
 
 Every call validates its operands (InputError naming the operand), groups the tensors by the
 widest access their addresses and dtypes allow (16-byte vectors when aligned), writes one launch
-table per group into pinned host memory, copies it to the device on the current stream and
-launches on that stream: one launch per group, normally one for the whole call.
+table per group into pinned host memory (fp64 weights), copies it to the device on the current
+stream and launches on that stream: one launch per group, normally one for the whole call. The
+arithmetic is the exact-arithmetic contract of csrc/soupkern.h in fp64 (csrc/cuda/convert.h).
 """
 
 from __future__ import annotations
 
 import importlib
 import json
+import math
+from numbers import Real
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
+from soupkern.backends.device import _check_n
 from soupkern.errors import InputError
 
 if TYPE_CHECKING:
@@ -52,15 +56,21 @@ class CudaKernels:
         _cuda = _extension()
         self._torch = torch
         self._ext = _cuda
-        self._codes = {torch.float32: _cuda.F32, torch.float16: _cuda.F16, torch.bfloat16: _cuda.BF16}
+        self._codes = {torch.float32: _cuda.F32, torch.float16: _cuda.F16, torch.bfloat16: _cuda.BF16,
+                       torch.float64: _cuda.F64}
 
     # ---- validation ---------------------------------------------------------------------
 
-    def _operand(self, t: object, what: str, device: torch.device | None = None, numel: int | None = None) -> torch.Tensor:
+    def _operand(self, t: object, what: str, device: torch.device | None = None, numel: int | None = None,
+                 f64: bool = False) -> torch.Tensor:
+        """A checked tensor operand: float32/float16/bfloat16, or float64 only where `f64` (and
+        then only float64: the greedy ops' running sums)."""
         torch = self._torch
         if not isinstance(t, torch.Tensor):
             raise InputError(f"{what}: expected a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in self._codes:
+        if f64 and t.dtype != torch.float64:
+            raise InputError(f"{what}: the running sum must be float64, got {t.dtype}")
+        if not f64 and (t.dtype not in self._codes or t.dtype == torch.float64):
             raise InputError(f"{what}: unsupported dtype {t.dtype} (the CUDA kernels take float32, float16, bfloat16)")
         if t.device.type != "cuda":
             raise InputError(f"{what}: on {t.device}; the CUDA kernels need CUDA tensors")
@@ -68,68 +78,84 @@ class CudaKernels:
             raise InputError(f"{what}: on {t.device}, the output is on {device}")
         if not t.is_contiguous():
             raise InputError(f"{what}: not contiguous (the kernels read and write flat memory; pass .contiguous())")
+        if t.data_ptr() % t.element_size():
+            raise InputError(f"{what}: address {t.data_ptr():#x} is not a multiple of its {t.element_size()}-byte element size")
         if numel is not None and t.numel() != numel:
             raise InputError(f"{what}: {t.numel()} elements, expected {numel}")
         return t
 
     def _rows(self, outs: Sequence[torch.Tensor], rows: Sequence[Sequence[torch.Tensor]], k: int,
-              names: tuple[str, str]) -> None:
+              names: tuple[str, str], out_f64: bool = False, first_f64: bool = False) -> None:
+        """Checks outs[t] and rows[t][j] (k each): same device, same element counts; float64
+        exactly for the outputs where out_f64 and for rows[t][0] where first_f64."""
         if len(outs) != len(rows):
             raise InputError(f"{len(outs)} {names[0]} but {len(rows)} {names[1]}")
         if not outs:
             return
-        device = self._operand(outs[0], f"{names[0]}[0]").device
+        device = self._operand(outs[0], f"{names[0]}[0]", f64=out_f64).device
         for t, (out, xs) in enumerate(zip(outs, rows)):
-            self._operand(out, f"{names[0]}[{t}]", device)
+            self._operand(out, f"{names[0]}[{t}]", device, f64=out_f64)
             if len(xs) != k:
                 raise InputError(f"{names[1]}[{t}]: {len(xs)} tensors, expected {k}")
             for j, x in enumerate(xs):
-                self._operand(x, f"{names[1]}[{t}][{j}]", device, out.numel())
+                self._operand(x, f"{names[1]}[{t}][{j}]", device, out.numel(), f64=first_f64 and j == 0)
+
+    @staticmethod
+    def _divisor(divisor: object) -> float:
+        if isinstance(divisor, bool) or not isinstance(divisor, Real) or not math.isfinite(divisor) or divisor <= 0:
+            raise InputError(f"divisor must be a positive finite number, got {divisor!r}")
+        return float(divisor)
 
     # ---- the contracts ------------------------------------------------------------------
 
-    def weighted_sum(self, out: torch.Tensor, inputs: Sequence[torch.Tensor], weights: Sequence[float]) -> None:
-        """out = sum_k weights[k] * inputs[k] (contract in device.py), one launch."""
+    def weighted_sum(self, out: torch.Tensor, inputs: Sequence[torch.Tensor], weights: Sequence[float],
+                     divisor: float = 1.0) -> None:
+        """out = round((sum_k weights[k] * inputs[k]) / divisor) (contract in device.py), one launch."""
         if len(inputs) < 1:
             raise InputError("weighted_sum needs at least one input")
         if len(weights) != len(inputs):
             raise InputError(f"{len(inputs)} inputs but {len(weights)} weights")
+        if len(weights) > self._ext.MAX_INPUTS:
+            raise InputError(f"{len(weights)} inputs; the CUDA kernels take at most {self._ext.MAX_INPUTS}")
+        d = self._divisor(divisor)
         self._rows([out], [inputs], len(weights), ("out", "inputs"))
-        self._run(self._ext.OP_WEIGHTED_SUM, [out], [inputs], weights, 1.0)
+        self._run(self._ext.OP_WEIGHTED_SUM, [out], [inputs], weights, d)
 
     def multi_weighted_sum(self, outs: Sequence[torch.Tensor], inputs: Sequence[Sequence[torch.Tensor]],
-                           weights: Sequence[float]) -> None:
-        """outs[t] = sum_k weights[k] * inputs[t][k] for every t, one launch per access width."""
+                           weights: Sequence[float], divisor: float = 1.0) -> None:
+        """outs[t] = round((sum_k weights[k] * inputs[t][k]) / divisor) for every t, one launch
+        per access width."""
         if len(weights) < 1:
             raise InputError("multi_weighted_sum needs at least one weight")
         if len(weights) > self._ext.MAX_INPUTS:
             raise InputError(f"{len(weights)} inputs; the CUDA kernels take at most {self._ext.MAX_INPUTS}")
+        d = self._divisor(divisor)
         self._rows(outs, inputs, len(weights), ("outs", "inputs"))
-        self._run(self._ext.OP_WEIGHTED_SUM, outs, inputs, weights, 1.0)
+        self._run(self._ext.OP_WEIGHTED_SUM, outs, inputs, weights, d)
 
     def greedy_candidate(self, outs: Sequence[torch.Tensor], sums: Sequence[torch.Tensor],
                          xs: Sequence[torch.Tensor], n: int) -> None:
-        """outs[t] = round((sums[t] + xs[t]) / (n + 1)) (fp32 add, IEEE division, one rounding)."""
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0 or n + 1 > 1 << 24:
-            raise InputError(f"n must be an int with 0 <= n and n + 1 <= 2^24 (exact in fp32), got {n!r}")
+        """outs[t] = round((sums[t] + float64(xs[t])) / (n + 1)): fp64 sums, fp64 add, one IEEE
+        fp64 division, one rounding to outs[t]'s dtype."""
+        _check_n(n)
         self._greedy_checks(sums, xs)
         rows = [[s, x] for s, x in zip(sums, xs)]
-        self._rows(outs, rows, 2, ("outs", "sums/xs"))
+        self._rows(outs, rows, 2, ("outs", "sums/xs"), first_f64=True)
         self._run(self._ext.OP_GREEDY_CANDIDATE, outs, rows, [1.0, 1.0], float(n + 1))
 
     def greedy_accept(self, sums: Sequence[torch.Tensor], xs: Sequence[torch.Tensor]) -> None:
-        """sums[t] += float(xs[t]) in fp32, in place."""
+        """sums[t] += float64(xs[t]) in fp64, in place."""
         self._greedy_checks(sums, xs)
         rows = [[s, x] for s, x in zip(sums, xs)]
-        self._rows(sums, rows, 2, ("sums", "sums/xs"))
+        self._rows(sums, rows, 2, ("sums", "sums/xs"), out_f64=True, first_f64=True)
         self._run(self._ext.OP_GREEDY_ACCEPT, sums, rows, [1.0, 1.0], 1.0)
 
     def _greedy_checks(self, sums: Sequence[torch.Tensor], xs: Sequence[torch.Tensor]) -> None:
         if len(sums) != len(xs):
             raise InputError(f"{len(sums)} running sums but {len(xs)} candidate tensors")
         for t, s in enumerate(sums):
-            if isinstance(s, self._torch.Tensor) and s.dtype != self._torch.float32:
-                raise InputError(f"sums[{t}]: the running sum must be float32, got {s.dtype}")
+            if isinstance(s, self._torch.Tensor) and s.dtype != self._torch.float64:
+                raise InputError(f"sums[{t}]: the running sum must be float64, got {s.dtype}")
 
     # ---- launch -------------------------------------------------------------------------
 
@@ -157,7 +183,7 @@ class CudaKernels:
                     host.data_ptr(), nbytes, width, [out_ptrs[i] for i in members], [out_codes[i] for i in members],
                     [in_ptrs[i * k + j] for i in members for j in range(k)],
                     [in_codes[i * k + j] for i in members for j in range(k)],
-                    [numels[i] for i in members], [float(w) for w in weights])
+                    [numels[i] for i in members], [float(w) for w in weights], op)
                 # the caching host allocator keeps `host` until this copy has run
                 table = host.to(device, non_blocking=True)
                 ext.launch(op, width, table.data_ptr(), len(members), k, tiles, divisor, device.index, stream)
