@@ -9,6 +9,7 @@ written or replaced); 141 when its standard output is closed early (`soupkern in
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import importlib.util
 import logging
@@ -200,6 +201,10 @@ def _version() -> str:
 
 def _soup_opts(args: argparse.Namespace) -> dict[str, Any]:
     from soupkern.engine import DEFAULT_BUDGET_BYTES
+    from soupkern.options import check_budget
+
+    if args.budget is not None:
+        check_budget(args.budget, "--budget")
 
     return dict(
         dtype=args.dtype,
@@ -240,6 +245,8 @@ def _inspect(path: str, as_json: bool) -> None:
 
     with open_checkpoint(path) as ck:
         rows = [(name, info.dtype, list(info.shape), info.nbytes) for name, (_, info) in sorted(ck.tensors.items())]
+        if not as_json:  # names and metadata are untrusted text: no raw control characters on a terminal
+            rows = [(_printable(n), d, sh, b) for n, d, sh, b in rows]
         if as_json:
             print(strict_json.dumps({"path": ck.path, "files": [f.path for f in ck.files], "metadata": ck.metadata,
                               "tensors": [{"name": n, "dtype": d, "shape": s, "nbytes": b} for n, d, s, b in rows]}, indent=2))
@@ -251,20 +258,33 @@ def _inspect(path: str, as_json: bool) -> None:
         dtypes = sorted({r[1] for r in rows})
         print(f"{len(rows)} tensors in {len(ck.files)} file(s), {numel:,d} elements, {ck.nbytes:,d} bytes, dtypes {', '.join(dtypes)}")
         for key, value in sorted(ck.metadata.items()):
-            print(f"metadata {key}: {value}")
+            print(f"metadata {_printable(key)}: {_printable(value)}")
+
+
+def _printable(text: str) -> str:
+    """`text` with control characters escaped (a tensor name may hold a newline or an ESC)."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 def _greedy(args: argparse.Namespace) -> None:
-    from soupkern import weighted_soup
     from soupkern.options import check_device
-    from soupkern.recipes.greedy import GreedyStep, greedy_soup
-    from soupkern.recipes.weighted import check_soup_output
+    from soupkern.recipes.weighted import check_soup_output, reserve_output
 
     opts = _soup_opts(args)
     if args.device is not None:
         check_device(args.device)
     # every option, input and the output are checked before the first evaluation
     check_soup_output(args.ingredients, args.output, **{k: opts[k] for k in _CHECKED})
+    with reserve_output(args.output):  # a concurrent run on this output is refused now, not after the evaluations
+        _greedy_reserved(args, opts)
+
+
+def _greedy_reserved(args: argparse.Namespace, opts: dict[str, Any]) -> None:
+    from soupkern import weighted_soup
+    from soupkern.recipes.greedy import GreedyStep, greedy_soup
+
     fn = load_callable(args.score, "--score")
     if args.model:
         model = load_callable(args.model, "--model")
@@ -305,12 +325,20 @@ _CHECKED = ("dtype", "keys", "max_shard_size", "budget_bytes", "backend", "overw
 
 def _learned(args: argparse.Namespace) -> None:
     from soupkern.recipes.learned import learned_soup
-    from soupkern.recipes.weighted import check_soup_output
+    from soupkern.recipes.weighted import check_soup_output, reserve_output
 
     opts = _soup_opts(args)
     check_soup_output(args.ingredients, args.output, **{k: opts[k] for k in _CHECKED})
-    model = load_callable(args.model, "--model")()
-    data = load_callable(args.data, "--data")()
+    make_model = load_callable(args.model, "--model")
+    make_data = load_callable(args.data, "--data")
+    with reserve_output(args.output):
+        _learned_reserved(args, opts, learned_soup, make_model, make_data)
+
+
+def _learned_reserved(args: argparse.Namespace, opts: dict[str, Any], learned_soup: Callable[..., Any],
+                      make_model: Callable[[], Any], make_data: Callable[[], Any]) -> None:
+    model = make_model()
+    data = make_data()
     result = learned_soup(args.ingredients, model, data, args.output, mode=args.mode, epochs=args.epochs, lr=args.lr,
                           seed=args.seed, **{k: opts[k] for k in ("dtype", "keys", "max_shard_size", "budget_bytes",
                                                                    "backend", "overwrite", "fsync")})
@@ -346,13 +374,51 @@ class _Notices(logging.Handler):
         print(f"soupkern: notice: {record.getMessage()}", file=sys.stderr)
 
 
+class _SafeStream:
+    """stderr that never raises: a closed or full stderr must not turn a finished soup into a
+    failure (exit status 1) or a traceback."""
+
+    def __init__(self, stream: Any):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except (OSError, ValueError, AttributeError):
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except (OSError, ValueError, AttributeError):
+            pass
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    real_stderr = sys.stderr
+    sys.stderr = _SafeStream(real_stderr)  # type: ignore[assignment]
+    try:
+        return _main(argv)
+    finally:
+        sys.stderr.flush()
+        sys.stderr = real_stderr
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    from soupkern.io.atomic import signals_raise
+
     args = build_parser().parse_args(argv)
     logger = logging.getLogger("soupkern")
     handler = _Notices(logging.WARNING)
     logger.addHandler(handler)
     try:
-        return _dispatch(args)
+        # SIGTERM/SIGHUP anywhere in the command (evaluations, header parsing) end it with the
+        # documented message and status instead of a silent default death
+        with signals_raise(lambda signum: Interrupted(signum)):
+            return _dispatch(args)
     except SoupkernError as e:
         print(f"soupkern: error: {_one_line(e)}", file=sys.stderr)
         return 2
@@ -423,6 +489,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         sys.stdout.flush()
     except BrokenPipeError:
         return _broken_pipe()
+    except OSError as e:
+        if e.filename is None and e.errno in (errno.ENOSPC, errno.EIO, errno.EBADF, errno.EDQUOT):
+            raise SoupkernError(f"writing to standard output failed ({e.strerror})") from None
+        raise
     return 0
 
 

@@ -22,7 +22,8 @@ class InputError(SoupkernError, ValueError):
         if self.path is not None:
             where.append(self.path)
         if tensor is not None:
-            where.append(f"tensor '{tensor}'")
+            shown = tensor if tensor.isprintable() else tensor.encode("unicode_escape").decode("ascii")
+            where.append(f"tensor '{shown}'")
         super().__init__(f"{': '.join(where)}: {message}" if where else message)
 
 

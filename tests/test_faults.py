@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 from safetensors.numpy import load_file, save_file
 
@@ -434,3 +435,144 @@ def test_force_refuses_a_folder_soupkern_did_not_write(tmp_path):
     (tmp_path / "soup" / "README.md").write_text("my notes")
     rc, lines = run_cli(uniform_args(paths, tmp_path / "soup", "--force"))
     assert rc == 2 and "README.md" in lines[0], lines
+
+
+# ---------------------------------------------------------------------------------------------
+# found by a hostile review
+
+def test_fallback_swap_never_loses_the_old_folder_when_the_target_reappears(tmp_path):
+    """A process recreates the target between the two renames of the fallback swap: the commit
+    fails, the previous soup is kept (never deleted by this run or the next one)."""
+    paths = ingredients(tmp_path / "in")
+    out = tmp_path / "out"
+    soupkern.weighted_soup(paths, [1.0, 0.0], out, max_shard_size=300_000)
+    before = digest(out)
+    resume = tmp_path / "resume"
+    run = Run(uniform_args(paths, out, "--max-shard-size", "300KB", "--force"), pause="moved-aside",
+              env={"SOUPKERN_TEST_NO_RENAMEAT2": "1"}, resume=resume)
+    out.mkdir()
+    (out / "notes.txt").write_text("someone else's")
+    resume.touch()
+    rc, lines = run.finish()
+    assert rc == 2 and "the previous output is kept at" in lines[0], lines
+    kept = [tmp_path / n for n in artifacts(tmp_path) if ".soupkern-old-" in n]
+    assert len(kept) == 1 and digest(kept[0]) == before
+    rc, lines = run_cli(uniform_args(paths, tmp_path / "other.safetensors"))
+    assert rc == 0 and not any("removed" in ln and ".soupkern-old-" in ln for ln in lines), lines
+    assert kept[0].exists() and digest(kept[0]) == before
+
+
+def test_a_refused_writer_restores_the_signal_handlers(tmp_path):
+    paths = ingredients(tmp_path / "in")
+    out = tmp_path / "out.safetensors"
+    resume = tmp_path / "resume"
+    live = Run(uniform_args(paths, out), pause="writing", resume=resume)
+    handlers = {s: signal.getsignal(s) for s in SIGNALS}
+    with pytest.raises(soupkern.OutputError, match="another soupkern run"):
+        soupkern.uniform_soup(paths, out)
+    assert {s: signal.getsignal(s) for s in SIGNALS} == handlers
+    resume.touch()
+    assert live.finish()[0] == 0
+
+
+@pytest.mark.parametrize("first,second", [(signal.SIGINT, signal.SIGINT), (signal.SIGTERM, signal.SIGHUP)])
+def test_a_second_signal_cannot_cut_the_cleanup_short(tmp_path, first, second):
+    paths = ingredients(tmp_path / "in")
+    for trial in range(5):
+        out = tmp_path / f"out{trial}.safetensors"
+        run = Run(uniform_args(paths, out), pause="writing")
+        run.signal(first)
+        run.signal(second)
+        rc, lines = run.finish()
+        # both may be pending when the process next runs; the kernel delivers the lower number first
+        got = signal.Signals(rc - 128)
+        assert got in (first, second)
+        assert lines == [f"soupkern: stopped by {SIGNAMES[got]}; no output was written or replaced"]
+        assert artifacts(tmp_path) == [] and not out.exists()
+
+
+def test_replacing_keeps_the_permissions(tmp_path):
+    paths = ingredients(tmp_path / "in")
+    f = tmp_path / "f.safetensors"
+    soupkern.uniform_soup(paths, f)
+    os.chmod(f, 0o600)
+    soupkern.uniform_soup(paths, f, overwrite=True)
+    assert stat.S_IMODE(os.stat(f).st_mode) == 0o600
+    d = tmp_path / "d"
+    d.mkdir(mode=0o700)
+    os.chmod(d, 0o700)
+    soupkern.uniform_soup(paths, os.fspath(d) + "/")
+    assert stat.S_IMODE(os.stat(d).st_mode) == 0o700
+
+
+def test_a_mount_point_is_refused_up_front(tmp_path, monkeypatch):
+    paths = ingredients(tmp_path / "in")
+    (tmp_path / "vol").mkdir()
+    real = os.path.ismount
+    monkeypatch.setattr(soupkern.io.writer.os.path, "ismount", lambda p: Path(p) == tmp_path / "vol" or real(p))
+    with pytest.raises(soupkern.OutputError, match="is a mount point"):
+        soupkern.uniform_soup(paths, os.fspath(tmp_path / "vol") + "/")
+    assert artifacts(tmp_path) == []
+
+
+def test_sweep_creates_no_lock_files_for_other_outputs(tmp_path):
+    paths = ingredients(tmp_path / "in")
+    stray = tmp_path / ".x.safetensors.soupkern-tmp-0123abcd"
+    stray.write_bytes(b"?")  # an artifact without a lock file: not provably dead, left alone
+    soupkern.uniform_soup(paths, tmp_path / "o.safetensors")
+    assert artifacts(tmp_path) == [stray.name]
+
+
+def test_greedy_reserves_its_output_before_any_evaluation(tmp_path):
+    paths = ingredients(tmp_path / "in")
+    out = tmp_path / "g.safetensors"
+    resume = tmp_path / "resume"
+    live = Run(uniform_args(paths, out), pause="writing", resume=resume)
+    calls = []
+    with pytest.raises(soupkern.OutputError, match="another soupkern run"):
+        soupkern.greedy_soup(paths, out, model=lambda: torch.nn.Linear(2, 2), score=lambda m: calls.append(1) or 1.0)
+    assert calls == []
+    resume.touch()
+    assert live.finish()[0] == 0
+
+
+def test_sigterm_during_greedy_evaluation_gives_the_documented_exit(tmp_path):
+    paths = ingredients(tmp_path / "in")
+    (tmp_path / "slow.py").write_text("import sys, time\n"
+                                      "def score(state):\n"
+                                      "    print('soupkern-test-pause scoring', file=sys.stderr, flush=True)\n"
+                                      "    time.sleep(60)\n"
+                                      "    return 1.0\n")
+    out = tmp_path / "g.safetensors"
+    run = Run(["greedy", *map(os.fspath, paths), "--score", f"{tmp_path / 'slow.py'}:score", "-o", os.fspath(out)])
+    run.wait_for("scoring")
+    run.signal(signal.SIGTERM)
+    rc, lines = run.finish()
+    assert rc == 128 + signal.SIGTERM
+    assert lines[-1] == "soupkern: stopped by SIGTERM; no output was written or replaced", lines
+    assert not out.exists() and artifacts(tmp_path) == []
+
+
+def test_chmod_of_an_input_mid_soup_is_not_a_change(tmp_path):
+    paths = ingredients(tmp_path / "in")
+    out = tmp_path / "out.safetensors"
+    resume = tmp_path / "resume"
+    run = Run(uniform_args(paths, out), pause="writing", resume=resume)
+    os.chmod(paths[1], 0o640)
+    os.link(paths[1], tmp_path / "hardlink.safetensors")
+    resume.touch()
+    rc, lines = run.finish()
+    assert rc == 0, lines
+    soup_reads_back(out, paths)
+
+
+def test_closed_stderr_does_not_fail_a_finished_soup(tmp_path):
+    paths = ingredients(tmp_path / "in")
+    out = tmp_path / "out.safetensors"
+    r = subprocess.run([sys.executable, "-m", "soupkern", *uniform_args(paths, out)[:-1]], stderr=subprocess.DEVNULL,
+                       stdout=subprocess.PIPE, timeout=60, pass_fds=())
+    assert r.returncode == 0
+    r = subprocess.run(f"{sys.executable} -m soupkern uniform {paths[0]} {paths[1]} -o {tmp_path / 'b.safetensors'} 2>&-",
+                       shell=True, timeout=60)
+    assert r.returncode == 0
+    soup_reads_back(tmp_path / "b.safetensors", paths)

@@ -103,15 +103,27 @@ class OutputLock:
         self.path = lock_path(target)
         self.fd: int | None = None
 
-    def acquire(self) -> bool:
-        """Take the lock; False if a live run holds it. Safe against a holder removing the file:
-        after locking, the path must still name the locked inode, else try again."""
-        for _ in range(100):
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+    def acquire(self, create: bool = True, wait_s: float = 1.0) -> bool:
+        """Take the lock; False if a live run holds it (after retrying for `wait_s`: another run's
+        sweep may hold it for a moment). Safe against a holder removing the file: after locking,
+        the path must still name the locked inode, else try again. `create=False`: only an
+        existing lock file (a sweep must not create lock files for other outputs)."""
+        deadline = time.monotonic() + wait_s
+        for _ in range(10_000):
+            flags = os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW | (os.O_CREAT if create else 0)
+            try:
+                fd = os.open(self.path, flags, 0o644)
+            except FileNotFoundError:
+                if create:  # the folder itself is missing
+                    raise
+                return False
             try:
                 if not _try_lock(fd):
                     os.close(fd)
-                    return False
+                    if time.monotonic() >= deadline:
+                        return False
+                    time.sleep(0.05)
+                    continue
                 st = os.fstat(fd)
                 try:
                     now = os.stat(self.path, follow_symlinks=False)
@@ -124,6 +136,8 @@ class OutputLock:
                 os.close(fd)
                 raise
             os.close(fd)  # the previous holder removed it between our open and our lock
+            if not create:
+                return False
         return False
 
     def write_owner(self) -> None:
@@ -150,6 +164,43 @@ class OutputLock:
         self.fd = None
 
 
+_HELD: dict[Path, OutputLock] = {}
+
+
+@contextlib.contextmanager
+def output_reserved(target: Path) -> Iterator[OutputLock | None]:
+    """Hold `target`'s output lock for a whole recipe (greedy, learned: evaluations before the
+    write), so a concurrent run on the same output is refused before it does any work; the
+    writer inside reuses this lock instead of taking its own."""
+    if target in _HELD or not target.parent.is_dir():  # a missing folder is reported by the output checks
+        yield _HELD.get(target)  # type: ignore[misc]
+        return
+    lock = OutputLock(target)
+    try:
+        got = lock.acquire()
+    except OSError as e:
+        from soupkern.errors import OutputError
+
+        raise OutputError(f"{lock.path}: cannot create the output's lock file ({e.strerror})") from None
+    if not got:
+        from soupkern.errors import OutputError
+
+        raise OutputError(f"{target}: another soupkern run ({lock.owner()}) is writing this output; "
+                          f"wait for it to finish or choose another output path")
+    lock.write_owner()
+    _HELD[target] = lock
+    try:
+        yield lock
+    finally:
+        _HELD.pop(target, None)
+        lock.release(remove=True)
+
+
+def held_lock(target: Path) -> OutputLock | None:
+    """The lock `output_reserved` holds for `target` in this process, if any."""
+    return _HELD.get(target)
+
+
 def _owner_name(lock_file: Path, key: str) -> str | None:
     """The output name a lock file guards (its content, else the key when the key is the name)."""
     try:
@@ -169,30 +220,41 @@ def _remove(path: Path) -> None:
             os.unlink(path)
 
 
-def repair(folder: Path, key: str, target_name: str | None) -> list[str]:
+def repair(folder: Path, key: str, target_name: str | None,
+           is_complete: Callable[[Path], bool] = lambda p: True) -> list[str]:
     """Undo what a dead run left for KEY in `folder` (its lock must be held by the caller): put a
-    replaced folder back when the run died between the two renames of a fallback swap, delete the
-    rest. Returns what was done, for notices."""
+    replaced folder back when the run died between the two renames of a fallback swap; delete
+    temporaries; delete a moved-aside old folder only once the target holds a complete new output
+    (`is_complete`), otherwise keep it and say where it is. Returns what was done, for notices."""
     done: list[str] = []
     tmps, olds = [], []
     for entry in os.listdir(folder):
         m = ARTIFACT.match(entry)
         if m and m.group("key") == key and not m.group("lock"):
             (olds if m.group("kind") == "old" else tmps).append(folder / entry)
-    if olds and target_name is not None and not os.path.lexists(folder / target_name):
+    target = folder / target_name if target_name is not None else None
+    if olds and target is not None and not os.path.lexists(target):
         keep = max(olds, key=lambda p: p.stat(follow_symlinks=False).st_mtime_ns)
-        os.rename(keep, folder / target_name)
+        os.rename(keep, target)
         olds.remove(keep)
-        done.append(f"restored {folder / target_name} from {keep.name}, which an interrupted swap had moved aside")
-    for p in tmps + olds:
+        done.append(f"restored {target} from {keep.name}, which an interrupted swap had moved aside")
+    for p in tmps:
         _remove(p)
         done.append(f"removed {p}, left by an interrupted soupkern run")
+    for p in olds:
+        if target is not None and is_complete(target):
+            _remove(p)
+            done.append(f"removed {p}, the previous output an interrupted run had replaced")
+        else:
+            done.append(f"kept {p}: the previous output, moved aside by an interrupted run; "
+                        f"{target or 'its target'} now holds something else, so move it back yourself")
     return done
 
 
-def sweep(folder: Path, own: OutputLock | None = None) -> list[str]:
-    """Remove artifacts of dead runs in `folder` (those whose lock nobody holds); repair
-    `own.target`'s artifacts under the lock the caller holds. Returns notices."""
+def sweep(folder: Path, own: OutputLock | None = None,
+          is_complete: Callable[[Path], bool] = lambda p: True) -> list[str]:
+    """Remove artifacts of dead runs in `folder` (those whose lock file exists and nobody holds);
+    repair `own.target`'s artifacts under the lock the caller holds. Returns notices."""
     notices: list[str] = []
     try:
         entries = os.listdir(folder)
@@ -206,18 +268,18 @@ def sweep(folder: Path, own: OutputLock | None = None) -> list[str]:
     for key in sorted(keys):
         lock_file = folder / f".{key}{LOCK_SUFFIX}"
         if own is not None and own.path == lock_file:
-            notices += repair(folder, key, own.target.name)
+            notices += repair(folder, key, own.target.name, is_complete)
             continue
         target_name = _owner_name(lock_file, key)
         other = OutputLock(folder / (target_name or key))
         other.path = lock_file
         try:
-            if not other.acquire():
-                continue  # a live run, here or on another host
+            if not other.acquire(create=False, wait_s=0.0):
+                continue  # a live run, here or on another host (or no lock file: leave it alone)
         except OSError:
             continue
         try:
-            notices += repair(folder, key, target_name)
+            notices += repair(folder, key, target_name, is_complete)
         finally:
             other.release(remove=True)
     return notices
@@ -302,22 +364,28 @@ def _is_default(signum: int, handler: object) -> bool:
 
 @contextlib.contextmanager
 def signals_raise(make_exc: Callable[[int], BaseException]) -> Iterator[None]:
-    """While inside: SIGINT, SIGTERM and SIGHUP raise `make_exc(signum)` in the main thread, so
-    the writer's cleanup runs (by default SIGTERM and SIGHUP kill without any cleanup). Handlers a
-    user installed (and ignored signals, e.g. SIGHUP under nohup) are left alone."""
+    """While inside: the first SIGINT, SIGTERM or SIGHUP raises `make_exc(signum)` in the main
+    thread, so the writer's cleanup runs (by default SIGTERM and SIGHUP kill without any cleanup);
+    signals after the first are ignored until the block ends, so a second Ctrl-C cannot cut the
+    cleanup short. Handlers a user installed (and ignored signals, e.g. SIGHUP under nohup) are
+    left alone."""
     if not _in_main_thread():
         yield
         return
     old: dict[int, object] = {}
+    fired: list[int] = []
 
     def handler(signum: int, frame: object) -> None:
+        if fired:
+            return
+        fired.append(signum)
         raise make_exc(signum)
 
+    handler._soupkern = True  # type: ignore[attr-defined]
     try:
         for s in HANDLED_SIGNALS:
             current = signal.getsignal(s)
             if _is_default(s, current) or getattr(current, "_soupkern", False):
-                handler._soupkern = True  # type: ignore[attr-defined]
                 old[s] = signal.signal(s, handler)
         yield
     finally:

@@ -25,8 +25,9 @@ SHARD_NAME = re.compile(r"^model-(\d+)-of-(\d+)\.safetensors$")
 _MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux >= 5.14
 
 
-def _signature(st: os.stat_result) -> tuple[int, int, int, int, int]:
-    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
+def _signature(st: os.stat_result) -> tuple[int, int, int, int]:
+    # not ctime: chmod, chown or a new hard link change it without touching the bytes
+    return (st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
 
 
 _KIND_NAMES = [(stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
@@ -158,7 +159,7 @@ class SafetensorsFile:
         return base is not None and base <= address < base + self.size
 
     def check_unchanged(self) -> None:
-        """Raise InputError if the file changed since it was opened (size, mtime, ctime, inode):
+        """Raise InputError if the file changed since it was opened (size, mtime, inode):
         best effort against a rewrite in place, which no reader can fully detect."""
         check_guard()
         try:
@@ -290,6 +291,8 @@ def _open_index(index_path: Path) -> Checkpoint:
 
 def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     """Open a `.safetensors` file, a `model.safetensors.index.json`, or a folder holding either."""
+    if not os.fspath(path):
+        raise InputError("an empty path names no checkpoint")
     p = Path(path)
     if p.is_dir():
         if (p / INDEX_NAME).is_file():

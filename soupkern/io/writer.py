@@ -123,6 +123,11 @@ def _header(tensors: list[OutputTensor], metadata: dict[str, str]) -> tuple[byte
     return len(raw).to_bytes(8, "little") + raw, {k: (base + b, base + e) for k, (b, e) in rel.items()}
 
 
+def output_target(out: object, max_shard_size: int | None = None) -> Path:
+    """The absolute path an output argument names under plan_output's rules (file or folder)."""
+    return Path(os.path.abspath(output_path(out)))
+
+
 def plan_output(
     tensors: Iterable[OutputTensor],
     out: str | os.PathLike[str],
@@ -271,6 +276,7 @@ class SoupWriter:
         self._fds: list[int] = []
         self._stage: Path | None = None  # the temporary file, or the temporary folder
         self._lock: atomic.OutputLock | None = None
+        self._own_lock = True
         self._exits = contextlib.ExitStack()
         self._win: tuple[int, int, int] | None = None  # (shard, file offset of window start, used bytes)
         self._committed = False
@@ -309,7 +315,7 @@ class SoupWriter:
         free = shutil.disk_usage(parent).free
         need = self.layout.total_bytes
         if free < need:
-            raise OutputError(f"{parent}: {need / 1e9:.2f} GB needed for the output but only {free / 1e9:.2f} GB free")
+            raise OutputError(f"{parent}: {_size(need)} needed for the output but only {_size(free)} free")
 
     def _check_existing(self, st: os.stat_result) -> None:
         target = self.target
@@ -322,6 +328,9 @@ class SoupWriter:
         if not stat.S_ISDIR(st.st_mode):
             raise OutputError(f"{target}: is {_kind(st.st_mode)}, not a folder; a folder output "
                               f"(sharded or ending in '/') replaces only a folder")
+        if os.path.ismount(target):
+            raise OutputError(f"{target}: is a mount point; a folder output is built beside its target and swapped "
+                              f"in whole, which a mount point cannot be: give a folder inside it, e.g. {target / 'soup'}/")
         entries = sorted(os.listdir(target))
         for entry in entries:
             for src in self._inputs:
@@ -329,11 +338,11 @@ class SoupWriter:
                     raise OutputError(f"{target}: the output folder holds an input ({src}); choose another output folder")
         if not entries:
             return
-        if not self._overwrite:
-            raise OutputError(f"{target}: already exists and holds {len(entries)} file(s) ({_some(entries)}); "
-                              f"pass overwrite=True (--force) to replace it")
         mine = soupkern_files(target) or set()
         foreign = [e for e in entries if e not in mine or not (target / e).is_file() or (target / e).is_symlink()]
+        if not self._overwrite and not foreign:
+            raise OutputError(f"{target}: already exists and holds a soup ({_some(entries)}); "
+                              f"pass overwrite=True (--force) to replace it")
         if foreign:
             raise OutputError(f"{target}: holds {len(foreign)} file(s) soupkern did not write ({_some(foreign)}); "
                               f"replacing the folder would lose them, so it is refused: choose another output folder")
@@ -344,32 +353,46 @@ class SoupWriter:
         self.check()
         try:
             self._exits.enter_context(atomic.signals_raise(self._interrupted))
-            lock = atomic.OutputLock(self.target)
-            try:
-                got = lock.acquire()
-            except OSError as e:
-                raise OutputError(f"{lock.path}: cannot create the output's lock file ({e.strerror})") from None
-            if not got:
-                raise OutputError(f"{self.target}: another soupkern run ({lock.owner()}) is writing this output; "
-                                  f"wait for it to finish or choose another output path")
+            lock = atomic.held_lock(self.target)
+            self._own_lock = lock is None
+            if lock is None:
+                lock = atomic.OutputLock(self.target)
+                try:
+                    got = lock.acquire()
+                except OSError as e:
+                    raise OutputError(f"{lock.path}: cannot create the output's lock file ({e.strerror})") from None
+                if not got:
+                    raise OutputError(f"{self.target}: another soupkern run ({lock.owner()}) is writing this output; "
+                                      f"wait for it to finish or choose another output path")
+                lock.write_owner()
             self._lock = lock
-            lock.write_owner()
-            self.notices = atomic.sweep(self.target.parent, own=lock)
+            self.notices = atomic.sweep(self.target.parent, own=lock, is_complete=_is_complete_output)
             for notice in self.notices:
                 log.warning(notice)
             self.check()  # a repair may have put a previous output back
             self._create()
         except BaseException:
-            self._abort()
+            try:
+                self._abort()
+            finally:
+                self._exits.close()
             raise
         return self
 
     def _create(self) -> None:
         mask = os.umask(0)
         os.umask(mask)
+        try:
+            previous: os.stat_result | None = os.stat(self.target, follow_symlinks=False)
+        except OSError:
+            previous = None
         self._stage = atomic.artifact_path(self.target, "tmp")
-        if self.layout.folder:
-            os.mkdir(self._stage, 0o777)
+        try:
+            if self.layout.folder:
+                os.mkdir(self._stage, 0o777)
+                _keep_mode(self._stage, previous, None)
+        except OSError as e:
+            raise OutputError(f"{self.target}: cannot create a temporary folder beside it ({e.strerror})") from None
         for shard in self.layout.shards:
             path = self._stage / shard.path.name if self.layout.folder else self._stage
             try:
@@ -377,6 +400,8 @@ class SoupWriter:
             except OSError as e:
                 raise OutputError(f"{self.target}: cannot create a temporary file beside it ({e.strerror})") from None
             self._fds.append(fd)
+            if not self.layout.folder:
+                _keep_mode(path, previous, fd)
             self._guard_io(os.ftruncate, fd, shard.size)
             self._pwrite(fd, memoryview(shard.header), 0)
         atomic.pause_point("writing")
@@ -451,7 +476,8 @@ class SoupWriter:
         with atomic.signals_deferred() as pending:
             atomic.pause_point("commit", pending)
             self._place(pending)
-            self._lock.release(remove=True)
+            if self._own_lock:
+                self._lock.release(remove=True)
             self._lock = None
         return self.layout.paths
 
@@ -502,10 +528,22 @@ class SoupWriter:
                 old = atomic.artifact_path(target, "old")
                 os.rename(target, old)
                 atomic.pause_point("moved-aside", pending)
-                os.rename(stage, target)
+                try:
+                    os.rename(stage, target)
+                except OSError as e:
+                    try:
+                        os.rename(old, target)  # put the previous output back
+                    except OSError:
+                        raise OutputError(f"{target}: could not be swapped in ({e.strerror}: the path was changed "
+                                          f"during the commit); the previous output is kept at {old}") from None
+                    raise
         except FileExistsError:
             raise OutputError(f"{target}: appeared while the soup was being written (another process?); "
                               f"it was not replaced") from None
+        except OSError as e:
+            if isinstance(e, OutputError):
+                raise
+            raise OutputError(f"{target}: could not be put in place ({e.strerror}); nothing was replaced") from None
         self._committed = True
         self._stage = None
         atomic.pause_point("committed", pending)
@@ -532,8 +570,43 @@ class SoupWriter:
                         os.unlink(self._stage)
                 self._stage = None
             if self._lock is not None:
-                self._lock.release(remove=True)
+                if self._own_lock:
+                    self._lock.release(remove=True)
                 self._lock = None
+
+
+def _is_complete_output(target: Path) -> bool:
+    """Whether `target` holds a complete soupkern output (a file, or a folder of its checkpoint)."""
+    try:
+        st = os.stat(target, follow_symlinks=False)
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) or (stat.S_ISDIR(st.st_mode) and soupkern_files(target) is not None)
+
+
+def _keep_mode(path: Path, previous: os.stat_result | None, fd: int | None) -> None:
+    """Give a replacement the permission bits (and owner, where allowed) of what it replaces."""
+    if previous is None:
+        return
+    try:
+        if fd is not None:
+            os.fchmod(fd, stat.S_IMODE(previous.st_mode))
+        else:
+            os.chmod(path, stat.S_IMODE(previous.st_mode))
+        if (previous.st_uid, previous.st_gid) != (os.geteuid(), os.getegid()):
+            if fd is not None:
+                os.fchown(fd, previous.st_uid, previous.st_gid)
+            else:
+                os.chown(path, previous.st_uid, previous.st_gid)
+    except OSError:  # not ours to change (not root): the permission bits are what matters
+        pass
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} bytes"
 
 
 def _some(names: list[str], n: int = 3) -> str:

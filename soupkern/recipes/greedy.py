@@ -53,7 +53,8 @@ from typing import TYPE_CHECKING, Any, Literal
 from soupkern import strict_json
 from soupkern.options import ingredient_paths
 from soupkern.errors import InputError, MismatchError
-from soupkern.recipes.weighted import SoupReport, check_soup_output, weighted_soup
+from soupkern.recipes.weighted import SoupReport, check_soup_output, reserve_output, weighted_soup
+from soupkern.io.writer import output_path as output_path_checked
 
 if TYPE_CHECKING:
     import torch
@@ -315,7 +316,7 @@ def _device_kernels(device: torch.device) -> DeviceKernels:
     return device_kernels(device)
 
 
-def greedy_soup(
+def _greedy_soup(
     ingredients: Sequence[PathLike],
     out: PathLike | None = None,
     *,
@@ -337,21 +338,7 @@ def greedy_soup(
     progress: bool = False,
     metadata: dict[str, str] | None = None,
 ) -> GreedyResult:
-    """Greedy soup of `ingredients` (safetensors files/folders), written to `out` when given.
-
-    Scoring: `evaluator`, or one built from `model` (module or factory, state-dict names = the
-    ingredients' tensor names) with held-out `data` + `metric` ("accuracy", "loss" or a callable), or
-    with `score(model) -> float`. `maximize` overrides the metric's direction. `ingredient_scores`
-    (input order) skips step 1. `speculative`: candidates per batched pass. Default: 8 where a
-    pass over the data costs more than its arithmetic, i.e. the model is on a GPU or the data is a
-    `torch.utils.data.DataLoader`; otherwise 1 (in-memory batches on a CPU: batched evaluation is
-    compute-bound there and measured slower, see benchmarks/results/greedy_digits_cpu.md). A score
-    callable allows only 1.
-    `tie`, `sort`: see the module docstring. Output options (`dtype`, `overwrite`, `backend`,
-    `progress`) as `weighted_soup`; `metadata` is added to the greedy provenance.
-
-    On return the model holds the in-memory greedy soup; see `GreedyResult` for the record.
-    """
+    """The body of `greedy_soup`, run while the output is reserved."""
     from soupkern.evaluate import make_evaluator
 
     t0 = time.perf_counter()
@@ -407,6 +394,52 @@ def greedy_soup(
                                backend=backend, progress=progress, recipe="greedy",
                                metadata={**result.metadata(), **(metadata or {})})
     return replace(result, seconds=time.perf_counter() - t0, report=report)
+
+
+def greedy_soup(
+    ingredients: Sequence[PathLike],
+    out: PathLike | None = None,
+    *,
+    model: nn.Module | Callable[[], nn.Module] | None = None,
+    data: Iterable[Any] | None = None,
+    metric: str | MetricFn = "accuracy",
+    score: ScoreFn | None = None,
+    maximize: bool | None = None,
+    evaluator: Evaluator | None = None,
+    device: str | torch.device | None = None,
+    ingredient_scores: Sequence[float] | None = None,
+    tie: TieRule = "ge",
+    sort: SortRule = "stable",
+    speculative: int | None = None,
+    on_step: Callable[[GreedyStep], None] | None = None,
+    dtype: str | None = None,
+    overwrite: bool = False,
+    backend: str | None = None,
+    progress: bool = False,
+    metadata: dict[str, str] | None = None,
+) -> GreedyResult:
+    """Greedy soup of `ingredients` (safetensors files/folders), written to `out` when given.
+
+    Scoring: `evaluator`, or one built from `model` (module or factory, state-dict names = the
+    ingredients' tensor names) with held-out `data` + `metric` ("accuracy", "loss" or a callable), or
+    with `score(model) -> float`. `maximize` overrides the metric's direction. `ingredient_scores`
+    (input order) skips step 1. `speculative`: candidates per batched pass. Default: 8 where a
+    pass over the data costs more than its arithmetic, i.e. the model is on a GPU or the data is a
+    `torch.utils.data.DataLoader`; otherwise 1 (in-memory batches on a CPU: batched evaluation is
+    compute-bound there and measured slower, see benchmarks/results/greedy_digits_cpu.md). A score
+    callable allows only 1.
+    `tie`, `sort`: see the module docstring. Output options (`dtype`, `overwrite`, `backend`,
+    `progress`) as `weighted_soup`; `metadata` is added to the greedy provenance.
+
+    On return the model holds the in-memory greedy soup; see `GreedyResult` for the record.
+    """
+    if out is not None:
+        out = output_path_checked(out)
+    with reserve_output(out):
+        return _greedy_soup(ingredients, out, model=model, data=data, metric=metric, score=score, maximize=maximize,
+                            evaluator=evaluator, device=device, ingredient_scores=ingredient_scores, tie=tie, sort=sort,
+                            speculative=speculative, on_step=on_step, dtype=dtype, overwrite=overwrite,
+                            backend=backend, progress=progress, metadata=metadata)
 
 
 def _passes_are_costly(ev: Evaluator) -> bool:

@@ -200,6 +200,17 @@ def _device_route(backend: str | None, device: object) -> tuple[object, DeviceKe
     return device, device_kernels(device, backend)
 
 
+def reserve_output(out: PathLike | None):  # -> context manager
+    """Hold `out`'s output lock for a recipe that evaluates before it writes (greedy, learned), so
+    a second run on the same output is refused before any work; the final write reuses it."""
+    if out is None:
+        return nullcontext()
+    from soupkern.io import atomic
+    from soupkern.io.writer import output_target
+
+    return atomic.output_reserved(output_target(out))
+
+
 def check_soup_output(
     ingredients: Sequence[PathLike],
     out: PathLike,
