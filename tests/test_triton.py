@@ -2,14 +2,19 @@
 their backend, against the fp64 reference and the C++ kernel.
 
 Here they run in Triton's CPU interpreter (TRITON_INTERPRET=1, set by conftest.py). Two facts
-of the interpreter (triton 3.7) shape the tests:
+of the interpreter shape the tests:
 
-1. `tl.fma` is emulated as `x * y + z` in numpy fp32: two roundings, not a fused multiply-add
-   (test_interpreter_fma_is_not_fused shows a case). The `exact_fma` fixture swaps in a
-   correctly rounded fp32 fma (below); with it the kernels must give the C++ kernel's bytes
-   (fma in the same order) for every input. With the interpreter's own fma, results must stay
-   within the contract's error bound for two roundings per term and match the C++ kernel
-   bit for bit where every product is exact.
+1. Its `tl.fma` need not be a correctly rounded fused multiply-add: triton <= 3.7 emulates it
+   as `x * y + z` in numpy (two roundings); triton 3.9 computes fp32 and fp64 fma correctly
+   rounded. Which one is there is found out at run time, per dtype
+   (`interpreter_fma_is_correctly_rounded`: tl.fma in a probe kernel on witnesses and random
+   cases against an exact fma), and the `exact_fma` fixture swaps in a correctly rounded fma
+   (fp32: in numpy, round-to-odd; fp64: tests/exact_fma.py, or the C library's fma for operands
+   the kernels never pass) for just the dtypes where the interpreter's is not
+   (test_interpreter_fma_detection). With a correctly rounded fma the kernels must give the C++
+   kernel's bytes (fma in the same order) for every input. With the interpreter's own fma,
+   whatever it is, results must stay within the contract's error bound for two roundings per
+   term and match the C++ kernel bit for bit where every product is exact.
 2. Its fp32 -> bf16 cast truncates. The kernels never use that cast: bf16 is rounded with
    integer operations (the C++ kernel's formula), so bf16 outputs are tested bit-exactly here
    with no ulp allowance. fp32 -> fp16 goes through numpy (correctly rounded) here and through
@@ -26,14 +31,18 @@ div.rn.f32 (not the approximate div.full.f32 of Triton's `/`) and 16-byte vector
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
+from fractions import Fraction
 from typing import Sequence
 
 import numpy as np
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(__file__))
 
@@ -46,6 +55,7 @@ from soupkern.kernels import multi_weighted_sum as mws  # noqa: E402
 from soupkern.kernels import weighted_sum as ws  # noqa: E402
 from soupkern.reference import accumulation_bound, decode, encode, weighted_sum_f64, within_rounding  # noqa: E402
 from test_kernel import make_input  # noqa: E402
+from exact_fma import check_exact_fma_f64, exact_fma_f64 as numpy_fma_f64  # noqa: E402
 
 DTYPES = ["F32", "F16", "BF16"]
 TORCH = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -73,15 +83,140 @@ def exact_fma_f32(x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
     return np.asarray(s).astype(np.float32)
 
 
+def _load_c_fma() -> object | None:
+    """The C library's fma(double, double, double): correctly rounded (C99 / IEEE 754 fusedMultiplyAdd)."""
+    import ctypes
+    import ctypes.util
+
+    for name in (ctypes.util.find_library("m"), ctypes.util.find_library("c"), "msvcrt"):
+        try:
+            fma = ctypes.CDLL(name).fma
+        except (OSError, AttributeError, TypeError):
+            continue
+        fma.restype, fma.argtypes = ctypes.c_double, [ctypes.c_double] * 3
+        return fma
+    return None
+
+
+_C_FMA = _load_c_fma()
+_C_FMA_UFUNC = None if _C_FMA is None else np.frompyfunc(_C_FMA, 3, 1)
+
+
+def exact_fma_f64(x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
+    """Correctly rounded fp64 fma(x, y, z), elementwise (broadcasting): tests/exact_fma.py's numpy
+    emulation where y is exactly an fp32 value (always in the kernels: fma(w, input, acc)), the
+    C library's fma elsewhere (checked against exact rational arithmetic in
+    test_interpreter_fma_detection)."""
+    x, y, z = np.broadcast_arrays(*(np.asarray(a, dtype=np.float64) for a in (x, y, z)))
+    with np.errstate(invalid="ignore", over="ignore"):
+        general = ~(y.astype(np.float32).astype(np.float64) == y) & np.isfinite(y)
+    out = np.asarray(numpy_fma_f64(x, y, z), dtype=np.float64)
+    if general.any():
+        if _C_FMA_UFUNC is None:
+            pytest.skip("no C library fma to emulate a correctly rounded fp64 fma with")
+        out = out.copy()
+        out[general] = _C_FMA_UFUNC(x[general], y[general], z[general]).astype(np.float64)
+    return out
+
+
+FMA_DTYPES = (np.float32, np.float64)
+EXACT_FMA = {np.float32: exact_fma_f32, np.float64: exact_fma_f64}
+_UINT = {np.float32: np.uint32, np.float64: np.uint64}
+
+# fma(x, y, z) witnesses, with the correctly rounded result:
+# fp32 1. x = y = 1 + 2^-12, z = -(1 + 2^-11): the result 2^-24 is exact; a separate fp32
+#    multiply rounds the product's 2^-24 away (a tie to even) and gives 0 (two roundings,
+#    triton <= 3.7).
+# fp32 2. the exact sum lies just above an fp32 tie, but rounded to fp64 first it lands on the
+#    tie, which then rounds to even, downwards (multiply-add in fp64 rounded to fp32: double rounding).
+# fp64 1. the fp64 analogue of fp32 1 (x = y = 1 + 2^-27): 2^-54, or 0 with two roundings.
+# fp64 2. x = 1 + 2^-52, y = 1 - 2^-53, z = -1: 2^-53 - 2^-105 (53 significant bits), or 0
+#    with two roundings (not a tie: the product rounds to 1).
+_A32, _A64 = 1 + 2.0**-12, 1 + 2.0**-27
+FMA_WITNESSES = {
+    np.float32: [
+        (_A32, _A32, -(1 + 2.0**-11), 2.0**-24),
+        (float.fromhex("0x1.a1dp+0"), float.fromhex("0x1.8b2p+0"), 2.0**-73, float.fromhex("0x1.427016p+1")),
+    ],
+    np.float64: [
+        (_A64, _A64, -(1 + 2.0**-26), 2.0**-54),
+        (1 + 2.0**-52, 1 - 2.0**-53, -1.0, 2.0**-53 - 2.0**-105),
+    ],
+}
+
+
+@triton.jit
+def _fma_probe_kernel(x_ptr, y_ptr, z_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(x_ptr + offs, mask=mask)
+    y = tl.load(y_ptr + offs, mask=mask)
+    z = tl.load(z_ptr + offs, mask=mask)
+    tl.store(out_ptr + offs, tl.fma(x, y, z), mask=mask)
+
+
+def interpreter_fma(x: np.ndarray, y: np.ndarray, z: np.ndarray, dtype: type) -> np.ndarray:
+    """tl.fma(x, y, z) elementwise in `dtype` (fp32 or fp64), in a kernel, with whatever fma the
+    interpreter has in place."""
+    x, y, z = (np.ascontiguousarray(a, dtype=dtype) for a in np.broadcast_arrays(x, y, z))
+    n = x.size
+    out = torch.empty(n, dtype=torch.float32 if dtype is np.float32 else torch.float64)
+    _fma_probe_kernel[(triton.cdiv(n, 1024),)](*(torch.from_numpy(a.ravel()) for a in (x, y, z)), out, n, BLOCK=1024)
+    return out.numpy()
+
+
+def _own_create_fma() -> object:
+    from triton.runtime.interpreter import InterpreterBuilder
+
+    return InterpreterBuilder.create_fma
+
+
+_OWN_CREATE_FMA = _own_create_fma()  # before any fixture can have swapped it
+
+
+def fma_probe_cases(dtype: type) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The witnesses of `dtype` and 4096 random cases, most of them with cancellation (z close to
+    -x*y, so the low bits of the exact product decide the result), as (x, y, z) arrays."""
+    rng = np.random.default_rng(2024)
+    n = 4096
+    x = rng.uniform(0.5, 2.0, n).astype(dtype)
+    y = rng.uniform(-4.0, 4.0, n).astype(dtype)
+    rel = 2.0**-20 if dtype is np.float32 else 2.0**-45
+    z = (-(x.astype(np.float64) * y) * (1 + rng.uniform(-rel, rel, n))).astype(dtype)
+    z[::4] = rng.uniform(-8.0, 8.0, n // 4)
+    if dtype is np.float64:  # half of them in the kernels' form: fma(w, input exact in fp32, acc)
+        y[::2] = y[::2].astype(np.float32)
+        z[::2] = (-(x[::2] * y[::2]) * (1 + rng.uniform(-rel, rel, n // 2)))
+    w = np.array(FMA_WITNESSES[dtype], dtype=np.float64).T.astype(dtype)
+    return np.concatenate([w[0], x]), np.concatenate([w[1], y]), np.concatenate([w[2], z])
+
+
+@functools.cache
+def interpreter_fma_is_correctly_rounded(dtype: type) -> bool:
+    """Whether the interpreter's own tl.fma is a correctly rounded fma in `dtype`: bit for bit
+    the exact fma's results on fma_probe_cases."""
+    assert _own_create_fma() is _OWN_CREATE_FMA, "call this before exact_fma swaps the fma"
+    x, y, z = fma_probe_cases(dtype)
+    got, want = interpreter_fma(x, y, z, dtype), EXACT_FMA[dtype](x, y, z)
+    return np.array_equal(got.view(_UINT[dtype]), want.astype(dtype).view(_UINT[dtype]))
+
+
 @pytest.fixture
 def exact_fma(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make the interpreter's tl.fma a true fp32 fused multiply-add (see the module docstring)."""
+    """Make the interpreter's tl.fma correctly rounded (fp32 and fp64) where it is not already:
+    the exact fma is swapped in for just those dtypes (see the module docstring)."""
+    swap = {dt for dt in FMA_DTYPES if not interpreter_fma_is_correctly_rounded(dt)}
+    if not swap:
+        return
     from triton.runtime.interpreter import InterpreterBuilder, TensorHandle
 
+    own = _OWN_CREATE_FMA
+
     def create_fma(self: object, x: TensorHandle, y: TensorHandle, z: TensorHandle) -> TensorHandle:
-        if z.data.dtype != np.float32:
-            raise NotImplementedError(f"exact fma emulated for fp32 only, got {z.data.dtype}")
-        return TensorHandle(exact_fma_f32(x.data, y.data, z.data), z.dtype.scalar)
+        dt = z.data.dtype.type
+        if dt not in swap:
+            return own(self, x, y, z)  # type: ignore[operator]
+        return TensorHandle(EXACT_FMA[dt](x.data, y.data, z.data).astype(dt), z.dtype.scalar)
 
     monkeypatch.setattr(InterpreterBuilder, "create_fma", create_fma)
 
@@ -165,23 +300,58 @@ def test_mixed_dtypes_and_k(k: int, exact_fma: None) -> None:
                 check_reference(got, raws, dtypes, weights, out_dtype)
 
 
-def test_interpreter_fma_is_not_fused(exact_fma: None, monkeypatch: pytest.MonkeyPatch) -> None:
-    """acc = -(1 + 2^-11), then fma(1 + 2^-12, 1 + 2^-12, acc) = 2^-24 exactly; a separate
-    multiply rounds the product's 2^-24 away (a tie to even) and gives 0."""
-    a = 1 + 2.0**-12
-    raws = [encode(np.array([-(1 + 2.0**-11)]), "F32"), encode(np.array([a]), "F32")]
-    weights = [1.0, a]
-    assert decode(cpp_sum("F32", raws, ["F32"] * 2, weights, 1), "F32")[0] == 2.0**-24
-    assert decode(triton_sum("F32", raws, ["F32"] * 2, weights, 1), "F32")[0] == 2.0**-24  # exact_fma
-    monkeypatch.undo()
-    assert decode(triton_sum("F32", raws, ["F32"] * 2, weights, 1), "F32")[0] == 0.0, \
-        "the interpreter's tl.fma is now fused: the exact_fma fixture is no longer needed"
+def _round_exact(q: Fraction, dtype: type) -> float:
+    """The `dtype` value nearest to the rational q, ties to even (q in the normal range)."""
+    if dtype is np.float64:
+        return float(q)  # int / int division in Python is correctly rounded
+    c = np.float32(float(q))  # within an fp32 ulp of q; pick the nearest of c and its neighbours
+    cands = [np.nextafter(c, np.float32(-np.inf)), c, np.nextafter(c, np.float32(np.inf))]
+    return float(min(cands, key=lambda v: (abs(Fraction(float(v)) - q), int(np.float32(v).view(np.uint32)) & 1)))
+
+
+@pytest.mark.parametrize("dtype", FMA_DTYPES, ids=["fp32", "fp64"])
+def test_interpreter_fma_detection(dtype: type, exact_fma: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The witnesses and the exact fma are right (exact rational arithmetic) and the witnesses
+    tell one rounding from two; under exact_fma the interpreter's tl.fma is correctly rounded;
+    exact_fma swaps the fma exactly when the detection finds some dtype's not correctly rounded;
+    and the interpreter's own fma gives the witnesses' results exactly when it is detected as
+    correctly rounded."""
+    fused = interpreter_fma_is_correctly_rounded(dtype)
+    swapped = _own_create_fma() is not _OWN_CREATE_FMA
+    assert swapped == (not all(interpreter_fma_is_correctly_rounded(dt) for dt in FMA_DTYPES))
+    exact = EXACT_FMA[dtype]
+    for x, y, z, want in FMA_WITNESSES[dtype]:
+        xd, yd, zd = (dtype(v) for v in (x, y, z))
+        assert float(xd) == x and float(yd) == y and float(zd) == z
+        assert _round_exact(Fraction(x) * Fraction(y) + Fraction(z), dtype) == want
+        assert float(exact(xd, yd, zd)) == want
+        assert float(dtype(xd * yd) + zd) != want  # two roundings differ
+    x, y, z = fma_probe_cases(dtype)
+    want = exact(x, y, z).astype(dtype)
+    for i in range(0, x.size, 16):  # the exact fma against exact rational arithmetic
+        q = Fraction(float(x[i])) * Fraction(float(y[i])) + Fraction(float(z[i]))
+        assert float(want[i]) == _round_exact(q, dtype), (float(x[i]), float(y[i]), float(z[i]))
+    if dtype is np.float64:  # and its numpy part, for an fp32-exact middle operand, on its own cases
+        check_exact_fma_f64(2000)
+    uint = _UINT[dtype]
+    np.testing.assert_array_equal(interpreter_fma(x, y, z, dtype).view(uint), want.view(uint))  # under exact_fma
+    if dtype is np.float32:  # the kernel and the C++ kernel agree on the witnesses (same contract)
+        for xw, yw, zw, _ in FMA_WITNESSES[dtype]:
+            raws = [encode(np.array([zw]), "F32"), encode(np.array([yw]), "F32")]
+            assert_same(triton_sum("F32", raws, ["F32"] * 2, [1.0, xw], 1),
+                        cpp_sum("F32", raws, ["F32"] * 2, [1.0, xw], 1), "F32", "witness")
+    monkeypatch.undo()  # the interpreter's own fma from here on
+    own = interpreter_fma(x, y, z, dtype)
+    assert np.array_equal(own.view(uint), want.view(uint)) == fused
+    xw, yw, zw, ww = FMA_WITNESSES[dtype][0]
+    if not fused:  # triton <= 3.7: x * y + z in numpy, two roundings
+        assert float(own[0]) in (ww, float(dtype(dtype(xw) * dtype(yw)) + dtype(zw)))
 
 
 def test_interpreter_fma_within_contract() -> None:
-    """With the interpreter's own two-rounding fma: within the two-roundings bound for any
-    weights, and the C++ kernel's bytes wherever products are exact (bf16 inputs: 8 significant
-    bits; dyadic weights with at most 16 significant bits)."""
+    """With the interpreter's own fma (two roundings or one, see the module docstring): within
+    the two-roundings bound for any weights, and the C++ kernel's bytes wherever products are
+    exact (bf16 inputs: 8 significant bits; dyadic weights with at most 16 significant bits)."""
     rng = np.random.default_rng(17)
     n, k = 3001, 5
     dtypes = ["F32", "BF16", "F16", "F32", "BF16"]
