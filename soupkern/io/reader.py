@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import json
 import mmap
 import os
 import re
@@ -16,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from soupkern.errors import HeaderError, InputError
-from soupkern.io.format import MAX_HEADER_BYTES, TensorInfo, parse_header
+from soupkern.io.format import MAX_HEADER_BYTES, TensorInfo, parse_header, parse_index
 
 PAGE = mmap.PAGESIZE
 INDEX_NAME = "model.safetensors.index.json"
@@ -253,21 +252,11 @@ def _open_index(index_path: Path) -> Checkpoint:
         raw = _pread(fd, size, 0, os.fspath(index_path))
     finally:
         os.close(fd)
-    try:
-        index = json.loads(raw.decode("utf-8"))
-    except (ValueError, RecursionError) as e:
-        what = "nested too deeply" if isinstance(e, RecursionError) else str(e)
-        raise InputError(f"cannot read sharded-checkpoint index ({what})", path=index_path) from None
-    weight_map = index.get("weight_map") if isinstance(index, dict) else None
-    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-        raise InputError("index has no 'weight_map' of tensor name -> shard file", path=index_path)
+    weight_map, metadata = parse_index(raw, os.fspath(index_path))
     files: dict[str, SafetensorsFile] = {}
     try:
         for shard in sorted(set(weight_map.values())):
-            shard_path = index_path.parent / shard
-            if Path(shard).is_absolute() or ".." in Path(shard).parts:
-                raise InputError(f"shard '{shard}' is outside the checkpoint folder", path=index_path)
-            files[shard] = SafetensorsFile(shard_path)
+            files[shard] = SafetensorsFile(index_path.parent / shard)
         tensors: dict[str, tuple[SafetensorsFile, TensorInfo]] = {}
         for shard, f in files.items():
             for name, info in f.tensors.items():
@@ -284,8 +273,6 @@ def _open_index(index_path: Path) -> Checkpoint:
         for f in files.values():
             f.close()
         raise
-    meta = index.get("metadata") if isinstance(index.get("metadata"), dict) else {}
-    metadata = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
     return Checkpoint(os.fspath(index_path), list(files.values()), tensors, metadata)
 
 
