@@ -32,7 +32,7 @@ from soupkern.reference import accumulation_bound, weighted_sum_f64, within_roun
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from test_triton import exact_fma  # noqa: E402,F401  # fixture: a true fp32 fma in the interpreter
+from test_triton import exact_fma  # noqa: E402,F401  # fixture: correctly rounded fp32/fp64 fma in the interpreter
 
 NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 

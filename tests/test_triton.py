@@ -442,14 +442,14 @@ def test_argument_errors() -> None:
         mws.multi_weighted_sum([x, x], [[x], [x, x]], [1.0])
     with pytest.raises(InputError, match="2 outputs but 1 input lists"):
         mws.multi_weighted_sum([x, x], [[x]], [1.0])
-    with pytest.raises(InputError, match=r"sums\[0\]: the running sum must be float32"):
+    with pytest.raises(InputError, match=r"sums\[0\]: the running sum must be a float64 tensor"):
         gu.greedy_accept([x.half()], [x])
     with pytest.raises(InputError, match="n = -1"):
         gu.greedy_candidate([x], [x], [x], -1)
     with pytest.raises(InputError, match="1 sums, 2 xs, 1 outs"):
         gu.greedy_candidate([x], [x], [x, x], 0)
     with pytest.raises(InputError, match=r"outs\[0\]: 9 elements"):
-        gu.greedy_candidate([torch.zeros(9)], [x], [x], 0)
+        gu.greedy_candidate([torch.zeros(9)], [x.double()], [x], 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -497,8 +497,11 @@ def test_multi_matches_single_for_k72(exact_fma: None) -> None:
 # greedy_candidate / greedy_accept
 
 
-def torch_candidate(s: torch.Tensor, x: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
-    return ((s + x.float()) / (n + 1)).to(dtype)
+def ref_candidate(s: torch.Tensor, x: torch.Tensor, n: int, out_dtype: str) -> np.ndarray:
+    """round((s + float64(x)) / (n + 1)) as raw bytes: one fp64 add, one fp64 division (numpy),
+    one rounding by the reference's independent encoder."""
+    total = s.detach().cpu().double().numpy() + x.detach().cpu().double().numpy()
+    return encode(total / np.float64(n + 1), out_dtype)
 
 
 @pytest.mark.parametrize("out_dtype", DTYPES)
@@ -507,19 +510,20 @@ def test_greedy_candidate_and_accept(out_dtype: str) -> None:
     across tensors (three launches); odd sizes, an empty tensor, NaN / Inf in the sums."""
     rng = np.random.default_rng(DTYPES.index(out_dtype))
     sizes = [0, 1, 7, 1024, 4099, 513]
-    sums = [torch.from_numpy(rng.standard_normal(n).astype(np.float32) * 4) for n in sizes]
+    sums = [torch.from_numpy(rng.standard_normal(n) * 4) for n in sizes]
     sums[4][:4] = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0])
     xs = [as_tensor(make_input(rng, n, DTYPES[t % 3]), DTYPES[t % 3]) for t, n in enumerate(sizes)]
     for n_acc in (0, 1, 6, 70):
         outs = [torch.full((n,), 7.0, dtype=TORCH[out_dtype]) for n in sizes]
         gu.greedy_candidate(outs, sums, xs, n_acc, block=1024)
         for t, (o, s, x) in enumerate(zip(outs, sums, xs)):
-            assert_same(raw_of(o), raw_of(torch_candidate(s, x, n_acc, TORCH[out_dtype])), out_dtype,
+            assert_same(raw_of(o), ref_candidate(s, x, n_acc, out_dtype), out_dtype,
                         f"candidate tensor {t}, n={n_acc}")
     acc = [s.clone() for s in sums]
     gu.greedy_accept(acc, xs, block=1024)
     for t, (a, s, x) in enumerate(zip(acc, sums, xs)):
-        assert_same(raw_of(a), raw_of(s + x.float()), "F32", f"accept tensor {t}")
+        np.testing.assert_array_equal(a.numpy().view(np.uint64), (s + x.double()).numpy().view(np.uint64),
+                                      err_msg=f"accept tensor {t}")
 
 
 def test_greedy_sequence_matches_torch_device_kernels() -> None:
@@ -531,7 +535,7 @@ def test_greedy_sequence_matches_torch_device_kernels() -> None:
                    for _ in range(4)]
     results = []
     for kernels in (TritonKernels(), TorchDeviceKernels()):
-        sums = [x.float() for x in ingredients[0]]
+        sums = [x.double() for x in ingredients[0]]
         steps = []
         n = 1
         for i, xs in enumerate(ingredients[1:]):
@@ -619,7 +623,7 @@ def test_engine_soup_with_triton_backend(tmp_path, monkeypatch: pytest.MonkeyPat
 def test_bytes_moved() -> None:
     assert ws.bytes_moved(10, [2, 2, 4], 2) == 100
     assert mws.bytes_moved([3, 7], [2, 2], 4) == 80
-    assert gu.bytes_moved(10, 2, 2) == 80 and gu.bytes_moved(10, 2, None) == 100
+    assert gu.bytes_moved(10, 2, 2) == 120 and gu.bytes_moved(10, 2, None) == 180  # fp64 sums
 
 
 # ---------------------------------------------------------------------------------------------
@@ -659,27 +663,25 @@ def _ptx_checks() -> None:
     import triton
     import triton.language as tl
 
-    @triton.jit
-    def plain_division(x_ptr, y):
-        tl.store(x_ptr, tl.load(x_ptr) / y)
-
-    assert "div.full.f32" in _ptx(plain_division, {"x_ptr": "*fp32", "y": "fp32"}, {}, [0]), \
-        "Triton's fp32 '/' no longer lowers to div.full.f32: update greedy_update.py's docstring"
     sig = {"table": "*i64", "out_addr": "i64", "n": "i64", "K": "i32"}
     for in_code, out_code in [(2, 2), (0, 0), (3, 1)]:
         for aligned in (1, 0):
-            consts = {"IN_CODE": in_code, "OUT_CODE": out_code, "ALIGNED": aligned, "BLOCK": 2048}
-            ptx = _ptx(ws._weighted_sum_kernel, sig, consts, [0, 1])
-            assert "fma.rn.f32" in ptx and "cvt.rn.bf16" not in ptx, consts  # bf16: integer rounding
-            assert ("ld.global.v4.b32" in ptx and "st.global.v4.b32" in ptx) == bool(aligned), consts
+            for divide in (0, 1):
+                consts = {"IN_CODE": in_code, "OUT_CODE": out_code, "DIVIDE": divide, "ALIGNED": aligned, "BLOCK": 2048}
+                ptx = _ptx(ws._weighted_sum_kernel, sig, consts, [0, 1])
+                assert "fma.rn.f64" in ptx and "cvt.rn.bf16" not in ptx, consts  # bf16: integer rounding
+                assert ("div.rn.f64" in ptx) == bool(divide), consts
+                assert "div.full" not in ptx and "div.approx" not in ptx, consts
+                assert ("ld.global.v4.b32" in ptx and "st.global.v4.b32" in ptx) == bool(aligned), consts
     ptx = _ptx(mws._multi_weighted_sum_kernel, {"table": "*i64", "T": "i32", "K": "i32"},
-               {"IN_CODE": 2, "OUT_CODE": 2, "ALIGNED": 1, "BLOCK": 2048}, [0])
-    assert "fma.rn.f32" in ptx and "ld.global.v4.b32" in ptx and "st.global.v4.b32" in ptx
+               {"IN_CODE": 2, "OUT_CODE": 2, "DIVIDE": 1, "ALIGNED": 1, "BLOCK": 2048}, [0])
+    assert "fma.rn.f64" in ptx and "div.rn.f64" in ptx and "ld.global.v4.b32" in ptx and "st.global.v4.b32" in ptx
     for accept in (0, 1):
-        ptx = _ptx(gu._greedy_kernel, {"table": "*i64", "T": "i32", "denom": "fp32"},
+        ptx = _ptx(gu._greedy_kernel, {"table": "*i64", "T": "i32"},
                    {"X_CODE": 2, "OUT_CODE": 2, "ACCEPT": accept, "ALIGNED": 1, "BLOCK": 2048}, [0])
-        assert "div.full" not in ptx and "div.approx" not in ptx and ("div.rn.f32" in ptx) == (not accept)
-        assert "ld.global.v4.b32" in ptx and "st.global.v4.b32" in ptx
+        assert "div.full" not in ptx and "div.approx" not in ptx and ("div.rn.f64" in ptx) == (not accept)
+        assert "add.rn.f64" in ptx or "add.f64" in ptx
+        assert "ld.global.v4.b32" in ptx or "ld.global.v2.b64" in ptx
     print("ptx checks passed")
 
 
@@ -712,16 +714,16 @@ def _gpu_checks(device: str = "cuda", ks: Sequence[int] = (1, 2, 3, 8, 72),
     for n, rs, out in zip(sizes, per_tensor, outs):
         assert_same(raw_of(out), cpp_sum("BF16", rs, dtypes, weights, n), "BF16", f"multi n={n}")
     for out_dtype in DTYPES:
-        sums = [torch.randn(n, device=device) * 3 for n in sizes[:50]]
+        sums = [torch.randn(n, device=device, dtype=torch.float64) * 3 for n in sizes[:50]]
         xs = [torch.randn(n, device=device).to(TORCH[DTYPES[i % 3]]) for i, n in enumerate(sizes[:50])]
         outs = [torch.empty(n, dtype=TORCH[out_dtype], device=device) for n in sizes[:50]]
         gu.greedy_candidate(outs, sums, xs, 6)
         for o, s, x in zip(outs, sums, xs):
-            assert_same(raw_of(o), raw_of(torch_candidate(s, x, 6, TORCH[out_dtype])), out_dtype, "greedy candidate")
+            assert_same(raw_of(o), ref_candidate(s, x, 6, out_dtype), out_dtype, "greedy candidate")
     acc = [s.clone() for s in sums]
     gu.greedy_accept(acc, xs)
     for a, s, x in zip(acc, sums, xs):
-        assert_same(raw_of(a), raw_of(s + x.float()), "F32", "greedy accept")
+        assert torch.equal(a, s + x.double()), "greedy accept"
     print("gpu checks passed on", torch.cuda.get_device_name() if device == "cuda" else device)
 
 
