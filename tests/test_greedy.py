@@ -314,3 +314,20 @@ def test_default_speculation_follows_the_cost_of_a_pass(digits_ingredients: list
     loader = greedy_soup(digits_ingredients, model=digits.make_model(), data=digits.make_loader(digits_splits.val))
     assert in_memory.speculative == 1 and loader.speculative > 1
     assert in_memory.kept == loader.kept
+
+
+def test_file_backed_running_sums_give_the_same_soup(digits_ingredients: list[Path], digits_splits: digits.Splits,
+                                                      tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above STATE_IN_MEMORY_BYTES the fp64 sums live in a temporary file, released tensor by
+    tensor; the picks and every bit of the soup are those of the in-memory sums."""
+    import soupkern.recipes.greedy as greedy_mod
+
+    held_out = digits.batches(digits_splits.val, 128)
+    runs = []
+    for limit in (greedy_mod.STATE_IN_MEMORY_BYTES, 0):
+        monkeypatch.setattr(greedy_mod, "STATE_IN_MEMORY_BYTES", limit)
+        out = tmp_path / f"g{limit}.safetensors"
+        r = greedy_soup(digits_ingredients, out, model=digits.make_model(), data=held_out, speculative=1)
+        runs.append((r.kept, r.final_score, out.read_bytes()))
+    assert runs[0] == runs[1]
+    assert not [p for p in tmp_path.iterdir() if "greedy-sums" in p.name]

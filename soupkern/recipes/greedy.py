@@ -53,8 +53,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from soupkern import strict_json
 from soupkern.options import ingredient_paths
 from soupkern.errors import InputError, MismatchError
-from soupkern.recipes.weighted import SoupReport, check_soup_output, reserve_output, weighted_soup
-from soupkern.io.writer import output_path as output_path_checked
+from soupkern.recipes.weighted import SoupReport, check_soup_output, reserves_output, weighted_soup
 
 if TYPE_CHECKING:
     import torch
@@ -186,7 +185,7 @@ class _RunningSoup:
     accumulator, so each candidate is bit for bit the uniform soup of its ingredients), and
     candidate formation."""
 
-    def __init__(self, evaluator: Evaluator, paths: Sequence[Path]):
+    def __init__(self, evaluator: Evaluator, paths: Sequence[Path], state_dir: str | None = None):
         import torch
 
         from soupkern.evaluate import tensor_view
@@ -206,7 +205,8 @@ class _RunningSoup:
             evaluator.load_(self.fixed_values)
         for n in self.names:
             evaluator.check(n, self.layout[n][1], path=os.fspath(self.paths[0]))
-        self.sums = {n: torch.zeros(self.layout[n][1], dtype=torch.float64, device=self.device) for n in self.names}
+        self._state = _SumState(self.names, {n: self.layout[n][1] for n in self.names}, self.device, state_dir)
+        self.sums = self._state.tensors
         self.n = 0
         self.targets = [evaluator.tensors[n] for n in self.names]
         self._stack: dict[str, torch.Tensor] | None = None
@@ -215,16 +215,27 @@ class _RunningSoup:
         return _Ingredient(self, index)
 
     def accept(self, index: int) -> None:
-        with self.read(index) as xs:
-            self.kernels.greedy_accept([self.sums[n] for n in self.names], xs)
+        ing = self.read(index)
+        with ing as xs:
+            for name, x in zip(self.names, xs):  # tensor by tensor: residency stays bounded
+                self.kernels.greedy_accept([self.sums[name]], [x])
+                ing.release(name)
+                self._state.release(name)
         self.n += 1
 
     def candidate_into_model(self, index: int) -> None:
         """Model <- ((sum + x_index) / (n + 1)) in the model's dtype."""
         import torch
 
-        with self.read(index) as xs, torch.no_grad():
-            self.kernels.greedy_candidate(self.targets, [self.sums[n] for n in self.names], xs, self.n)
+        ing = self.read(index)
+        with ing as xs, torch.no_grad():
+            for name, target, x in zip(self.names, self.targets, xs):
+                self.kernels.greedy_candidate([target], [self.sums[name]], [x], self.n)
+                ing.release(name)
+                self._state.release(name)
+
+    def close(self) -> None:
+        self._state.close()
 
     def stacked(self, indices: Sequence[int], *, relative: bool = True) -> dict[str, torch.Tensor]:
         """[S, ...] candidates in the model's dtypes: (sum + x_j)/(n+1) for each j, or x_j alone (relative=False)."""
@@ -265,6 +276,7 @@ class _RunningSoup:
                 # by its rounded reciprocal on CUDA, which is not the IEEE division of the contract
                 divisor = torch.full((), float(self.n), dtype=torch.float64, device=self.sums[n].device)
                 t.copy_(round_f64(self.sums[n] / divisor, t.dtype))
+                self._state.release(n)
 
 
 class _Ingredient:
@@ -305,8 +317,70 @@ class _Ingredient:
             raise
         return xs
 
+    def release(self, name: str) -> None:
+        """Drop the mapped pages of tensor `name` of this ingredient (they stay in the page cache)."""
+        f, info = self.ck.tensors[name]
+        f.release(info.begin, info.end)
+
     def __exit__(self, *exc: object) -> None:
         self.ck.close()
+
+
+STATE_IN_MEMORY_BYTES = 1 << 30
+
+
+class _SumState:
+    """The fp64 running sums. Up to STATE_IN_MEMORY_BYTES (or on a GPU): ordinary tensors. Larger,
+    on the CPU: views of one unnamed temporary file (in `state_dir`, default the system's temporary
+    folder) mapped shared, released tensor by tensor after use, so resident memory stays at about
+    one tensor while the sums of a multi-GB model live in the page cache and on disk (8 bytes per
+    parameter; ViT-G/14: 15 GB)."""
+
+    def __init__(self, names: Sequence[str], shapes: dict[str, tuple[int, ...]], device: torch.device,
+                 state_dir: str | None):
+        import mmap
+        import tempfile
+
+        import numpy as np
+        import torch
+
+        numels = {n: math.prod(shapes[n]) for n in names}
+        total = sum(8 * v for v in numels.values())
+        self._map: mmap.mmap | None = None
+        self._spans: dict[str, tuple[int, int]] = {}
+        if device.type != "cpu" or total <= STATE_IN_MEMORY_BYTES:
+            self.tensors = {n: torch.zeros(shapes[n], dtype=torch.float64, device=device) for n in names}
+            return
+        offsets, cursor = {}, 0
+        for n in names:
+            offsets[n] = cursor
+            cursor += -(-8 * numels[n] // mmap.PAGESIZE) * mmap.PAGESIZE  # page-aligned: release per tensor
+        with tempfile.TemporaryFile(dir=state_dir, prefix=".soupkern-greedy-sums-") as f:
+            os.ftruncate(f.fileno(), max(cursor, 1))  # sparse: reads as zeros, the sums' start
+            self._map = mmap.mmap(f.fileno(), max(cursor, 1), flags=mmap.MAP_SHARED)
+        whole = np.frombuffer(self._map, dtype=np.uint8)
+        self.tensors = {}
+        for n in names:
+            b = offsets[n]
+            self.tensors[n] = torch.from_numpy(whole[b: b + 8 * numels[n]].view(np.float64)).view(shapes[n])
+            self._spans[n] = (b, -(-8 * numels[n] // mmap.PAGESIZE) * mmap.PAGESIZE)
+
+    def release(self, name: str) -> None:
+        if self._map is not None and name in self._spans:
+            import mmap
+
+            b, length = self._spans[name]
+            if length:
+                self._map.madvise(mmap.MADV_DONTNEED, b, length)  # shared mapping: the data stays in the file
+
+    def close(self) -> None:
+        self.tensors = {}
+        if self._map is not None:
+            try:
+                self._map.close()
+            except BufferError:  # views still alive: the mapping goes with the last one
+                pass
+            self._map = None
 
 
 def _device_kernels(device: torch.device) -> DeviceKernels:
@@ -316,7 +390,8 @@ def _device_kernels(device: torch.device) -> DeviceKernels:
     return device_kernels(device)
 
 
-def _greedy_soup(
+@reserves_output
+def greedy_soup(
     ingredients: Sequence[PathLike],
     out: PathLike | None = None,
     *,
@@ -338,7 +413,21 @@ def _greedy_soup(
     progress: bool = False,
     metadata: dict[str, str] | None = None,
 ) -> GreedyResult:
-    """The body of `greedy_soup`, run while the output is reserved."""
+    """Greedy soup of `ingredients` (safetensors files/folders), written to `out` when given.
+
+    Scoring: `evaluator`, or one built from `model` (module or factory, state-dict names = the
+    ingredients' tensor names) with held-out `data` + `metric` ("accuracy", "loss" or a callable), or
+    with `score(model) -> float`. `maximize` overrides the metric's direction. `ingredient_scores`
+    (input order) skips step 1. `speculative`: candidates per batched pass. Default: 8 where a
+    pass over the data costs more than its arithmetic, i.e. the model is on a GPU or the data is a
+    `torch.utils.data.DataLoader`; otherwise 1 (in-memory batches on a CPU: batched evaluation is
+    compute-bound there and measured slower, see benchmarks/results/greedy_digits_cpu.md). A score
+    callable allows only 1.
+    `tie`, `sort`: see the module docstring. Output options (`dtype`, `overwrite`, `backend`,
+    `progress`) as `weighted_soup`; `metadata` is added to the greedy provenance.
+
+    On return the model holds the in-memory greedy soup; see `GreedyResult` for the record.
+    """
     from soupkern.evaluate import make_evaluator
 
     t0 = time.perf_counter()
@@ -355,7 +444,20 @@ def _greedy_soup(
                          "scored in one batched pass; with a score callable use speculative=1")
     if tie not in ("ge", "gt"):
         raise InputError(f"tie must be 'ge' or 'gt', got {tie!r}")
-    soup = _RunningSoup(ev, paths)
+    state_dir = os.path.dirname(os.path.abspath(os.fspath(out))) if out is not None else None
+    soup = _RunningSoup(ev, paths, state_dir)
+    try:
+        return _greedy_run(soup, ev, paths, out, t0, ingredient_scores=ingredient_scores, speculative=speculative,
+                           tie=tie, sort=sort, on_step=on_step, dtype=dtype, overwrite=overwrite, backend=backend,
+                           progress=progress, metadata=metadata)
+    finally:
+        soup.close()
+
+
+def _greedy_run(soup: _RunningSoup, ev: Evaluator, paths: list[Path], out: PathLike | None, t0: float, *,
+                ingredient_scores: Sequence[float] | None, speculative: int, tie: TieRule, sort: SortRule,
+                on_step: Callable[[GreedyStep], None] | None, dtype: str | None, overwrite: bool,
+                backend: str | None, progress: bool, metadata: dict[str, str] | None) -> GreedyResult:
 
     if ingredient_scores is None:
         scores = _score_ingredients(soup, speculative)
@@ -395,51 +497,6 @@ def _greedy_soup(
                                metadata={**result.metadata(), **(metadata or {})})
     return replace(result, seconds=time.perf_counter() - t0, report=report)
 
-
-def greedy_soup(
-    ingredients: Sequence[PathLike],
-    out: PathLike | None = None,
-    *,
-    model: nn.Module | Callable[[], nn.Module] | None = None,
-    data: Iterable[Any] | None = None,
-    metric: str | MetricFn = "accuracy",
-    score: ScoreFn | None = None,
-    maximize: bool | None = None,
-    evaluator: Evaluator | None = None,
-    device: str | torch.device | None = None,
-    ingredient_scores: Sequence[float] | None = None,
-    tie: TieRule = "ge",
-    sort: SortRule = "stable",
-    speculative: int | None = None,
-    on_step: Callable[[GreedyStep], None] | None = None,
-    dtype: str | None = None,
-    overwrite: bool = False,
-    backend: str | None = None,
-    progress: bool = False,
-    metadata: dict[str, str] | None = None,
-) -> GreedyResult:
-    """Greedy soup of `ingredients` (safetensors files/folders), written to `out` when given.
-
-    Scoring: `evaluator`, or one built from `model` (module or factory, state-dict names = the
-    ingredients' tensor names) with held-out `data` + `metric` ("accuracy", "loss" or a callable), or
-    with `score(model) -> float`. `maximize` overrides the metric's direction. `ingredient_scores`
-    (input order) skips step 1. `speculative`: candidates per batched pass. Default: 8 where a
-    pass over the data costs more than its arithmetic, i.e. the model is on a GPU or the data is a
-    `torch.utils.data.DataLoader`; otherwise 1 (in-memory batches on a CPU: batched evaluation is
-    compute-bound there and measured slower, see benchmarks/results/greedy_digits_cpu.md). A score
-    callable allows only 1.
-    `tie`, `sort`: see the module docstring. Output options (`dtype`, `overwrite`, `backend`,
-    `progress`) as `weighted_soup`; `metadata` is added to the greedy provenance.
-
-    On return the model holds the in-memory greedy soup; see `GreedyResult` for the record.
-    """
-    if out is not None:
-        out = output_path_checked(out)
-    with reserve_output(out):
-        return _greedy_soup(ingredients, out, model=model, data=data, metric=metric, score=score, maximize=maximize,
-                            evaluator=evaluator, device=device, ingredient_scores=ingredient_scores, tie=tie, sort=sort,
-                            speculative=speculative, on_step=on_step, dtype=dtype, overwrite=overwrite,
-                            backend=backend, progress=progress, metadata=metadata)
 
 
 def _passes_are_costly(ev: Evaluator) -> bool:
