@@ -387,6 +387,8 @@ def module_from_checkpoint(path: str | os.PathLike[str], device: str | torch.dev
             if leaf in owner._modules or hasattr(owner, leaf):
                 raise InputError("tensor name collides with a prefix of other tensor names", path=ck.path, tensor=name)
             value = tensor_view(ck, name).clone()
+            f, info = ck.tensors[name]
+            f.release(info.begin, info.end)  # the copy is what stays: drop the mapped pages
             if value.is_floating_point():
                 owner.register_parameter(leaf, nn.Parameter(value, requires_grad=False))
             else:

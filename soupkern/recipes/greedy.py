@@ -259,9 +259,11 @@ class _RunningSoup:
     def ingredient_into_model(self, index: int) -> None:
         import torch
 
-        with self.read(index) as xs, torch.no_grad():
-            for t, x in zip(self.targets, xs):
+        ing = self.read(index)
+        with ing as xs, torch.no_grad():
+            for name, t, x in zip(self.names, self.targets, xs):
                 t.copy_(x)
+                ing.release(name)
 
     def final_into_model(self) -> None:
         """Model <- round(sum / n) (bit-identical to the last kept candidate and to the uniform soup
