@@ -316,18 +316,32 @@ def test_default_speculation_follows_the_cost_of_a_pass(digits_ingredients: list
     assert in_memory.kept == loader.kept
 
 
-def test_file_backed_running_sums_give_the_same_soup(digits_ingredients: list[Path], digits_splits: digits.Splits,
+def test_every_candidate_strategy_gives_the_same_soup(digits_ingredients: list[Path], digits_splits: digits.Splits,
                                                       tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Above STATE_IN_MEMORY_BYTES the fp64 sums live in a temporary file, released tensor by
-    tensor; the picks and every bit of the soup are those of the in-memory sums."""
+    """Candidates recomputed from the files (few ingredients), formed from in-memory fp64 sums, or
+    from file-backed sums, and a switch between them mid-run: the same picks and every bit of the
+    soup (and the candidates a scorer sees) alike."""
     import soupkern.recipes.greedy as greedy_mod
 
     held_out = digits.batches(digits_splits.val, 128)
     runs = []
-    for limit in (greedy_mod.STATE_IN_MEMORY_BYTES, 0):
-        monkeypatch.setattr(greedy_mod, "STATE_IN_MEMORY_BYTES", limit)
-        out = tmp_path / f"g{limit}.safetensors"
-        r = greedy_soup(digits_ingredients, out, model=digits.make_model(), data=held_out, speculative=1)
-        runs.append((r.kept, r.final_score, out.read_bytes()))
-    assert runs[0] == runs[1]
+    for recompute_max, in_memory in ((8, greedy_mod.STATE_IN_MEMORY_BYTES), (0, greedy_mod.STATE_IN_MEMORY_BYTES),
+                                     (0, 0), (3, 0)):
+        monkeypatch.setattr(greedy_mod, "RECOMPUTE_MAX", recompute_max)
+        monkeypatch.setattr(greedy_mod, "STATE_IN_MEMORY_BYTES", in_memory)
+        seen: list[bytes] = []
+
+        def score(m: torch.nn.Module) -> float:
+            seen.append(b"".join(t.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+                                 for t in m.state_dict().values()))
+            return 1.0
+
+        out = tmp_path / f"g{recompute_max}_{in_memory}.safetensors"
+        r = greedy_soup(digits_ingredients, out, model=digits.make_model(), score=score,
+                        ingredient_scores=[0.5] * len(digits_ingredients))
+        g = greedy_soup(digits_ingredients, model=digits.make_model(), data=held_out, speculative=1)
+        runs.append((r.kept, seen, load_file(str(out)), g.kept, g.final_score))
+    for other in runs[1:]:
+        assert other[0] == runs[0][0] and other[1] == runs[0][1] and other[3:] == runs[0][3:]
+        assert all(torch.equal(other[2][k], runs[0][2][k]) for k in runs[0][2])
     assert not [p for p in tmp_path.iterdir() if "greedy-sums" in p.name]

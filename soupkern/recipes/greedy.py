@@ -205,28 +205,64 @@ class _RunningSoup:
             evaluator.load_(self.fixed_values)
         for n in self.names:
             evaluator.check(n, self.layout[n][1], path=os.fspath(self.paths[0]))
-        self._state = _SumState(self.names, {n: self.layout[n][1] for n in self.names}, self.device, state_dir)
-        self.sums = self._state.tensors
         self.n = 0
+        self.kept: list[int] = []
         self.targets = [evaluator.tensors[n] for n in self.names]
         self._stack: dict[str, torch.Tensor] | None = None
+        self._state: _SumState | None = None  # built on first need: see _use_sums
+        self._state_dir = state_dir
+        self._summed = 0
+        self.sums: dict[str, torch.Tensor] = {}
+        # On a CPU model, a candidate of few ingredients is cheaper to recompute from the mapped
+        # files with the host kernel than to form from an fp64 running sum (8 bytes per parameter,
+        # which for large models lives on disk): same contract, same bits.
+        self.recompute = self.device.type == "cpu" and all(
+            t.is_contiguous() and t.dtype in _HOST_DTYPES for t in self.targets)
 
     def read(self, index: int) -> _Ingredient:
         return _Ingredient(self, index)
 
-    def accept(self, index: int) -> None:
+    def _use_sums(self, members: int) -> bool:
+        return not self.recompute or members > RECOMPUTE_MAX
+
+    def _ensure_sums(self) -> None:
+        if self._state is None:
+            self._state = _SumState(self.names, {n: self.layout[n][1] for n in self.names}, self.device,
+                                    self._state_dir)
+            self.sums = self._state.tensors
+        while self._summed < len(self.kept):
+            self._accept_sum(self.kept[self._summed])
+
+    def _accept_sum(self, index: int) -> None:
+        assert self._state is not None
         ing = self.read(index)
         with ing as xs:
             for name, x in zip(self.names, xs):  # tensor by tensor: residency stays bounded
-                self.kernels.greedy_accept([self.sums[name]], [x])
+                if self._summed == 0:  # the sum of one ingredient is the ingredient (its -0 too)
+                    self.sums[name].copy_(x.view(self.sums[name].shape))
+                else:
+                    self.kernels.greedy_accept([self.sums[name]], [x])
                 ing.release(name)
                 self._state.release(name)
+        self._summed += 1
+
+    def accept(self, index: int) -> None:
+        self.kept.append(index)
         self.n += 1
+        if self._state is not None:
+            self._accept_sum(index)
 
     def candidate_into_model(self, index: int) -> None:
         """Model <- ((sum + x_index) / (n + 1)) in the model's dtype."""
         import torch
 
+        if not self._use_sums(self.n + 1):
+            with self.read(index):  # the candidate ingredient's checks (names, shapes, fixed tensors)
+                pass
+            self._recompute_into(self.targets, [*self.kept, index])
+            return
+        self._ensure_sums()
+        assert self._state is not None
         ing = self.read(index)
         with ing as xs, torch.no_grad():
             for name, target, x in zip(self.names, self.targets, xs):
@@ -234,13 +270,37 @@ class _RunningSoup:
                 ing.release(name)
                 self._state.release(name)
 
+    def _recompute_into(self, targets: Sequence[torch.Tensor], members: Sequence[int]) -> None:
+        """targets <- the uniform soup of `members` (in order), tensor by tensor, by the host kernel."""
+        from contextlib import ExitStack
+
+        import torch
+
+        from soupkern.backends import get_backend
+        from soupkern.io import open_checkpoint
+
+        kernel = get_backend()
+        with ExitStack() as stack, torch.no_grad():
+            cks = [stack.enter_context(open_checkpoint(self.paths[i])) for i in members]
+            for name, target in zip(self.names, targets):
+                sources = [ck.tensors[name] for ck in cks]
+                out = target.detach().view(-1).view(torch.uint8).numpy()
+                kernel.weighted_sum(out, _HOST_DTYPES[target.dtype], [f.view(info) for f, info in sources],
+                                    [info.dtype for _, info in sources], [1.0] * len(members), target.numel(),
+                                    float(len(members)))
+                for f, info in sources:
+                    f.release(info.begin, info.end)
+
     def close(self) -> None:
-        self._state.close()
+        if self._state is not None:
+            self._state.close()
 
     def stacked(self, indices: Sequence[int], *, relative: bool = True) -> dict[str, torch.Tensor]:
         """[S, ...] candidates in the model's dtypes: (sum + x_j)/(n+1) for each j, or x_j alone (relative=False)."""
         import torch
 
+        if relative:
+            self._ensure_sums()
         s = len(indices)
         if self._stack is None or next(iter(self._stack.values())).shape[0] < s:
             self._stack = {n: torch.empty((s, *self.layout[n][1]), dtype=t.dtype, device=self.device)
@@ -272,6 +332,11 @@ class _RunningSoup:
 
         from soupkern.backends.device import round_f64
 
+        if self._state is None and self.recompute:
+            self._recompute_into(self.targets, self.kept)
+            return
+        self._ensure_sums()
+        assert self._state is not None
         with torch.no_grad():
             for n, t in zip(self.names, self.targets):
                 # a tensor divisor: torch turns division by a Python number into a multiplication
@@ -329,6 +394,32 @@ class _Ingredient:
 
 
 STATE_IN_MEMORY_BYTES = 1 << 30
+RECOMPUTE_MAX = 8  # on a CPU, candidates of at most this many ingredients are recomputed from the files
+
+
+def _host_dtypes() -> dict[Any, str]:
+    import torch
+
+    return {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
+
+
+class _LazyDtypes(dict):  # type: ignore[type-arg]
+    """torch dtype -> safetensors name, filled on first use (importing the module stays torch-free)."""
+
+    def _fill(self) -> None:
+        if not super().__len__():
+            self.update(_host_dtypes())
+
+    def __contains__(self, key: object) -> bool:
+        self._fill()
+        return super().__contains__(key)
+
+    def __getitem__(self, key: Any) -> str:
+        self._fill()
+        return super().__getitem__(key)
+
+
+_HOST_DTYPES = _LazyDtypes()
 
 
 class _SumState:
