@@ -212,6 +212,7 @@ class _RunningSoup:
         self._state: _SumState | None = None  # built on first need: see _use_sums
         self._state_dir = state_dir
         self._summed = 0
+        self._in_model: tuple[int, ...] | None = None  # the members of the soup the model holds
         self.sums: dict[str, torch.Tensor] = {}
         # On a CPU model, a candidate of few ingredients is cheaper to recompute from the mapped
         # files with the host kernel than to form from an fp64 running sum (8 bytes per parameter,
@@ -256,11 +257,15 @@ class _RunningSoup:
         """Model <- ((sum + x_index) / (n + 1)) in the model's dtype."""
         import torch
 
-        if not self._use_sums(self.n + 1):
+        members = (*self.kept, index)
+        if not self._use_sums(len(members)):
             with self.read(index):  # the candidate ingredient's checks (names, shapes, fixed tensors)
                 pass
-            self._recompute_into(self.targets, [*self.kept, index])
+            self._in_model = None
+            self._recompute_into(self.targets, members)
+            self._in_model = members
             return
+        self._in_model = None
         self._ensure_sums()
         assert self._state is not None
         ing = self.read(index)
@@ -269,6 +274,7 @@ class _RunningSoup:
                 self.kernels.greedy_candidate([target], [self.sums[name]], [x], self.n)
                 ing.release(name)
                 self._state.release(name)
+        self._in_model = members
 
     def _recompute_into(self, targets: Sequence[torch.Tensor], members: Sequence[int]) -> None:
         """targets <- the uniform soup of `members` (in order), tensor by tensor, by the host kernel."""
@@ -301,6 +307,7 @@ class _RunningSoup:
 
         if relative:
             self._ensure_sums()
+        self._in_model = None  # batched scoring may load the stacked soups through the model
         s = len(indices)
         if self._stack is None or next(iter(self._stack.values())).shape[0] < s:
             self._stack = {n: torch.empty((s, *self.layout[n][1]), dtype=t.dtype, device=self.device)
@@ -320,10 +327,12 @@ class _RunningSoup:
         import torch
 
         ing = self.read(index)
+        self._in_model = None
         with ing as xs, torch.no_grad():
             for name, t, x in zip(self.names, self.targets, xs):
                 t.copy_(x)
                 ing.release(name)
+        self._in_model = (index,)
 
     def final_into_model(self) -> None:
         """Model <- round(sum / n) (bit-identical to the last kept candidate and to the uniform soup
@@ -332,6 +341,8 @@ class _RunningSoup:
 
         from soupkern.backends.device import round_f64
 
+        if self._in_model == tuple(self.kept):  # the last candidate scored was kept: it is the soup
+            return
         if self._state is None and self.recompute:
             self._recompute_into(self.targets, self.kept)
             return
