@@ -39,34 +39,23 @@ def parse_size(text: str) -> int:
     return size
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: '{text}'") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+def _number(kind: type, lo: float, hi: float, what: str) -> Callable[[str], Any]:
+    """An argparse type: `kind(text)` within [lo, hi) (NaN refused), with one-line errors."""
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {'an integer' if kind is int else 'a number'}: '{text}'") from None
+        if not lo <= value < hi:
+            raise argparse.ArgumentTypeError(f"{what}, got '{text}'")
+        return value
+
+    return parse
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: '{text}'") from None
-    if not (value > 0 and value < float("inf")):
-        raise argparse.ArgumentTypeError(f"must be a positive finite number, got '{text}'")
-    return value
-
-
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: '{text}'") from None
-    if not 0 <= value < 2**63:
-        raise argparse.ArgumentTypeError(f"a seed must be in [0, 2**63), got {value}")
-    return value
+_positive_int = _number(int, 0, float("inf"), "must be >= 0")
+_positive_float = _number(float, 5e-324, float("inf"), "must be a positive finite number")
+_seed = _number(int, 0, 2**63, "a seed must be in [0, 2**63)")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -140,6 +140,20 @@ class OutputLock:
                 return False
         return False
 
+    def take(self) -> OutputLock:
+        """Acquire and record the owner, or raise OutputError saying who holds the lock."""
+        from soupkern.errors import OutputError
+
+        try:
+            got = self.acquire()
+        except OSError as e:
+            raise OutputError(f"{self.path}: cannot create the output's lock file ({e.strerror})") from None
+        if not got:
+            raise OutputError(f"{self.target}: another soupkern run ({self.owner()}) is writing this output; "
+                              f"wait for it to finish or choose another output path")
+        self.write_owner()
+        return self
+
     def write_owner(self) -> None:
         assert self.fd is not None
         info = {"output": self.target.name, "pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
@@ -175,19 +189,7 @@ def output_reserved(target: Path) -> Iterator[OutputLock | None]:
     if target in _HELD or not target.parent.is_dir():  # a missing folder is reported by the output checks
         yield _HELD.get(target)  # type: ignore[misc]
         return
-    lock = OutputLock(target)
-    try:
-        got = lock.acquire()
-    except OSError as e:
-        from soupkern.errors import OutputError
-
-        raise OutputError(f"{lock.path}: cannot create the output's lock file ({e.strerror})") from None
-    if not got:
-        from soupkern.errors import OutputError
-
-        raise OutputError(f"{target}: another soupkern run ({lock.owner()}) is writing this output; "
-                          f"wait for it to finish or choose another output path")
-    lock.write_owner()
+    lock = OutputLock(target).take()
     _HELD[target] = lock
     try:
         yield lock

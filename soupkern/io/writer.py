@@ -356,15 +356,7 @@ class SoupWriter:
             lock = atomic.held_lock(self.target)
             self._own_lock = lock is None
             if lock is None:
-                lock = atomic.OutputLock(self.target)
-                try:
-                    got = lock.acquire()
-                except OSError as e:
-                    raise OutputError(f"{lock.path}: cannot create the output's lock file ({e.strerror})") from None
-                if not got:
-                    raise OutputError(f"{self.target}: another soupkern run ({lock.owner()}) is writing this output; "
-                                      f"wait for it to finish or choose another output path")
-                lock.write_owner()
+                lock = atomic.OutputLock(self.target).take()
             self._lock = lock
             self.notices = atomic.sweep(self.target.parent, own=lock, is_complete=_is_complete_output)
             for notice in self.notices:

@@ -43,7 +43,7 @@ from soupkern.options import check_budget, ingredient_paths
 from soupkern.errors import InputError
 from soupkern.io import open_checkpoint
 from soupkern.plan import KeyPolicy, SoupPlan, TensorPlan, build_plan
-from soupkern.recipes.weighted import SoupReport, check_soup_output, reserve_output, weighted_soup
+from soupkern.recipes.weighted import SoupReport, check_soup_output, reserves_output, weighted_soup
 from soupkern.torch_dtypes import TORCH_DTYPES
 
 PathLike = str | os.PathLike[str]
@@ -210,7 +210,8 @@ def _heldout(model: nn.Module, params: dict[str, torch.Tensor], data: Iterable[A
     return total_loss / n, correct / n
 
 
-def _learned_soup(
+@reserves_output
+def learned_soup(
     ingredients: Sequence[PathLike],
     model: nn.Module,
     data: Iterable[Any],
@@ -234,7 +235,19 @@ def _learned_soup(
     fsync: bool = False,
     progress: Callable[[int, float], None] | None = None,
 ) -> LearnedSoupResult:
-    """The body of `learned_soup`, run while the output is reserved."""
+    """Learn softmax mixing coefficients on held-out `data`, then write the soup to `out` (if given).
+
+    model: an `nn.Module` whose state-dict names match the ingredients' (its float tensors are the
+      ones mixed and learned; it runs in eval mode through functional_call and is not modified).
+    data: re-iterable held-out batches `(inputs, targets)` (a DataLoader or a list); one epoch =
+      one pass in the given order, one AdamW step per batch; `steps` instead fixes the number of
+      steps (cycling through the data). `eval_data` (default: `data`) gives the reported held-out
+      loss/accuracy of the uniform and the learned soup.
+    loss_fn: (outputs, targets) -> mean loss; default cross-entropy.
+    Output options (`dtype`, `keys`, `max_shard_size`, `budget_bytes`, `backend`, `overwrite`, `fsync`) as
+    `weighted_soup`. `progress(step, loss)` is called after every step. Seeded by `seed` (the
+    global torch RNG is restored afterwards).
+    """
     if mode not in ("by_model", "by_layer"):
         raise InputError(f"mode must be 'by_model' or 'by_layer', got {mode!r}")
     ingredients = ingredient_paths(ingredients)
@@ -322,50 +335,6 @@ def _learned_soup(
         report = per_tensor_soup(ingredients, result.coefficient_map(), out, recipe="learned", metadata=meta, **opts)
     return dataclasses.replace(result, report=report, seconds=time.perf_counter() - t0)
 
-
-def learned_soup(
-    ingredients: Sequence[PathLike],
-    model: nn.Module,
-    data: Iterable[Any],
-    out: PathLike | None = None,
-    *,
-    mode: LearnedMode = "by_model",
-    lr: float = 0.05,
-    epochs: int = 5,
-    steps: int | None = None,
-    weight_decay: float = 0.0,
-    learn_temperature: bool = False,
-    seed: int = 0,
-    eval_data: Iterable[Any] | None = None,
-    loss_fn: LossFn | None = None,
-    keys: KeyPolicy = "same",
-    dtype: str | None = None,
-    max_shard_size: int | None = None,
-    budget_bytes: int = DEFAULT_BUDGET_BYTES,
-    backend: str | None = None,
-    overwrite: bool = False,
-    fsync: bool = False,
-    progress: Callable[[int, float], None] | None = None,
-) -> LearnedSoupResult:
-    """Learn softmax mixing coefficients on held-out `data`, then write the soup to `out` (if given).
-
-    model: an `nn.Module` whose state-dict names match the ingredients' (its float tensors are the
-      ones mixed and learned; it runs in eval mode through functional_call and is not modified).
-    data: re-iterable held-out batches `(inputs, targets)` (a DataLoader or a list); one epoch =
-      one pass in the given order, one AdamW step per batch; `steps` instead fixes the number of
-      steps (cycling through the data). `eval_data` (default: `data`) gives the reported held-out
-      loss/accuracy of the uniform and the learned soup.
-    loss_fn: (outputs, targets) -> mean loss; default cross-entropy.
-    Output options (`dtype`, `keys`, `max_shard_size`, `budget_bytes`, `backend`, `overwrite`, `fsync`) as
-    `weighted_soup`. `progress(step, loss)` is called after every step. Seeded by `seed` (the
-    global torch RNG is restored afterwards).
-    """
-    with reserve_output(out):
-        return _learned_soup(ingredients, model, data, out, mode=mode, lr=lr, epochs=epochs, steps=steps,
-                             weight_decay=weight_decay, learn_temperature=learn_temperature, seed=seed,
-                             eval_data=eval_data, loss_fn=loss_fn, keys=keys, dtype=dtype,
-                             max_shard_size=max_shard_size, budget_bytes=budget_bytes, backend=backend,
-                             overwrite=overwrite, fsync=fsync, progress=progress)
 
 
 def per_tensor_soup(

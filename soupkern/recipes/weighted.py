@@ -10,12 +10,14 @@ in the output's __metadata__: soupkern.version, .recipe, .ingredients, .coeffici
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 import time
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence, TypeVar, Union
 
 from soupkern.backends import DEVICE_BACKENDS, get_backend, requested_backend
 from soupkern.engine import DEFAULT_BUDGET_BYTES, execute, fill_tensor, staging_bytes_for
@@ -32,6 +34,7 @@ if TYPE_CHECKING:
     from soupkern.backends.device import DeviceKernels
 
 PathLike = str | os.PathLike[str]
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 @dataclass(frozen=True)
@@ -209,6 +212,18 @@ def reserve_output(out: PathLike | None):  # -> context manager
     from soupkern.io.writer import output_target
 
     return atomic.output_reserved(output_target(out))
+
+
+def reserves_output(fn: F) -> F:
+    """Decorator: run a recipe while its `out` argument's output lock is held (`reserve_output`)."""
+    sig = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args: object, **kwargs: object) -> object:
+        with reserve_output(sig.bind_partial(*args, **kwargs).arguments.get("out")):  # type: ignore[arg-type]
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def check_soup_output(
