@@ -204,3 +204,21 @@ def test_analyze_json_is_strict(tmp_path, pair):
     assert r.returncode == 0, r.stderr
     data = json.loads(r.stdout, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
     assert data["cosine"][0][1] is None  # a zero delta has no angle: null, not NaN
+
+
+def test_file_to_file_soups_never_import_torch(tmp_path, pair):
+    """`import soupkern` and a file-to-file soup (API and CLI) load neither torch nor triton: the
+    path whose cost is measured against the I/O floor carries no framework import."""
+    script = textwrap.dedent(f"""
+        import sys, runpy
+        import soupkern
+        soupkern.uniform_soup({[os.fspath(p) for p in pair]!r}, {os.fspath(tmp_path / 'a.safetensors')!r})
+        soupkern.weighted_soup({[os.fspath(p) for p in pair]!r}, [0.25, 0.75], {os.fspath(tmp_path / 'b')!r},
+                               max_shard_size=64)
+        from soupkern.cli import main
+        assert main(["uniform", *{[os.fspath(p) for p in pair]!r}, "-o", {os.fspath(tmp_path / 'c.safetensors')!r}, "-q"]) == 0
+        print(sorted(m for m in ("torch", "triton") if m in sys.modules))
+    """)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
