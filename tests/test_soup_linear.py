@@ -8,9 +8,8 @@ Error bound per output element (standard γ_n = n·u/(1-n·u) summation bounds, 
 
 - u_w: the single rounding of the fp32 mixed weight to X's dtype (contract): 0 for fp32, 2^-11 for
   fp16, 2^-8 for bf16 (round to nearest). Under the Triton interpreter fp32 -> bf16 conversions
-  truncate instead of rounding to nearest (about half of the values end up 1 ulp off; Triton 3.7's
-  interpreter casts through numpy without rounding), so a bf16 weight or output may be off by up
-  to a whole ulp: 2^-7.
+  truncate instead of rounding to nearest (about half of the values end up 1 ulp off), so a bf16
+  weight or output may be off by up to a whole ulp: 2^-7.
 - (K + IN + 2)·u32: fp32 mixing (K terms), fp32 dot product (IN terms), the bias add.
 - u_out: rounding of the output to its dtype (0 when fp32 is requested).
 The bound is a few ulps of the data's scale, so a wrong coefficient, a dropped bias or a wrong
