@@ -82,15 +82,48 @@ def _looks_like(fd: int) -> str:
     return " (not a safetensors file?)"
 
 
-def _map(fd: int, size: int) -> object:
-    """A read-only shared mapping of the whole file. The native one holds no file descriptor (so
-    any number of inputs fit under `ulimit -n`) and is guarded: a page lost to a truncation by
-    another process reads as zeros and is recorded, instead of killing the process with SIGBUS."""
+_TRUNCATED = ("was truncated by another process while being read; the soup was not written "
+              "(rerun once the file is stable)")
+
+
+class _PyMapping:
+    """Python's mmap behind the native Mapping's interface (advise, populate, address, buffer),
+    for a build without the extension: it holds a file descriptor and is not SIGBUS-guarded."""
+
+    address = None
+
+    def __init__(self, fd: int):
+        self.buffer = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+
+    def advise(self, advice: int, offset: int, length: int) -> None:
+        self.buffer.madvise(advice, offset, length)
+
+    def populate(self, offset: int, length: int) -> int:
+        try:
+            self.buffer.madvise(_MADV_POPULATE_READ, offset, length)
+        except OSError as e:
+            return e.errno or errno.EINVAL
+        return 0
+
+    def close(self) -> None:
+        try:
+            self.buffer.close()
+        except BufferError:  # a caller still holds a view; the mapping goes with the last one
+            pass
+
+
+def _map(fd: int, size: int) -> tuple[object, object]:
+    """(mapping, buffer): a read-only shared mapping of the whole file. The native one holds no
+    file descriptor (so any number of inputs fit under `ulimit -n`) and is guarded: a page lost
+    to a truncation by another process reads as zeros and is recorded, instead of killing the
+    process with SIGBUS. Views keep it alive; it is unmapped with the last of them."""
     try:
         from soupkern import _native
-    except ImportError:  # built without the extension: Python's mmap, unguarded
-        return mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
-    return _native.Mapping(fd, size)
+    except ImportError:  # built without the extension
+        m = _PyMapping(fd)
+        return m, m.buffer
+    m = _native.Mapping(fd, size)
+    return m, m
 
 
 _LIVE: weakref.WeakSet[SafetensorsFile] = weakref.WeakSet()
@@ -106,8 +139,7 @@ def check_guard() -> None:
     count, address = _native.guard_take()
     if count:
         owner = next((f for f in list(_LIVE) if f.owns(address)), None)
-        raise InputError("was truncated by another process while being read; the soup was not written "
-                         "(rerun once the file is stable)", path=owner.path if owner else "an input")
+        raise InputError(_TRUNCATED, path=owner.path if owner else "an input")
 
 
 class SafetensorsFile:
@@ -137,7 +169,7 @@ class SafetensorsFile:
             self.tensors, self.metadata = parse_header(raw, size - 8 - n, self.path)
             self.size = size
             try:
-                self._mm = _map(fd, size)
+                self._mm, self._buffer = _map(fd, size)
             except OSError as e:
                 raise InputError(f"cannot map the file ({e.strerror})", path=self.path) from None
         finally:
@@ -147,9 +179,7 @@ class SafetensorsFile:
         _LIVE.add(self)
 
     def _advise(self, advice: int, begin: int, length: int) -> None:
-        if isinstance(self._mm, mmap.mmap):
-            self._mm.madvise(advice, begin, length)
-        elif length:
+        if length:
             self._mm.advise(advice, begin, length)
 
     def owns(self, address: int) -> bool:
@@ -167,30 +197,22 @@ class SafetensorsFile:
             raise InputError(f"was removed or became unreadable while being read ({e.strerror}); "
                              f"the soup was not written", path=self.path) from None
         if now != self.signature:
-            what = "truncated" if now[0] < self.signature[0] else "modified"
-            raise InputError(f"was {what} by another process while being read; the soup was not written "
-                             f"(rerun once the file is stable)", path=self.path)
+            raise InputError(_TRUNCATED if now[0] < self.signature[0] else _TRUNCATED.replace("truncated", "modified"),
+                             path=self.path)
 
     def view(self, info: TensorInfo, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Read-only uint8 view of bytes [start, stop) of a tensor's data; no copy."""
         stop = info.nbytes if stop is None else stop
-        return np.frombuffer(self._mm, dtype=np.uint8, count=stop - start, offset=info.begin + start)
+        return np.frombuffer(self._buffer, dtype=np.uint8, count=stop - start, offset=info.begin + start)
 
     def prefetch(self, begin: int, end: int) -> None:
         """Map the pages of file bytes [begin, end) in one call instead of one fault per 64 KiB."""
         if end <= begin or not self._can_populate:
             return
         b = begin - begin % PAGE
-        if isinstance(self._mm, mmap.mmap):
-            try:
-                self._mm.madvise(_MADV_POPULATE_READ, b, end - b)
-            except OSError:  # kernel without MADV_POPULATE_READ: fall back to ordinary faults
-                self._can_populate = False
-            return
         err = self._mm.populate(b, end - b)
         if err == errno.EFAULT:  # pages past the end of the file: it was truncated under us
-            raise InputError("was truncated by another process while being read; the soup was not written "
-                             "(rerun once the file is stable)", path=self.path)
+            raise InputError(_TRUNCATED, path=self.path)
         if err:  # kernel without MADV_POPULATE_READ: fall back to ordinary faults
             self._can_populate = False
 
@@ -204,11 +226,8 @@ class SafetensorsFile:
     def close(self) -> None:
         """Drop this file's mapping; views still held keep it alive until they go."""
         _LIVE.discard(self)
-        if isinstance(self._mm, mmap.mmap):
-            try:
-                self._mm.close()
-            except BufferError:  # a caller still holds a view; the mapping goes with the last one
-                pass
+        if isinstance(self._mm, _PyMapping):
+            self._mm.close()
 
     def __repr__(self) -> str:
         return f"SafetensorsFile({self.path!r}, {len(self.tensors)} tensors)"

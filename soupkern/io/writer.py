@@ -23,7 +23,6 @@ import logging
 import os
 import shutil
 import stat
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
@@ -32,8 +31,8 @@ import numpy as np
 
 from soupkern.errors import InputError, Interrupted, OutputError
 from soupkern.io import atomic
-from soupkern.io.format import DTYPES, MAX_HEADER_BYTES, METADATA_KEY
-from soupkern.io.reader import INDEX_NAME, SHARD_NAME, SINGLE_NAME
+from soupkern.io.format import DTYPES, MAX_HEADER_BYTES, METADATA_KEY, parse_index
+from soupkern.io.reader import INDEX_NAME, SINGLE_NAME, SafetensorsFile, open_regular
 
 log = logging.getLogger("soupkern")
 FILES_KEY = "soupkern.files"  # metadata: the names of every file soupkern wrote into a folder output
@@ -123,7 +122,7 @@ def _header(tensors: list[OutputTensor], metadata: dict[str, str]) -> tuple[byte
     return len(raw).to_bytes(8, "little") + raw, {k: (base + b, base + e) for k, (b, e) in rel.items()}
 
 
-def output_target(out: object, max_shard_size: int | None = None) -> Path:
+def output_target(out: object) -> Path:
     """The absolute path an output argument names under plan_output's rules (file or folder)."""
     return Path(os.path.abspath(output_path(out)))
 
@@ -195,23 +194,15 @@ def _kind(mode: int) -> str:
 
 
 def _header_metadata(path: Path) -> dict[str, str] | None:
-    """The `__metadata__` of a safetensors file, read without mapping it; None if unreadable."""
-    try:
-        st = os.stat(path, follow_symlinks=False)
-        if not stat.S_ISREG(st.st_mode) or st.st_size < 8:
-            return None
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        try:
-            (n,) = struct.unpack("<Q", os.pread(fd, 8, 0))
-            if n > min(MAX_HEADER_BYTES, st.st_size - 8):
-                return None
-            head = json.loads(os.pread(fd, n, 8))
-        finally:
-            os.close(fd)
-        meta = head.get(METADATA_KEY) if isinstance(head, dict) else None
-        return meta if isinstance(meta, dict) else {}
-    except (OSError, ValueError, RecursionError):
+    """The `__metadata__` of a valid safetensors file at `path` (not a symlink), else None."""
+    if not os.path.isfile(path) or os.path.islink(path):
         return None
+    try:
+        f = SafetensorsFile(path)
+    except (InputError, OSError):
+        return None
+    f.close()
+    return f.metadata
 
 
 def soupkern_files(folder: Path) -> set[str] | None:
@@ -221,18 +212,20 @@ def soupkern_files(folder: Path) -> set[str] | None:
     index = folder / INDEX_NAME
     if os.path.lexists(index):
         try:
-            if not stat.S_ISREG(os.stat(index, follow_symlinks=False).st_mode) or index.stat().st_size > MAX_HEADER_BYTES:
-                return None
-            weight_map = json.loads(index.read_bytes()).get("weight_map")
-            shards = sorted(set(weight_map.values()))
-        except (OSError, ValueError, AttributeError, TypeError, RecursionError):
+            fd = open_regular(os.fspath(index))
+            try:
+                size = os.fstat(fd).st_size
+                raw = os.pread(fd, size, 0) if size <= MAX_HEADER_BYTES else b""
+            finally:
+                os.close(fd)
+            weight_map, _ = parse_index(raw, os.fspath(index))
+        except (InputError, OSError):
             return None
+        shards = sorted(set(weight_map.values()))
         files.add(INDEX_NAME)
     else:
         shards = [SINGLE_NAME]
     for shard in shards:
-        if not isinstance(shard, str) or "/" in shard or shard in ("", ".", ".."):
-            return None
         meta = _header_metadata(folder / shard)
         if meta is None or "soupkern.version" not in meta:
             return None
@@ -332,10 +325,10 @@ class SoupWriter:
             raise OutputError(f"{target}: is a mount point; a folder output is built beside its target and swapped "
                               f"in whole, which a mount point cannot be: give a folder inside it, e.g. {target / 'soup'}/")
         entries = sorted(os.listdir(target))
-        for entry in entries:
-            for src in self._inputs:
-                if _same_file(target / entry, src) or _same_file(target, os.path.dirname(os.path.abspath(src))):
-                    raise OutputError(f"{target}: the output folder holds an input ({src}); choose another output folder")
+        for src in self._inputs:
+            if _same_file(target, os.path.dirname(os.path.abspath(src))) or any(
+                    _same_file(target / entry, src) for entry in entries):
+                raise OutputError(f"{target}: the output folder holds an input ({src}); choose another output folder")
         if not entries:
             return
         mine = soupkern_files(target) or set()
