@@ -63,6 +63,19 @@ def check_budget(budget_bytes: object, name: str = "budget_bytes") -> int:
     return int(budget_bytes)
 
 
+def check_shard_size(max_shard_size: object) -> int | None:
+    if max_shard_size is not None and (isinstance(max_shard_size, bool) or not isinstance(max_shard_size, int)
+                                       or max_shard_size <= 0):
+        raise InputError(f"max_shard_size must be a positive number of bytes, got {max_shard_size!r}")
+    return max_shard_size  # type: ignore[return-value]
+
+
+def check_divisor(divisor: object) -> float:
+    if isinstance(divisor, bool) or not isinstance(divisor, numbers.Real) or not 0 < float(divisor) < float("inf"):
+        raise InputError(f"divisor must be a positive finite number, got {divisor!r}")
+    return float(divisor)
+
+
 def check_flag(value: object, name: str) -> bool:
     if not isinstance(value, bool):
         raise InputError(f"{name} must be True or False, got {value!r}")

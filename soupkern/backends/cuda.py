@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import importlib
 import json
-import math
-from numbers import Real
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from soupkern.backends.device import _check_n
 from soupkern.errors import InputError
+from soupkern.options import check_divisor
 
 if TYPE_CHECKING:
     import torch
@@ -100,11 +99,6 @@ class CudaKernels:
             for j, x in enumerate(xs):
                 self._operand(x, f"{names[1]}[{t}][{j}]", device, out.numel(), f64=first_f64 and j == 0)
 
-    @staticmethod
-    def _divisor(divisor: object) -> float:
-        if isinstance(divisor, bool) or not isinstance(divisor, Real) or not math.isfinite(divisor) or divisor <= 0:
-            raise InputError(f"divisor must be a positive finite number, got {divisor!r}")
-        return float(divisor)
 
     # ---- the contracts ------------------------------------------------------------------
 
@@ -117,7 +111,7 @@ class CudaKernels:
             raise InputError(f"{len(inputs)} inputs but {len(weights)} weights")
         if len(weights) > self._ext.MAX_INPUTS:
             raise InputError(f"{len(weights)} inputs; the CUDA kernels take at most {self._ext.MAX_INPUTS}")
-        d = self._divisor(divisor)
+        d = check_divisor(divisor)
         self._rows([out], [inputs], len(weights), ("out", "inputs"))
         self._run(self._ext.OP_WEIGHTED_SUM, [out], [inputs], weights, d)
 
@@ -129,7 +123,7 @@ class CudaKernels:
             raise InputError("multi_weighted_sum needs at least one weight")
         if len(weights) > self._ext.MAX_INPUTS:
             raise InputError(f"{len(weights)} inputs; the CUDA kernels take at most {self._ext.MAX_INPUTS}")
-        d = self._divisor(divisor)
+        d = check_divisor(divisor)
         self._rows(outs, inputs, len(weights), ("outs", "inputs"))
         self._run(self._ext.OP_WEIGHTED_SUM, outs, inputs, weights, d)
 

@@ -31,6 +31,7 @@ import numpy as np
 
 from soupkern.errors import InputError, Interrupted, OutputError
 from soupkern.io import atomic
+from soupkern.options import check_shard_size
 from soupkern.io.format import DTYPES, MAX_HEADER_BYTES, METADATA_KEY, parse_index
 from soupkern.io.reader import INDEX_NAME, SINGLE_NAME, SafetensorsFile, open_regular
 
@@ -146,9 +147,7 @@ def plan_output(
     order = sorted(tensors, key=lambda t: (-DTYPES[t.dtype], t.name))
     target = Path(os.path.abspath(text))
     folder = max_shard_size is not None or text.endswith(("/", os.sep)) or target.is_dir()
-    if max_shard_size is not None and (isinstance(max_shard_size, bool) or not isinstance(max_shard_size, int)
-                                       or max_shard_size <= 0):
-        raise InputError(f"max shard size must be a positive number of bytes, got {max_shard_size!r}")
+    check_shard_size(max_shard_size)
     if folder and target.name.endswith(".safetensors") and not target.is_dir():
         raise InputError(f"{text}: a sharded or folder output is a folder, but this name ends in .safetensors; "
                          f"give a folder path (e.g. '{text[: -len('.safetensors')]}/') or drop --max-shard-size")

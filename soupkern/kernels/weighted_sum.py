@@ -48,6 +48,7 @@ import triton
 import triton.language as tl
 
 from soupkern.errors import InputError
+from soupkern.options import check_divisor  # noqa: F401  (re-exported to multi_weighted_sum)
 
 # dtype codes shared by every Triton kernel in this package (also stored in the tables)
 F32 = tl.constexpr(0)
@@ -246,13 +247,6 @@ def check_device(device: torch.device) -> None:
 def fp64_bits(values: Sequence[float]) -> np.ndarray:
     """fp64 values as int64 bit patterns (table entries)."""
     return np.asarray([float(v) for v in values], dtype=np.float64).view(np.int64)
-
-
-def check_divisor(divisor: float) -> float:
-    d = float(divisor)
-    if not (0.0 < d < float("inf")):
-        raise InputError(f"divisor must be a positive finite number, got {divisor!r}")
-    return d
 
 
 def input_code(codes: Sequence[int]) -> int:

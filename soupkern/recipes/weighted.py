@@ -25,7 +25,8 @@ from soupkern import strict_json
 from soupkern.errors import InputError
 from soupkern.io import Checkpoint, SoupWriter, open_checkpoint, plan_output
 from soupkern.io.writer import check_metadata
-from soupkern.options import check_budget, check_device, check_flag, coefficient_vector, ingredient_paths
+from soupkern.options import (check_budget, check_device, check_divisor, check_flag, check_shard_size,
+                              coefficient_vector, ingredient_paths)
 from soupkern.plan import KeyPolicy, SoupPlan, build_plan, normalize_dtype
 
 if TYPE_CHECKING:
@@ -164,12 +165,6 @@ def verify_inputs(checkpoints: Sequence[Checkpoint]) -> None:
         ck.check_unchanged()
 
 
-def check_divisor(divisor: object) -> float:
-    if isinstance(divisor, bool) or not isinstance(divisor, (int, float)) or not (0 < float(divisor) < float("inf")):
-        raise InputError(f"divisor must be a positive finite number, got {divisor!r}")
-    return float(divisor)
-
-
 def check_soup_options(*, budget_bytes: object = DEFAULT_BUDGET_BYTES, dtype: object = None, keys: object = "same",
                        max_shard_size: object = None, metadata: object = None, overwrite: object = False,
                        fsync: object = False) -> None:
@@ -178,9 +173,7 @@ def check_soup_options(*, budget_bytes: object = DEFAULT_BUDGET_BYTES, dtype: ob
     normalize_dtype(dtype)
     if not isinstance(keys, str) or keys not in ("same", "intersection"):
         raise InputError(f"keys must be 'same' or 'intersection', got {keys!r}")
-    if max_shard_size is not None and (isinstance(max_shard_size, bool) or not isinstance(max_shard_size, int)
-                                       or max_shard_size <= 0):
-        raise InputError(f"max_shard_size must be a positive number of bytes, got {max_shard_size!r}")
+    check_shard_size(max_shard_size)
     check_metadata(metadata)  # type: ignore[arg-type]
     check_flag(overwrite, "overwrite")
     check_flag(fsync, "fsync")
