@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
+from soupkern.backends.torch_backend import fp64_weighted_sum, round_f64
 from soupkern.errors import InputError
 
 if TYPE_CHECKING:
@@ -62,22 +63,8 @@ class TorchDeviceKernels:
 
     def weighted_sum(self, out: torch.Tensor, inputs: Sequence[torch.Tensor], weights: Sequence[float],
                      divisor: float = 1.0) -> None:
-        import torch
-
         _check_operands(out, inputs, weights)
-        acc = None
-        for x, w in zip(inputs, weights):
-            x64 = x.reshape(-1).to(torch.float64)
-            if acc is None:
-                acc = x64 * float(w)
-            elif w == 1.0:
-                acc.add_(x64)  # x * 1 is exact: the contract's fma exactly
-            else:
-                acc.add_(x64 * float(w))
-        assert acc is not None
-        if divisor != 1.0:
-            acc.div_(torch.full((), float(divisor), dtype=torch.float64, device=acc.device))
-        out.copy_(round_f64(acc, out.dtype).view(out.shape))
+        out.copy_(round_f64(fp64_weighted_sum(inputs, weights, divisor), out.dtype).view(out.shape))
 
     def multi_weighted_sum(self, outs: Sequence[torch.Tensor], inputs: Sequence[Sequence[torch.Tensor]],
                            weights: Sequence[float], divisor: float = 1.0) -> None:
@@ -88,14 +75,11 @@ class TorchDeviceKernels:
 
     def greedy_candidate(self, outs: Sequence[torch.Tensor], sums: Sequence[torch.Tensor],
                          xs: Sequence[torch.Tensor], n: int) -> None:
-        import torch
-
         _check_n(n)
         if not len(outs) == len(sums) == len(xs):
             raise InputError(f"greedy_candidate: {len(outs)} outputs, {len(sums)} sums, {len(xs)} ingredients")
-        for out, s, x in zip(outs, sums, xs):
-            divisor = torch.full((), float(n + 1), dtype=torch.float64, device=s.device)
-            out.copy_(round_f64((s.reshape(-1) + x.reshape(-1).to(torch.float64)).div_(divisor), out.dtype).view(out.shape))
+        for out, s, x in zip(outs, sums, xs):  # (1·s + x) / (n + 1): s * 1 and the add are exact
+            out.copy_(round_f64(fp64_weighted_sum([s, x], [1.0, 1.0], n + 1), out.dtype).view(out.shape))
 
     def greedy_accept(self, sums: Sequence[torch.Tensor], xs: Sequence[torch.Tensor]) -> None:
         import torch
@@ -107,18 +91,6 @@ class TorchDeviceKernels:
 def _check_n(n: object) -> None:
     if isinstance(n, bool) or not isinstance(n, int) or n < 0 or n + 1 > 1 << 53:
         raise InputError(f"n must be an int with 0 <= n and n + 1 <= 2^53 (exact in fp64), got {n!r}")
-
-
-def round_f64(acc: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """fp64 values rounded once to `dtype` (nearest even). torch converts fp64 to fp16/bf16 through
-    fp32, rounding twice; round-to-odd fp32 first makes the second rounding the correct one."""
-    import torch
-
-    from soupkern.backends.torch_backend import f64_to_f32_odd
-
-    if dtype in (torch.float16, torch.bfloat16):
-        return f64_to_f32_odd(torch, acc).to(dtype)
-    return acc.to(dtype)
 
 
 def _check_operands(out: torch.Tensor, inputs: Sequence[torch.Tensor], weights: Sequence[float]) -> None:

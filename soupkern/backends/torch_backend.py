@@ -10,7 +10,7 @@ only where that straddles an output rounding boundary.
 from __future__ import annotations
 
 import warnings
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -43,25 +43,45 @@ class TorchBackend:
     ) -> None:
         if n == 0:
             return
-        torch = self.torch
-        acc = None
-        for buf, dt, w in zip(inputs, in_dtypes, weights):
-            x = self._tensor(buf, dt, n).to(torch.float64)
-            if acc is None:
-                acc = x * float(w)  # out of place: x may be the (read-only) input itself
-            elif w == 1.0:
-                acc.add_(x)  # x * 1 is exact: this is the contract's fma exactly
-            else:
-                acc.add_(x * float(w))
-        assert acc is not None
-        if divisor != 1.0:
-            acc.div_(torch.tensor(float(divisor), dtype=torch.float64))
-        if out_dtype in ("F16", "BF16"):
-            acc = f64_to_f32_odd(torch, acc)  # torch rounds fp64 -> half through fp32: twice
-        self._tensor(out, out_dtype, n).copy_(acc)
+        xs = [self._tensor(buf, dt, n) for buf, dt in zip(inputs, in_dtypes)]
+        out_t = self._tensor(out, out_dtype, n)
+        out_t.copy_(round_f64(fp64_weighted_sum(xs, weights, divisor), out_t.dtype))
 
 
-def f64_to_f32_odd(torch, d):  # (module, torch.Tensor) -> torch.Tensor
+def fp64_weighted_sum(xs: Sequence[Any], weights: Sequence[float], divisor: float = 1.0) -> Any:
+    """(sum_k w_k x_k) / divisor as a new fp64 tensor, k in order: the contract's accumulation in
+    torch ops (an exact add where w_k = 1; otherwise multiply, then add), one IEEE division. The
+    divisor is a 0-dim tensor: torch on CUDA turns division by a Python number into a
+    multiplication by its rounded reciprocal."""
+    import torch
+
+    acc = None
+    for x, w in zip(xs, weights):
+        x64 = x.reshape(-1).to(torch.float64)
+        if acc is None:
+            acc = x64 * float(w)  # out of place: x may be the (read-only) input itself
+        elif w == 1.0:
+            acc.add_(x64)  # x * 1 is exact: this is the contract's fma exactly
+        else:
+            acc.add_(x64 * float(w))
+    if acc is None:
+        raise ValueError("a weighted sum needs at least one input")
+    if divisor != 1.0:
+        acc.div_(torch.full((), float(divisor), dtype=torch.float64, device=acc.device))
+    return acc
+
+
+def round_f64(acc: Any, dtype: Any) -> Any:
+    """fp64 values rounded once to `dtype` (nearest even). torch converts fp64 to fp16/bf16 through
+    fp32, rounding twice; round-to-odd fp32 first makes the second rounding the correct one."""
+    import torch
+
+    if dtype in (torch.float16, torch.bfloat16):
+        return f64_to_f32_odd(torch, acc).to(dtype)
+    return acc.to(dtype)
+
+
+def f64_to_f32_odd(torch: Any, d: Any) -> Any:
     """fp64 -> fp32 rounded to odd (truncate toward zero, set the last bit if inexact); a second
     rounding to nearest-even F16/BF16 is then the correct single rounding of the fp64 value."""
     f = d.to(torch.float32)
