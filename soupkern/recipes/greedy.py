@@ -217,8 +217,11 @@ class _RunningSoup:
         # On a CPU model, a candidate of few ingredients is cheaper to recompute from the mapped
         # files with the host kernel than to form from an fp64 running sum (8 bytes per parameter,
         # which for large models lives on disk): same contract, same bits.
+        from soupkern.torch_dtypes import TORCH_DTYPES
+
+        self._dtype_names = {TORCH_DTYPES[d]: d for d in FLOAT_DTYPES}
         self.recompute = self.device.type == "cpu" and all(
-            t.is_contiguous() and t.dtype in _HOST_DTYPES for t in self.targets)
+            t.is_contiguous() and t.dtype in self._dtype_names for t in self.targets)
 
     def read(self, index: int) -> _Ingredient:
         return _Ingredient(self, index)
@@ -291,7 +294,7 @@ class _RunningSoup:
             for name, target in zip(self.names, targets):
                 sources = [ck.tensors[name] for ck in cks]
                 out = target.detach().view(-1).view(torch.uint8).numpy()
-                kernel.weighted_sum(out, _HOST_DTYPES[target.dtype], [f.view(info) for f, info in sources],
+                kernel.weighted_sum(out, self._dtype_names[target.dtype], [f.view(info) for f, info in sources],
                                     [info.dtype for _, info in sources], [1.0] * len(members), target.numel(),
                                     float(len(members)))
                 for f, info in sources:
@@ -408,31 +411,6 @@ STATE_IN_MEMORY_BYTES = 1 << 30
 RECOMPUTE_MAX = 8  # on a CPU, candidates of at most this many ingredients are recomputed from the files
 
 
-def _host_dtypes() -> dict[Any, str]:
-    import torch
-
-    return {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
-
-
-class _LazyDtypes(dict):  # type: ignore[type-arg]
-    """torch dtype -> safetensors name, filled on first use (importing the module stays torch-free)."""
-
-    def _fill(self) -> None:
-        if not super().__len__():
-            self.update(_host_dtypes())
-
-    def __contains__(self, key: object) -> bool:
-        self._fill()
-        return super().__contains__(key)
-
-    def __getitem__(self, key: Any) -> str:
-        self._fill()
-        return super().__getitem__(key)
-
-
-_HOST_DTYPES = _LazyDtypes()
-
-
 class _SumState:
     """The fp64 running sums. Up to STATE_IN_MEMORY_BYTES (or on a GPU): ordinary tensors. Larger,
     on the CPU: views of one unnamed temporary file (in `state_dir`, default the system's temporary
@@ -455,19 +433,19 @@ class _SumState:
         if device.type != "cpu" or total <= STATE_IN_MEMORY_BYTES:
             self.tensors = {n: torch.zeros(shapes[n], dtype=torch.float64, device=device) for n in names}
             return
-        offsets, cursor = {}, 0
-        for n in names:
-            offsets[n] = cursor
-            cursor += -(-8 * numels[n] // mmap.PAGESIZE) * mmap.PAGESIZE  # page-aligned: release per tensor
+        cursor = 0
+        for n in names:  # page-aligned spans, so each tensor's pages can be released on their own
+            span = -(-8 * numels[n] // mmap.PAGESIZE) * mmap.PAGESIZE
+            self._spans[n] = (cursor, span)
+            cursor += span
         with tempfile.TemporaryFile(dir=state_dir, prefix=".soupkern-greedy-sums-") as f:
             os.ftruncate(f.fileno(), max(cursor, 1))  # sparse: reads as zeros, the sums' start
             self._map = mmap.mmap(f.fileno(), max(cursor, 1), flags=mmap.MAP_SHARED)
         whole = np.frombuffer(self._map, dtype=np.uint8)
         self.tensors = {}
         for n in names:
-            b = offsets[n]
+            b = self._spans[n][0]
             self.tensors[n] = torch.from_numpy(whole[b: b + 8 * numels[n]].view(np.float64)).view(shapes[n])
-            self._spans[n] = (b, -(-8 * numels[n] // mmap.PAGESIZE) * mmap.PAGESIZE)
 
     def release(self, name: str) -> None:
         if self._map is not None and name in self._spans:
