@@ -314,23 +314,15 @@ _CHECKED = ("dtype", "keys", "max_shard_size", "budget_bytes", "backend", "overw
 
 def _learned(args: argparse.Namespace) -> None:
     from soupkern.recipes.learned import learned_soup
-    from soupkern.recipes.weighted import check_soup_output, reserve_output
+    from soupkern.recipes.weighted import check_soup_output
 
     opts = _soup_opts(args)
     check_soup_output(args.ingredients, args.output, **{k: opts[k] for k in _CHECKED})
     make_model = load_callable(args.model, "--model")
     make_data = load_callable(args.data, "--data")
-    with reserve_output(args.output):
-        _learned_reserved(args, opts, learned_soup, make_model, make_data)
-
-
-def _learned_reserved(args: argparse.Namespace, opts: dict[str, Any], learned_soup: Callable[..., Any],
-                      make_model: Callable[[], Any], make_data: Callable[[], Any]) -> None:
-    model = make_model()
-    data = make_data()
-    result = learned_soup(args.ingredients, model, data, args.output, mode=args.mode, epochs=args.epochs, lr=args.lr,
-                          seed=args.seed, **{k: opts[k] for k in ("dtype", "keys", "max_shard_size", "budget_bytes",
-                                                                   "backend", "overwrite", "fsync")})
+    # learned_soup reserves the output (its lock) before it trains
+    result = learned_soup(args.ingredients, make_model(), make_data(), args.output, mode=args.mode,
+                          epochs=args.epochs, lr=args.lr, seed=args.seed, **{k: opts[k] for k in _CHECKED})
     if not args.quiet:
         print(result.to_table(), file=sys.stderr)
     _summary(args, result.report)
