@@ -295,7 +295,8 @@ def _greedy_reserved(args: argparse.Namespace, opts: dict[str, Any]) -> None:
         print(f"greedy soup of {len(names)} ingredients (tie rule '{args.tie}'): scoring each ingredient...",
               file=sys.stderr)
     result = greedy_soup(args.ingredients, model=model, score=score, tie=args.tie, sort=args.sort,
-                         device=args.device, on_step=on_step)
+                         device=args.device, on_step=on_step,
+                         state_dir=os.path.dirname(os.path.abspath(args.output)))
     n = len(result.kept)
     report = weighted_soup([result.paths[i] for i in result.kept], [1.0] * n, args.output, recipe="greedy",
                            divisor=n, metadata=result.metadata(), **opts)

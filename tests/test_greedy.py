@@ -345,3 +345,24 @@ def test_every_candidate_strategy_gives_the_same_soup(digits_ingredients: list[P
         assert other[0] == runs[0][0] and other[1] == runs[0][1] and other[3:] == runs[0][3:]
         assert all(torch.equal(other[2][k], runs[0][2][k]) for k in runs[0][2])
     assert not [p for p in tmp_path.iterdir() if "greedy-sums" in p.name]
+
+
+def test_file_backed_sums_without_space_fail_before_any_evaluation(digits_ingredients: list[Path], tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+    import os
+
+    import soupkern.recipes.greedy as greedy_mod
+
+    monkeypatch.setattr(greedy_mod, "RECOMPUTE_MAX", 0)
+    monkeypatch.setattr(greedy_mod, "STATE_IN_MEMORY_BYTES", 0)
+
+    def no_space(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(greedy_mod.os, "posix_fallocate", no_space)
+    calls: list[int] = []
+    with pytest.raises(soupkern.OutputError, match="cannot reserve .* running sums"):
+        greedy_soup(digits_ingredients, tmp_path / "g.safetensors", model=digits.make_model(),
+                    score=lambda m: calls.append(1) or 1.0)
+    assert calls == [] and not list(tmp_path.iterdir())

@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from soupkern import strict_json
 from soupkern.options import ingredient_paths
-from soupkern.errors import InputError, MismatchError
+from soupkern.errors import InputError, MismatchError, OutputError
 from soupkern.recipes.weighted import SoupReport, check_soup_output, reserves_output, weighted_soup
 
 if TYPE_CHECKING:
@@ -222,6 +222,8 @@ class _RunningSoup:
         self._dtype_names = {TORCH_DTYPES[d]: d for d in FLOAT_DTYPES}
         self.recompute = self.device.type == "cpu" and all(
             t.is_contiguous() and t.dtype in self._dtype_names for t in self.targets)
+        if not self.recompute or len(self.paths) > RECOMPUTE_MAX:
+            self._ensure_sums()  # allocated now, so a disk too small for them fails before any evaluation
 
     def read(self, index: int) -> _Ingredient:
         return _Ingredient(self, index)
@@ -439,7 +441,12 @@ class _SumState:
             self._spans[n] = (cursor, span)
             cursor += span
         with tempfile.TemporaryFile(dir=state_dir, prefix=".soupkern-greedy-sums-") as f:
-            os.ftruncate(f.fileno(), max(cursor, 1))  # sparse: reads as zeros, the sums' start
+            try:
+                # reserve the blocks now: a write fault into a hole of a full disk would be SIGBUS
+                os.posix_fallocate(f.fileno(), 0, max(cursor, 1))
+            except OSError as e:
+                raise OutputError(f"{state_dir or tempfile.gettempdir()}: cannot reserve {cursor / 1e9:.2f} GB for the greedy soup's running sums "
+                                  f"({e.strerror}); free space there or pass state_dir=") from None
             self._map = mmap.mmap(f.fileno(), max(cursor, 1), flags=mmap.MAP_SHARED)
         whole = np.frombuffer(self._map, dtype=np.uint8)
         self.tensors = {}
@@ -494,6 +501,7 @@ def greedy_soup(
     backend: str | None = None,
     progress: bool = False,
     metadata: dict[str, str] | None = None,
+    state_dir: str | os.PathLike[str] | None = None,
 ) -> GreedyResult:
     """Greedy soup of `ingredients` (safetensors files/folders), written to `out` when given.
 
@@ -506,7 +514,9 @@ def greedy_soup(
     compute-bound there and measured slower, see benchmarks/results/greedy_digits_cpu.md). A score
     callable allows only 1.
     `tie`, `sort`: see the module docstring. Output options (`dtype`, `overwrite`, `backend`,
-    `progress`) as `weighted_soup`; `metadata` is added to the greedy provenance.
+    `progress`) as `weighted_soup`; `metadata` is added to the greedy provenance. `state_dir`: where
+    running sums too large for memory live (an unnamed temporary file; default the output's folder,
+    else the system's temporary folder).
 
     On return the model holds the in-memory greedy soup; see `GreedyResult` for the record.
     """
@@ -526,8 +536,9 @@ def greedy_soup(
                          "scored in one batched pass; with a score callable use speculative=1")
     if tie not in ("ge", "gt"):
         raise InputError(f"tie must be 'ge' or 'gt', got {tie!r}")
-    state_dir = os.path.dirname(os.path.abspath(os.fspath(out))) if out is not None else None
-    soup = _RunningSoup(ev, paths, state_dir)
+    if state_dir is None and out is not None:
+        state_dir = os.path.dirname(os.path.abspath(os.fspath(out)))
+    soup = _RunningSoup(ev, paths, None if state_dir is None else os.fspath(state_dir))
     try:
         return _greedy_run(soup, ev, paths, out, t0, ingredient_scores=ingredient_scores, speculative=speculative,
                            tie=tie, sort=sort, on_step=on_step, dtype=dtype, overwrite=overwrite, backend=backend,
