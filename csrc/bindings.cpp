@@ -5,6 +5,7 @@
 
 #include <omp.h>
 
+#include <cstdint>
 #include <limits>
 #include <stdexcept>
 #include <string>
@@ -73,6 +74,30 @@ void weighted_sum_py(const py::object& out, const std::string& out_dtype, const 
   soupkern::weighted_sum(optr, od, ptrs.data(), dts.data(), weights.data(), divisor, static_cast<int>(k), n, threads, fn);
 }
 
+// Pointers as integers: the Python caller (soupkern.engine.run_jobs) keeps every tensor alive
+// and checks sizes; this entry point is private to the package.
+void weighted_sum_many_py(const std::vector<std::uintptr_t>& outs, const std::vector<int>& out_dtypes,
+                          const std::vector<std::uintptr_t>& inputs, const std::vector<int>& in_dtypes,
+                          const std::vector<std::size_t>& numels, const std::vector<double>& weights,
+                          const std::vector<double>& divisors, int k, int threads) {
+  const std::size_t count = outs.size();
+  if (k < 1) throw py::value_error("weighted_sum_many needs k >= 1");
+  const std::size_t tk = count * static_cast<std::size_t>(k);
+  if (out_dtypes.size() != count || numels.size() != count || divisors.size() != count ||
+      inputs.size() != tk || in_dtypes.size() != tk || weights.size() != tk)
+    throw py::value_error("weighted_sum_many: table sizes disagree");
+  for (int d : out_dtypes) if (d < 0 || d > 3) throw py::value_error("weighted_sum_many: bad dtype code");
+  for (int d : in_dtypes) if (d < 0 || d > 3) throw py::value_error("weighted_sum_many: bad dtype code");
+  for (double d : divisors)
+    if (!(d > 0.0) || d == std::numeric_limits<double>::infinity())
+      throw py::value_error("divisor must be a positive finite number");
+  static_assert(sizeof(DType) == sizeof(int), "DType is passed as int");
+  py::gil_scoped_release release;
+  soupkern::weighted_sum_many(reinterpret_cast<void* const*>(outs.data()), reinterpret_cast<const DType*>(out_dtypes.data()),
+                              reinterpret_cast<const void* const*>(inputs.data()), reinterpret_cast<const DType*>(in_dtypes.data()),
+                              numels.data(), weights.data(), divisors.data(), k, count, threads);
+}
+
 void copy_py(const py::object& dst, const py::object& src, std::size_t nbytes, int threads) {
   py::buffer_info d = byte_view(dst, nbytes, true, "dst");
   py::buffer_info s = byte_view(src, nbytes, false, "src");
@@ -100,6 +125,11 @@ PYBIND11_MODULE(_native, m) {
         py::arg("divisor") = 1.0,
         "out[i] = round((sum_k w_k * x_k[i]) / divisor) over n elements, fp64 accumulation; contract in "
         "csrc/soupkern.h. isa: '' (best), 'avx512', 'avx2' or 'generic' (each gives the same bits).");
+  m.def("weighted_sum_many", &weighted_sum_many_py, py::arg("outs"), py::arg("out_dtypes"), py::arg("inputs"),
+        py::arg("in_dtypes"), py::arg("numels"), py::arg("weights"), py::arg("divisors"), py::arg("k"),
+        py::arg("threads") = 0,
+        "Private: weighted_sum over a table of tensors given by address (dtype codes F64=0, F32=1, F16=2, "
+        "BF16=3); the caller keeps the memory alive.");
   m.def("copy", &copy_py, py::arg("dst"), py::arg("src"), py::arg("nbytes"), py::arg("threads") = 0,
         "OpenMP memcpy of nbytes: the same-run memory-copy baseline for the kernel.");
   m.def("read", &read_py, py::arg("buffers"), py::arg("nbytes"), py::arg("threads") = 0,

@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <vector>
 
 #include "soupkern.h"
 
@@ -72,6 +73,28 @@ void weighted_sum(void* out, DType out_dtype, const void* const* inputs, const D
     const std::size_t g0 = grains * id / nt, g1 = grains * (id + 1) / nt;
     const std::size_t b = std::min(n, g0 * kGrain), e = std::min(n, g1 * kGrain);
     if (b < e) fn(out, out_dtype, inputs, in_dtypes, weights, divisor, k, b, e, stream);
+  }
+}
+
+void weighted_sum_many(void* const* outs, const DType* out_dtypes, const void* const* inputs,
+                       const DType* in_dtypes, const std::size_t* numels, const double* weights,
+                       const double* divisors, int k, std::size_t count, int threads, WeightedSumFn fn) {
+  static const WeightedSumFn best = select_isa(nullptr);
+  if (fn == nullptr) fn = best;
+  constexpr std::size_t kBlock = 1 << 15;  // elements per work item: L2-sized for K inputs
+  std::vector<std::size_t> first(count + 1, 0);  // first work item of each tensor
+  std::size_t total = 0;
+  for (std::size_t t = 0; t < count; ++t) {
+    first[t + 1] = first[t] + (numels[t] + kBlock - 1) / kBlock;
+    total += numels[t];
+  }
+  const std::size_t items = first[count];
+  const int nt = total < kMinParallel ? 1 : resolve_threads(threads);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
+  for (std::size_t i = 0; i < items; ++i) {
+    const std::size_t t = static_cast<std::size_t>(std::upper_bound(first.begin(), first.end(), i) - first.begin()) - 1;
+    const std::size_t b = (i - first[t]) * kBlock, e = std::min(numels[t], b + kBlock);
+    fn(outs[t], out_dtypes[t], inputs + t * k, in_dtypes + t * k, weights + t * k, divisors[t], k, b, e, false);
   }
 }
 

@@ -49,6 +49,14 @@ WeightedSumFn isa_by_name(const char* name);
 void weighted_sum(void* out, DType out_dtype, const void* const* inputs, const DType* in_dtypes,
                   const double* weights, double divisor, int k, std::size_t n, int threads,
                   WeightedSumFn fn = nullptr);
+// One weighted sum of the contract above for each of `count` tensors in one call (the in-memory
+// state-dict path): job t reads inputs[t*k .. t*k+k) and writes outs[t] over numels[t] elements
+// with weights[t*k .. t*k+k) and divisors[t]. Tensors are cut into blocks spread over the
+// threads, so hundreds of small tensors cost one team wake-up, not one each; same bits.
+void weighted_sum_many(void* const* outs, const DType* out_dtypes, const void* const* inputs,
+                       const DType* in_dtypes, const std::size_t* numels, const double* weights,
+                       const double* divisors, int k, std::size_t count, int threads,
+                       WeightedSumFn fn = nullptr);
 void parallel_copy(void* dst, const void* src, std::size_t nbytes, int threads);
 // Reads nbytes of each buffer once (OpenMP over the same element ranges as weighted_sum) and
 // returns a checksum: the read-only floor a read-dominated kernel is compared with.

@@ -1,7 +1,9 @@
 """soupkern: fast, bounded-memory model soups over memory-mapped safetensors.
 
 Recipes: uniform / weighted (file to file or in memory), greedy, learned, logit ensembles,
-analysis of ingredient deltas; see README.md for their exact specifications.
+analysis of ingredient deltas; see README.md for their exact specifications. Ingredients are any
+tensor source: safetensors files or folders, PyTorch pickles, DCP folders, in-memory state dicts
+or modules (soupkern.io.open_checkpoint).
 
 Importing soupkern is cheap: it loads neither torch, triton nor CUDA and touches no device.
 """

@@ -28,8 +28,10 @@ import numpy as np
 
 from soupkern.engine import DEFAULT_BUDGET_BYTES, MIN_BUDGET_BYTES
 from soupkern.errors import InputError
-from soupkern.io import open_checkpoint
+from soupkern.io.sources import labels
+from soupkern.options import ingredient_list
 from soupkern.plan import KeyPolicy, build_plan
+from soupkern.recipes.weighted import open_ingredients
 
 if TYPE_CHECKING:
     import torch
@@ -117,12 +119,13 @@ class GramResult:
 
 
 def delta_gram(
-    ingredients: Sequence[PathLike],
-    base: PathLike | None = None,
+    ingredients: Sequence[Any],
+    base: Any = None,
     *,
     include: str | Callable[[str], bool] | None = None,
     keys: KeyPolicy = "same",
     budget_bytes: int = DEFAULT_BUDGET_BYTES,
+    state_dict_key: str | None = None,
 ) -> GramResult:
     """G[i, j] = <θ_i - θ_base, θ_j - θ_base> over float tensors, in one streaming pass.
 
@@ -133,8 +136,7 @@ def delta_gram(
     all files (and the base) as for a soup; non-float tensors are skipped. `include`: a regex
     (re.search on the tensor name) or a predicate choosing the tensors; default all float tensors.
     """
-    if not ingredients:
-        raise InputError("analysis needs at least one ingredient")
+    ingredients = ingredient_list(ingredients)
     if budget_bytes < MIN_BUDGET_BYTES:
         raise InputError(f"budget_bytes must be at least {MIN_BUDGET_BYTES}, got {budget_bytes}")
     if isinstance(include, str):
@@ -151,7 +153,7 @@ def delta_gram(
     gram = np.zeros((k, k), dtype=np.float64)
     n_tensors = elements = bytes_read = 0
     with ExitStack() as stack:
-        checkpoints = [stack.enter_context(open_checkpoint(p)) for p in paths]
+        checkpoints = open_ingredients(stack, paths, state_dict_key)
         plan = build_plan(checkpoints, [0.0] * len(paths), keys=keys)
         for tp in plan.tensors:
             if not tp.average or not chosen(tp.out.name):
@@ -174,9 +176,10 @@ def delta_gram(
             elements += tp.numel
     if n_tensors == 0:
         raise InputError("no float tensor selected for the analysis"
-                         + (" (check the include pattern)" if include is not None else ""), path=os.fspath(paths[0]))
+                         + (" (check the include pattern)" if include is not None else ""), path=checkpoints[0].path)
     gram = (gram + gram.T) / 2  # exact: both halves are the same sums; removes BLAS asymmetry if any
-    return GramResult(tuple(os.fspath(p) for p in ingredients), None if base is None else os.fspath(base),
+    names = labels(paths)
+    return GramResult(tuple(names[:k]), None if base is None else names[k],
                       gram, n_tensors, elements, bytes_read, time.perf_counter() - t0)
 
 
@@ -202,7 +205,7 @@ class InterpolationCurve:
 
 
 def soup_scores(
-    ingredients: Sequence[PathLike],
+    ingredients: Sequence[Any],
     coefficients: Sequence[Sequence[float]],
     model: nn.Module,
     data: Iterable[Any],
@@ -210,6 +213,7 @@ def soup_scores(
     metrics: Sequence[str | MetricFn] = ("loss", "accuracy"),
     device: str | torch.device | None = None,
     max_soups: int | None = None,
+    state_dict_key: str | None = None,
 ) -> dict[str, tuple[float, ...]]:
     """Held-out scores of S soups Σ_k A[s,k]·θ_k (rows of `coefficients` [S][K]), batched.
 
@@ -226,8 +230,7 @@ def soup_scores(
 
     from soupkern.evaluate import Evaluator, tensor_view
 
-    if not ingredients:
-        raise InputError("at least one ingredient is needed")
+    ingredients = ingredient_list(ingredients)
     a = torch.tensor([list(map(float, row)) for row in coefficients], dtype=torch.float64)
     if a.dim() != 2 or a.shape[0] == 0 or a.shape[1] != len(ingredients) or not bool(torch.isfinite(a).all()):
         raise InputError(f"coefficients must be a non-empty [S][K={len(ingredients)}] matrix of finite numbers, "
@@ -238,7 +241,7 @@ def soup_scores(
     ev = evaluators[0]
     stacked: dict[str, torch.Tensor] = {}
     with ExitStack() as stack:
-        cks = [stack.enter_context(open_checkpoint(p)) for p in ingredients]
+        cks = open_ingredients(stack, ingredients, state_dict_key)
         for ck in cks:
             ev.check_names(ck.tensors, path=ck.path)
         fixed = {}
@@ -286,7 +289,7 @@ def interpolation_curve(
         raise InputError(f"alphas must be a non-empty list of finite numbers, got {list(grid)}")
     scores = soup_scores([a, b], [(1.0 - al, al) for al in grid], model, data, metrics=metrics, device=device,
                          max_soups=max_soups)
-    return InterpolationCurve(os.fspath(a), os.fspath(b), grid, scores, time.perf_counter() - t0)
+    return InterpolationCurve(*labels([a, b]), grid, scores, time.perf_counter() - t0)
 
 
 @dataclass(frozen=True)

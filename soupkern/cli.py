@@ -79,6 +79,10 @@ def parse_weighted(items: Sequence[str]) -> tuple[list[str], list[float]]:
     return paths, coeffs
 
 
+INGREDIENTS_HELP = ("checkpoints: safetensors files, index json files or folders; PyTorch pickles (.pt, .pth, .bin, "
+                    ".pth.tar) or folders of pytorch_model.bin; DCP folders")
+
+
 def _soup_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", required=True, help="output .safetensors file (a folder with --max-shard-size)")
     p.add_argument("--dtype", help="output dtype of float tensors: fp32, fp16, bf16, fp64 (default: the first ingredient's)")
@@ -88,6 +92,9 @@ def _soup_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", help="kernel backend: cpp, torch, cuda, triton (default: $SOUPKERN_BACKEND or the best available)")
     p.add_argument("--force", action="store_true", help="replace an existing output")
     p.add_argument("--fsync", action="store_true", help="fsync the output before renaming it into place")
+    p.add_argument("--state-dict-key", metavar="KEY",
+                   help="the entry of a PyTorch pickle or DCP checkpoint to soup, e.g. state_dict_ema "
+                        "(default: the state dict itself, else its state_dict / model_state_dict / model / module)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
 
 
@@ -102,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("uniform", help="plain mean of the ingredients")
-    p.add_argument("ingredients", nargs="+", help="safetensors files, index json files or checkpoint folders")
+    p.add_argument("ingredients", nargs="+", help=INGREDIENTS_HELP)
     _soup_options(p)
     _device_option(p)
 
@@ -118,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("backends", help="which kernel backends can run here, and why (not)")
 
     p = sub.add_parser("greedy", help="greedy soup: add ingredients best first while the held-out score does not drop")
-    p.add_argument("ingredients", nargs="+", help="safetensors files, index json files or checkpoint folders")
+    p.add_argument("ingredients", nargs="+", help=INGREDIENTS_HELP)
     p.add_argument("--score", required=True, metavar="MODULE:FUNCTION",
                    help="held-out score, higher is better: FUNCTION(model) with --model, else FUNCTION(state_dict); "
                         "MODULE is an importable module or a path to a .py file")
@@ -132,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     _soup_options(p)
 
     p = sub.add_parser("learned", help="learned soup: mixing coefficients optimized on held-out loss (AdamW)")
-    p.add_argument("ingredients", nargs="+", help="safetensors files, index json files or checkpoint folders")
+    p.add_argument("ingredients", nargs="+", help=INGREDIENTS_HELP)
     p.add_argument("--model", required=True, metavar="MODULE:FACTORY", help="zero-argument function returning the nn.Module")
     p.add_argument("--data", required=True, metavar="MODULE:FUNCTION",
                    help="zero-argument function returning the held-out batches, a list of (inputs, targets) or a DataLoader")
@@ -144,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     _soup_options(p)
 
     p = sub.add_parser("analyze", help="norms, angles and distances of ingredient deltas from a base checkpoint")
-    p.add_argument("ingredients", nargs="+", help="safetensors files, index json files or checkpoint folders")
+    p.add_argument("ingredients", nargs="+", help=INGREDIENTS_HELP)
     p.add_argument("--base", help="the shared pretrained checkpoint (default: none, raw weights)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -204,6 +211,7 @@ def _soup_opts(args: argparse.Namespace) -> dict[str, Any]:
         overwrite=args.force,
         fsync=args.fsync,
         progress=not args.quiet,
+        state_dict_key=args.state_dict_key,
     )
 
 
@@ -259,21 +267,14 @@ def _printable(text: str) -> str:
 
 def _greedy(args: argparse.Namespace) -> None:
     from soupkern.options import check_device
-    from soupkern.recipes.weighted import check_soup_output, reserve_output
+    from soupkern.recipes.greedy import GreedyStep, greedy_soup
+    from soupkern.recipes.weighted import check_soup_output
 
     opts = _soup_opts(args)
     if args.device is not None:
         check_device(args.device)
     # every option, input and the output are checked before the first evaluation
     check_soup_output(args.ingredients, args.output, **{k: opts[k] for k in _CHECKED})
-    with reserve_output(args.output):  # a concurrent run on this output is refused now, not after the evaluations
-        _greedy_reserved(args, opts)
-
-
-def _greedy_reserved(args: argparse.Namespace, opts: dict[str, Any]) -> None:
-    from soupkern import weighted_soup
-    from soupkern.recipes.greedy import GreedyStep, greedy_soup
-
     fn = load_callable(args.score, "--score")
     if args.model:
         model = load_callable(args.model, "--model")
@@ -281,7 +282,7 @@ def _greedy_reserved(args: argparse.Namespace, opts: dict[str, Any]) -> None:
     else:
         from soupkern.evaluate import module_from_checkpoint
 
-        model = module_from_checkpoint(args.ingredients[0])
+        model = module_from_checkpoint(args.ingredients[0], state_dict_key=args.state_dict_key)
         score = lambda m: fn(m.state_dict())  # noqa: E731
     names = [os.path.basename(os.path.normpath(p)) for p in args.ingredients]
 
@@ -294,12 +295,10 @@ def _greedy_reserved(args: argparse.Namespace, opts: dict[str, Any]) -> None:
     if not args.quiet:
         print(f"greedy soup of {len(names)} ingredients (tie rule '{args.tie}'): scoring each ingredient...",
               file=sys.stderr)
-    result = greedy_soup(args.ingredients, model=model, score=score, tie=args.tie, sort=args.sort,
-                         device=args.device, on_step=on_step,
-                         state_dir=os.path.dirname(os.path.abspath(args.output)))
+    # greedy_soup reserves the output (its lock) before the first evaluation and writes the soup
+    result = greedy_soup(args.ingredients, args.output, model=model, score=score, tie=args.tie, sort=args.sort,
+                         device=args.device, on_step=on_step, **opts)
     n = len(result.kept)
-    report = weighted_soup([result.paths[i] for i in result.kept], [1.0] * n, args.output, recipe="greedy",
-                           divisor=n, metadata=result.metadata(), **opts)
     if not args.quiet:
         print(f"\n{'rank':>4}  {'ingredient':<32} {'score':>12}  in soup", file=sys.stderr)
         for rank, i in enumerate(result.order):
@@ -307,10 +306,10 @@ def _greedy_reserved(args: argparse.Namespace, opts: dict[str, Any]) -> None:
             print(f"{rank + 1:>4}  {names[i]:<32} {result.ingredient_scores[i]:>12.6g}  {mark}", file=sys.stderr)
         print(f"greedy soup: {n} of {len(names)} ingredients, score {result.final_score:.6g} "
               f"(best single {result.ingredient_scores[result.order[0]]:.6g})", file=sys.stderr)
-    _summary(args, report)
+    _summary(args, result.report)
 
 
-_CHECKED = ("dtype", "keys", "max_shard_size", "budget_bytes", "backend", "overwrite", "fsync")
+_CHECKED = ("dtype", "keys", "max_shard_size", "budget_bytes", "backend", "overwrite", "fsync", "state_dict_key")
 
 
 def _learned(args: argparse.Namespace) -> None:
@@ -322,7 +321,7 @@ def _learned(args: argparse.Namespace) -> None:
     make_model = load_callable(args.model, "--model")
     make_data = load_callable(args.data, "--data")
     # learned_soup reserves the output (its lock) before it trains
-    result = learned_soup(args.ingredients, make_model(), make_data(), args.output, mode=args.mode,
+    result = learned_soup(args.ingredients, args.output, model=make_model(), data=make_data(), mode=args.mode,
                           epochs=args.epochs, lr=args.lr, seed=args.seed, **{k: opts[k] for k in _CHECKED})
     if not args.quiet:
         print(result.to_table(), file=sys.stderr)

@@ -86,7 +86,7 @@ def _one_seed(workdir: Path, seed: int, cfg: DemoConfig, log: Any) -> dict[str, 
     uniform_soup(paths, soups / "uniform.safetensors", overwrite=True)
     greedy = greedy_soup(paths, soups / "greedy.safetensors", model=digits.make_model, data=val,
                          metric="accuracy", tie="ge", overwrite=True)
-    learned = learned_soup(paths, digits.make_model(), val, soups / "learned.safetensors", mode="by_model",
+    learned = learned_soup(paths, soups / "learned.safetensors", model=digits.make_model(), data=val, mode="by_model",
                            epochs=cfg.learned_epochs, seed=seed, overwrite=True)
     ensemble = {}
     for name, data in sets.items():

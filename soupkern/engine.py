@@ -8,7 +8,7 @@ page cache) as soon as their chunk is done.
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Mapping
 
 import numpy as np
 
@@ -17,7 +17,7 @@ from soupkern.io import SoupWriter, dtype_itemsize
 from soupkern.options import MIN_BUDGET_BYTES
 from soupkern.plan import SoupPlan, TensorPlan
 
-__all__ = ["DEFAULT_BUDGET_BYTES", "MIN_BUDGET_BYTES", "execute", "fill_tensor", "staging_bytes_for"]
+__all__ = ["DEFAULT_BUDGET_BYTES", "MIN_BUDGET_BYTES", "execute", "fill_many", "fill_tensor", "staging_bytes_for"]
 
 DEFAULT_BUDGET_BYTES = 64 << 20
 Progress = Callable[[int], None]
@@ -94,3 +94,55 @@ def fill_tensor(tp: TensorPlan, coeffs: tuple[float, ...], out: np.ndarray, back
         np.copyto(out, f.view(info))
     for f, info in tp.sources:
         f.release(info.begin, info.end)
+
+
+DTYPE_CODES = {"F64": 0, "F32": 1, "F16": 2, "BF16": 3}  # csrc/soupkern.h's DType
+MANY_BATCH_BYTES = 256 << 20
+
+
+def fill_many(plan: SoupPlan, targets: Mapping[str, tuple[int, Callable[[], np.ndarray]]], backend: Backend,
+              *, batch_bytes: int = MANY_BATCH_BYTES) -> None:
+    """Compute every tensor of `plan` into host memory: targets[name] = (address of the output
+    bytes, a function returning them as a writable uint8 array).
+
+    Averaged tensors whose sources expose addresses (memory-mapped files, in-memory tensors) go
+    to the backend's multi-tensor entry point, when it has one, in batches of about
+    `batch_bytes` of input (one call, one thread team for hundreds of small tensors); the rest
+    tensor by tensor through `fill_tensor`. Sources are released after each batch."""
+    many = getattr(backend, "weighted_sum_many", None)
+    batch: list[tuple[TensorPlan, int, list[int]]] = []
+    size = 0
+
+    def flush() -> None:
+        nonlocal size
+        if not batch:
+            return
+        outs, out_dtypes, inputs, in_dtypes, numels, weights, divisors = [], [], [], [], [], [], []
+        for tp, address, ptrs in batch:
+            name = tp.out.name
+            outs.append(address)
+            out_dtypes.append(DTYPE_CODES[tp.out.dtype])
+            inputs += ptrs
+            in_dtypes += [DTYPE_CODES[i.dtype] for _, i in tp.sources]
+            numels.append(tp.numel)
+            weights += plan.coefficients_for(name)
+            divisors.append(plan.divisor_for(name))
+        many(outs, out_dtypes, inputs, in_dtypes, numels, weights, divisors, len(batch[0][0].sources))  # type: ignore[misc]
+        for tp, _, _ in batch:
+            for f, info in tp.sources:
+                f.release(info.begin, info.end)
+        batch.clear()
+        size = 0
+
+    for tp in plan.tensors:
+        name = tp.out.name
+        address, view = targets[name]
+        ptrs = [f.address(info) for f, info in tp.sources] if many is not None and tp.average else None
+        if ptrs is None or None in ptrs:
+            fill_tensor(tp, plan.coefficients_for(name), view(), backend, plan.divisor_for(name))
+            continue
+        batch.append((tp, address, ptrs))  # type: ignore[arg-type]
+        size += sum(info.nbytes for _, info in tp.sources)
+        if size >= batch_bytes:
+            flush()
+    flush()

@@ -189,11 +189,12 @@ class Evaluator:
         for name in sorted(self.tensors.keys() - names):
             raise InputError("the model has this tensor but the checkpoint does not", path=path, tensor=name)
 
-    def load_checkpoint_(self, path: str | os.PathLike[str]) -> None:
-        """Load every tensor of a checkpoint file/folder into the model in place (names must match exactly)."""
+    def load_checkpoint_(self, path: Any, label: str | None = None, state_dict_key: str | None = None) -> None:
+        """Load every tensor of a checkpoint (any source: soupkern.io.open_checkpoint) into the
+        model in place (names must match exactly)."""
         from soupkern.io import open_checkpoint
 
-        with open_checkpoint(path) as ck:
+        with open_checkpoint(path, state_dict_key=state_dict_key, label=label) as ck:
             self.check_names(ck.tensors, path=ck.path)
             self.load_({name: tensor_view(ck, name) for name in ck.tensors})
 
@@ -358,7 +359,8 @@ def tensor_view(ck: Checkpoint, name: str) -> torch.Tensor:
     return t.view(TORCH_DTYPES[info.dtype]).reshape(info.shape)
 
 
-def module_from_checkpoint(path: str | os.PathLike[str], device: str | torch.device | None = None) -> nn.Module:
+def module_from_checkpoint(path: str | os.PathLike[str], device: str | torch.device | None = None, *,
+                           state_dict_key: str | None = None) -> nn.Module:
     """An `nn.Module` holding a copy of a checkpoint's tensors, whose state dict has exactly the
     checkpoint's names, shapes, dtypes and values (dotted names become nested submodules).
 
@@ -369,7 +371,7 @@ def module_from_checkpoint(path: str | os.PathLike[str], device: str | torch.dev
     from soupkern.io import open_checkpoint
 
     root = nn.Module()
-    with open_checkpoint(path) as ck:
+    with open_checkpoint(path, state_dict_key=state_dict_key) as ck:
         for name in sorted(ck.tensors):
             *parents, leaf = name.split(".")
             if not leaf or not all(parents):

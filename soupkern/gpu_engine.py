@@ -305,7 +305,8 @@ class DeviceStreamer:
         from soupkern.engine import execute
 
         if self.host_tensors:
-            execute(SoupPlan(tuple(self.host_tensors), self.plan.coefficients), writer, self._host(),
+            execute(SoupPlan(tuple(self.host_tensors), self.plan.coefficients, self.plan.per_tensor, self.plan.divisor),
+                    writer, self._host(),
                     budget_bytes=host_budget_bytes, progress=progress)
         self._run(writer, None, progress)
         writer.flush()
@@ -321,6 +322,7 @@ class DeviceStreamer:
         self._run(None, results, progress)
         for tp in self.host_tensors:
             t = torch.empty(tp.out.shape, dtype=TORCH_DTYPES[tp.out.dtype])
-            fill_tensor(tp, self.plan.coefficients, t.view(-1).view(torch.uint8).numpy(), self._host())
+            fill_tensor(tp, self.plan.coefficients_for(tp.out.name), t.view(-1).view(torch.uint8).numpy(), self._host(),
+                        self.plan.divisor_for(tp.out.name))
             results[tp.out.name] = t.to(self.device)
         return {tp.out.name: results[tp.out.name] for tp in self.plan.tensors}

@@ -23,7 +23,7 @@ def ingredient_paths(ingredients: object, what: str = "ingredients") -> list[str
     out = []
     for p in ingredients:
         if not (isinstance(p, (str, bytes)) or hasattr(p, "__fspath__")):
-            raise InputError(f"{what}: {p!r} ({type(p).__name__}) is not a path")
+            raise InputError(f"{what}: {_short(p)} ({type(p).__name__}) is not a path, state dict or module")
         text = os.fsdecode(os.fspath(p))
         if not text or "\0" in text:
             raise InputError(f"{what}: {p!r} is not a usable path")
@@ -31,6 +31,30 @@ def ingredient_paths(ingredients: object, what: str = "ingredients") -> list[str
     if not out:
         raise InputError("a soup needs at least one ingredient")
     return out
+
+
+def ingredient_list(ingredients: object, what: str = "ingredients") -> list[Any]:
+    """Ingredients as given: paths (as text; see `ingredient_paths`) and in-memory state dicts or
+    nn.Modules, in order. A single path or a single state dict is refused, not iterated."""
+    from soupkern.io.sources import is_in_memory
+
+    if isinstance(ingredients, (str, bytes)) or hasattr(ingredients, "__fspath__"):
+        raise InputError(f"{what} must be a list, got the single path {ingredients!r}; wrap it in a list")
+    if is_in_memory(ingredients):
+        raise InputError(f"{what} must be a list, got a single {type(ingredients).__name__}; wrap it in a list")
+    if not isinstance(ingredients, (Sequence, list, tuple)):
+        raise InputError(f"{what} must be a list of paths, state dicts or modules, got {type(ingredients).__name__}")
+    out: list[Any] = []
+    for x in ingredients:
+        out.append(x if is_in_memory(x) else ingredient_paths([x], what)[0])
+    if not out:
+        raise InputError("a soup needs at least one ingredient")
+    return out
+
+
+def _short(x: object) -> str:
+    text = repr(x)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def coefficient_vector(coefficients: object, k: int) -> tuple[float, ...]:

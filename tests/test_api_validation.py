@@ -36,10 +36,11 @@ def nothing_written(folder: Path, before: set[str]) -> None:
 
 
 @pytest.mark.parametrize("ingredients,message", [
-    ("SINGLE", "must be a list of paths, got the single path"),
-    (b"SINGLE", "must be a list of paths, got the single path"),
-    ([3, 4], "3 (int) is not a path"),
-    ({"a": 1}, "must be a list of paths, got dict"),
+    ("SINGLE", "must be a list, got the single path"),
+    (b"SINGLE", "must be a list, got the single path"),
+    ([3, 4], "3 (int) is not a path, state dict or module"),
+    ({"a": 1}, "must be a list, got a single dict"),
+    (3, "must be a list of paths, state dicts or modules, got int"),
     ([], "at least one ingredient"),
 ])
 def test_bad_ingredients(tmp_path, pair, ingredients, message):

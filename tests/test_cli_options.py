@@ -38,6 +38,7 @@ VALUES = {
     "--seed": ("-1", "x"),
     "--base": ("missing.safetensors", ""),
     "--workdir": ("FILE", ""),
+    "--state-dict-key": ("state_dict_ema", ""),  # safetensors inputs hold no container to pick from
 }
 SKIP = {"-h", "--help", "--version"}
 

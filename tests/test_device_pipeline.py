@@ -234,3 +234,25 @@ def test_triton_kernels_in_the_pipeline(tmp_path: Path, exact_fma: None) -> None
     assert report.backend == "triton"
     assert tensors_of(tmp_path / "tri.safetensors") == tensors_of(tmp_path / "cpp.safetensors")
 
+
+
+def test_host_tensors_keep_the_divisor(tmp_path: Path) -> None:
+    """Tensors the device kernels do not take (F64 here) are computed on the host with the
+    plan's divisor: a uniform soup (weights 1, divisor K) through the pipeline equals the C++
+    path, file and state dict (it once summed them instead)."""
+    paths = make_ingredients(tmp_path / "in", small=5)
+    cks = [open_checkpoint(p) for p in paths]
+    try:
+        assert any(i.dtype == "F64" for _, i in cks[0].tensors.values())
+        k = len(paths)
+        soupkern.uniform_soup(paths, tmp_path / "cpp.safetensors", backend="cpp")
+        pipeline_soup(paths, [1.0] * k, tmp_path / "dev.safetensors", CppDeviceKernels(), 1 << 20, divisor=k)
+        assert tensors_of(tmp_path / "dev.safetensors") == tensors_of(tmp_path / "cpp.safetensors")
+        plan = build_plan(cks, [1.0] * k, divisor=k)
+        got = gpu_engine.DeviceStreamer(plan, CppDeviceKernels(), "cpu", budget_bytes=30_000).to_state_dict()
+    finally:
+        for ck in cks:
+            ck.close()
+    want = soupkern.uniform_state_dict(paths, backend="cpp")
+    for name in want:
+        assert torch.equal(got[name], want[name]), name

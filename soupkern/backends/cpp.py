@@ -30,6 +30,14 @@ class CppBackend:
         self._native.weighted_sum(out, out_dtype, list(inputs), list(in_dtypes), [float(w) for w in weights], n,
                                   self.threads, divisor=float(divisor))
 
+    def weighted_sum_many(self, outs: Sequence[int], out_dtypes: Sequence[int], inputs: Sequence[int],
+                          in_dtypes: Sequence[int], numels: Sequence[int], weights: Sequence[float],
+                          divisors: Sequence[float], k: int) -> None:
+        """weighted_sum for a table of tensors given by address (soupkern.engine.fill_many keeps
+        them alive): tensor t reads inputs[t*k:(t+1)*k] with weights[t*k:(t+1)*k]."""
+        self._native.weighted_sum_many(outs, out_dtypes, inputs, in_dtypes, numels, weights, divisors, k,
+                                       self.threads)
+
 
 def load() -> tuple[CppBackend | None, str]:
     try:

@@ -76,7 +76,13 @@ def round_f64(acc: Any, dtype: Any) -> Any:
     fp32, rounding twice; round-to-odd fp32 first makes the second rounding the correct one."""
     import torch
 
-    if dtype in (torch.float16, torch.bfloat16):
+    if dtype == torch.bfloat16:
+        f = f64_to_f32_odd(torch, acc)
+        # torch writes every NaN as 0xFFFF; the contract keeps sign and payload, quieted, as the
+        # kernels do: the fp32 NaN's top 16 bits with the quiet bit set
+        quiet = ((f.view(torch.int32) >> 16) | 0x40).to(torch.int16)
+        return torch.where(torch.isnan(f), quiet, f.to(dtype).view(torch.int16)).view(dtype)
+    if dtype == torch.float16:
         return f64_to_f32_odd(torch, acc).to(dtype)
     return acc.to(dtype)
 

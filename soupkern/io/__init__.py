@@ -1,4 +1,6 @@
-"""The only layer that knows the safetensors format: a validating mmap reader and a streaming writer."""
+"""The only layer that knows checkpoint formats: a validating mmap reader of safetensors, the other
+tensor sources (PyTorch pickles, DCP folders, in-memory state dicts: sources.py), and a streaming
+safetensors writer."""
 
 from soupkern.io.format import DTYPES, FLOAT_DTYPES, TensorInfo, dtype_itemsize
 from soupkern.io.reader import Checkpoint, SafetensorsFile, open_checkpoint

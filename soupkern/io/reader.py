@@ -79,7 +79,16 @@ def _looks_like(fd: int) -> str:
         return " (the file is a numpy .npy array, not safetensors)"
     if head[:1] in (b"{", b"["):
         return " (the file looks like JSON, not safetensors)"
-    return " (not a safetensors file?)"
+    for magic, what in _MAGIC:
+        if head.startswith(magic):
+            return f" (the file is {what}, not a checkpoint soupkern reads)"
+    if head and all(32 <= b < 127 or b in (9, 10, 13) for b in head):
+        return f" (the file starts with the text {head.decode()!r}: neither safetensors nor a PyTorch pickle)"
+    return f" (the file starts with the bytes {head.hex(' ')}: neither safetensors nor a PyTorch pickle)"
+
+
+_MAGIC = ((b"\x89HDF", "an HDF5 file (Keras .h5?)"), (b"\x1f\x8b", "gzip-compressed"),
+          (b"GGUF", "a GGUF file (llama.cpp)"), (b"\x08", "possibly a protobuf (ONNX / TensorFlow?)"))
 
 
 _TRUNCATED = ("was truncated by another process while being read; the soup was not written "
@@ -205,6 +214,11 @@ class SafetensorsFile:
         stop = info.nbytes if stop is None else stop
         return np.frombuffer(self._buffer, dtype=np.uint8, count=stop - start, offset=info.begin + start)
 
+    def address(self, info: TensorInfo) -> int | None:
+        """The address of a tensor's bytes in this process (None without the native mapping)."""
+        base = getattr(self._mm, "address", None)
+        return None if base is None else base + info.begin
+
     def prefetch(self, begin: int, end: int) -> None:
         """Map the pages of file bytes [begin, end) in one call instead of one fault per 64 KiB."""
         if end <= begin or not self._can_populate:
@@ -295,29 +309,58 @@ def _open_index(index_path: Path) -> Checkpoint:
     return Checkpoint(os.fspath(index_path), list(files.values()), tensors, metadata)
 
 
-def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
-    """Open a `.safetensors` file, a `model.safetensors.index.json`, or a folder holding either."""
-    if not os.fspath(path):
+def _no_key(ck: Checkpoint, state_dict_key: str | None) -> Checkpoint:
+    if state_dict_key is not None:
+        ck.close()
+        raise InputError(f"a sharded safetensors checkpoint holds one flat state dict; --state-dict-key "
+                         f"({state_dict_key!r}) applies to PyTorch pickles, DCP folders and in-memory containers",
+                         path=ck.path)
+    return ck
+
+
+def open_checkpoint(source: object, *, state_dict_key: str | None = None, label: str | None = None) -> Checkpoint:
+    """Open any tensor source: a `.safetensors` file, a `model.safetensors.index.json`, a folder
+    holding either; a PyTorch pickle (`.pt`, `.pth`, `.bin`, ...) or a folder with
+    `pytorch_model.bin` (or its index); a DCP folder (`.metadata` + `*.distcp`); or, in memory, a
+    state dict or nn.Module (named `label` in messages). `state_dict_key` picks the state dict
+    inside a pickle, DCP folder or in-memory container (soupkern/io/sources.py)."""
+    from soupkern.io import sources
+
+    if sources.is_in_memory(source):
+        return sources.state_dict_checkpoint(source, label or "<state dict>", state_dict_key=state_dict_key)
+    if not os.fspath(source):  # type: ignore[call-overload]
         raise InputError("an empty path names no checkpoint")
-    p = Path(path)
+    p = Path(source)  # type: ignore[arg-type]
     if p.is_dir():
         if (p / INDEX_NAME).is_file():
-            return _open_index(p / INDEX_NAME)
+            return _no_key(_open_index(p / INDEX_NAME), state_dict_key)
         if (p / SINGLE_NAME).is_file():
             p = p / SINGLE_NAME
+        elif (kind := sources.folder_kind(p)) is not None:
+            return sources.open_folder(p, kind, state_dict_key)
         else:
             found = sorted(f for f in p.glob("*.safetensors") if f.is_file())
             if len(found) != 1:
                 raise InputError(
-                    f"folder has no {INDEX_NAME} or {SINGLE_NAME} and {len(found)} *.safetensors files", path=p
+                    f"folder has no {INDEX_NAME}, {SINGLE_NAME}, {sources.TORCH_BIN_SINGLE} or DCP "
+                    f"{sources.DCP_METADATA}, and {len(found)} *.safetensors files", path=p
                 )
             m = SHARD_NAME.match(found[0].name)
             if m and m.group(2) != "00001":
                 raise InputError(f"'{found[0].name}' is one shard of a sharded checkpoint whose {INDEX_NAME} is missing", path=p)
             p = found[0]
+    elif p.name.endswith(".bin.index.json"):
+        return sources.open_folder(p.parent, "pickle-index", state_dict_key) if p.name == sources.TORCH_BIN_INDEX \
+            else sources._open_pickle_index(p, state_dict_key)
     elif p.name.endswith(".index.json"):
-        return _open_index(p)
+        return _no_key(_open_index(p), state_dict_key)
     elif not p.exists():
         raise InputError("no such file or folder", path=p)
+    elif sources.sniff(os.fspath(p)) == "pickle":
+        return sources.open_pickle(p, state_dict_key)
     f = SafetensorsFile(p)
+    if state_dict_key is not None:
+        f.close()
+        raise InputError(f"a safetensors file holds one flat state dict; --state-dict-key ({state_dict_key!r}) "
+                         "applies to PyTorch pickles, DCP folders and in-memory containers", path=p)
     return Checkpoint(os.fspath(p), [f], {name: (f, info) for name, info in f.tensors.items()}, dict(f.metadata))

@@ -18,10 +18,11 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from soupkern.errors import InputError
+from soupkern.io.sources import labels
+from soupkern.options import ingredient_list
 from soupkern.recipes.greedy import GreedyStep, SortRule, TieRule, greedy_select, sort_order
 
 if TYPE_CHECKING:
@@ -37,7 +38,7 @@ PathLike = str | os.PathLike[str]
 class IngredientOutputs:
     """Cached outputs of each ingredient over the held-out data, plus the metric to score them."""
 
-    paths: tuple[Path, ...]
+    paths: tuple[Any, ...]
     outputs: tuple[torch.Tensor, ...]  # [N, ...] per ingredient, as the model returned them
     targets: torch.Tensor  # [N]
     metric: MetricFn
@@ -67,23 +68,21 @@ def _f64() -> torch.dtype:
     return torch.float64
 
 
-def ingredient_outputs(ingredients: Sequence[PathLike], *, model: nn.Module | Callable[[], nn.Module] | None = None,
+def ingredient_outputs(ingredients: Sequence[Any], *, model: nn.Module | Callable[[], nn.Module] | None = None,
                        data: Iterable[Any] | None = None, metric: str | MetricFn = "accuracy",
                        maximize: bool | None = None, device: str | torch.device | None = None,
-                       evaluator: Evaluator | None = None) -> IngredientOutputs:
+                       evaluator: Evaluator | None = None, state_dict_key: str | None = None) -> IngredientOutputs:
     """Load each ingredient into the one model in turn and cache its outputs over `data`."""
     from soupkern.evaluate import make_evaluator
 
     ev = make_evaluator(model, data, metric=metric, maximize=maximize, device=device, evaluator=evaluator)
     if ev.data is None:
         raise InputError("an output ensemble needs held-out data (a score callable gives no outputs)")
-    paths = tuple(Path(p) for p in ingredients)
-    if not paths:
-        raise InputError("an ensemble needs at least one ingredient")
+    paths = tuple(ingredient_list(ingredients))
     outs = []
     targets = None
-    for p in paths:
-        ev.load_checkpoint_(p)
+    for p, label in zip(paths, labels(paths)):
+        ev.load_checkpoint_(p, label, state_dict_key)
         o, targets = ev.outputs()
         outs.append(o)
     assert targets is not None  # paths is non-empty
@@ -94,7 +93,7 @@ def ingredient_outputs(ingredients: Sequence[PathLike], *, model: nn.Module | Ca
 class EnsembleResult:
     """An output ensemble: members (indices into `paths`) and its held-out score."""
 
-    paths: tuple[Path, ...]
+    paths: tuple[Any, ...]
     members: tuple[int, ...]
     score: float
     ingredient_scores: tuple[float, ...]
@@ -102,7 +101,7 @@ class EnsembleResult:
     order: tuple[int, ...] = ()  # greedy ensemble only
 
 
-def logit_ensemble(ingredients: Sequence[PathLike] | IngredientOutputs, members: Sequence[int] | None = None,
+def logit_ensemble(ingredients: Sequence[Any] | IngredientOutputs, members: Sequence[int] | None = None,
                    **kwargs: Any) -> EnsembleResult:
     """Score the output ensemble of `members` (default: all) of `ingredients`.
 
@@ -117,7 +116,7 @@ def logit_ensemble(ingredients: Sequence[PathLike] | IngredientOutputs, members:
     return EnsembleResult(cache.paths, chosen, cache.score(cache.ensemble(chosen)), tuple(cache.ingredient_scores()))
 
 
-def greedy_ensemble(ingredients: Sequence[PathLike] | IngredientOutputs, *, tie: TieRule = "ge",
+def greedy_ensemble(ingredients: Sequence[Any] | IngredientOutputs, *, tie: TieRule = "ge",
                     sort: SortRule = "stable", **kwargs: Any) -> EnsembleResult:
     """Greedy ensemble over cached outputs (same rule, order and tie options as `greedy_soup`)."""
     cache = ingredients if isinstance(ingredients, IngredientOutputs) else ingredient_outputs(ingredients, **kwargs)

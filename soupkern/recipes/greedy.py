@@ -47,11 +47,11 @@ import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from soupkern import strict_json
-from soupkern.options import ingredient_paths
+from soupkern.io.sources import labels
+from soupkern.options import ingredient_list
 from soupkern.errors import InputError, MismatchError, OutputError
 from soupkern.recipes.weighted import SoupReport, check_soup_output, reserves_output, weighted_soup
 
@@ -61,6 +61,7 @@ if TYPE_CHECKING:
 
     from soupkern.backends.device import DeviceKernels
     from soupkern.evaluate import Evaluator, MetricFn, ScoreFn
+    from soupkern.io import Checkpoint
 
 PathLike = str | os.PathLike[str]
 TieRule = Literal["ge", "gt"]
@@ -84,7 +85,7 @@ class GreedyStep:
 class GreedyResult:
     """The record of a greedy run. Indices refer to `paths` (input order)."""
 
-    paths: tuple[Path, ...]
+    paths: tuple[Any, ...]  # the ingredients as given (paths, state dicts, modules)
     ingredient_scores: tuple[float, ...]
     order: tuple[int, ...]  # best first, after the tie rule among equal scores
     steps: tuple[GreedyStep, ...]  # one per order[1:], in order
@@ -100,12 +101,12 @@ class GreedyResult:
     report: SoupReport | None  # the written soup, when `out` was given
 
     @property
-    def kept_paths(self) -> tuple[Path, ...]:
+    def kept_paths(self) -> tuple[Any, ...]:
         return tuple(self.paths[i] for i in self.kept)
 
     def metadata(self) -> dict[str, str]:
         """Provenance written into the soup's __metadata__ (strings; JSON where structured)."""
-        name = [os.fspath(p) for p in self.paths]
+        name = labels(self.paths)
         return {
             "soupkern.greedy.tie": self.tie,
             "soupkern.greedy.sort": self.sort,
@@ -185,17 +186,20 @@ class _RunningSoup:
     accumulator, so each candidate is bit for bit the uniform soup of its ingredients), and
     candidate formation."""
 
-    def __init__(self, evaluator: Evaluator, paths: Sequence[Path], state_dir: str | None = None):
+    def __init__(self, evaluator: Evaluator, paths: Sequence[Any], state_dir: str | None = None,
+                 state_dict_key: str | None = None):
         import torch
 
         from soupkern.evaluate import tensor_view
-        from soupkern.io import FLOAT_DTYPES, open_checkpoint
+        from soupkern.io import FLOAT_DTYPES
 
         self.ev = evaluator
         self.paths = list(paths)
+        self.labels = labels(self.paths)
+        self.state_dict_key = state_dict_key
         self.device = evaluator.device
         self.kernels = _device_kernels(self.device)
-        with open_checkpoint(self.paths[0]) as ck:
+        with self.open(0) as ck:
             evaluator.check_names(ck.tensors, path=ck.path)
             self.names = sorted(n for n, (_, info) in ck.tensors.items() if info.dtype in FLOAT_DTYPES)
             self.fixed = sorted(set(ck.tensors) - set(self.names))
@@ -204,7 +208,7 @@ class _RunningSoup:
             self.fixed_values = {n: tensor_view(ck, n).clone() for n in self.fixed}
             evaluator.load_(self.fixed_values)
         for n in self.names:
-            evaluator.check(n, self.layout[n][1], path=os.fspath(self.paths[0]))
+            evaluator.check(n, self.layout[n][1], path=self.labels[0])
         self.n = 0
         self.kept: list[int] = []
         self.targets = [evaluator.tensors[n] for n in self.names]
@@ -224,6 +228,12 @@ class _RunningSoup:
             t.is_contiguous() and t.dtype in self._dtype_names for t in self.targets)
         if not self.recompute or len(self.paths) > RECOMPUTE_MAX:
             self._ensure_sums()  # allocated now, so a disk too small for them fails before any evaluation
+
+    def open(self, index: int) -> Checkpoint:
+        """Ingredient `index` opened afresh (any source)."""
+        from soupkern.io import open_checkpoint
+
+        return open_checkpoint(self.paths[index], state_dict_key=self.state_dict_key, label=self.labels[index])
 
     def read(self, index: int) -> _Ingredient:
         return _Ingredient(self, index)
@@ -288,11 +298,10 @@ class _RunningSoup:
         import torch
 
         from soupkern.backends import get_backend
-        from soupkern.io import open_checkpoint
 
         kernel = get_backend()
         with ExitStack() as stack, torch.no_grad():
-            cks = [stack.enter_context(open_checkpoint(self.paths[i])) for i in members]
+            cks = [stack.enter_context(self.open(i)) for i in members]
             for name, target in zip(self.names, targets):
                 sources = [ck.tensors[name] for ck in cks]
                 out = target.detach().view(-1).view(torch.uint8).numpy()
@@ -372,28 +381,27 @@ class _Ingredient:
         import torch
 
         from soupkern.evaluate import tensor_view
-        from soupkern.io import FLOAT_DTYPES, open_checkpoint
+        from soupkern.io import FLOAT_DTYPES
 
         soup = self.soup
-        path = soup.paths[self.index]
-        self.ck = open_checkpoint(path)
+        self.ck = soup.open(self.index)
         try:
             ck = self.ck
             if set(ck.tensors) != set(soup.layout):
                 missing = sorted(set(soup.layout) ^ set(ck.tensors))[0]
-                raise MismatchError(f"tensor names differ from {soup.paths[0]}", path=ck.path, tensor=missing)
+                raise MismatchError(f"tensor names differ from {soup.labels[0]}", path=ck.path, tensor=missing)
             xs = []
             for n in soup.names:
                 info = ck.tensors[n][1]
                 if info.shape != soup.layout[n][1]:
-                    raise MismatchError(f"shape {info.shape} differs from {soup.layout[n][1]} in {soup.paths[0]}",
+                    raise MismatchError(f"shape {info.shape} differs from {soup.layout[n][1]} in {soup.labels[0]}",
                                         path=ck.path, tensor=n)
                 if info.dtype not in FLOAT_DTYPES:
                     raise MismatchError(f"dtype {info.dtype} is not a float dtype", path=ck.path, tensor=n)
                 xs.append(tensor_view(ck, n).to(soup.device))
             for n in soup.fixed:
                 if not torch.equal(tensor_view(ck, n), soup.fixed_values[n]):
-                    raise MismatchError(f"non-float tensor differs from {soup.paths[0]}; it cannot be averaged",
+                    raise MismatchError(f"non-float tensor differs from {soup.labels[0]}; it cannot be averaged",
                                         path=ck.path, tensor=n)
         except BaseException:
             self.ck.close()
@@ -481,7 +489,7 @@ def _device_kernels(device: torch.device) -> DeviceKernels:
 
 @reserves_output
 def greedy_soup(
-    ingredients: Sequence[PathLike],
+    ingredients: Sequence[Any],
     out: PathLike | None = None,
     *,
     model: nn.Module | Callable[[], nn.Module] | None = None,
@@ -496,14 +504,20 @@ def greedy_soup(
     sort: SortRule = "stable",
     speculative: int | None = None,
     on_step: Callable[[GreedyStep], None] | None = None,
-    dtype: str | None = None,
+    dtype: object = None,
+    keys: str = "same",
+    max_shard_size: int | None = None,
     overwrite: bool = False,
+    fsync: bool = False,
+    budget_bytes: int | None = None,
     backend: str | None = None,
     progress: bool = False,
     metadata: dict[str, str] | None = None,
     state_dir: str | os.PathLike[str] | None = None,
+    state_dict_key: str | None = None,
 ) -> GreedyResult:
-    """Greedy soup of `ingredients` (safetensors files/folders), written to `out` when given.
+    """Greedy soup of `ingredients` (any source: paths of any format, state dicts, modules),
+    written to `out` when given.
 
     Scoring: `evaluator`, or one built from `model` (module or factory, state-dict names = the
     ingredients' tensor names) with held-out `data` + `metric` ("accuracy", "loss" or a callable), or
@@ -523,9 +537,11 @@ def greedy_soup(
     from soupkern.evaluate import make_evaluator
 
     t0 = time.perf_counter()
-    paths = [Path(p) for p in ingredient_paths(ingredients)]
+    paths = ingredient_list(ingredients)
+    write = dict(dtype=dtype, keys=keys, max_shard_size=max_shard_size, overwrite=overwrite, fsync=fsync, backend=backend,
+                 state_dict_key=state_dict_key, **({} if budget_bytes is None else {"budget_bytes": budget_bytes}))
     if out is not None:  # fail before the evaluations, not after them
-        check_soup_output(paths, out, dtype=dtype, overwrite=overwrite, backend=backend, metadata=metadata)
+        check_soup_output(paths, out, metadata=metadata, **write)  # type: ignore[arg-type]
     ev = make_evaluator(model, data, metric=metric, score=score, maximize=maximize, device=device, evaluator=evaluator)
     if speculative is None:
         speculative = DEFAULT_SPECULATIVE if ev.can_batch() and _passes_are_costly(ev) else 1
@@ -538,19 +554,18 @@ def greedy_soup(
         raise InputError(f"tie must be 'ge' or 'gt', got {tie!r}")
     if state_dir is None and out is not None:
         state_dir = os.path.dirname(os.path.abspath(os.fspath(out)))
-    soup = _RunningSoup(ev, paths, None if state_dir is None else os.fspath(state_dir))
+    soup = _RunningSoup(ev, paths, None if state_dir is None else os.fspath(state_dir), state_dict_key)
     try:
         return _greedy_run(soup, ev, paths, out, t0, ingredient_scores=ingredient_scores, speculative=speculative,
-                           tie=tie, sort=sort, on_step=on_step, dtype=dtype, overwrite=overwrite, backend=backend,
-                           progress=progress, metadata=metadata)
+                           tie=tie, sort=sort, on_step=on_step, write=write, progress=progress, metadata=metadata)
     finally:
         soup.close()
 
 
-def _greedy_run(soup: _RunningSoup, ev: Evaluator, paths: list[Path], out: PathLike | None, t0: float, *,
+def _greedy_run(soup: _RunningSoup, ev: Evaluator, paths: list[Any], out: PathLike | None, t0: float, *,
                 ingredient_scores: Sequence[float] | None, speculative: int, tie: TieRule, sort: SortRule,
-                on_step: Callable[[GreedyStep], None] | None, dtype: str | None, overwrite: bool,
-                backend: str | None, progress: bool, metadata: dict[str, str] | None) -> GreedyResult:
+                on_step: Callable[[GreedyStep], None] | None, write: dict[str, Any], progress: bool,
+                metadata: dict[str, str] | None) -> GreedyResult:
 
     if ingredient_scores is None:
         scores = _score_ingredients(soup, speculative)
@@ -585,9 +600,8 @@ def _greedy_run(soup: _RunningSoup, ev: Evaluator, paths: list[Path], out: PathL
     report = None
     if out is not None:
         n = len(kept)
-        report = weighted_soup([paths[i] for i in kept], [1.0] * n, out, divisor=n, dtype=dtype, overwrite=overwrite,
-                               backend=backend, progress=progress, recipe="greedy",
-                               metadata={**result.metadata(), **(metadata or {})})
+        report = weighted_soup([paths[i] for i in kept], [1.0] * n, out, divisor=n, progress=progress, recipe="greedy",
+                               metadata={**result.metadata(), **(metadata or {})}, **write)
     return replace(result, seconds=time.perf_counter() - t0, report=report)
 
 

@@ -28,6 +28,7 @@ import dataclasses
 import math
 import os
 import time
+import warnings
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
@@ -39,11 +40,11 @@ from torch import nn
 from soupkern.backends import DEVICE_BACKENDS, Backend, get_backend, requested_backend
 from soupkern.engine import DEFAULT_BUDGET_BYTES, fill_tensor
 from soupkern import strict_json
-from soupkern.options import check_budget, ingredient_paths
+from soupkern.io.sources import labels
+from soupkern.options import check_budget, ingredient_list
 from soupkern.errors import InputError
-from soupkern.io import open_checkpoint
 from soupkern.plan import KeyPolicy, SoupPlan, TensorPlan, build_plan
-from soupkern.recipes.weighted import SoupReport, check_soup_output, reserves_output, weighted_soup
+from soupkern.recipes.weighted import SoupReport, check_soup_output, open_ingredients, reserves_output, weighted_soup
 from soupkern.torch_dtypes import TORCH_DTYPES
 
 PathLike = str | os.PathLike[str]
@@ -210,9 +211,26 @@ def _heldout(model: nn.Module, params: dict[str, torch.Tensor], data: Iterable[A
     return total_loss / n, correct / n
 
 
+def learned_soup(ingredients: Sequence[Any], out: PathLike | None = None, *legacy: Any, model: nn.Module | None = None,
+                 data: Iterable[Any] | None = None, **options: Any) -> LearnedSoupResult:
+    """learned_soup(ingredients, out=None, *, model, data, **options): the same call form as
+    `greedy_soup` (ingredients: any source; output options as `weighted_soup`); see
+    `_learned_soup` for the options and the recipe. The form learned_soup(ingredients, model,
+    data, out=None, ...) still works for this release, with a DeprecationWarning."""
+    if legacy or isinstance(out, nn.Module):
+        if not isinstance(out, nn.Module) or not 1 <= len(legacy) <= 2 or model is not None or data is not None:
+            raise TypeError("learned_soup(ingredients, out=None, *, model, data, ...): pass model= and data= by keyword")
+        warnings.warn("learned_soup(ingredients, model, data, out) is deprecated; call "
+                      "learned_soup(ingredients, out, model=model, data=data)", DeprecationWarning, stacklevel=2)
+        model, data, out = out, legacy[0], legacy[1] if len(legacy) == 2 else None
+    if model is None or data is None:
+        raise InputError("learned_soup needs the model (model=) and the held-out data (data=)")
+    return _learned_soup(ingredients, model, data, out, **options)
+
+
 @reserves_output
-def learned_soup(
-    ingredients: Sequence[PathLike],
+def _learned_soup(
+    ingredients: Sequence[Any],
     model: nn.Module,
     data: Iterable[Any],
     out: PathLike | None = None,
@@ -234,6 +252,7 @@ def learned_soup(
     overwrite: bool = False,
     fsync: bool = False,
     progress: Callable[[int, float], None] | None = None,
+    state_dict_key: str | None = None,
 ) -> LearnedSoupResult:
     """Learn softmax mixing coefficients on held-out `data`, then write the soup to `out` (if given).
 
@@ -250,7 +269,7 @@ def learned_soup(
     """
     if mode not in ("by_model", "by_layer"):
         raise InputError(f"mode must be 'by_model' or 'by_layer', got {mode!r}")
-    ingredients = ingredient_paths(ingredients)
+    ingredients = ingredient_list(ingredients)
     if not (math.isfinite(lr) and lr > 0) or epochs < 0 or (steps is not None and steps < 0) or weight_decay < 0:
         raise InputError(f"bad optimizer settings: lr={lr}, epochs={epochs}, steps={steps}, weight_decay={weight_decay}")
     check_budget(budget_bytes)
@@ -259,7 +278,7 @@ def learned_soup(
             raise InputError("a by-layer soup (per-tensor coefficients) is written by the host backends (cpp, torch); "
                              f"backend '{requested_backend(backend)}' runs on a device")
         check_soup_output(ingredients, out, dtype=dtype, keys=keys, max_shard_size=max_shard_size, overwrite=overwrite,
-                          budget_bytes=budget_bytes, backend=backend, fsync=fsync)
+                          budget_bytes=budget_bytes, backend=backend, fsync=fsync, state_dict_key=state_dict_key)
     loss_fn = loss_fn or F.cross_entropy
     eval_data = data if eval_data is None else eval_data
     kernel = get_backend(backend)
@@ -272,7 +291,7 @@ def learned_soup(
     try:
         with ExitStack() as stack, torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            checkpoints = [stack.enter_context(open_checkpoint(p)) for p in ingredients]
+            checkpoints = open_ingredients(stack, ingredients, state_dict_key)
             plan = build_plan(checkpoints, [1.0 / k] * k, dtype="fp32", keys=keys)
             prob = _problem(model, plan, mode, checkpoints[0].path)
             logits = torch.zeros(len(prob.groups), k, dtype=torch.float32, requires_grad=True)
@@ -312,7 +331,7 @@ def learned_soup(
     coeffs = tuple(tuple(float(c) for c in row) for row in final.tolist())
     settings = {"lr": lr, "epochs": epochs, "steps": steps, "weight_decay": weight_decay, "seed": seed,
                 "learn_temperature": learn_temperature}
-    result = LearnedSoupResult(mode, tuple(os.fspath(p) for p in ingredients), prob.groups, coeffs, tuple(history),
+    result = LearnedSoupResult(mode, tuple(labels(ingredients)), prob.groups, coeffs, tuple(history),
                                uniform[0], uniform[1], learned[0], learned[1],
                                float(beta.detach()) if learn_temperature else None, len(history),
                                time.perf_counter() - t0, None, settings)
@@ -328,7 +347,7 @@ def learned_soup(
     }
     opts: dict[str, Any] = {"dtype": dtype, "keys": keys, "max_shard_size": max_shard_size,
                             "budget_bytes": budget_bytes, "backend": backend, "overwrite": overwrite,
-                            "fsync": fsync}
+                            "fsync": fsync, "state_dict_key": state_dict_key}
     if mode == "by_model":
         report = weighted_soup(ingredients, coeffs[0], out, recipe="learned", metadata=meta, **opts)
     else:

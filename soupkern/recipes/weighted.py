@@ -20,13 +20,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence, TypeVar, Union
 
 from soupkern.backends import DEVICE_BACKENDS, get_backend, requested_backend
-from soupkern.engine import DEFAULT_BUDGET_BYTES, execute, fill_tensor, staging_bytes_for
+from soupkern.engine import DEFAULT_BUDGET_BYTES, execute, fill_many, staging_bytes_for
 from soupkern import strict_json
 from soupkern.errors import InputError
 from soupkern.io import Checkpoint, SoupWriter, open_checkpoint, plan_output
 from soupkern.io.writer import check_metadata
+from soupkern.io.sources import labels
 from soupkern.options import (check_budget, check_device, check_divisor, check_flag, check_shard_size,
-                              coefficient_vector, ingredient_paths)
+                              coefficient_vector, ingredient_list)
 from soupkern.plan import KeyPolicy, SoupPlan, build_plan, normalize_dtype
 
 if TYPE_CHECKING:
@@ -35,6 +36,9 @@ if TYPE_CHECKING:
     from soupkern.backends.device import DeviceKernels
 
 PathLike = str | os.PathLike[str]
+Ingredient = Union[PathLike, Mapping[str, Any], Any]
+"""A path (safetensors file, index or folder; PyTorch pickle; DCP folder), an in-memory state
+dict, or an nn.Module (soupkern.io.open_checkpoint)."""
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -78,8 +82,21 @@ def _plan(checkpoints: list[Checkpoint], coefficients: Coefficients, default: Se
     return build_plan(checkpoints, coefficients, dtype=dtype, keys=keys, divisor=divisor)
 
 
+def open_ingredients(stack: ExitStack, items: Sequence[Any], state_dict_key: str | None = None) -> list[Checkpoint]:
+    """Open every ingredient (any source) inside `stack`; in-memory ones are named by `labels`."""
+    if state_dict_key is not None and not isinstance(state_dict_key, str):
+        raise InputError(f"state_dict_key must be a string, got {state_dict_key!r}")
+    return [stack.enter_context(open_checkpoint(x, state_dict_key=state_dict_key, label=label))
+            for x, label in zip(items, labels(items))]
+
+
+def input_files(checkpoints: Sequence[Checkpoint]) -> list[str]:
+    """The files and folders read, which an output may not replace."""
+    return [f.path for ck in checkpoints for f in ck.files] + [ck.path for ck in checkpoints if ck.files]
+
+
 def weighted_soup(
-    ingredients: Sequence[PathLike],
+    ingredients: Sequence[Ingredient],
     coefficients: Coefficients,
     out: PathLike,
     *,
@@ -97,6 +114,7 @@ def weighted_soup(
     device: str | None = None,
     device_budget_bytes: int | None = None,
     divisor: float = 1.0,
+    state_dict_key: str | None = None,
 ) -> SoupReport:
     """Write (sum_k coefficients[k] * ingredients[k]) / divisor to `out`, streaming with bounded
     memory, under the exact-arithmetic contract (fp64 accumulation in input order, one IEEE
@@ -105,7 +123,9 @@ def weighted_soup(
     `coefficients` may instead map tensor names to vectors (per-tensor soups such as the by-layer
     learned soup); unnamed tensors use `default` (uniform when None).
 
-    Ingredients are safetensors files, sharded-checkpoint index files or folders. Every check
+    Ingredients are any tensor source (soupkern.io.open_checkpoint): safetensors files, indexes
+    or folders, PyTorch pickles, DCP folders, in-memory state dicts or modules; `state_dict_key`
+    names the state dict inside a pickle or DCP container. Every check
     (headers, names, shapes, dtypes, output path, disk space) runs before any output byte is
     written; the output appears only when complete (temporary file + rename). `max_shard_size`
     (bytes) makes `out` a folder of HF-style shards with an index. Peak memory is about
@@ -116,9 +136,9 @@ def weighted_soup(
     `device_budget_bytes` (default 1 GiB) of device memory, same output bytes.
     """
     t0 = time.perf_counter()
-    paths = ingredient_paths(ingredients)
+    items = ingredient_list(ingredients)
     if not isinstance(coefficients, Mapping):
-        coefficients = coefficient_vector(coefficients, len(paths))
+        coefficients = coefficient_vector(coefficients, len(items))
     check_soup_options(budget_bytes=budget_bytes, dtype=dtype, keys=keys, max_shard_size=max_shard_size,
                        metadata=metadata, overwrite=overwrite, fsync=fsync)
     divisor = check_divisor(divisor)
@@ -126,7 +146,7 @@ def weighted_soup(
     kernel = get_backend(backend) if kernels is None else None
     kernel_name = kernels.name if kernels is not None else kernel.name  # type: ignore[union-attr]
     with ExitStack() as stack:
-        checkpoints = [stack.enter_context(open_checkpoint(p)) for p in paths]
+        checkpoints = open_ingredients(stack, items, state_dict_key)
         plan = _plan(checkpoints, coefficients, default, dtype, keys, divisor)
         streamer = None
         if kernels is not None:
@@ -138,7 +158,7 @@ def weighted_soup(
         meta = {
             "soupkern.version": _version(),
             "soupkern.recipe": recipe,
-            "soupkern.ingredients": strict_json.dumps(paths),
+            "soupkern.ingredients": strict_json.dumps(labels(items)),
             "soupkern.coefficients": strict_json.dumps(plan.coefficients_json()),
             **({"soupkern.divisor": repr(plan.divisor)} if plan.divisor != 1.0 else {}),
             "soupkern.backend": kernel_name,
@@ -146,8 +166,7 @@ def weighted_soup(
             **(metadata or {}),
         }
         layout = plan_output([tp.out for tp in plan.tensors], out, meta, max_shard_size)
-        inputs = [f.path for ck in checkpoints for f in ck.files] + [ck.path for ck in checkpoints]
-        writer = SoupWriter(layout, inputs=inputs, staging_bytes=staging_bytes_for(budget_bytes),
+        writer = SoupWriter(layout, inputs=input_files(checkpoints), staging_bytes=staging_bytes_for(budget_bytes),
                             overwrite=overwrite, fsync=fsync, verify=lambda: verify_inputs(checkpoints))
         with writer, _progress_bar(plan.bytes_read + plan.bytes_written, progress) as bar:
             if streamer is not None:
@@ -220,7 +239,7 @@ def reserves_output(fn: F) -> F:
 
 
 def check_soup_output(
-    ingredients: Sequence[PathLike],
+    ingredients: Sequence[Ingredient],
     out: PathLike,
     *,
     dtype: str | None = None,
@@ -232,95 +251,269 @@ def check_soup_output(
     device: object = None,
     fsync: bool = False,
     metadata: dict[str, str] | None = None,
+    state_dict_key: str | None = None,
 ) -> None:
     """Every check `weighted_soup` makes before writing, without writing: for recipes that do
     expensive work (evaluations, training) before they write, so bad input, a bad option or an
     unwritable output fails first. Raises what `weighted_soup` would raise."""
-    paths = ingredient_paths(ingredients)
+    items = ingredient_list(ingredients)
     check_soup_options(budget_bytes=budget_bytes, dtype=dtype, keys=keys, max_shard_size=max_shard_size,
                        metadata=metadata, overwrite=overwrite, fsync=fsync)
     _, kernels = _device_route(backend, device)
     if kernels is None:
         get_backend(backend)
     with ExitStack() as stack:
-        checkpoints = [stack.enter_context(open_checkpoint(p)) for p in paths]
+        checkpoints = open_ingredients(stack, items, state_dict_key)
         k = len(checkpoints)
         plan = build_plan(checkpoints, [1.0 / k] * k, dtype=dtype, keys=keys)
         layout = plan_output([tp.out for tp in plan.tensors], out, metadata, max_shard_size)
-        inputs = [f.path for ck in checkpoints for f in ck.files] + [ck.path for ck in checkpoints]
-        SoupWriter(layout, inputs=inputs, staging_bytes=1, overwrite=overwrite).check()
+        SoupWriter(layout, inputs=input_files(checkpoints), staging_bytes=1, overwrite=overwrite).check()
 
 
-def uniform_soup(ingredients: Sequence[PathLike], out: PathLike, **kwargs: object) -> SoupReport:
+def uniform_soup(ingredients: Sequence[Ingredient], out: PathLike, **kwargs: object) -> SoupReport:
     """The uniform soup of `ingredients` written to `out`: the fp64 sum of the inputs in input
     order, divided once by K, rounded once (csrc/soupkern.h); options as `weighted_soup`."""
-    ingredients = ingredient_paths(ingredients)
+    ingredients = ingredient_list(ingredients)
     k = len(ingredients)
     kwargs.setdefault("recipe", "uniform")
     return weighted_soup(ingredients, [1.0] * k, out, divisor=k, **kwargs)  # type: ignore[arg-type]
 
 
 def weighted_state_dict(
-    ingredients: Sequence[PathLike],
+    ingredients: Sequence[Ingredient],
     coefficients: Coefficients,
     *,
     default: Sequence[float] | None = None,
-    dtype: str | None = None,
+    dtype: object = None,
     keys: KeyPolicy = "same",
     backend: str | None = None,
-    device: str | None = None,
+    device: object = None,
     device_budget_bytes: int | None = None,
     divisor: float = 1.0,
+    out: Mapping[str, torch.Tensor] | torch.nn.Module | None = None,
+    state_dict_key: str | None = None,
 ) -> dict[str, torch.Tensor]:
-    """sum_k coefficients[k] * ingredients[k] as an in-memory dict of torch tensors.
+    """(sum_k coefficients[k] * ingredients[k]) / divisor as a dict of torch tensors, under the
+    same exact-arithmetic contract as `weighted_soup`.
 
-    Same arithmetic as `weighted_soup`; holds the whole result in memory (small models). With
-    `device` (e.g. "cuda") the inputs stream through that device (pinned buffers,
-    `device_budget_bytes` of working memory, default 1 GiB) and the result stays there, ready
-    for evaluation; `backend` then names the device kernels ("cuda", "triton", "torch").
-    Without it the result is on the CPU.
+    Ingredients are any source (paths of any format, in-memory state dicts, modules; a mix is
+    fine). In-memory CPU tensors are read in place; the whole table of tensors is computed by
+    one multi-tensor call of the C++ kernel. The result holds the whole soup in memory.
+
+    `out`: a state dict or module whose tensors receive the soup in place (an SWA/EMA loop; no
+    tensor is allocated where the target is contiguous, on the CPU, and does not partly overlap
+    an input; exactly aliasing an input, as in `out=ingredients[0]`, is fine). It must hold
+    every soup tensor with the same shape; its dtypes are the output dtypes. Returns its tensors.
+
+    `device` (a string or torch.device) puts the result there, computed by that device's kernels
+    (`backend`: "cuda", "triton", "torch"; device="cpu" means the torch kernels on the CPU):
+    ingredients already on it in place, others streamed through it (pinned buffers,
+    `device_budget_bytes` of working memory, default 1 GiB). Without `device`, the soup is
+    computed where `out` or the in-memory ingredients live (the host kernels on the CPU).
     """
     import torch
 
-    from soupkern.torch_dtypes import TORCH_DTYPES
-
-    ingredients = ingredient_paths(ingredients)
+    items = ingredient_list(ingredients)
     if not isinstance(coefficients, Mapping):
-        coefficients = coefficient_vector(coefficients, len(ingredients))
+        coefficients = coefficient_vector(coefficients, len(items))
     check_soup_options(dtype=dtype, keys=keys)
     divisor = check_divisor(divisor)
     if backend is not None and not isinstance(backend, str):
         raise InputError(f"backend must be a name such as 'cpp', got {backend!r}")
+    targets = _out_tensors(out)
     if device is not None:
-        from soupkern.backends.device import device_kernels
-        from soupkern.gpu_engine import DEFAULT_DEVICE_BUDGET_BYTES, DeviceStreamer
-
-        device = check_device(device)
-        kernels = device_kernels(device, backend)
-        with ExitStack() as stack:
-            checkpoints = [stack.enter_context(open_checkpoint(p)) for p in ingredients]
-            plan = _plan(checkpoints, coefficients, default, dtype, keys, divisor)
-            if plan.per_tensor:
-                raise InputError("per-tensor coefficients run on the host backends (cpp, torch), not through a device")
-            streamer = DeviceStreamer(plan, kernels, device, budget_bytes=device_budget_bytes or DEFAULT_DEVICE_BUDGET_BYTES)
-            return streamer.to_state_dict()
-    kernel = get_backend(backend)
-    result: dict[str, torch.Tensor] = {}
+        device = torch.device(check_device(device))
     with ExitStack() as stack:
-        checkpoints = [stack.enter_context(open_checkpoint(p)) for p in ingredients]
+        checkpoints = open_ingredients(stack, items, state_dict_key)
         plan = _plan(checkpoints, coefficients, default, dtype, keys, divisor)
-        for tp in plan.tensors:
-            t = torch.empty(tp.out.shape, dtype=TORCH_DTYPES[tp.out.dtype])
-            fill_tensor(tp, plan.coefficients_for(tp.out.name), t.view(-1).view(torch.uint8).numpy(), kernel,
-                        plan.divisor_for(tp.out.name))
-            result[tp.out.name] = t
+        if targets is not None:
+            plan = _plan_into(plan, targets, dtype, keys)
+        explicit = device is not None
+        if device is None:
+            device = _resident_device(checkpoints, targets)
+        if explicit or device.type != "cpu" or requested_backend(backend) in DEVICE_BACKENDS:
+            result = _on_device(plan, checkpoints, device, backend, device_budget_bytes, targets)
+        else:
+            result = _on_host(plan, get_backend(backend), targets)
         verify_inputs(checkpoints)
     return result
 
 
-def uniform_state_dict(ingredients: Sequence[PathLike], **kwargs: object) -> dict[str, torch.Tensor]:
-    """The uniform soup as an in-memory state dict; options as `weighted_state_dict`."""
-    ingredients = ingredient_paths(ingredients)
+def _out_tensors(out: object) -> dict[str, torch.Tensor] | None:
+    if out is None:
+        return None
+    from soupkern.io.sources import _is_module, _is_tensor
+
+    sd = out.state_dict() if _is_module(out) else out  # type: ignore[attr-defined]
+    if not isinstance(sd, Mapping):
+        raise InputError(f"out must be a state dict or nn.Module, got {type(out).__name__}")
+    for name, t in sd.items():
+        if not _is_tensor(t):
+            raise InputError(f"out['{name}'] is a {type(t).__name__}, not a tensor")
+    return dict(sd)
+
+
+def _plan_into(plan: SoupPlan, targets: Mapping[str, torch.Tensor], dtype: object, keys: KeyPolicy) -> SoupPlan:
+    """The plan with each output dtype taken from its `out=` target, checked against it."""
+    from soupkern.io import OutputTensor
+    from soupkern.io.sources import _torch_to_name
+    from soupkern.plan import TensorPlan
+
+    names = _torch_to_name()
+    wanted = normalize_dtype(dtype)
+    tensors = []
+    for tp in plan.tensors:
+        name = tp.out.name
+        t = targets.get(name)
+        if t is None:
+            raise InputError("out= has no tensor for it", path="out", tensor=name)
+        if tuple(t.shape) != tp.out.shape:
+            raise InputError(f"out= tensor has shape {list(t.shape)}, the soup {list(tp.out.shape)}", path="out", tensor=name)
+        out_dtype = names.get(t.dtype)
+        if out_dtype is None or (tp.average and out_dtype not in ("F64", "F32", "F16", "BF16")) \
+                or (not tp.average and out_dtype != tp.out.dtype) or (wanted is not None and tp.average and out_dtype != wanted):
+            raise InputError(f"out= tensor has dtype {t.dtype}; the soup's is {wanted or tp.out.dtype}", path="out", tensor=name)
+        tensors.append(TensorPlan(OutputTensor(name, out_dtype, tp.out.shape), tp.sources, tp.average))
+    extra = sorted(set(targets) - {tp.out.name for tp in plan.tensors})
+    if extra and keys == "same":
+        raise InputError(f"out= has {len(extra)} tensor(s) the soup does not make, e.g. '{extra[0]}' "
+                         "(keys='intersection' leaves them untouched)", path="out", tensor=extra[0])
+    return SoupPlan(tuple(tensors), plan.coefficients, plan.per_tensor, plan.divisor)
+
+
+def _resident_device(checkpoints: Sequence[Checkpoint], targets: Mapping[str, torch.Tensor] | None) -> torch.device:
+    """Where the result goes by default: the device of `out=`, else of the in-memory inputs."""
+    import torch
+
+    from soupkern.io.sources import TensorHolder
+
+    tensors = list(targets.values()) if targets else [
+        h.tensor for ck in checkpoints for h, _ in ck.tensors.values() if isinstance(h, TensorHolder)]
+    devices = {t.device for t in tensors}
+    if len(devices) == 1:
+        return next(iter(devices))
+    return torch.device("cpu")
+
+
+def _write_conflicts(plan: SoupPlan, targets: Mapping[str, torch.Tensor]) -> set[str]:
+    """Tensors whose `out=` target shares bytes with an input of the soup other than by being
+    exactly that tensor's own input (same address, dtype, size): writing them in place could
+    change an input still to be read (tied weights, overlapping views), so they are computed
+    into a new tensor and copied after the whole soup is done."""
+    import bisect
+
+    from soupkern.io.sources import TensorHolder
+
+    spans = []  # (start, end, tensor name, dtype) of every in-memory input on the targets' device
+    device = next(iter(targets.values())).device if targets else None
+    for tp in plan.tensors:
+        for h, info in tp.sources:
+            if isinstance(h, TensorHolder) and h.tensor.device == device and info.nbytes:
+                x = h.tensor
+                start = x.data_ptr()  # a strided view spans from its first to its last element
+                extent = 1 + sum((n - 1) * abs(st) for n, st in zip(x.shape, x.stride()))
+                spans.append((start, start + extent * x.element_size(), tp.out.name,
+                              x.dtype if x.is_contiguous() else None))
+    spans.sort()
+    starts = [x[0] for x in spans]
+    widest = max((e - b for b, e, _, _ in spans), default=0)
+    conflicts = set()
+    for name, t in targets.items():
+        if t.device != device or t.numel() == 0:
+            continue
+        a = t.data_ptr()
+        e = a + t.numel() * t.element_size()
+        for b, end, owner, dtype in spans[bisect.bisect_left(starts, a - widest):bisect.bisect_left(starts, e)]:
+            if b < e and a < end and not (owner == name and b == a and end == e and dtype == t.dtype):
+                conflicts.add(name)
+                break
+    return conflicts
+
+
+def _into_targets(result: dict[str, torch.Tensor], targets: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """The result as the `out=` tensors: those computed elsewhere are copied in now."""
+    if not targets:
+        return result
+    import torch
+
+    with torch.no_grad():  # targets may be parameters (out=dict(model.named_parameters()))
+        for name, t in result.items():
+            if t is not targets[name]:
+                targets[name].copy_(t)
+    return {name: targets[name] for name in result}
+
+
+def _on_host(plan: SoupPlan, kernel: Any, targets: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    import torch
+
+    from soupkern.torch_dtypes import TORCH_DTYPES
+
+    result: dict[str, torch.Tensor] = {}
+    where = {}
+    conflicts = _write_conflicts(plan, targets) if targets else set()
+    for tp in plan.tensors:
+        t = targets.get(tp.out.name) if targets else None
+        if t is None or t.device.type != "cpu" or not t.is_contiguous() or tp.out.name in conflicts:
+            t = torch.empty(tp.out.shape, dtype=TORCH_DTYPES[tp.out.dtype])
+        result[tp.out.name] = t
+        where[tp.out.name] = (t.data_ptr(), lambda t=t: t.reshape(-1).view(torch.uint8).numpy())
+    fill_many(plan, where, kernel)
+    return _into_targets(result, targets)
+
+
+def _on_device(plan: SoupPlan, checkpoints: Sequence[Checkpoint], device: torch.device, backend: str | None,
+               device_budget_bytes: int | None, targets: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """Through the device kernels: in place where every input already lives on `device`, else
+    streamed from the host through pinned buffers."""
+    import torch
+
+    from soupkern.backends.device import device_kernels
+    from soupkern.gpu_engine import DEFAULT_DEVICE_BUDGET_BYTES, DeviceStreamer
+    from soupkern.io.sources import TensorHolder
+
+    if plan.per_tensor:
+        raise InputError("per-tensor coefficients run on the host backends (cpp, torch), not through a device")
+    kernels = device_kernels(device, backend)
+    resident = all(isinstance(h, TensorHolder) and h.tensor.device == device
+                   for ck in checkpoints for h, _ in ck.tensors.values())
+    if resident:
+        with torch.no_grad():
+            result = _device_resident(plan, kernels, device, targets)
+    else:
+        streamer = DeviceStreamer(plan, kernels, device, budget_bytes=device_budget_bytes or DEFAULT_DEVICE_BUDGET_BYTES)
+        result = streamer.to_state_dict()
+    return _into_targets(result, targets)
+
+
+def _device_resident(plan: SoupPlan, kernels: Any, device: torch.device,
+                     targets: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    import torch
+
+    from soupkern.backends.torch_backend import fp64_weighted_sum, round_f64
+    from soupkern.gpu_engine import on_device
+    from soupkern.torch_dtypes import TORCH_DTYPES
+
+    result = {}
+    conflicts = _write_conflicts(plan, targets) if targets else set()
+    for tp in plan.tensors:
+        name = tp.out.name
+        xs = [h.tensor.contiguous() for h, _ in tp.sources]
+        t = targets.get(name) if targets else None
+        if t is None or t.device != device or not t.is_contiguous() or name in conflicts:
+            t = torch.empty(tp.out.shape, dtype=TORCH_DTYPES[tp.out.dtype], device=device)
+        if not tp.average:
+            t.copy_(xs[0])
+        elif on_device(tp):
+            kernels.weighted_sum(t, xs, plan.coefficients_for(name), plan.divisor_for(name))
+        else:  # F64 somewhere: the torch form of the contract
+            t.copy_(round_f64(fp64_weighted_sum(xs, plan.coefficients_for(name), plan.divisor_for(name)), t.dtype).view(t.shape))
+        result[name] = t
+    return result
+
+
+def uniform_state_dict(ingredients: Sequence[Ingredient], **kwargs: object) -> dict[str, torch.Tensor]:
+    """The uniform soup as an in-memory state dict (or into `out=`); options as `weighted_state_dict`."""
+    ingredients = ingredient_list(ingredients)
     k = len(ingredients)
     return weighted_state_dict(ingredients, [1.0] * k, divisor=k, **kwargs)  # type: ignore[arg-type]
 

@@ -1,0 +1,563 @@
+"""Tensor sources other than safetensors: in-memory state dicts and modules, PyTorch pickles
+(`.pt`, `.pth`, `.bin`, `.pth.tar`) and PyTorch Distributed Checkpoint (DCP) folders.
+
+Every source opens as a `Checkpoint` (soupkern.io.reader): tensor name -> (holder, TensorInfo),
+where the holder serves the tensor's bytes the way a mapped safetensors file does (`view`,
+`prefetch`, `release`, `address`), so every recipe and executor reads all sources alike. Names,
+shapes and dtypes are known when the source opens; bytes are read when first viewed.
+
+Pickles are loaded with `torch.load(weights_only=True)`: no code from the file ever runs; the
+only globals allowed beyond torch's own are the harmless ones real checkpoints carry
+(`argparse.Namespace`, which timm's train.py saves as `args`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import mmap
+import os
+import pickle
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
+
+import numpy as np
+
+from soupkern.errors import InputError
+from soupkern.io.format import TensorInfo
+from soupkern.io.reader import Checkpoint, _looks_like, _signature, open_regular
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger("soupkern")
+
+PAGE = mmap.PAGESIZE
+# Containers checkpoints wrap their weights in, tried in this order when no key is named:
+# Lightning / timm ({"state_dict": ...}), generic training loops ("model_state_dict", "model"),
+# DeepSpeed / DDP ("module"). timm's EMA weights ("state_dict_ema") only when asked for.
+CONTAINER_KEYS = ("state_dict", "model_state_dict", "model", "module")
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pth.tar", ".ckpt", ".tar")
+DCP_METADATA = ".metadata"
+TORCH_BIN_INDEX = "pytorch_model.bin.index.json"
+TORCH_BIN_SINGLE = "pytorch_model.bin"
+
+
+def _torch_to_name() -> dict[Any, str]:
+    from soupkern.torch_dtypes import TORCH_DTYPES
+
+    return {v: k for k, v in TORCH_DTYPES.items()}
+
+
+class TensorHolder:
+    """One in-memory tensor behind the byte-view interface the engine reads.
+
+    A contiguous CPU tensor is viewed in place (no copy). A non-contiguous or device tensor is
+    copied to a contiguous CPU tensor on first view and dropped when the view's last byte is
+    released. `mapped`: the tensor's pages belong to a file mapping (a pickle loaded with
+    mmap=True); releasing them unmaps them from this process (they stay in the page cache).
+    """
+
+    __slots__ = ("path", "tensor", "_bytes", "mapped")
+
+    def __init__(self, tensor: torch.Tensor, path: str, mapped: bool = False):
+        self.path = path
+        self.tensor = tensor
+        self._bytes: np.ndarray | None = None
+        self.mapped = mapped
+
+    @property
+    def direct(self) -> bool:
+        """Whether the tensor's own memory is read (contiguous, on the CPU)."""
+        t = self.tensor
+        return t.device.type == "cpu" and t.is_contiguous()
+
+    def _load(self) -> np.ndarray:
+        import torch
+
+        t = self.tensor
+        if not self.direct:
+            t = t.to("cpu", memory_format=torch.contiguous_format) if t.device.type != "cpu" else t.contiguous()
+        return t.reshape(-1).view(torch.uint8).numpy()
+
+    def view(self, info: TensorInfo, start: int = 0, stop: int | None = None) -> np.ndarray:
+        if self._bytes is None:
+            self._bytes = self._load()
+        return self._bytes[start:info.nbytes if stop is None else stop]
+
+    def address(self, info: TensorInfo) -> int:
+        """The address of the tensor's bytes in host memory, valid until `release` of its end."""
+        if self.direct:
+            return int(self.tensor.data_ptr())
+        if self._bytes is None:
+            self._bytes = self._load()
+        return int(self._bytes.ctypes.data)
+
+    def prefetch(self, begin: int, end: int) -> None:
+        pass
+
+    def release(self, begin: int, end: int) -> None:
+        if self.mapped and self.direct and end > begin:
+            _madvise_dontneed(int(self.tensor.data_ptr()) + begin, end - begin)
+        if self._bytes is not None and end >= self._bytes.nbytes:
+            self._bytes = None
+
+    def check_unchanged(self) -> None:
+        pass
+
+
+_libc: Any = None
+
+
+def _madvise_dontneed(address: int, length: int) -> None:
+    """Drop this process's mapping of the whole pages inside [address, address + length)."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        _libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    b = -(-address // PAGE) * PAGE
+    e = (address + length) // PAGE * PAGE
+    if e > b:
+        _libc.madvise(b, e - b, mmap.MADV_DONTNEED)
+
+
+# ---------------------------------------------------------------------------------------------
+# state dicts and modules in memory
+
+
+def _is_tensor(x: object) -> bool:
+    return type(x).__module__.startswith("torch") and hasattr(x, "data_ptr") and hasattr(x, "dtype")
+
+
+def _is_module(x: object) -> bool:
+    torch = sys.modules.get("torch")  # an nn.Module means torch is imported already
+    return torch is not None and isinstance(x, torch.nn.Module)
+
+
+def is_in_memory(x: object) -> bool:
+    """Whether `x` is an in-memory ingredient (a mapping of tensors or an nn.Module), not a path."""
+    return isinstance(x, Mapping) or _is_module(x)
+
+
+def unwrap(obj: object, key: str | None, label: str) -> Mapping[str, Any]:
+    """The state dict inside a checkpoint object: `obj[key]` when a key is named; else `obj` if
+    its values are tensors; else the first of CONTAINER_KEYS it holds (one level deep, twice:
+    {"model": {"module": ...}}). An nn.Module gives its state_dict()."""
+    if _is_module(obj):
+        return obj.state_dict()  # type: ignore[union-attr,no-any-return]
+    if not isinstance(obj, Mapping):
+        raise InputError(f"holds a {type(obj).__name__}, not a state dict (a mapping of names to tensors)", path=label)
+    if key is not None:
+        if key not in obj:
+            raise InputError(f"has no entry '{key}' (--state-dict-key); its top-level keys are {_keys(obj)}", path=label)
+        inner = obj[key]
+        if _is_module(inner):
+            return inner.state_dict()  # type: ignore[no-any-return]
+        if not isinstance(inner, Mapping):
+            raise InputError(f"entry '{key}' holds a {type(inner).__name__}, not a state dict", path=label)
+        return inner
+    for _ in range(2):
+        if obj and all(_is_tensor(v) for v in obj.values()):
+            return obj
+        found = [k for k in CONTAINER_KEYS if isinstance(obj.get(k), Mapping) or _is_module(obj.get(k))]
+        if not found:
+            break
+        if "state_dict_ema" in obj:
+            log.warning("%s: souping its '%s' weights; pass --state-dict-key state_dict_ema (state_dict_key=) "
+                        "for the EMA weights", label, found[0])
+        obj = obj[found[0]]
+        if _is_module(obj):
+            return obj.state_dict()  # type: ignore[union-attr,no-any-return]
+    if isinstance(obj, Mapping) and obj and all(_is_tensor(v) for v in obj.values()):
+        return obj
+    raise InputError(f"holds no state dict: its top-level keys are {_keys(obj)} and none of "
+                     f"{', '.join(CONTAINER_KEYS)} is a mapping of tensors; name the one to soup with "
+                     f"--state-dict-key (state_dict_key=)", path=label)
+
+
+def _keys(obj: Mapping[Any, Any]) -> str:
+    keys = [repr(k) for k in list(obj)[:8]]
+    return "[" + ", ".join(keys) + (", ..." if len(obj) > 8 else "") + "]"
+
+
+def state_dict_checkpoint(obj: object, label: str, *, state_dict_key: str | None = None,
+                          mapped: bool = False) -> Checkpoint:
+    """A Checkpoint over an in-memory state dict (or module, or container of one): every value a
+    torch tensor of a dtype safetensors can hold; tensors are viewed in place, never copied
+    unless non-contiguous or off the CPU."""
+    sd = unwrap(obj, state_dict_key, label)
+    names = _torch_to_name()
+    tensors: dict[str, tuple[Any, TensorInfo]] = {}
+    for name, t in sd.items():
+        if not isinstance(name, str):
+            raise InputError(f"state dict key {name!r} is not a string", path=label)
+        if not _is_tensor(t):
+            raise InputError(f"value is a {type(t).__name__}, not a tensor", path=label, tensor=name)
+        dtype = names.get(t.dtype)
+        if dtype is None:
+            raise InputError(f"dtype {t.dtype} cannot be souped or stored in safetensors", path=label, tensor=name)
+        if t.is_sparse or t.layout != _strided():
+            raise InputError(f"layout {t.layout} is not a dense tensor", path=label, tensor=name)
+        t = t.detach()
+        nbytes = t.numel() * t.element_size()
+        tensors[name] = (TensorHolder(t, label, mapped), TensorInfo(name, dtype, tuple(t.shape), 0, nbytes))
+    if not tensors:
+        raise InputError("holds no tensors", path=label)
+    return Checkpoint(label, [], tensors, {})
+
+
+def _strided() -> Any:
+    import torch
+
+    return torch.strided
+
+
+# ---------------------------------------------------------------------------------------------
+# PyTorch pickles
+
+
+class _PickleFile:
+    """A `.pt` file's identity, so a soup notices when it changes while being read."""
+
+    def __init__(self, path: str, signature: tuple[int, int, int, int]):
+        self.path = path
+        self.signature = signature
+
+    def check_unchanged(self) -> None:
+        try:
+            now = _signature(os.stat(self.path))
+        except OSError as e:
+            raise InputError(f"was removed or became unreadable while being read ({e.strerror}); "
+                             "the soup was not written", path=self.path) from None
+        if now != self.signature:
+            raise InputError("was modified by another process while being read; the soup was not written "
+                             "(rerun once the file is stable)", path=self.path)
+
+    def close(self) -> None:
+        pass
+
+
+def _safe_globals() -> list[Any]:
+    import argparse
+
+    return [argparse.Namespace]
+
+
+def _torch_load(path: str) -> tuple[object, bool]:
+    """(object, mapped): torch.load with weights_only=True, memory-mapped when the file is in the
+    zip format (the legacy format cannot be mapped: read whole, with a notice)."""
+    import torch
+
+    with open(path, "rb") as f:
+        zipped = f.read(4) == b"PK\x03\x04"
+    if not zipped:
+        log.warning("%s: written by torch.save in the legacy (non-zip) format, which cannot be memory-mapped; "
+                    "reading it whole into memory", path)
+    with torch.serialization.safe_globals(_safe_globals()):
+        try:
+            if zipped and not path.endswith(".safetensors"):
+                return torch.load(path, map_location="cpu", mmap=True, weights_only=True), True
+            # a path ending in .safetensors would make torch.load read it as safetensors: pass the file
+            with open(path, "rb") as f:
+                return torch.load(f, map_location="cpu", weights_only=True), False
+        except pickle.UnpicklingError as e:
+            if "Weights only load failed" in str(e):
+                raise InputError(f"refused: the pickle needs something a weights-only load does not allow, so it "
+                                 f"was not loaded and none of its code ran ({_refusal(e)})", path=path) from None
+            raise InputError(f"is a damaged PyTorch pickle ({_first_line(e)})", path=path) from None
+        except Exception as e:  # noqa: BLE001 - torch raises many kinds (OSError, RuntimeError, EOFError) for a damaged file
+            raise InputError(f"cannot be read by torch.load: damaged or not a torch.save checkpoint "
+                             f"({type(e).__name__}: {_first_line(e)})", path=path) from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:300] if text else type(e).__name__
+
+
+def _refusal(e: BaseException) -> str:
+    """The line of torch's weights-only error that names what the pickle wanted."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    why = next((ln for ln in lines if ln.startswith(("WeightsUnpickler error", "Unsupported", "Trying to load"))), None)
+    return (why or _first_line(e))[:300]
+
+
+def open_pickle(path: str | os.PathLike[str], state_dict_key: str | None = None) -> Checkpoint:
+    """A PyTorch pickle (`torch.save`), memory-mapped when written in the zip format."""
+    p = os.fspath(path)
+    fd = open_regular(p)
+    try:
+        sig = _signature(os.fstat(fd))
+    finally:
+        os.close(fd)
+    obj, mapped = _torch_load(p)
+    ck = state_dict_checkpoint(obj, p, state_dict_key=state_dict_key, mapped=mapped)
+    for holder, _ in ck.tensors.values():
+        holder.path = p
+    ck.files = [_PickleFile(p, sig)]  # type: ignore[list-item]
+    return ck
+
+
+def _open_pickle_index(index_path: Path, state_dict_key: str | None) -> Checkpoint:
+    """A sharded `pytorch_model.bin.index.json` (transformers' pre-safetensors layout)."""
+    from soupkern.io.format import parse_index
+    from soupkern.io.reader import _pread
+
+    fd = open_regular(os.fspath(index_path))
+    try:
+        raw = _pread(fd, os.fstat(fd).st_size, 0, os.fspath(index_path))
+    finally:
+        os.close(fd)
+    weight_map, metadata = parse_index(raw, os.fspath(index_path))
+    tensors: dict[str, tuple[Any, TensorInfo]] = {}
+    files = []
+    for shard in sorted(set(weight_map.values())):
+        ck = open_pickle(index_path.parent / shard, state_dict_key)
+        files += ck.files
+        for name, entry in ck.tensors.items():
+            if weight_map.get(name) != shard:
+                raise InputError(f"tensor is in this shard but the index places it in '{weight_map.get(name)}'",
+                                 path=ck.path, tensor=name)
+            tensors[name] = entry
+    for name, shard in weight_map.items():
+        if name not in tensors:
+            raise InputError(f"index lists the tensor in '{shard}', which does not contain it", path=index_path, tensor=name)
+    return Checkpoint(os.fspath(index_path), files, tensors, metadata)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------------
+# PyTorch Distributed Checkpoint folders
+
+
+DCP_BATCH_BYTES = 64 << 20
+
+
+class _DcpLoader:
+    """Reads a DCP folder's tensors by partial `torch.distributed.checkpoint.load` calls with no
+    process group (the single-process load). A call costs about 10 ms whatever its size, so a
+    tensor not yet read is read together with the next ones in the order the engine consumes
+    them (soupkern's output order: item size descending, then name) up to DCP_BATCH_BYTES; each
+    is dropped when its last byte is released."""
+
+    def __init__(self, path: str, entries: dict[str, tuple[str, TensorInfo]]):
+        self.path = path
+        self.order = sorted(entries, key=lambda n: (-_itemsize(entries[n][1].dtype), n))
+        self.position = {name: i for i, name in enumerate(self.order)}
+        self.entries = entries  # soup name -> (DCP key, info)
+        self.cache: dict[str, Any] = {}
+
+    def get(self, name: str) -> Any:
+        t = self.cache.get(name)
+        if t is None:
+            self._load(name)
+            t = self.cache[name]
+        return t
+
+    def _load(self, first: str) -> None:
+        import warnings
+
+        import torch
+        import torch.distributed.checkpoint as dcp
+
+        from soupkern.torch_dtypes import TORCH_DTYPES
+
+        held = sum(t.numel() * t.element_size() for t in self.cache.values())
+        batch, size = {}, 0
+        for name in self.order[self.position[first]:]:
+            if name in self.cache:
+                continue
+            info = self.entries[name][1]
+            if batch and (size + info.nbytes > DCP_BATCH_BYTES or held + size > 2 * DCP_BATCH_BYTES):
+                break
+            batch[name] = torch.empty(info.shape, dtype=TORCH_DTYPES[info.dtype])
+            size += info.nbytes
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.simplefilter("ignore", UserWarning)
+            try:
+                dcp.load({self.entries[n][0]: t for n, t in batch.items()},
+                         storage_reader=dcp.FileSystemReader(self.path), no_dist=True)
+            except Exception as e:  # noqa: BLE001 - DCP wraps reader failures in its own types
+                raise InputError(f"cannot read tensors from the DCP folder ({_first_line(e)})",
+                                 path=self.path, tensor=self.entries[first][0]) from None
+        self.cache.update(batch)
+
+    def drop(self, name: str) -> None:
+        self.cache.pop(name, None)
+
+
+class DcpTensor:
+    """One tensor of a DCP folder (read through its folder's `_DcpLoader`)."""
+
+    __slots__ = ("path", "name", "info", "loader", "_bytes")
+
+    def __init__(self, loader: _DcpLoader, name: str, info: TensorInfo):
+        self.path = loader.path
+        self.loader = loader
+        self.name = name
+        self.info = info
+        self._bytes: np.ndarray | None = None
+
+    def _load(self) -> np.ndarray:
+        if self._bytes is None:
+            import torch
+
+            self._bytes = self.loader.get(self.name).reshape(-1).view(torch.uint8).numpy()
+        return self._bytes
+
+    def view(self, info: TensorInfo, start: int = 0, stop: int | None = None) -> np.ndarray:
+        return self._load()[start:info.nbytes if stop is None else stop]
+
+    def address(self, info: TensorInfo) -> int:
+        return int(self._load().ctypes.data)
+
+    def prefetch(self, begin: int, end: int) -> None:
+        pass
+
+    def release(self, begin: int, end: int) -> None:
+        if end >= self.info.nbytes:
+            self._bytes = None
+            self.loader.drop(self.name)
+
+    def check_unchanged(self) -> None:
+        pass
+
+
+class _DcpFolder:
+    """A DCP folder's identity: its `.metadata` file's signature."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._meta = os.path.join(path, DCP_METADATA)
+        self.signature = _signature(os.stat(self._meta))
+
+    def check_unchanged(self) -> None:
+        try:
+            now = _signature(os.stat(self._meta))
+        except OSError as e:
+            raise InputError(f"was removed while being read ({e.strerror}); the soup was not written", path=self.path) from None
+        if now != self.signature:
+            raise InputError("was rewritten by another process while being read; the soup was not written", path=self.path)
+
+    def close(self) -> None:
+        pass
+
+
+def open_dcp(path: str | os.PathLike[str], state_dict_key: str | None = None) -> Checkpoint:
+    """A DCP folder (`.metadata` + `__*_*.distcp`): tensor entries only (bytes entries such as
+    step counters are not weights). Nested state dicts were flattened by DCP; `state_dict_key`
+    (else the first of CONTAINER_KEYS present at the top level) selects one and strips its
+    prefix, so torchtitan's {"model": ..., "optimizer": ...} soups the model's weights."""
+    import warnings
+
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    p = os.fspath(path)
+    folder = _DcpFolder(p)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            md = FileSystemReader(p).read_metadata()
+    except Exception as e:  # noqa: BLE001
+        raise InputError(f"has a {DCP_METADATA} file that cannot be read as DCP metadata ({_first_line(e)})", path=p) from None
+    names = _torch_to_name()
+    paths: dict[str, tuple[str, ...]] = dict(md.planner_data or {})
+    entries = {k: v for k, v in md.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
+    tops = {paths.get(k, (k,))[0] for k in entries if len(paths.get(k, (k,))) > 1}
+    prefix = state_dict_key
+    if prefix is None:
+        prefix = next((c for c in CONTAINER_KEYS if c in tops), None)
+    elif prefix not in tops:
+        raise InputError(f"has no nested state dict '{prefix}' (--state-dict-key); its nested ones are "
+                         f"{sorted(tops) or 'none'}", path=p)
+    found: dict[str, tuple[str, TensorInfo]] = {}
+    for key, meta in entries.items():
+        parts = paths.get(key, (key,))
+        if prefix is not None:
+            if len(parts) < 2 or parts[0] != prefix:
+                continue
+            name = ".".join(str(x) for x in parts[1:])
+        else:
+            name = key
+        dtype = names.get(meta.properties.dtype)
+        if dtype is None:
+            raise InputError(f"dtype {meta.properties.dtype} cannot be souped or stored in safetensors", path=p, tensor=key)
+        shape = tuple(int(s) for s in meta.size)
+        n = 1
+        for s in shape:
+            n *= s
+        found[name] = (key, TensorInfo(name, dtype, shape, 0, n * _itemsize(dtype)))
+    loader = _DcpLoader(p, found)
+    tensors: dict[str, tuple[Any, TensorInfo]] = {name: (DcpTensor(loader, name, info), info)
+                                                  for name, (_, info) in found.items()}
+    if not tensors:
+        raise InputError("DCP folder holds no tensors" + (f" under '{prefix}'" if prefix else ""), path=p)
+    return Checkpoint(p, [folder], tensors, {})  # type: ignore[list-item]
+
+
+def _itemsize(dtype: str) -> int:
+    from soupkern.io.format import dtype_itemsize
+
+    return dtype_itemsize(dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# format detection
+
+
+def describe(path: str) -> str:
+    """What a file that soupkern cannot read looks like, for the error message."""
+    try:
+        fd = open_regular(path)
+    except InputError:
+        return ""
+    try:
+        return _looks_like(fd)
+    finally:
+        os.close(fd)
+
+
+def sniff(path: str) -> str:
+    """'safetensors', 'pickle' or 'unknown' from a file's first bytes."""
+    fd = open_regular(path)
+    try:
+        head = os.pread(fd, 8, 0)
+    finally:
+        os.close(fd)
+    if head.startswith(b"PK\x03\x04") or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
+        return "pickle"
+    return "safetensors"
+
+
+def folder_kind(p: Path) -> str | None:
+    """'dcp' or 'pickle-index' / 'pickle' for a folder soupkern reads with this module, else None."""
+    if (p / DCP_METADATA).is_file():
+        return "dcp"
+    if (p / TORCH_BIN_INDEX).is_file():
+        return "pickle-index"
+    if (p / TORCH_BIN_SINGLE).is_file():
+        return "pickle"
+    return None
+
+
+def open_folder(p: Path, kind: str, state_dict_key: str | None) -> Checkpoint:
+    if kind == "dcp":
+        return open_dcp(p, state_dict_key)
+    if kind == "pickle-index":
+        return _open_pickle_index(p / TORCH_BIN_INDEX, state_dict_key)
+    return open_pickle(p / TORCH_BIN_SINGLE, state_dict_key)
+
+
+def labels(ingredients: Iterable[object]) -> list[str]:
+    """How provenance names each ingredient: its path, or "<state dict #i>" / "<Module #i>"."""
+    out = []
+    for i, x in enumerate(ingredients):
+        if isinstance(x, (str, bytes)) or hasattr(x, "__fspath__"):
+            out.append(os.fsdecode(os.fspath(x)))  # type: ignore[arg-type]
+        elif _is_module(x):
+            out.append(f"<{type(x).__name__} #{i}>")
+        else:
+            out.append(f"<state dict #{i}>")
+    return out
