@@ -92,6 +92,11 @@ def _soup_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", help="kernel backend: cpp, torch, cuda, triton (default: $SOUPKERN_BACKEND or the best available)")
     p.add_argument("--force", action="store_true", help="replace an existing output")
     p.add_argument("--fsync", action="store_true", help="fsync the output before renaming it into place")
+    p.add_argument("--copy-from", metavar="DIR",
+                   help="model folder whose config, tokenizer and other non-weight files go into a folder output "
+                        "(default: the first ingredient that is a model folder)")
+    p.add_argument("--allow-config-mismatch", action="store_true",
+                   help="soup model folders whose config.json disagree on the architecture")
     p.add_argument("--state-dict-key", metavar="KEY",
                    help="the entry of a PyTorch pickle or DCP checkpoint to soup, e.g. state_dict_ema "
                         "(default: the state dict itself, else its state_dict / model_state_dict / model / module)")
@@ -212,6 +217,8 @@ def _soup_opts(args: argparse.Namespace) -> dict[str, Any]:
         fsync=args.fsync,
         progress=not args.quiet,
         state_dict_key=args.state_dict_key,
+        copy_from=args.copy_from,
+        allow_config_mismatch=args.allow_config_mismatch,
     )
 
 
@@ -229,12 +236,22 @@ def _run_soup(args: argparse.Namespace, paths: list[str], coeffs: list[float] | 
 def _summary(args: argparse.Namespace, report: Any) -> None:
     if not args.quiet:
         where = report.paths[0] if len(report.paths) == 1 else f"{Path(args.output)}/ ({len(report.paths)} files)"
+        rate = (report.bytes_read + report.bytes_written) / max(report.seconds, 1e-9)
         print(
-            f"wrote {where}: {report.tensors} tensors, {report.bytes_written / 1e9:.3f} GB from "
-            f"{report.bytes_read / 1e9:.3f} GB in {report.seconds:.2f} s "
-            f"({report.gb_per_s:.1f} GB/s, backend {report.backend})",
+            f"wrote {where}: {report.tensors} tensors, {_bytes(report.bytes_written)} from "
+            f"{_bytes(report.bytes_read)} in {report.seconds:.2f} s "
+            f"({_bytes(rate)}/s read + written, backend {report.backend})",
             file=sys.stderr,
         )
+
+
+def _bytes(n: float) -> str:
+    """Decimal units, as the progress bar shows them (unit_scale, divisor 1000)."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.3g} {unit}"
+        n /= 1000
+    return f"{n:.3g} TB"
 
 
 def _inspect(path: str, as_json: bool) -> None:
@@ -309,7 +326,8 @@ def _greedy(args: argparse.Namespace) -> None:
     _summary(args, result.report)
 
 
-_CHECKED = ("dtype", "keys", "max_shard_size", "budget_bytes", "backend", "overwrite", "fsync", "state_dict_key")
+_CHECKED = ("dtype", "keys", "max_shard_size", "budget_bytes", "backend", "overwrite", "fsync", "state_dict_key",
+            "copy_from", "allow_config_mismatch")
 
 
 def _learned(args: argparse.Namespace) -> None:

@@ -17,7 +17,7 @@ from safetensors.numpy import save_file
 
 from soupkern.cli import build_parser
 
-FLAGS = {"--intersection", "--force", "--fsync", "-q", "--quiet", "--json", "--fast"}
+FLAGS = {"--allow-config-mismatch", "--intersection", "--force", "--fsync", "-q", "--quiet", "--json", "--fast"}
 # option -> (wrong value, wrong type); flags get "=yes" instead
 VALUES = {
     "-o": ("missing_folder/x.safetensors", ""),
@@ -38,7 +38,8 @@ VALUES = {
     "--seed": ("-1", "x"),
     "--base": ("missing.safetensors", ""),
     "--workdir": ("FILE", ""),
-    "--state-dict-key": ("state_dict_ema", ""),  # safetensors inputs hold no container to pick from
+    "--state-dict-key": ("state_dict_ema", ""),
+    "--copy-from": ("missing_dir", "FILE"),  # safetensors inputs hold no container to pick from
 }
 SKIP = {"-h", "--help", "--version"}
 

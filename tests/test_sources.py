@@ -912,3 +912,20 @@ def test_native_weighted_sum_many_rejects_bad_tables():
         with pytest.raises(ValueError):
             _native.weighted_sum_many(**{**good, **change})
         assert torch.equal(o, torch.full((4,), 3.0)), f"{change}: nothing written"
+
+
+def test_safetensors_header_length_that_looks_like_a_pickle_opcode(tmp_path):
+    """A safetensors header of 0x280 or 0x380 bytes starts with 0x80 0x02 / 0x80 0x03, a pickle's
+    protocol opcode: the file is still read as safetensors (once it was sent to torch.load)."""
+    from safetensors.numpy import save_file as save_np
+
+    p = tmp_path / "t.safetensors"
+    for pad in range(0, 1200):
+        save_np({"w": np.arange(3, dtype=np.float32)}, str(p), metadata={"x": "a" * pad})
+        head = p.read_bytes()[:2]
+        if head[0] == 0x80 and head[1] in (2, 3):
+            break
+    else:
+        pytest.fail("no header length with a pickle-like first byte pair")
+    got = soupkern.uniform_state_dict([p, p])
+    assert torch.equal(got["w"], torch.arange(3, dtype=torch.float32))

@@ -520,15 +520,20 @@ def describe(path: str) -> str:
 
 
 def sniff(path: str) -> str:
-    """'safetensors', 'pickle' or 'unknown' from a file's first bytes."""
+    """'safetensors', 'pickle' or 'unknown' from a file's first bytes. A safetensors header (a
+    little-endian length that fits the file, then '{') wins: its length bytes can look like a
+    pickle's protocol opcode (0x80 0x03 is a 896-byte header)."""
     fd = open_regular(path)
     try:
-        head = os.pread(fd, 8, 0)
+        head = os.pread(fd, 9, 0)
+        size = os.fstat(fd).st_size
     finally:
         os.close(fd)
+    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= size - 8:
+        return "safetensors"
     if head.startswith(b"PK\x03\x04") or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
         return "pickle"
-    return "safetensors"
+    return "unknown"
 
 
 def folder_kind(p: Path) -> str | None:
@@ -551,11 +556,11 @@ def open_folder(p: Path, kind: str, state_dict_key: str | None) -> Checkpoint:
 
 
 def labels(ingredients: Iterable[object]) -> list[str]:
-    """How provenance names each ingredient: its path, or "<state dict #i>" / "<Module #i>"."""
+    """How provenance names each ingredient: its absolute path, or "<state dict #i>" / "<Module #i>"."""
     out = []
     for i, x in enumerate(ingredients):
         if isinstance(x, (str, bytes)) or hasattr(x, "__fspath__"):
-            out.append(os.fsdecode(os.fspath(x)))  # type: ignore[arg-type]
+            out.append(os.path.abspath(os.fsdecode(os.fspath(x))))  # type: ignore[arg-type]
         elif _is_module(x):
             out.append(f"<{type(x).__name__} #{i}>")
         else:

@@ -25,7 +25,7 @@ import shutil
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -133,6 +133,7 @@ def plan_output(
     out: str | os.PathLike[str],
     metadata: Mapping[str, str] | None,
     max_shard_size: int | None = None,
+    extra_names: Sequence[str] = (),
 ) -> OutputLayout:
     """Lay out the output: tensors sorted by (item size descending, name), so every tensor is
     aligned to its item size.
@@ -141,7 +142,8 @@ def plan_output(
     folder, or `max_shard_size` is given: then it names a folder that receives HF-style shards
     `model-0000k-of-0000n.safetensors` and `model.safetensors.index.json` (a single
     `model.safetensors` when everything fits in one shard, or without `max_shard_size`). A folder
-    output whose name ends in `.safetensors` is refused (it reads like a file name)."""
+    output whose name ends in `.safetensors` is refused (it reads like a file name). `extra_names`:
+    the other files the writer puts into a folder output (recorded as soupkern's)."""
     text = output_path(out)
     meta = {"format": "pt", **check_metadata(metadata)}
     order = sorted(tensors, key=lambda t: (-DTYPES[t.dtype], t.name))
@@ -165,7 +167,7 @@ def plan_output(
     n = len(groups)
     names = [SINGLE_NAME] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     if folder:
-        meta[FILES_KEY] = json.dumps(names + ([INDEX_NAME] if n > 1 else []))
+        meta[FILES_KEY] = json.dumps(names + ([INDEX_NAME] if n > 1 else []) + sorted(extra_names))
     for i, group in enumerate(groups):
         path = target / names[i] if folder else target
         header, placements = _header(group, meta)

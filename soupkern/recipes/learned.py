@@ -253,6 +253,8 @@ def _learned_soup(
     fsync: bool = False,
     progress: Callable[[int, float], None] | None = None,
     state_dict_key: str | None = None,
+    copy_from: str | os.PathLike[str] | None = None,
+    allow_config_mismatch: bool = False,
 ) -> LearnedSoupResult:
     """Learn softmax mixing coefficients on held-out `data`, then write the soup to `out` (if given).
 
@@ -278,7 +280,8 @@ def _learned_soup(
             raise InputError("a by-layer soup (per-tensor coefficients) is written by the host backends (cpp, torch); "
                              f"backend '{requested_backend(backend)}' runs on a device")
         check_soup_output(ingredients, out, dtype=dtype, keys=keys, max_shard_size=max_shard_size, overwrite=overwrite,
-                          budget_bytes=budget_bytes, backend=backend, fsync=fsync, state_dict_key=state_dict_key)
+                          budget_bytes=budget_bytes, backend=backend, fsync=fsync, state_dict_key=state_dict_key,
+                          copy_from=copy_from, allow_config_mismatch=allow_config_mismatch)
     loss_fn = loss_fn or F.cross_entropy
     eval_data = data if eval_data is None else eval_data
     kernel = get_backend(backend)
@@ -347,7 +350,8 @@ def _learned_soup(
     }
     opts: dict[str, Any] = {"dtype": dtype, "keys": keys, "max_shard_size": max_shard_size,
                             "budget_bytes": budget_bytes, "backend": backend, "overwrite": overwrite,
-                            "fsync": fsync, "state_dict_key": state_dict_key}
+                            "fsync": fsync, "state_dict_key": state_dict_key, "copy_from": copy_from,
+                            "allow_config_mismatch": allow_config_mismatch}
     if mode == "by_model":
         report = weighted_soup(ingredients, coeffs[0], out, recipe="learned", metadata=meta, **opts)
     else:

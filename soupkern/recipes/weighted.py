@@ -115,6 +115,8 @@ def weighted_soup(
     device_budget_bytes: int | None = None,
     divisor: float = 1.0,
     state_dict_key: str | None = None,
+    copy_from: PathLike | None = None,
+    allow_config_mismatch: bool = False,
 ) -> SoupReport:
     """Write (sum_k coefficients[k] * ingredients[k]) / divisor to `out`, streaming with bounded
     memory, under the exact-arithmetic contract (fp64 accumulation in input order, one IEEE
@@ -134,6 +136,11 @@ def weighted_soup(
     A device backend (backend="cuda" / "triton", or $SOUPKERN_BACKEND) or a `device` streams the
     soup through that device (soupkern/gpu_engine.py): pinned host buffers and
     `device_budget_bytes` (default 1 GiB) of device memory, same output bytes.
+
+    A folder output from model-folder ingredients is a model folder (soupkern/model_folder.py):
+    the non-weight files of `copy_from`, else of the first ingredient folder, and a model card,
+    after checking that the ingredients' configs agree on the architecture (unless
+    `allow_config_mismatch`).
     """
     t0 = time.perf_counter()
     items = ingredient_list(ingredients)
@@ -165,9 +172,11 @@ def weighted_soup(
             "soupkern.keys": keys,
             **(metadata or {}),
         }
-        layout = plan_output([tp.out for tp in plan.tensors], out, meta, max_shard_size)
+        layout, extra = _layout(plan, items, out, meta, max_shard_size, recipe=recipe, copy_from=copy_from,
+                                allow_config_mismatch=allow_config_mismatch)
         writer = SoupWriter(layout, inputs=input_files(checkpoints), staging_bytes=staging_bytes_for(budget_bytes),
-                            overwrite=overwrite, fsync=fsync, verify=lambda: verify_inputs(checkpoints))
+                            overwrite=overwrite, fsync=fsync, verify=lambda: verify_inputs(checkpoints),
+                            extra_files=extra)
         with writer, _progress_bar(plan.bytes_read + plan.bytes_written, progress) as bar:
             if streamer is not None:
                 streamer.to_writer(writer, host_budget_bytes=budget_bytes, progress=bar.update if bar else None)
@@ -176,6 +185,27 @@ def weighted_soup(
             paths = writer.commit()
     return SoupReport(tuple(paths), len(plan.tensors), plan.bytes_read, plan.bytes_written,
                       time.perf_counter() - t0, kernel_name, plan.effective_coefficients)
+
+
+def _layout(plan: SoupPlan, items: Sequence[Any], out: PathLike, meta: Mapping[str, str], max_shard_size: int | None,
+            *, recipe: str, copy_from: PathLike | None, allow_config_mismatch: bool) -> tuple[Any, dict[str, bytes]]:
+    """The output layout and, for a folder output, the model folder's other files."""
+    from soupkern import model_folder
+
+    check_flag(allow_config_mismatch, "allow_config_mismatch")
+    layout = plan_output([tp.out for tp in plan.tensors], out, meta, max_shard_size)
+    if not layout.folder:
+        if copy_from is not None:
+            raise InputError("copy_from / --copy-from needs a folder output (-o DIR/ or --max-shard-size)")
+        if not allow_config_mismatch:  # a file output too is refused for mismatched architectures
+            model_folder.check_configs([f for f in map(model_folder.model_folder, items) if f is not None])
+        return layout, {}
+    extra = model_folder.folder_files(items, labels(items), recipe=recipe, coefficients=plan.coefficients_json(),
+                                      divisor=plan.divisor, version=_version(), copy_from=copy_from,
+                                      allow_config_mismatch=allow_config_mismatch)
+    if extra:
+        layout = plan_output([tp.out for tp in plan.tensors], out, meta, max_shard_size, extra_names=list(extra))
+    return layout, extra
 
 
 def verify_inputs(checkpoints: Sequence[Checkpoint]) -> None:
@@ -252,6 +282,8 @@ def check_soup_output(
     fsync: bool = False,
     metadata: dict[str, str] | None = None,
     state_dict_key: str | None = None,
+    copy_from: PathLike | None = None,
+    allow_config_mismatch: bool = False,
 ) -> None:
     """Every check `weighted_soup` makes before writing, without writing: for recipes that do
     expensive work (evaluations, training) before they write, so bad input, a bad option or an
@@ -266,8 +298,10 @@ def check_soup_output(
         checkpoints = open_ingredients(stack, items, state_dict_key)
         k = len(checkpoints)
         plan = build_plan(checkpoints, [1.0 / k] * k, dtype=dtype, keys=keys)
-        layout = plan_output([tp.out for tp in plan.tensors], out, metadata, max_shard_size)
-        SoupWriter(layout, inputs=input_files(checkpoints), staging_bytes=1, overwrite=overwrite).check()
+        layout, extra = _layout(plan, items, out, metadata or {}, max_shard_size, recipe="check", copy_from=copy_from,
+                                allow_config_mismatch=allow_config_mismatch)
+        SoupWriter(layout, inputs=input_files(checkpoints), staging_bytes=1, overwrite=overwrite,
+                   extra_files=extra).check()
 
 
 def uniform_soup(ingredients: Sequence[Ingredient], out: PathLike, **kwargs: object) -> SoupReport:

@@ -1,0 +1,179 @@
+"""A soup of model folders is a model folder: the non-weight files of one ingredient (config,
+generation config, tokenizer and processor files, chat templates) go beside the soup's weights,
+after a check that the ingredients' configs describe the same architecture, with a model card
+that states the recipe, the ingredients and their coefficients.
+
+Only top-level regular files (symlinks followed, as in a Hugging Face cache snapshot) are copied;
+weights, indexes, DCP metadata, hidden files, training state and the ingredient's own model card
+are not.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+from soupkern.errors import InputError, MismatchError
+
+CONFIG_NAME = "config.json"
+MODEL_CARD = "README.md"
+# The fields of config.json that define the architecture (and so which weights mean what).
+ARCH_FIELDS = ("model_type", "architectures", "hidden_size", "num_hidden_layers", "num_attention_heads",
+               "num_key_value_heads", "intermediate_size", "vocab_size", "tie_word_embeddings")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".tar", ".h5", ".msgpack", ".onnx", ".gguf",
+                   ".distcp", ".npz", ".pkl")
+NOT_COPIED = {MODEL_CARD, "trainer_state.json", "training_args.bin", ".metadata"}
+MAX_FILE_BYTES = 512 << 20
+
+
+def model_folder(source: object) -> Path | None:
+    """The folder an ingredient's model files live in: the ingredient itself when it is a folder,
+    the folder of an index file; None for single weight files and in-memory ingredients."""
+    if not (isinstance(source, (str, bytes)) or hasattr(source, "__fspath__")):
+        return None
+    text = os.fsdecode(os.fspath(source))  # type: ignore[arg-type]
+    if not text:
+        return None
+    p = Path(text)
+    if p.is_dir():
+        return p
+    if p.name.endswith(".index.json"):
+        return p.parent
+    return None
+
+
+def _copied(name: str) -> bool:
+    return not (name.startswith(".") or name in NOT_COPIED or name.endswith(".index.json")
+                or name.lower().endswith(WEIGHT_SUFFIXES))
+
+
+def companion_files(folder: Path) -> dict[str, bytes]:
+    """The non-weight files of a model folder, name -> bytes."""
+    out = {}
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        if not _copied(entry.name) or not entry.is_file():  # is_file follows symlinks
+            continue
+        size = entry.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise InputError(f"is {size} bytes, more than a model folder's non-weight file should be "
+                             f"({MAX_FILE_BYTES}); remove it from the folder or give --copy-from", path=entry.path)
+        with open(entry.path, "rb") as f:
+            out[entry.name] = f.read()
+    return out
+
+
+def _config(folder: Path) -> dict[str, Any] | None:
+    path = folder / CONFIG_NAME
+    if not path.is_file():
+        return None
+    try:
+        with open(path, "rb") as f:
+            data = json.loads(f.read())
+    except (OSError, ValueError) as e:
+        raise InputError(f"is not valid JSON ({e})", path=path) from None
+    if not isinstance(data, dict):
+        raise InputError("does not hold a JSON object", path=path)
+    return data
+
+
+def _arch(config: dict[str, Any]) -> dict[str, Any]:
+    fields = {f: config[f] for f in ARCH_FIELDS if f in config}
+    for sub in ("text_config", "vision_config"):  # multimodal configs nest the towers' fields
+        if isinstance(config.get(sub), dict):
+            fields.update({f"{sub}.{f}": config[sub][f] for f in ARCH_FIELDS if f in config[sub]})
+    return fields
+
+
+def _vocab_size(folder: Path) -> int | None:
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        return None
+    try:
+        with open(path, "rb") as f:
+            data = json.loads(f.read())
+        vocab = data.get("model", {}).get("vocab")
+        return (len(vocab) if vocab is not None else 0) + len(data.get("added_tokens") or [])
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def check_configs(folders: Sequence[Path]) -> None:
+    """Refuse folders whose configs (or tokenizers) disagree on the architecture, naming the
+    field, both folders and both values."""
+    first: tuple[Path, dict[str, Any], int | None] | None = None
+    for folder in folders:
+        config = _config(folder)
+        if config is None:
+            continue
+        here = (folder, _arch(config), _vocab_size(folder))
+        if first is None:
+            first = here
+            continue
+        for field in sorted(set(first[1]) | set(here[1])):
+            a, b = first[1].get(field), here[1].get(field)
+            if a != b:
+                raise MismatchError(f"config.json says {field} = {json.dumps(b)}, but {first[0] / CONFIG_NAME} says "
+                                    f"{json.dumps(a)}: the ingredients are not the same architecture "
+                                    "(--allow-config-mismatch / allow_config_mismatch=True to soup them anyway)",
+                                    path=folder / CONFIG_NAME)
+        if first[2] is not None and here[2] is not None and first[2] != here[2]:
+            raise MismatchError(f"tokenizer.json has {here[2]} tokens, {first[0] / 'tokenizer.json'} {first[2]} "
+                                "(--allow-config-mismatch / allow_config_mismatch=True to soup them anyway)",
+                                path=folder / "tokenizer.json")
+
+
+def model_card(recipe: str, labels: Sequence[str], coefficients: object, divisor: float, version: str,
+               config: dict[str, Any] | None) -> bytes:
+    """A README.md for the soup folder: what it is, how it was made, from what."""
+    k = len(labels)
+    per_tensor = isinstance(coefficients, dict)
+    lines = ["---", "tags:", "- soupkern", "- model-soup", "- merge"]
+    if config is not None and "model_type" in config:
+        lines.append("library_name: transformers")
+    lines += ["---", "", f"# {recipe.replace('_', ' ')} soup of {k} checkpoints", "",
+              f"This model is a **{recipe.replace('_', ' ')} soup** (Wortsman et al., 2022, *Model soups: averaging "
+              "weights of multiple fine-tuned models improves accuracy without increasing inference time*) "
+              f"of {k} checkpoints, made with soupkern {version}. Its weights are",
+              "",
+              "    w = round( (Σ_k c_k · w_k) / d )" if divisor != 1.0 else "    w = round( Σ_k c_k · w_k )",
+              "",
+              "per tensor, accumulated in fp64 in the order below and rounded once to the output dtype "
+              "(round to nearest even). The non-weight files (config, tokenizer, ...) are those of the "
+              "first model folder among the ingredients, or of `--copy-from`.", "",
+              "## Ingredients", ""]
+    if per_tensor:
+        lines += ["| # | ingredient |", "|---|---|"] + [f"| {i} | `{x}` |" for i, x in enumerate(labels)]
+        lines += ["", "Coefficients are per tensor: see `soupkern.coefficients` in the safetensors metadata."]
+    else:
+        lines += ["| # | ingredient | coefficient c_k |", "|---|---|---|"]
+        lines += [f"| {i} | `{x}` | {c!r} |" for i, (x, c) in enumerate(zip(labels, coefficients))]  # type: ignore[call-overload]
+    if divisor != 1.0:
+        lines += ["", f"Divisor d = {divisor!r}."]
+    lines += ["", "Provenance (recipe, ingredients, coefficients, backend) is also recorded in every weight "
+              "file's `__metadata__` (`soupkern inspect`).", ""]
+    return "\n".join(lines).encode()
+
+
+def folder_files(items: Sequence[object], labels: Sequence[str], *, recipe: str, coefficients: object,
+                 divisor: float, version: str, copy_from: object = None,
+                 allow_config_mismatch: bool = False) -> dict[str, bytes]:
+    """The non-weight files of a soup folder: those of `copy_from` (else the first model folder
+    among the ingredients) and a model card; {} when no ingredient is a model folder and no
+    `copy_from` is given. Configs are checked across the ingredients' folders first."""
+    folders = [f for f in (model_folder(x) for x in items) if f is not None]
+    source = None
+    if copy_from is not None:
+        source = model_folder(copy_from)
+        if source is None:
+            raise InputError("--copy-from / copy_from must be a model folder", path=os.fspath(copy_from))  # type: ignore[call-overload]
+    elif folders:
+        source = folders[0]
+    if source is None:
+        return {}
+    if not allow_config_mismatch:
+        check_configs([source, *folders] if copy_from is not None else folders)
+    files = companion_files(source)
+    files[MODEL_CARD] = model_card(recipe, labels, coefficients, divisor, version, _config(source))
+    return files
