@@ -88,12 +88,13 @@ def methods(torch: Any, soupkern: Any, sds: list[dict[str, Any]], dtype: Any) ->
     return {
         "torch idiom": idiom,
         "torch idiom, in place": idiom_in_place,
-        "soupkern": lambda: list(soupkern.uniform_state_dict(sds).values()),
+        "soupkern": lambda: list(soupkern.uniform_state_dict(sds).values()),  # in sds[0]'s order
         "soupkern, out=": lambda: list(soupkern.uniform_state_dict(sds, out=outs).values()),
     }
 
 
 def exact_share(torch: Any, sds: list[dict[str, Any]], result: list[Any], dtype: Any) -> float:
+    """Share of elements equal to round(fp64 sum / K); `result` in sds[0]'s tensor order."""
     from soupkern.backends.torch_backend import round_f64
 
     equal = total = 0

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping
 import numpy as np
 
 from soupkern.errors import InputError
-from soupkern.io.format import TensorInfo
+from soupkern.io.format import TensorInfo, _new_tensor_info
 from soupkern.io.reader import Checkpoint, _looks_like, _signature, open_regular
 
 if TYPE_CHECKING:
@@ -60,19 +60,15 @@ class TensorHolder:
     mmap=True); releasing them unmaps them from this process (they stay in the page cache).
     """
 
-    __slots__ = ("path", "tensor", "_bytes", "mapped")
+    __slots__ = ("path", "tensor", "_bytes", "mapped", "direct")
 
     def __init__(self, tensor: torch.Tensor, path: str, mapped: bool = False):
         self.path = path
         self.tensor = tensor
         self._bytes: np.ndarray | None = None
         self.mapped = mapped
-
-    @property
-    def direct(self) -> bool:
-        """Whether the tensor's own memory is read (contiguous, on the CPU)."""
-        t = self.tensor
-        return t.device.type == "cpu" and t.is_contiguous()
+        # whether the tensor's own memory is read (contiguous, on the CPU)
+        self.direct = tensor.device.type == "cpu" and tensor.is_contiguous()
 
     def _load(self) -> np.ndarray:
         import torch
@@ -128,7 +124,8 @@ def _madvise_dontneed(address: int, length: int) -> None:
 
 
 def _is_tensor(x: object) -> bool:
-    return type(x).__module__.startswith("torch") and hasattr(x, "data_ptr") and hasattr(x, "dtype")
+    torch = sys.modules.get("torch")  # a tensor means torch is imported already
+    return torch is not None and isinstance(x, torch.Tensor)
 
 
 def _is_module(x: object) -> bool:
@@ -187,31 +184,30 @@ def state_dict_checkpoint(obj: object, label: str, *, state_dict_key: str | None
     """A Checkpoint over an in-memory state dict (or module, or container of one): every value a
     torch tensor of a dtype safetensors can hold; tensors are viewed in place, never copied
     unless non-contiguous or off the CPU."""
+    import torch
+
     sd = unwrap(obj, state_dict_key, label)
     names = _torch_to_name()
     tensors: dict[str, tuple[Any, TensorInfo]] = {}
+    new_info = _new_tensor_info
+    Tensor, strided = torch.Tensor, torch.strided
     for name, t in sd.items():
-        if not isinstance(name, str):
+        if type(name) is not str:
             raise InputError(f"state dict key {name!r} is not a string", path=label)
-        if not _is_tensor(t):
+        if not isinstance(t, Tensor):
             raise InputError(f"value is a {type(t).__name__}, not a tensor", path=label, tensor=name)
         dtype = names.get(t.dtype)
         if dtype is None:
             raise InputError(f"dtype {t.dtype} cannot be souped or stored in safetensors", path=label, tensor=name)
-        if t.is_sparse or t.layout != _strided():
+        if t.layout is not strided:
             raise InputError(f"layout {t.layout} is not a dense tensor", path=label, tensor=name)
-        t = t.detach()
-        nbytes = t.numel() * t.element_size()
-        tensors[name] = (TensorHolder(t, label, mapped), TensorInfo(name, dtype, tuple(t.shape), 0, nbytes))
+        if t.requires_grad:
+            t = t.detach()  # shares the memory; numpy views of grad-requiring tensors are refused
+        tensors[name] = (TensorHolder(t, label, mapped), new_info(name, dtype, tuple(t.shape), 0,
+                                                                  t.numel() * t.element_size()))
     if not tensors:
         raise InputError("holds no tensors", path=label)
     return Checkpoint(label, [], tensors, {})
-
-
-def _strided() -> Any:
-    import torch
-
-    return torch.strided
 
 
 # ---------------------------------------------------------------------------------------------

@@ -370,7 +370,8 @@ def weighted_state_dict(
         else:
             result = _on_host(plan, get_backend(backend), targets)
         verify_inputs(checkpoints)
-    return result
+        # in the first ingredient's order (a model's state_dict order), as torch would give it
+        return {name: result[name] for name in checkpoints[0].tensors if name in result}
 
 
 def _out_tensors(out: object) -> dict[str, torch.Tensor] | None:
@@ -438,29 +439,36 @@ def _write_conflicts(plan: SoupPlan, targets: Mapping[str, torch.Tensor]) -> set
 
     from soupkern.io.sources import TensorHolder
 
-    spans = []  # (start, end, tensor name, dtype) of every in-memory input on the targets' device
+    starts, ends = [], []  # byte spans of every in-memory input on the targets' device
+    own: dict[tuple[int, int, str, Any], int] = {}  # (start, end, tensor, dtype) -> how many inputs are exactly that
     device = next(iter(targets.values())).device if targets else None
     for tp in plan.tensors:
         for h, info in tp.sources:
-            if isinstance(h, TensorHolder) and h.tensor.device == device and info.nbytes:
+            if type(h) is TensorHolder and h.tensor.device == device and info.nbytes:
                 x = h.tensor
-                start = x.data_ptr()  # a strided view spans from its first to its last element
-                extent = 1 + sum((n - 1) * abs(st) for n, st in zip(x.shape, x.stride()))
-                spans.append((start, start + extent * x.element_size(), tp.out.name,
-                              x.dtype if x.is_contiguous() else None))
-    spans.sort()
-    starts = [x[0] for x in spans]
-    widest = max((e - b for b, e, _, _ in spans), default=0)
+                start = x.data_ptr()
+                contiguous = h.direct or x.is_contiguous()
+                if contiguous:
+                    end = start + info.nbytes
+                else:  # a strided view spans from its first to its last element
+                    end = start + (1 + sum((n - 1) * abs(st) for n, st in zip(x.shape, x.stride()))) * x.element_size()
+                starts.append(start)
+                ends.append(end)
+                if contiguous:
+                    key = (start, end, tp.out.name, x.dtype)
+                    own[key] = own.get(key, 0) + 1
+    starts.sort()
+    ends.sort()
     conflicts = set()
     for name, t in targets.items():
         if t.device != device or t.numel() == 0:
             continue
         a = t.data_ptr()
         e = a + t.numel() * t.element_size()
-        for b, end, owner, dtype in spans[bisect.bisect_left(starts, a - widest):bisect.bisect_left(starts, e)]:
-            if b < e and a < end and not (owner == name and b == a and end == e and dtype == t.dtype):
-                conflicts.add(name)
-                break
+        # spans meeting [a, e): those starting before e, less those ending by a (they start before a)
+        meeting = bisect.bisect_left(starts, e) - bisect.bisect_right(ends, a)
+        if meeting > own.get((a, e, name, t.dtype), 0):
+            conflicts.add(name)
     return conflicts
 
 
