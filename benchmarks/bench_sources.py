@@ -1,7 +1,7 @@
 """PyTorch-pickle and DCP ingredients: soupkern against what a user does without it.
 
 The ingredients are the synthetic ViT checkpoints of vit.py (timm names and shapes), converted
-once to `torch.save` zip files (`.pt`) and to DCP folders (`torch.distributed.checkpoint.save`,
+once to `torch.save` zip files (`.pt`, vit.convert_to_pt) and to DCP folders (`torch.distributed.checkpoint.save`,
 no process group); both are cached beside the safetensors files. Each method runs as a fresh
 process (started by baselines.Launcher, so its peak RSS is its own) and writes one uniform-soup
 safetensors file; median of --repeats, methods interleaved, page cache warm (one untimed run of
@@ -73,28 +73,25 @@ with tempfile.TemporaryDirectory(dir=os.path.dirname(sys.argv[1])) as tmp:
 """
 
 
-def convert(paths: list[str]) -> tuple[list[str], list[str]]:
-    """Cached .pt and DCP copies of the safetensors ingredients."""
+def dcp_copies(paths: list[str]) -> list[str]:
+    """Cached DCP copies (torch.distributed.checkpoint.save, no process group) of the ingredients."""
     import warnings
 
-    import torch
     import torch.distributed.checkpoint as dcp
     from safetensors.torch import load_file
 
-    pts, dcps = [], []
+    out = []
     for p in paths:
-        pt, d = p.replace(".safetensors", ".pt"), p.replace(".safetensors", ".dcp")
-        if not os.path.exists(pt) or not os.path.exists(os.path.join(d, ".metadata")):
+        d = p.replace(".safetensors", ".dcp")
+        if not os.path.exists(os.path.join(d, ".metadata")):
             sd = load_file(p)
-            torch.save(sd, pt + ".tmp")
-            os.replace(pt + ".tmp", pt)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                dcp.save(sd, checkpoint_id=d)
+                dcp.save(sd, checkpoint_id=d + ".tmp")
+            os.replace(d + ".tmp", d)
             del sd
-        pts.append(pt)
-        dcps.append(d)
-    return pts, dcps
+        out.append(d)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,10 +106,12 @@ def main(argv: list[str] | None = None) -> int:
     launcher = Launcher()
     try:
         from common import RESULTS_DIR, fmt, md_table, provenance, provenance_md
-        from vit import ensure_ingredients
+        from vit import convert_to_pt, generate_ingredients, get_config
 
-        paths = [os.fspath(p) for p in ensure_ingredients(args.model, args.dtype, args.n, Path(args.cache))]
-        pts, dcps = convert(paths)
+        files = generate_ingredients(get_config(args.model), args.dtype, args.n, args.cache)
+        paths = [os.fspath(p) for p in files]
+        pts = [os.fspath(p) for p in convert_to_pt(files)]
+        dcps = dcp_copies(paths)
         work = tempfile.mkdtemp(dir=args.cache)
         out = os.path.join(work, "soup.safetensors")
         py = sys.executable
