@@ -92,6 +92,9 @@ def _soup_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", help="kernel backend: cpp, torch, cuda, triton (default: $SOUPKERN_BACKEND or the best available)")
     p.add_argument("--force", action="store_true", help="replace an existing output")
     p.add_argument("--fsync", action="store_true", help="fsync the output before renaming it into place")
+    p.add_argument("--int-policy", choices=("auto", "first", "max", "mean", "refuse"), default="auto",
+                   help="integer tensors that differ between ingredients: auto (default) takes the maximum of 0-dim "
+                        "counters such as num_batches_tracked and refuses the rest; first, max, mean, refuse")
     p.add_argument("--copy-from", metavar="DIR",
                    help="model folder whose config, tokenizer and other non-weight files go into a folder output "
                         "(default: the first ingredient that is a model folder)")
@@ -219,6 +222,7 @@ def _soup_opts(args: argparse.Namespace) -> dict[str, Any]:
         state_dict_key=args.state_dict_key,
         copy_from=args.copy_from,
         allow_config_mismatch=args.allow_config_mismatch,
+        int_policy=args.int_policy,
     )
 
 
@@ -257,7 +261,11 @@ def _bytes(n: float) -> str:
 def _inspect(path: str, as_json: bool) -> None:
     from soupkern.io import open_checkpoint
 
-    with open_checkpoint(path) as ck:
+    with open_checkpoint(path, strip_wrappers=False) as ck:
+        # a sharded checkpoint's provenance lives in its shards' headers: the first shard's, then the index's
+        first = getattr(ck.files[0], "metadata", None) if len(ck.files) > 1 else None
+        if isinstance(first, dict):
+            ck.metadata = {**first, **ck.metadata}
         rows = [(name, info.dtype, list(info.shape), info.nbytes) for name, (_, info) in sorted(ck.tensors.items())]
         if not as_json:  # names and metadata are untrusted text: no raw control characters on a terminal
             rows = [(_printable(n), d, sh, b) for n, d, sh, b in rows]
@@ -327,7 +335,7 @@ def _greedy(args: argparse.Namespace) -> None:
 
 
 _CHECKED = ("dtype", "keys", "max_shard_size", "budget_bytes", "backend", "overwrite", "fsync", "state_dict_key",
-            "copy_from", "allow_config_mismatch")
+            "copy_from", "allow_config_mismatch", "int_policy")
 
 
 def _learned(args: argparse.Namespace) -> None:

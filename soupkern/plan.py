@@ -3,6 +3,7 @@ coefficients validated, the output dtype of every tensor fixed, chunk sizes boun
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Literal, Mapping, Sequence
@@ -14,6 +15,11 @@ from soupkern.options import coefficient_vector
 from soupkern.io import FLOAT_DTYPES, Checkpoint, OutputTensor, SafetensorsFile, TensorInfo
 
 KeyPolicy = Literal["same", "intersection"]
+IntPolicy = Literal["auto", "first", "max", "mean", "refuse"]
+INT_POLICIES = ("auto", "first", "max", "mean", "refuse")
+# numpy views of the dtypes an integer policy combines (fp8 has no numpy dtype: always refused)
+_NP_INT = {"BOOL": np.bool_, "U8": np.uint8, "I8": np.int8, "I16": np.int16, "U16": np.uint16, "I32": np.int32,
+           "U32": np.uint32, "I64": np.int64, "U64": np.uint64}
 DTYPE_ALIASES = {
     "fp32": "F32", "float32": "F32", "f32": "F32",
     "fp16": "F16", "float16": "F16", "half": "F16", "f16": "F16",
@@ -21,6 +27,30 @@ DTYPE_ALIASES = {
     "fp64": "F64", "float64": "F64", "f64": "F64",
 }
 _COMPARE_BLOCK = 16 << 20
+log = logging.getLogger("soupkern")
+
+
+class ArrayHolder:
+    """Bytes computed at plan time (an integer policy's result) behind the byte-view interface
+    the engine reads, like a mapped file's tensor."""
+
+    __slots__ = ("path", "_bytes")
+
+    def __init__(self, data: np.ndarray, path: str):
+        self.path = path
+        self._bytes = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+
+    def view(self, info: TensorInfo, start: int = 0, stop: int | None = None) -> np.ndarray:
+        return self._bytes[start:info.nbytes if stop is None else stop]
+
+    def address(self, info: TensorInfo) -> int:
+        return int(self._bytes.ctypes.data)
+
+    def prefetch(self, begin: int, end: int) -> None:
+        pass
+
+    def release(self, begin: int, end: int) -> None:
+        pass
 
 
 def normalize_dtype(dtype: object) -> str | None:
@@ -125,12 +155,14 @@ def build_plan(
     dtype: str | None = None,
     keys: KeyPolicy = "same",
     divisor: float = 1.0,
+    int_policy: str = "auto",
 ) -> SoupPlan:
     """Check every ingredient against the first and decide every output tensor.
 
     Float tensors (F64/F32/F16/BF16, any mix) are averaged; the output dtype is `dtype` when
-    given, else the first ingredient's. Other dtypes (integers, bool, fp8) are copied when
-    byte-identical in every ingredient and refused otherwise. With keys="same" every
+    given, else the first ingredient's (with a notice when they differ). Other dtypes (integers,
+    bool, fp8) are copied when byte-identical in every ingredient, else combined under
+    `int_policy` (see `_combine`) or refused. With keys="same" every
     ingredient must hold the same tensor names; with "intersection" only shared names are kept.
     """
     if not checkpoints:
@@ -154,7 +186,14 @@ def build_plan(
         names &= other
     if not names:
         raise MismatchError("the ingredients share no tensor names", path=first.path)
+    dropped = sorted(set().union(*(ck.tensors for ck in checkpoints)) - names)
+    if dropped:
+        log.warning("--intersection / keys='intersection': %d tensor(s) not in every ingredient are left out of the "
+                    "soup, e.g. '%s'", len(dropped), dropped[0])
+    if int_policy not in INT_POLICIES:
+        raise InputError(f"int_policy must be one of {', '.join(INT_POLICIES)}, got {int_policy!r}")
 
+    mixed: list[str] = []
     plans = []
     for name in sorted(names):
         sources = tuple(ck.tensors[name] for ck in checkpoints)
@@ -167,13 +206,45 @@ def build_plan(
                 raise MismatchError(f"dtype {info.dtype} cannot be souped with {i0.dtype} from {f0.path}", path=f.path, tensor=name)
         if is_float:
             out = OutputTensor(name, out_dtype or i0.dtype, i0.shape)
+            if out_dtype is None and any(info.dtype != i0.dtype for _, info in sources[1:]):
+                mixed.append(name)
         else:
-            for src in sources[1:]:
-                if not _identical(sources[0], src):
-                    raise MismatchError(
-                        f"{i0.dtype} tensors are copied, not averaged, and this one differs from {f0.path}",
-                        path=src[0].path, tensor=name,
-                    )
+            differs = next((src for src in sources[1:] if not _identical(sources[0], src)), None)
+            if differs is not None:
+                sources = _combine(name, sources, differs, int_policy)
             out = OutputTensor(name, i0.dtype, i0.shape)
         plans.append(TensorPlan(out, sources, is_float))
+    if mixed:
+        dts = sorted({info.dtype for ck in checkpoints for _, info in (ck.tensors[mixed[0]],)})
+        log.warning("the ingredients' float dtypes differ (%s; e.g. '%s'): the soup takes the first ingredient's "
+                    "dtypes; set --dtype / dtype= to choose", ", ".join(dts), mixed[0])
     return SoupPlan(tuple(plans), coeffs, {}, float(divisor))
+
+
+def _combine(name: str, sources: tuple[tuple[SafetensorsFile, TensorInfo], ...],
+             differs: tuple[SafetensorsFile, TensorInfo], int_policy: str) -> tuple[tuple[object, TensorInfo], ...]:
+    """A non-float tensor that differs between ingredients, under `int_policy`: "auto" takes the
+    maximum of 0-dim integer tensors (counters such as BatchNorm's num_batches_tracked) and
+    refuses the rest (ids, position indices); "first", "max" (logical or for bool) and "mean"
+    (rounded to nearest, ties to even) combine any integer or bool tensor."""
+    f0, i0 = sources[0]
+    policy = int_policy if int_policy != "auto" else ("max" if not i0.shape and i0.dtype in _NP_INT else "refuse")
+    if policy == "refuse" or i0.dtype not in _NP_INT:
+        raise MismatchError(f"{i0.dtype} tensors are not averaged, and this one differs from {f0.path} "
+                            "(--int-policy first|max|mean / int_policy= combines integer tensors)",
+                            path=differs[0].path, tensor=name)
+    values = []
+    for f, info in sources:
+        values.append(np.frombuffer(f.view(info), dtype=_NP_INT[info.dtype]).copy())
+        f.release(info.begin, info.end)
+    if policy == "first":
+        result = values[0]
+    elif policy == "max":
+        result = np.maximum.reduce(values)
+    else:
+        mean = np.rint(np.mean(np.stack(values).astype(np.float64), axis=0))
+        result = mean.astype(values[0].dtype) if i0.dtype != "BOOL" else mean.astype(bool)
+    shown = f"{[v.item() for v in values]} -> {result.item()}" if result.size == 1 else f"{result.size} elements"
+    log.warning("'%s' (%s) differs between the ingredients: the soup takes the %s (%s)", name, i0.dtype,
+                policy, shown)
+    return ((ArrayHolder(result, f"<{policy} of {len(sources)} ingredients>"), i0),)

@@ -39,7 +39,8 @@ VALUES = {
     "--base": ("missing.safetensors", ""),
     "--workdir": ("FILE", ""),
     "--state-dict-key": ("state_dict_ema", ""),
-    "--copy-from": ("missing_dir", "FILE"),  # safetensors inputs hold no container to pick from
+    "--copy-from": ("missing_dir", "FILE"),
+    "--int-policy": ("median", ""),  # safetensors inputs hold no container to pick from
 }
 SKIP = {"-h", "--help", "--version"}
 

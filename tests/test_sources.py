@@ -237,12 +237,14 @@ def test_legacy_pickle_falls_back_with_a_warning(tmp_path, caplog):
     torch.save(sd, zipped)
     with caplog.at_level(logging.WARNING, logger="soupkern"):
         got = soupkern.uniform_state_dict([zipped])
-    assert not [r for r in caplog.records if r.name == "soupkern"], "zip-format pickles are memory-mapped silently"
+    assert not [r for r in caplog.records if r.name == "soupkern" and "one ingredient" not in r.getMessage()], \
+        "zip-format pickles are memory-mapped silently"
     assert_same_sd(got, sd)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="soupkern"):
         got = soupkern.uniform_state_dict([legacy])
-    warned = [r for r in caplog.records if r.name == "soupkern" and r.levelno == logging.WARNING]
+    warned = [r for r in caplog.records if r.name == "soupkern" and r.levelno == logging.WARNING
+              and "one ingredient" not in r.getMessage()]
     assert len(warned) == 1 and "legacy" in warned[0].getMessage() and str(legacy) in warned[0].getMessage()
     assert_same_sd(got, sd)
 
@@ -522,9 +524,11 @@ def test_module_ingredients_with_grad_and_buffers():
     got = soupkern.uniform_state_dict(ms)
     assert_same_sd(got, soupkern.uniform_state_dict(sds))
     assert got["1.num_batches_tracked"].item() == 4
-    ms[2][1].num_batches_tracked.fill_(5)
+    ms[2][1].num_batches_tracked.fill_(5)  # counters that differ: the maximum by default, else as asked
+    assert soupkern.uniform_state_dict(ms)["1.num_batches_tracked"].item() == 5
+    assert soupkern.uniform_state_dict(ms, int_policy="first")["1.num_batches_tracked"].item() == 4
     with pytest.raises(soupkern.MismatchError, match="num_batches_tracked"):
-        soupkern.uniform_state_dict(ms)
+        soupkern.uniform_state_dict(ms, int_policy="refuse")
 
 
 def test_integer_tensors_copied_or_refused():
@@ -929,3 +933,38 @@ def test_safetensors_header_length_that_looks_like_a_pickle_opcode(tmp_path):
         pytest.fail("no header length with a pickle-like first byte pair")
     got = soupkern.uniform_state_dict([p, p])
     assert torch.equal(got["w"], torch.arange(3, dtype=torch.float32))
+
+
+@pytest.mark.parametrize("policy,want", [("auto", None), ("first", [1, 5, 3]), ("max", [4, 5, 9]),
+                                         ("mean", [2, 4, 6])])
+def test_int_policy_on_larger_integer_tensors(tmp_path, policy, want):
+    """Integer tensors that are not 0-dim counters are refused by default (ids, positions) and
+    combined element by element when asked: mean rounds half to even ((1+4)/2 = 2.5 -> 2)."""
+    a = {"w": torch.ones(3), "ids": torch.tensor([1, 5, 3])}
+    b = {"w": torch.ones(3), "ids": torch.tensor([4, 3, 9])}
+    if want is None:
+        with pytest.raises(soupkern.MismatchError, match="int-policy"):
+            soupkern.uniform_state_dict([a, b], int_policy=policy)
+        return
+    got = soupkern.uniform_state_dict([a, b], int_policy=policy)
+    assert got["ids"].tolist() == want and got["ids"].dtype == torch.int64
+    save_file(a, str(tmp_path / "a.safetensors"))
+    save_file(b, str(tmp_path / "b.safetensors"))
+    soupkern.uniform_soup([tmp_path / "a.safetensors", tmp_path / "b.safetensors"], tmp_path / "o.safetensors",
+                          int_policy=policy)
+    assert load_file(str(tmp_path / "o.safetensors"))["ids"].tolist() == want
+
+
+def test_notices_for_likely_mistakes(tmp_path, caplog):
+    a = {"w": torch.ones(3), "x": torch.ones(2)}
+    b = {"w": torch.ones(3).to(torch.bfloat16)}
+    with caplog.at_level(logging.WARNING, logger="soupkern"):
+        soupkern.uniform_state_dict([a, b], keys="intersection")
+    text = caplog.text
+    assert "1 tensor(s) not in every ingredient are left out" in text and "'x'" in text
+    assert "float dtypes differ (BF16, F32" in text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="soupkern"):
+        soupkern.uniform_state_dict([a])
+        soupkern.uniform_state_dict([a, a])
+    assert "a soup of one ingredient" in caplog.text and "given more than once" in caplog.text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import logging
 import mmap
 import os
 import re
@@ -17,6 +18,7 @@ import numpy as np
 from soupkern.errors import HeaderError, InputError
 from soupkern.io.format import MAX_HEADER_BYTES, TensorInfo, parse_header, parse_index
 
+log = logging.getLogger("soupkern")
 PAGE = mmap.PAGESIZE
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -318,12 +320,42 @@ def _no_key(ck: Checkpoint, state_dict_key: str | None) -> Checkpoint:
     return ck
 
 
-def open_checkpoint(source: object, *, state_dict_key: str | None = None, label: str | None = None) -> Checkpoint:
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP / DataParallel, torch.compile
+
+
+def open_checkpoint(source: object, *, state_dict_key: str | None = None, label: str | None = None,
+                    strip_wrappers: bool = True) -> Checkpoint:
     """Open any tensor source: a `.safetensors` file, a `model.safetensors.index.json`, a folder
     holding either; a PyTorch pickle (`.pt`, `.pth`, `.bin`, ...) or a folder with
     `pytorch_model.bin` (or its index); a DCP folder (`.metadata` + `*.distcp`); or, in memory, a
     state dict or nn.Module (named `label` in messages). `state_dict_key` picks the state dict
-    inside a pickle, DCP folder or in-memory container (soupkern/io/sources.py)."""
+    inside a pickle, DCP folder or in-memory container (soupkern/io/sources.py).
+
+    `strip_wrappers`: when every tensor name starts with `module.` (saved from DDP) or
+    `_orig_mod.` (from a torch.compile'd module), the prefix is dropped, with a notice, so such
+    an ingredient matches the others and the model."""
+    ck = _open_any(source, state_dict_key, label)
+    if strip_wrappers:
+        _strip_wrappers(ck)
+    return ck
+
+
+def _strip_wrappers(ck: Checkpoint) -> None:
+    names = list(ck.tensors)
+    dropped = ""
+    while names:
+        prefix = next((p for p in WRAPPER_PREFIXES if all(n.startswith(p) and len(n) > len(p) for n in names)), None)
+        if prefix is None:
+            break
+        dropped += prefix
+        names = [n[len(prefix):] for n in names]
+    if dropped:
+        log.warning("%s: every tensor name starts with '%s' (a DDP or torch.compile wrapper); souping them without it",
+                    ck.path, dropped)
+        ck.tensors = dict(zip(names, ck.tensors.values()))
+
+
+def _open_any(source: object, state_dict_key: str | None, label: str | None) -> Checkpoint:
     from soupkern.io import sources
 
     if sources.is_in_memory(source):

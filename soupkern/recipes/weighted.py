@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import os
 import time
 from contextlib import ExitStack, nullcontext
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
 
     from soupkern.backends.device import DeviceKernels
 
+log = logging.getLogger("soupkern")
 PathLike = str | os.PathLike[str]
 Ingredient = Union[PathLike, Mapping[str, Any], Any]
 """A path (safetensors file, index or folder; PyTorch pickle; DCP folder), an in-memory state
@@ -70,16 +72,17 @@ Coefficients = Union[Sequence[float], Mapping[str, Sequence[float]]]
 
 
 def _plan(checkpoints: list[Checkpoint], coefficients: Coefficients, default: Sequence[float] | None,
-          dtype: str | None, keys: KeyPolicy, divisor: float = 1.0) -> SoupPlan:
+          dtype: str | None, keys: KeyPolicy, divisor: float = 1.0, int_policy: str = "auto") -> SoupPlan:
     if isinstance(coefficients, Mapping):
         k = len(checkpoints)
         if not all(isinstance(n, str) for n in coefficients):
             raise InputError("per-tensor coefficients must map tensor names (str) to vectors")
         fallback = default if default is not None else [1.0 / k] * k
-        return build_plan(checkpoints, fallback, dtype=dtype, keys=keys).with_per_tensor(coefficients)
+        return build_plan(checkpoints, fallback, dtype=dtype, keys=keys,
+                          int_policy=int_policy).with_per_tensor(coefficients)
     if default is not None:
         raise InputError("`default` applies only to per-tensor coefficients (a mapping)")
-    return build_plan(checkpoints, coefficients, dtype=dtype, keys=keys, divisor=divisor)
+    return build_plan(checkpoints, coefficients, dtype=dtype, keys=keys, divisor=divisor, int_policy=int_policy)
 
 
 def open_ingredients(stack: ExitStack, items: Sequence[Any], state_dict_key: str | None = None) -> list[Checkpoint]:
@@ -88,6 +91,21 @@ def open_ingredients(stack: ExitStack, items: Sequence[Any], state_dict_key: str
         raise InputError(f"state_dict_key must be a string, got {state_dict_key!r}")
     return [stack.enter_context(open_checkpoint(x, state_dict_key=state_dict_key, label=label))
             for x, label in zip(items, labels(items))]
+
+
+def _same_twice(items: Sequence[Any], checkpoints: Sequence[Checkpoint], single: bool = True) -> None:
+    """Notices for soups that are probably mistakes: one ingredient (when `single`), or one
+    given twice."""
+    from soupkern.io.sources import is_in_memory
+
+    if single and len(items) == 1:
+        log.warning("a soup of one ingredient is that ingredient (converted to the output dtype)")
+    seen: dict[object, str] = {}
+    for x, ck in zip(items, checkpoints):
+        key: object = id(x) if is_in_memory(x) else os.path.realpath(ck.path)
+        if key in seen:
+            log.warning("%s is given more than once: it counts once per mention", ck.path)
+        seen[key] = ck.path
 
 
 def input_files(checkpoints: Sequence[Checkpoint]) -> list[str]:
@@ -117,6 +135,7 @@ def weighted_soup(
     state_dict_key: str | None = None,
     copy_from: PathLike | None = None,
     allow_config_mismatch: bool = False,
+    int_policy: str = "auto",
 ) -> SoupReport:
     """Write (sum_k coefficients[k] * ingredients[k]) / divisor to `out`, streaming with bounded
     memory, under the exact-arithmetic contract (fp64 accumulation in input order, one IEEE
@@ -140,7 +159,8 @@ def weighted_soup(
     A folder output from model-folder ingredients is a model folder (soupkern/model_folder.py):
     the non-weight files of `copy_from`, else of the first ingredient folder, and a model card,
     after checking that the ingredients' configs agree on the architecture (unless
-    `allow_config_mismatch`).
+    `allow_config_mismatch`). Integer tensors that differ between ingredients: `int_policy`
+    (soupkern.plan._combine; "auto" takes the maximum of 0-dim counters, refuses the rest).
     """
     t0 = time.perf_counter()
     items = ingredient_list(ingredients)
@@ -154,7 +174,7 @@ def weighted_soup(
     kernel_name = kernels.name if kernels is not None else kernel.name  # type: ignore[union-attr]
     with ExitStack() as stack:
         checkpoints = open_ingredients(stack, items, state_dict_key)
-        plan = _plan(checkpoints, coefficients, default, dtype, keys, divisor)
+        plan = _plan(checkpoints, coefficients, default, dtype, keys, divisor, int_policy)
         streamer = None
         if kernels is not None:
             if plan.per_tensor:
@@ -178,6 +198,7 @@ def weighted_soup(
                             overwrite=overwrite, fsync=fsync, verify=lambda: verify_inputs(checkpoints),
                             extra_files=extra)
         with writer, _progress_bar(plan.bytes_read + plan.bytes_written, progress) as bar:
+            _same_twice(items, checkpoints, single=recipe in ("uniform", "weighted"))  # after every check
             if streamer is not None:
                 streamer.to_writer(writer, host_budget_bytes=budget_bytes, progress=bar.update if bar else None)
             else:
@@ -284,6 +305,7 @@ def check_soup_output(
     state_dict_key: str | None = None,
     copy_from: PathLike | None = None,
     allow_config_mismatch: bool = False,
+    int_policy: str = "auto",
 ) -> None:
     """Every check `weighted_soup` makes before writing, without writing: for recipes that do
     expensive work (evaluations, training) before they write, so bad input, a bad option or an
@@ -297,7 +319,7 @@ def check_soup_output(
     with ExitStack() as stack:
         checkpoints = open_ingredients(stack, items, state_dict_key)
         k = len(checkpoints)
-        plan = build_plan(checkpoints, [1.0 / k] * k, dtype=dtype, keys=keys)
+        plan = build_plan(checkpoints, [1.0 / k] * k, dtype=dtype, keys=keys, int_policy=int_policy)
         layout, extra = _layout(plan, items, out, metadata or {}, max_shard_size, recipe="check", copy_from=copy_from,
                                 allow_config_mismatch=allow_config_mismatch)
         SoupWriter(layout, inputs=input_files(checkpoints), staging_bytes=1, overwrite=overwrite,
@@ -326,6 +348,7 @@ def weighted_state_dict(
     divisor: float = 1.0,
     out: Mapping[str, torch.Tensor] | torch.nn.Module | None = None,
     state_dict_key: str | None = None,
+    int_policy: str = "auto",
 ) -> dict[str, torch.Tensor]:
     """(sum_k coefficients[k] * ingredients[k]) / divisor as a dict of torch tensors, under the
     same exact-arithmetic contract as `weighted_soup`.
@@ -359,7 +382,8 @@ def weighted_state_dict(
         device = torch.device(check_device(device))
     with ExitStack() as stack:
         checkpoints = open_ingredients(stack, items, state_dict_key)
-        plan = _plan(checkpoints, coefficients, default, dtype, keys, divisor)
+        _same_twice(items, checkpoints)
+        plan = _plan(checkpoints, coefficients, default, dtype, keys, divisor, int_policy)
         if targets is not None:
             plan = _plan_into(plan, targets, dtype, keys)
         explicit = device is not None
