@@ -3,9 +3,10 @@ generation config, tokenizer and processor files, chat templates) go beside the 
 after a check that the ingredients' configs describe the same architecture, with a model card
 that states the recipe, the ingredients and their coefficients.
 
-Only top-level regular files (symlinks followed, as in a Hugging Face cache snapshot) are copied;
-weights, indexes, DCP metadata, hidden files, training state and the ingredient's own model card
-are not.
+Only top-level regular files (symlinks followed, as in a Hugging Face cache snapshot) are copied
+(subfolders, such as sentence-transformers' `1_Pooling/`, are not yet); weights, indexes, DCP
+metadata, hidden files, training state and the ingredient's own model card are not. The copied
+config's `torch_dtype` names the soup's dtype.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".tar", ".h5"
                    ".distcp", ".npz", ".pkl")
 NOT_COPIED = {MODEL_CARD, "trainer_state.json", "training_args.bin", ".metadata"}
 MAX_FILE_BYTES = 512 << 20
+_TORCH_DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 
 
 def model_folder(source: object) -> Path | None:
@@ -158,7 +160,7 @@ def model_card(recipe: str, labels: Sequence[str], coefficients: object, divisor
 
 def folder_files(items: Sequence[object], labels: Sequence[str], *, recipe: str, coefficients: object,
                  divisor: float, version: str, copy_from: object = None,
-                 allow_config_mismatch: bool = False) -> dict[str, bytes]:
+                 allow_config_mismatch: bool = False, out_dtype: str | None = None) -> dict[str, bytes]:
     """The non-weight files of a soup folder: those of `copy_from` (else the first model folder
     among the ingredients) and a model card; {} when no ingredient is a model folder and no
     `copy_from` is given. Configs are checked across the ingredients' folders first."""
@@ -175,5 +177,12 @@ def folder_files(items: Sequence[object], labels: Sequence[str], *, recipe: str,
     if not allow_config_mismatch:
         check_configs([source, *folders] if copy_from is not None else folders)
     files = companion_files(source)
-    files[MODEL_CARD] = model_card(recipe, labels, coefficients, divisor, version, _config(source))
+    config = _config(source)
+    if config is not None and out_dtype in _TORCH_DTYPE_NAMES:
+        # the soup's dtype, where the config names one (transformers loads in it by default)
+        changed = {k: _TORCH_DTYPE_NAMES[out_dtype] for k in ("torch_dtype", "dtype")
+                   if isinstance(config.get(k), str) and config[k] != _TORCH_DTYPE_NAMES[out_dtype]}
+        if changed:
+            files[CONFIG_NAME] = (json.dumps({**config, **changed}, indent=2) + "\n").encode()
+    files[MODEL_CARD] = model_card(recipe, labels, coefficients, divisor, version, config)
     return files

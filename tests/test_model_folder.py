@@ -99,3 +99,13 @@ def test_copy_from_and_file_outputs(tmp_path: Path, folders: list[Path]) -> None
     # safetensors files (not folders) as ingredients: a folder output holds just the weights
     soupkern.uniform_soup([f / "model.safetensors" for f in folders], f"{tmp_path}/plain/")
     assert sorted(os.listdir(tmp_path / "plain")) == ["model.safetensors"]
+
+
+def test_config_dtype_follows_the_soup(tmp_path: Path, folders: list[Path]) -> None:
+    for f in folders:
+        (f / "config.json").write_text(json.dumps({**CONFIG, "torch_dtype": "float32"}))
+    soupkern.uniform_soup(folders, f"{tmp_path}/soup/", dtype="bf16")
+    config = json.loads((tmp_path / "soup" / "config.json").read_text())
+    assert config["torch_dtype"] == "bfloat16" and {k: config[k] for k in CONFIG} == CONFIG
+    soupkern.uniform_soup(folders, f"{tmp_path}/same/")  # unchanged dtype: the file byte for byte
+    assert (tmp_path / "same" / "config.json").read_bytes() == (folders[0] / "config.json").read_bytes()

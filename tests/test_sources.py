@@ -968,3 +968,83 @@ def test_notices_for_likely_mistakes(tmp_path, caplog):
         soupkern.uniform_state_dict([a])
         soupkern.uniform_state_dict([a, a])
     assert "a soup of one ingredient" in caplog.text and "given more than once" in caplog.text
+
+
+class _Evil:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_dcp_metadata_is_unpickled_with_an_allow_list(tmp_path):
+    """torch's FileSystemReader unpickles .metadata with plain pickle.load: a crafted one would
+    run code on open and on every load. soupkern's reader refuses anything but DCP metadata."""
+    import pickle
+
+    marker = tmp_path / "PWNED"
+    folder = quiet_dcp_save({"w": torch.ones(3)}, tmp_path / "good")
+    assert soupkern.uniform_state_dict([folder, folder])["w"].tolist() == [1.0, 1.0, 1.0]
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    (evil / "__0_0.distcp").write_bytes(b"")
+    (evil / ".metadata").write_bytes(pickle.dumps(_Evil(marker)))
+    with pytest.raises(soupkern.InputError, match="none of its code ran"):
+        soupkern.uniform_state_dict([evil])
+    r = subprocess.run([sys.executable, "-m", "soupkern", "inspect", str(evil)], capture_output=True, text=True)
+    assert r.returncode == 2 and not marker.exists()
+
+
+def test_dcp_with_a_missing_data_file_gives_input_error(tmp_path):
+    folder = quiet_dcp_save({"w": torch.ones(3)}, tmp_path / "d")
+    for f in folder.glob("*.distcp"):
+        f.write_bytes(b"")  # truncated
+    with pytest.raises(soupkern.InputError, match="cannot read tensors from the DCP folder"):
+        soupkern.uniform_state_dict([folder])
+
+
+def test_torchtitan_layout_soups_the_top_level_model(tmp_path, caplog):
+    """torchtitan keeps the model's tensors at the top level and nests optimizer / train_state."""
+    sd = {"tok.weight": torch.randn(4, 2), "out.weight": torch.randn(2, 4)}
+    folder = quiet_dcp_save({**sd, "optimizer": {"state.tok.weight.exp_avg": torch.ones(4, 2)},
+                             "train_state": {"step": torch.tensor(7)}}, tmp_path / "titan")
+    with caplog.at_level(logging.WARNING, logger="soupkern"):
+        got = soupkern.uniform_state_dict([folder, folder])
+    assert sorted(got) == sorted(sd) and all(torch.equal(got[k], sd[k]) for k in sd)
+    assert "'optimizer', 'train_state' are left out" in caplog.text
+
+
+def test_state_dict_key_rules(tmp_path, caplog):
+    a, b = {"w": torch.ones(2)}, {"w": torch.zeros(2)}
+    with caplog.at_level(logging.WARNING, logger="soupkern"):
+        got = soupkern.uniform_state_dict([{"model": a, "state_dict": b}])
+    assert got["w"].tolist() == [0.0, 0.0] and "also holds 'model'" in caplog.text
+    with pytest.raises(soupkern.InputError, match="nothing to pick from"):
+        soupkern.uniform_state_dict([torch.nn.Linear(2, 2)], state_dict_key="ema")
+    save_file(a, str(tmp_path / "a.safetensors"))
+    with pytest.raises(soupkern.InputError, match="no ingredient is one"):
+        soupkern.uniform_state_dict([tmp_path / "a.safetensors"], state_dict_key="ema")
+    # one key for a mix: safetensors files ignore it, containers use it; provenance records it
+    torch.save({"state_dict": b, "ema": a}, tmp_path / "c.pth.tar")
+    soupkern.uniform_soup([tmp_path / "a.safetensors", tmp_path / "c.pth.tar"], tmp_path / "o.safetensors",
+                          state_dict_key="ema")
+    assert load_file(str(tmp_path / "o.safetensors"))["w"].tolist() == [1.0, 1.0]
+    with safe_open(str(tmp_path / "o.safetensors"), framework="pt") as f:
+        assert f.metadata()["soupkern.state_dict_key"] == "ema"
+
+
+def test_meta_tensors_are_refused():
+    sd = {"w": torch.ones(2)}
+    with pytest.raises(soupkern.InputError, match="meta device"):
+        soupkern.uniform_state_dict([sd, sd], out={"w": torch.empty(2, device="meta")})
+    with pytest.raises(soupkern.InputError, match="meta device"):
+        soupkern.uniform_state_dict([sd, {"w": torch.empty(2, device="meta")}])
+
+
+def test_in_place_writes_bump_autograd_versions():
+    m = torch.nn.Linear(3, 2)
+    sds = [{k: v.detach().clone() for k, v in m.state_dict().items()} for _ in range(2)]
+    before = m.weight._version
+    soupkern.uniform_state_dict(sds, out=m)
+    assert m.weight._version > before

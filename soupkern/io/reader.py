@@ -257,6 +257,7 @@ class Checkpoint:
     files: list[SafetensorsFile]
     tensors: dict[str, tuple[SafetensorsFile, TensorInfo]] = field(repr=False)
     metadata: dict[str, str] = field(default_factory=dict, repr=False)
+    key_used: bool = False  # whether a state_dict_key picked this checkpoint's tensors
 
     @property
     def nbytes(self) -> int:
@@ -311,15 +312,6 @@ def _open_index(index_path: Path) -> Checkpoint:
     return Checkpoint(os.fspath(index_path), list(files.values()), tensors, metadata)
 
 
-def _no_key(ck: Checkpoint, state_dict_key: str | None) -> Checkpoint:
-    if state_dict_key is not None:
-        ck.close()
-        raise InputError(f"a sharded safetensors checkpoint holds one flat state dict; --state-dict-key "
-                         f"({state_dict_key!r}) applies to PyTorch pickles, DCP folders and in-memory containers",
-                         path=ck.path)
-    return ck
-
-
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP / DataParallel, torch.compile
 
 
@@ -365,7 +357,7 @@ def _open_any(source: object, state_dict_key: str | None, label: str | None) -> 
     p = Path(source)  # type: ignore[arg-type]
     if p.is_dir():
         if (p / INDEX_NAME).is_file():
-            return _no_key(_open_index(p / INDEX_NAME), state_dict_key)
+            return _open_index(p / INDEX_NAME)
         if (p / SINGLE_NAME).is_file():
             p = p / SINGLE_NAME
         elif (kind := sources.folder_kind(p)) is not None:
@@ -385,14 +377,10 @@ def _open_any(source: object, state_dict_key: str | None, label: str | None) -> 
         return sources.open_folder(p.parent, "pickle-index", state_dict_key) if p.name == sources.TORCH_BIN_INDEX \
             else sources._open_pickle_index(p, state_dict_key)
     elif p.name.endswith(".index.json"):
-        return _no_key(_open_index(p), state_dict_key)
+        return _open_index(p)
     elif not p.exists():
         raise InputError("no such file or folder", path=p)
     elif sources.sniff(os.fspath(p)) == "pickle":
         return sources.open_pickle(p, state_dict_key)
     f = SafetensorsFile(p)
-    if state_dict_key is not None:
-        f.close()
-        raise InputError(f"a safetensors file holds one flat state dict; --state-dict-key ({state_dict_key!r}) "
-                         "applies to PyTorch pickles, DCP folders and in-memory containers", path=p)
     return Checkpoint(os.fspath(p), [f], {name: (f, info) for name, info in f.tensors.items()}, dict(f.metadata))

@@ -143,6 +143,9 @@ def unwrap(obj: object, key: str | None, label: str) -> Mapping[str, Any]:
     its values are tensors; else the first of CONTAINER_KEYS it holds (one level deep, twice:
     {"model": {"module": ...}}). An nn.Module gives its state_dict()."""
     if _is_module(obj):
+        if key is not None:
+            raise InputError(f"is an nn.Module, its own state dict: state_dict_key {key!r} has nothing to pick from",
+                             path=label)
         return obj.state_dict()  # type: ignore[union-attr,no-any-return]
     if not isinstance(obj, Mapping):
         raise InputError(f"holds a {type(obj).__name__}, not a state dict (a mapping of names to tensors)", path=label)
@@ -161,9 +164,10 @@ def unwrap(obj: object, key: str | None, label: str) -> Mapping[str, Any]:
         found = [k for k in CONTAINER_KEYS if isinstance(obj.get(k), Mapping) or _is_module(obj.get(k))]
         if not found:
             break
-        if "state_dict_ema" in obj:
-            log.warning("%s: souping its '%s' weights; pass --state-dict-key state_dict_ema (state_dict_key=) "
-                        "for the EMA weights", label, found[0])
+        others = [k for k in found[1:]] + (["state_dict_ema"] if "state_dict_ema" in obj else [])
+        if others:
+            log.warning("%s: souping its '%s' entry; it also holds %s: name the one to soup with --state-dict-key "
+                        "(state_dict_key=)", label, found[0], ", ".join(f"'{k}'" for k in others))
         obj = obj[found[0]]
         if _is_module(obj):
             return obj.state_dict()  # type: ignore[union-attr,no-any-return]
@@ -201,13 +205,15 @@ def state_dict_checkpoint(obj: object, label: str, *, state_dict_key: str | None
             raise InputError(f"dtype {t.dtype} cannot be souped or stored in safetensors", path=label, tensor=name)
         if t.layout is not strided:
             raise InputError(f"layout {t.layout} is not a dense tensor", path=label, tensor=name)
+        if t.device.type == "meta":
+            raise InputError("is on the meta device: it has no values to soup", path=label, tensor=name)
         if t.requires_grad:
             t = t.detach()  # shares the memory; numpy views of grad-requiring tensors are refused
         tensors[name] = (TensorHolder(t, label, mapped), new_info(name, dtype, tuple(t.shape), 0,
                                                                   t.numel() * t.element_size()))
     if not tensors:
         raise InputError("holds no tensors", path=label)
-    return Checkpoint(label, [], tensors, {})
+    return Checkpoint(label, [], tensors, {}, key_used=state_dict_key is not None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,7 +326,8 @@ def _open_pickle_index(index_path: Path, state_dict_key: str | None) -> Checkpoi
     for name, shard in weight_map.items():
         if name not in tensors:
             raise InputError(f"index lists the tensor in '{shard}', which does not contain it", path=index_path, tensor=name)
-    return Checkpoint(os.fspath(index_path), files, tensors, metadata)  # type: ignore[arg-type]
+    return Checkpoint(os.fspath(index_path), files, tensors, metadata,  # type: ignore[arg-type]
+                      key_used=state_dict_key is not None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,6 +335,45 @@ def _open_pickle_index(index_path: Path, state_dict_key: str | None) -> Checkpoi
 
 
 DCP_BATCH_BYTES = 64 << 20
+_DCP_GLOBALS = {
+    "torch.distributed.checkpoint.metadata": {"Metadata", "TensorStorageMetadata", "BytesStorageMetadata",
+                                              "TensorProperties", "ChunkStorageMetadata", "MetadataIndex",
+                                              "StorageMeta", "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "pathlib": {"Path", "PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"},
+    "collections": {"OrderedDict"},
+    "builtins": {"set", "frozenset", "slice"},
+}
+
+
+def _dcp_reader(path: str) -> Any:
+    """A FileSystemReader whose `.metadata` is unpickled with an allow-list (DCP's own metadata
+    classes, torch.Size and dtypes, paths): torch's reader uses plain pickle.load, which would run
+    any code a crafted `.metadata` holds, on every load."""
+    import torch
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class Restricted(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> Any:
+            if name in _DCP_GLOBALS.get(module, ()):
+                return super().find_class(module, name)
+            if module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None),
+                                                                   (torch.dtype, torch.memory_format, torch.layout))):
+                return getattr(torch, name)
+            raise pickle.UnpicklingError(f"{module}.{name} is not part of DCP metadata")
+
+    class SafeReader(FileSystemReader):  # type: ignore[misc]
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            with self.fs.create_stream(self._get_metadata_path(kwargs.get("rank")), "rb") as f:
+                metadata = Restricted(f).load()
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeReader(path)
 
 
 class _DcpLoader:
@@ -373,8 +419,10 @@ class _DcpLoader:
             warnings.simplefilter("ignore", UserWarning)
             try:
                 dcp.load({self.entries[n][0]: t for n, t in batch.items()},
-                         storage_reader=dcp.FileSystemReader(self.path), no_dist=True)
-            except Exception as e:  # noqa: BLE001 - DCP wraps reader failures in its own types
+                         storage_reader=_dcp_reader(self.path), no_dist=True)
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException as e:  # noqa: BLE001 - DCP's CheckpointException derives from BaseException
                 raise InputError(f"cannot read tensors from the DCP folder ({_first_line(e)})",
                                  path=self.path, tensor=self.entries[first][0]) from None
         self.cache.update(batch)
@@ -447,7 +495,6 @@ def open_dcp(path: str | os.PathLike[str], state_dict_key: str | None = None) ->
     prefix, so torchtitan's {"model": ..., "optimizer": ...} soups the model's weights."""
     import warnings
 
-    from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     p = os.fspath(path)
@@ -455,7 +502,10 @@ def open_dcp(path: str | os.PathLike[str], state_dict_key: str | None = None) ->
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            md = FileSystemReader(p).read_metadata()
+            md = _dcp_reader(p).read_metadata()
+    except pickle.UnpicklingError as e:
+        raise InputError(f"refused: its {DCP_METADATA} needs something DCP metadata does not hold, so it was not "
+                         f"loaded and none of its code ran ({_first_line(e)})", path=p) from None
     except Exception as e:  # noqa: BLE001
         raise InputError(f"has a {DCP_METADATA} file that cannot be read as DCP metadata ({_first_line(e)})", path=p) from None
     names = _torch_to_name()
@@ -463,8 +513,13 @@ def open_dcp(path: str | os.PathLike[str], state_dict_key: str | None = None) ->
     entries = {k: v for k, v in md.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
     tops = {paths.get(k, (k,))[0] for k in entries if len(paths.get(k, (k,))) > 1}
     prefix = state_dict_key
+    top_level = None  # torchtitan: the model's tensors at the top level, optimizer/train_state nested
     if prefix is None:
         prefix = next((c for c in CONTAINER_KEYS if c in tops), None)
+        if prefix is None and tops and any(len(paths.get(k, (k,))) == 1 for k in entries):
+            top_level = True
+            log.warning("%s: souping its top-level tensors; the nested %s are left out (--state-dict-key picks one)",
+                        p, ", ".join(f"'{t}'" for t in sorted(tops)))
     elif prefix not in tops:
         raise InputError(f"has no nested state dict '{prefix}' (--state-dict-key); its nested ones are "
                          f"{sorted(tops) or 'none'}", path=p)
@@ -475,6 +530,8 @@ def open_dcp(path: str | os.PathLike[str], state_dict_key: str | None = None) ->
             if len(parts) < 2 or parts[0] != prefix:
                 continue
             name = ".".join(str(x) for x in parts[1:])
+        elif top_level and len(parts) > 1:
+            continue
         else:
             name = key
         dtype = names.get(meta.properties.dtype)
@@ -490,7 +547,7 @@ def open_dcp(path: str | os.PathLike[str], state_dict_key: str | None = None) ->
                                                   for name, (_, info) in found.items()}
     if not tensors:
         raise InputError("DCP folder holds no tensors" + (f" under '{prefix}'" if prefix else ""), path=p)
-    return Checkpoint(p, [folder], tensors, {})  # type: ignore[list-item]
+    return Checkpoint(p, [folder], tensors, {}, key_used=state_dict_key is not None)  # type: ignore[list-item]
 
 
 def _itemsize(dtype: str) -> int:
@@ -534,7 +591,7 @@ def sniff(path: str) -> str:
 
 def folder_kind(p: Path) -> str | None:
     """'dcp' or 'pickle-index' / 'pickle' for a folder soupkern reads with this module, else None."""
-    if (p / DCP_METADATA).is_file():
+    if (p / DCP_METADATA).is_file() and any(p.glob("*.distcp")):
         return "dcp"
     if (p / TORCH_BIN_INDEX).is_file():
         return "pickle-index"

@@ -89,8 +89,13 @@ def open_ingredients(stack: ExitStack, items: Sequence[Any], state_dict_key: str
     """Open every ingredient (any source) inside `stack`; in-memory ones are named by `labels`."""
     if state_dict_key is not None and not isinstance(state_dict_key, str):
         raise InputError(f"state_dict_key must be a string, got {state_dict_key!r}")
-    return [stack.enter_context(open_checkpoint(x, state_dict_key=state_dict_key, label=label))
-            for x, label in zip(items, labels(items))]
+    checkpoints = [stack.enter_context(open_checkpoint(x, state_dict_key=state_dict_key, label=label))
+                   for x, label in zip(items, labels(items))]
+    if state_dict_key is not None and not any(ck.key_used for ck in checkpoints):
+        raise InputError(f"state_dict_key / --state-dict-key {state_dict_key!r} picks an entry of a PyTorch pickle, "
+                         "DCP folder or in-memory container, and no ingredient is one (safetensors files hold one "
+                         "flat state dict)")
+    return checkpoints
 
 
 def _same_twice(items: Sequence[Any], checkpoints: Sequence[Checkpoint], single: bool = True) -> None:
@@ -190,6 +195,7 @@ def weighted_soup(
             **({"soupkern.divisor": repr(plan.divisor)} if plan.divisor != 1.0 else {}),
             "soupkern.backend": kernel_name,
             "soupkern.keys": keys,
+            **({"soupkern.state_dict_key": state_dict_key} if state_dict_key is not None else {}),
             **(metadata or {}),
         }
         layout, extra = _layout(plan, items, out, meta, max_shard_size, recipe=recipe, copy_from=copy_from,
@@ -221,9 +227,11 @@ def _layout(plan: SoupPlan, items: Sequence[Any], out: PathLike, meta: Mapping[s
         if not allow_config_mismatch:  # a file output too is refused for mismatched architectures
             model_folder.check_configs([f for f in map(model_folder.model_folder, items) if f is not None])
         return layout, {}
+    float_dtypes = {tp.out.dtype for tp in plan.tensors if tp.average}
     extra = model_folder.folder_files(items, labels(items), recipe=recipe, coefficients=plan.coefficients_json(),
                                       divisor=plan.divisor, version=_version(), copy_from=copy_from,
-                                      allow_config_mismatch=allow_config_mismatch)
+                                      allow_config_mismatch=allow_config_mismatch,
+                                      out_dtype=float_dtypes.pop() if len(float_dtypes) == 1 else None)
     if extra:
         layout = plan_output([tp.out for tp in plan.tensors], out, meta, max_shard_size, extra_names=list(extra))
     return layout, extra
@@ -407,8 +415,12 @@ def _out_tensors(out: object) -> dict[str, torch.Tensor] | None:
     if not isinstance(sd, Mapping):
         raise InputError(f"out must be a state dict or nn.Module, got {type(out).__name__}")
     for name, t in sd.items():
+        if not isinstance(name, str):
+            raise InputError(f"out= key {name!r} is not a string")
         if not _is_tensor(t):
             raise InputError(f"out['{name}'] is a {type(t).__name__}, not a tensor")
+        if t.device.type == "meta":
+            raise InputError(f"out['{name}'] is on the meta device: it cannot hold the soup")
     return dict(sd)
 
 
@@ -463,12 +475,11 @@ def _write_conflicts(plan: SoupPlan, targets: Mapping[str, torch.Tensor]) -> set
 
     from soupkern.io.sources import TensorHolder
 
-    starts, ends = [], []  # byte spans of every in-memory input on the targets' device
-    own: dict[tuple[int, int, str, Any], int] = {}  # (start, end, tensor, dtype) -> how many inputs are exactly that
-    device = next(iter(targets.values())).device if targets else None
+    spans: dict[Any, tuple[list[int], list[int]]] = {}  # device -> starts, ends of every in-memory input there
+    own: dict[tuple[Any, int, int, str, Any], int] = {}  # (device, start, end, tensor, dtype) -> inputs exactly that
     for tp in plan.tensors:
         for h, info in tp.sources:
-            if type(h) is TensorHolder and h.tensor.device == device and info.nbytes:
+            if type(h) is TensorHolder and info.nbytes:
                 x = h.tensor
                 start = x.data_ptr()
                 contiguous = h.direct or x.is_contiguous()
@@ -476,24 +487,42 @@ def _write_conflicts(plan: SoupPlan, targets: Mapping[str, torch.Tensor]) -> set
                     end = start + info.nbytes
                 else:  # a strided view spans from its first to its last element
                     end = start + (1 + sum((n - 1) * abs(st) for n, st in zip(x.shape, x.stride()))) * x.element_size()
+                starts, ends = spans.setdefault(x.device, ([], []))
                 starts.append(start)
                 ends.append(end)
                 if contiguous:
-                    key = (start, end, tp.out.name, x.dtype)
+                    key = (x.device, start, end, tp.out.name, x.dtype)
                     own[key] = own.get(key, 0) + 1
-    starts.sort()
-    ends.sort()
+    for starts, ends in spans.values():
+        starts.sort()
+        ends.sort()
     conflicts = set()
     for name, t in targets.items():
-        if t.device != device or t.numel() == 0:
+        if t.device not in spans or t.numel() == 0:
             continue
+        starts, ends = spans[t.device]
         a = t.data_ptr()
         e = a + t.numel() * t.element_size()
         # spans meeting [a, e): those starting before e, less those ending by a (they start before a)
         meeting = bisect.bisect_left(starts, e) - bisect.bisect_right(ends, a)
-        if meeting > own.get((a, e, name, t.dtype), 0):
+        if meeting > own.get((t.device, a, e, name, t.dtype), 0):
             conflicts.add(name)
     return conflicts
+
+
+def _bump_versions(tensors: Sequence[torch.Tensor]) -> None:
+    """Tell autograd that tensors written in place by a kernel (behind its back) changed, as an
+    in-place torch op would: a backward that saved them then raises instead of using new values."""
+    import torch
+
+    bump = getattr(torch.autograd.graph, "increment_version", None)
+    if bump is None or not tensors:
+        return
+    try:
+        bump(list(tensors))
+    except TypeError:  # torch versions whose increment_version takes one tensor
+        for t in tensors:
+            bump(t)
 
 
 def _into_targets(result: dict[str, torch.Tensor], targets: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
@@ -524,6 +553,8 @@ def _on_host(plan: SoupPlan, kernel: Any, targets: Mapping[str, torch.Tensor] | 
         result[tp.out.name] = t
         where[tp.out.name] = (t.data_ptr(), lambda t=t: t.reshape(-1).view(torch.uint8).numpy())
     fill_many(plan, where, kernel)
+    if targets:
+        _bump_versions([t for name, t in result.items() if t is targets.get(name)])
     return _into_targets(result, targets)
 
 
