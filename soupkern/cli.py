@@ -92,6 +92,9 @@ def _soup_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", help="kernel backend: cpp, torch, cuda, triton (default: $SOUPKERN_BACKEND or the best available)")
     p.add_argument("--force", action="store_true", help="replace an existing output")
     p.add_argument("--fsync", action="store_true", help="fsync the output before renaming it into place")
+    p.add_argument("--format", choices=("safetensors", "dcp"), default="safetensors", dest="out_format",
+                   help="output format: safetensors (default) or dcp, a PyTorch Distributed Checkpoint folder "
+                        "(written from memory by one process)")
     p.add_argument("--int-policy", choices=("auto", "first", "max", "mean", "refuse"), default="auto",
                    help="integer tensors that differ between ingredients: auto (default) takes the maximum of 0-dim "
                         "counters such as num_batches_tracked and refuses the rest; first, max, mean, refuse")
@@ -223,6 +226,7 @@ def _soup_opts(args: argparse.Namespace) -> dict[str, Any]:
         copy_from=args.copy_from,
         allow_config_mismatch=args.allow_config_mismatch,
         int_policy=args.int_policy,
+        out_format=args.out_format,
     )
 
 
@@ -335,7 +339,7 @@ def _greedy(args: argparse.Namespace) -> None:
 
 
 _CHECKED = ("dtype", "keys", "max_shard_size", "budget_bytes", "backend", "overwrite", "fsync", "state_dict_key",
-            "copy_from", "allow_config_mismatch", "int_policy")
+            "copy_from", "allow_config_mismatch", "int_policy", "out_format")
 
 
 def _learned(args: argparse.Namespace) -> None:

@@ -40,7 +40,8 @@ VALUES = {
     "--workdir": ("FILE", ""),
     "--state-dict-key": ("state_dict_ema", ""),
     "--copy-from": ("missing_dir", "FILE"),
-    "--int-policy": ("median", ""),  # safetensors inputs hold no container to pick from
+    "--int-policy": ("median", ""),
+    "--format": ("npz", ""),  # safetensors inputs hold no container to pick from
 }
 SKIP = {"-h", "--help", "--version"}
 

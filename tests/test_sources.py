@@ -1048,3 +1048,36 @@ def test_in_place_writes_bump_autograd_versions():
     before = m.weight._version
     soupkern.uniform_state_dict(sds, out=m)
     assert m.weight._version > before
+
+
+def test_dcp_output_round_trip(tmp_path):
+    """out_format="dcp": the soup as a DCP folder that torch.distributed.checkpoint reads back
+    bit for bit, with provenance; replaced only with overwrite, and like any folder output built
+    beside its target and swapped in whole."""
+    import torch.distributed.checkpoint as dcp
+
+    sds = [sample_state_dict(i) for i in range(3)]
+    want = soupkern.uniform_state_dict(sds)
+    out = tmp_path / "soup_dcp"
+    report = soupkern.uniform_soup(sds, out, out_format="dcp")
+    assert sorted(p.name for p in report.paths) == [".metadata", "__0_0.distcp", "soupkern_provenance.json"]
+    loaded = {k: torch.empty_like(v) for k, v in want.items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(loaded, checkpoint_id=os.fspath(out), no_dist=True)
+    assert_same_sd(loaded, want)
+    prov = json.loads((out / "soupkern_provenance.json").read_text())
+    assert prov["metadata"]["soupkern.recipe"] == "uniform" and prov["files"] == [".metadata", "__0_0.distcp"]
+    assert not [n for n in os.listdir(tmp_path) if ".soupkern-" in n]
+    with pytest.raises(soupkern.OutputError, match="already exists"):
+        soupkern.uniform_soup(sds, out, out_format="dcp")
+    soupkern.weighted_soup(sds, [0.5, 0.25, 0.25], out, out_format="dcp", overwrite=True)
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "notes.txt").write_text("mine")
+    with pytest.raises(soupkern.OutputError, match="did not write"):
+        soupkern.uniform_soup(sds, tmp_path / "foreign", out_format="dcp", overwrite=True)
+    r = subprocess.run([sys.executable, "-m", "soupkern", "uniform", os.fspath(out), os.fspath(out), "-o",
+                        os.fspath(tmp_path / "cli_dcp"), "--format", "dcp", "-q"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert_same_sd(soupkern.uniform_state_dict([tmp_path / "cli_dcp"]),
+                   soupkern.uniform_state_dict([out]))

@@ -36,6 +36,7 @@ from soupkern.io.format import DTYPES, MAX_HEADER_BYTES, METADATA_KEY, parse_ind
 from soupkern.io.reader import INDEX_NAME, SINGLE_NAME, SafetensorsFile, open_regular
 
 log = logging.getLogger("soupkern")
+PROVENANCE_NAME = "soupkern_provenance.json"  # a DCP soup folder's record: metadata and files
 FILES_KEY = "soupkern.files"  # metadata: the names of every file soupkern wrote into a folder output
 
 
@@ -210,6 +211,17 @@ def soupkern_files(folder: Path) -> set[str] | None:
     """The files of `folder` that a soupkern soup consists of (its index, the shards the index
     names, and what its provenance lists), or None when the folder holds no soupkern checkpoint."""
     files: set[str] = set()
+    provenance = folder / PROVENANCE_NAME
+    if provenance.is_file() and not provenance.is_symlink():  # a DCP soup folder
+        try:
+            with open(provenance, "rb") as f:
+                data = json.loads(f.read(MAX_HEADER_BYTES))
+            listed = data["files"] if "soupkern.version" in data.get("metadata", {}) else None
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+            return None
+        if not isinstance(listed, list) or not all(isinstance(n, str) for n in listed):
+            return None
+        return {*listed, PROVENANCE_NAME}
     index = folder / INDEX_NAME
     if os.path.lexists(index):
         try:
@@ -284,6 +296,13 @@ class SoupWriter:
     @property
     def target(self) -> Path:
         return self.layout.target
+
+    @property
+    def stage_folder(self) -> Path:
+        """The temporary folder a folder output is built in (inside the `with` block), for files
+        written by another library (a DCP save); they are swapped in with the rest at commit."""
+        assert self._stage is not None and self.layout.folder, "stage_folder of a file output or outside the block"
+        return self._stage
 
     # -- checks -------------------------------------------------------------------------------
 
@@ -598,3 +617,11 @@ def _size(n: int) -> str:
 def _some(names: list[str], n: int = 3) -> str:
     shown = ", ".join(names[:n])
     return shown if len(names) <= n else f"{shown} and {len(names) - n} more"
+
+
+def folder_layout(out: str | os.PathLike[str]) -> OutputLayout:
+    """The layout of a folder output whose files another library writes (no safetensors shards)."""
+    target = output_target(out)
+    if target.parent == target:
+        raise InputError(f"{target}: the root folder cannot be an output folder")
+    return OutputLayout([], None, target=target, folder=True)

@@ -256,6 +256,7 @@ def _learned_soup(
     copy_from: str | os.PathLike[str] | None = None,
     allow_config_mismatch: bool = False,
     int_policy: str = "auto",
+    out_format: str = "safetensors",
 ) -> LearnedSoupResult:
     """Learn softmax mixing coefficients on held-out `data`, then write the soup to `out` (if given).
 
@@ -282,7 +283,8 @@ def _learned_soup(
                              f"backend '{requested_backend(backend)}' runs on a device")
         check_soup_output(ingredients, out, dtype=dtype, keys=keys, max_shard_size=max_shard_size, overwrite=overwrite,
                           budget_bytes=budget_bytes, backend=backend, fsync=fsync, state_dict_key=state_dict_key,
-                          copy_from=copy_from, allow_config_mismatch=allow_config_mismatch, int_policy=int_policy)
+                          copy_from=copy_from, allow_config_mismatch=allow_config_mismatch, int_policy=int_policy,
+                          out_format=out_format)
     loss_fn = loss_fn or F.cross_entropy
     eval_data = data if eval_data is None else eval_data
     kernel = get_backend(backend)
@@ -352,7 +354,8 @@ def _learned_soup(
     opts: dict[str, Any] = {"dtype": dtype, "keys": keys, "max_shard_size": max_shard_size,
                             "budget_bytes": budget_bytes, "backend": backend, "overwrite": overwrite,
                             "fsync": fsync, "state_dict_key": state_dict_key, "copy_from": copy_from,
-                            "allow_config_mismatch": allow_config_mismatch, "int_policy": int_policy}
+                            "allow_config_mismatch": allow_config_mismatch, "int_policy": int_policy,
+                            "out_format": out_format}
     if mode == "by_model":
         report = weighted_soup(ingredients, coeffs[0], out, recipe="learned", metadata=meta, **opts)
     else:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence, TypeVar, Uni
 from soupkern.backends import DEVICE_BACKENDS, get_backend, requested_backend
 from soupkern.engine import DEFAULT_BUDGET_BYTES, execute, fill_many, staging_bytes_for
 from soupkern import strict_json
-from soupkern.errors import InputError
+from soupkern.errors import InputError, OutputError
 from soupkern.io import Checkpoint, SoupWriter, open_checkpoint, plan_output
 from soupkern.io.writer import check_metadata
 from soupkern.io.sources import labels
@@ -141,6 +141,7 @@ def weighted_soup(
     copy_from: PathLike | None = None,
     allow_config_mismatch: bool = False,
     int_policy: str = "auto",
+    out_format: str = "safetensors",
 ) -> SoupReport:
     """Write (sum_k coefficients[k] * ingredients[k]) / divisor to `out`, streaming with bounded
     memory, under the exact-arithmetic contract (fp64 accumulation in input order, one IEEE
@@ -166,6 +167,10 @@ def weighted_soup(
     after checking that the ingredients' configs agree on the architecture (unless
     `allow_config_mismatch`). Integer tensors that differ between ingredients: `int_policy`
     (soupkern.plan._combine; "auto" takes the maximum of 0-dim counters, refuses the rest).
+
+    `out_format="dcp"` writes `out` as a PyTorch Distributed Checkpoint folder (one process,
+    `torch.distributed.checkpoint.save` with no process group; `soupkern_provenance.json` holds
+    the provenance), computed in memory first: it needs the soup's size in RAM.
     """
     t0 = time.perf_counter()
     items = ingredient_list(ingredients)
@@ -174,6 +179,8 @@ def weighted_soup(
     check_soup_options(budget_bytes=budget_bytes, dtype=dtype, keys=keys, max_shard_size=max_shard_size,
                        metadata=metadata, overwrite=overwrite, fsync=fsync)
     divisor = check_divisor(divisor)
+    if out_format not in ("safetensors", "dcp"):
+        raise InputError(f"out_format must be 'safetensors' or 'dcp', got {out_format!r}")
     dev, kernels = _device_route(backend, device)
     kernel = get_backend(backend) if kernels is None else None
     kernel_name = kernels.name if kernels is not None else kernel.name  # type: ignore[union-attr]
@@ -198,6 +205,13 @@ def weighted_soup(
             **({"soupkern.state_dict_key": state_dict_key} if state_dict_key is not None else {}),
             **(metadata or {}),
         }
+        if out_format == "dcp":
+            if max_shard_size is not None or streamer is not None:
+                raise InputError("a DCP output is written by one process from memory: no max_shard_size or device")
+            paths = _dcp_out(plan, items, checkpoints, kernel, out, meta, recipe=recipe, overwrite=overwrite,
+                             fsync=fsync, copy_from=copy_from, allow_config_mismatch=allow_config_mismatch)
+            return SoupReport(tuple(paths), len(plan.tensors), plan.bytes_read, plan.bytes_written,
+                              time.perf_counter() - t0, kernel_name, plan.effective_coefficients)
         layout, extra = _layout(plan, items, out, meta, max_shard_size, recipe=recipe, copy_from=copy_from,
                                 allow_config_mismatch=allow_config_mismatch)
         writer = SoupWriter(layout, inputs=input_files(checkpoints), staging_bytes=staging_bytes_for(budget_bytes),
@@ -212,6 +226,42 @@ def weighted_soup(
             paths = writer.commit()
     return SoupReport(tuple(paths), len(plan.tensors), plan.bytes_read, plan.bytes_written,
                       time.perf_counter() - t0, kernel_name, plan.effective_coefficients)
+
+
+def _dcp_out(plan: SoupPlan, items: Sequence[Any], checkpoints: Sequence[Checkpoint], kernel: Any, out: PathLike,
+             meta: Mapping[str, str], *, recipe: str, overwrite: bool, fsync: bool, copy_from: PathLike | None,
+             allow_config_mismatch: bool) -> list[Path]:
+    """The soup as a DCP folder: computed in memory, saved into the writer's temporary folder,
+    swapped in whole like any folder output."""
+    import json as _json
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    from soupkern import model_folder
+    from soupkern.io.writer import PROVENANCE_NAME, folder_layout
+
+    layout = folder_layout(out)
+    extra = model_folder.folder_files(items, labels(items), recipe=recipe, coefficients=plan.coefficients_json(),
+                                      divisor=plan.divisor, version=_version(), copy_from=copy_from,
+                                      allow_config_mismatch=allow_config_mismatch)
+    files = sorted([".metadata", "__0_0.distcp", *extra])
+    extra[PROVENANCE_NAME] = (_json.dumps({"metadata": dict(meta), "files": files}, indent=2) + "\n").encode()
+    writer = SoupWriter(layout, inputs=input_files(checkpoints), overwrite=overwrite, fsync=fsync,
+                        verify=lambda: verify_inputs(checkpoints), extra_files=extra)
+    with writer:
+        _same_twice(items, checkpoints, single=recipe in ("uniform", "weighted"))
+        result = _on_host(plan, kernel, None)
+        with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.save(result, storage_writer=dcp.FileSystemWriter(writer.stage_folder, sync_files=fsync,
+                                                                   single_file_per_rank=True), no_dist=True)
+        written = sorted(os.listdir(writer.stage_folder))
+        if sorted(set(written) - set(extra)) != [".metadata", "__0_0.distcp"]:
+            raise OutputError(f"{layout.target}: torch.distributed.checkpoint wrote {written}, not the expected "
+                              "files; nothing was replaced")
+        writer.commit()
+    return [layout.target / name for name in sorted({*written, *extra})]
 
 
 def _layout(plan: SoupPlan, items: Sequence[Any], out: PathLike, meta: Mapping[str, str], max_shard_size: int | None,
@@ -314,6 +364,7 @@ def check_soup_output(
     copy_from: PathLike | None = None,
     allow_config_mismatch: bool = False,
     int_policy: str = "auto",
+    out_format: str = "safetensors",
 ) -> None:
     """Every check `weighted_soup` makes before writing, without writing: for recipes that do
     expensive work (evaluations, training) before they write, so bad input, a bad option or an
@@ -328,8 +379,17 @@ def check_soup_output(
         checkpoints = open_ingredients(stack, items, state_dict_key)
         k = len(checkpoints)
         plan = build_plan(checkpoints, [1.0 / k] * k, dtype=dtype, keys=keys, int_policy=int_policy)
-        layout, extra = _layout(plan, items, out, metadata or {}, max_shard_size, recipe="check", copy_from=copy_from,
-                                allow_config_mismatch=allow_config_mismatch)
+        if out_format == "dcp":
+            from soupkern.io.writer import folder_layout
+
+            if max_shard_size is not None:
+                raise InputError("a DCP output is written by one process from memory: no max_shard_size")
+            layout, extra = folder_layout(out), {}
+        elif out_format == "safetensors":
+            layout, extra = _layout(plan, items, out, metadata or {}, max_shard_size, recipe="check",
+                                    copy_from=copy_from, allow_config_mismatch=allow_config_mismatch)
+        else:
+            raise InputError(f"out_format must be 'safetensors' or 'dcp', got {out_format!r}")
         SoupWriter(layout, inputs=input_files(checkpoints), staging_bytes=1, overwrite=overwrite,
                    extra_files=extra).check()
 
