@@ -95,6 +95,9 @@ def _soup_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=("safetensors", "dcp"), default="safetensors", dest="out_format",
                    help="output format: safetensors (default) or dcp, a PyTorch Distributed Checkpoint folder "
                         "(written from memory by one process)")
+    p.add_argument("--lora", choices=("refuse", "factorwise"), default="refuse",
+                   help="PEFT LoRA adapters: refuse (default; averaging lora_A and lora_B separately is not the mean "
+                        "of the adapters' updates B·A) or factorwise (average the factors anyway)")
     p.add_argument("--int-policy", choices=("auto", "first", "max", "mean", "refuse"), default="auto",
                    help="integer tensors that differ between ingredients: auto (default) takes the maximum of 0-dim "
                         "counters such as num_batches_tracked and refuses the rest; first, max, mean, refuse")
@@ -227,6 +230,7 @@ def _soup_opts(args: argparse.Namespace) -> dict[str, Any]:
         allow_config_mismatch=args.allow_config_mismatch,
         int_policy=args.int_policy,
         out_format=args.out_format,
+        lora=args.lora,
     )
 
 
@@ -339,7 +343,7 @@ def _greedy(args: argparse.Namespace) -> None:
 
 
 _CHECKED = ("dtype", "keys", "max_shard_size", "budget_bytes", "backend", "overwrite", "fsync", "state_dict_key",
-            "copy_from", "allow_config_mismatch", "int_policy", "out_format")
+            "copy_from", "allow_config_mismatch", "int_policy", "out_format", "lora")
 
 
 def _learned(args: argparse.Namespace) -> None:

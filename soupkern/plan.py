@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Literal, Mapping, Sequence
 
@@ -156,13 +157,15 @@ def build_plan(
     keys: KeyPolicy = "same",
     divisor: float = 1.0,
     int_policy: str = "auto",
+    lora: str = "refuse",
 ) -> SoupPlan:
     """Check every ingredient against the first and decide every output tensor.
 
     Float tensors (F64/F32/F16/BF16, any mix) are averaged; the output dtype is `dtype` when
     given, else the first ingredient's (with a notice when they differ). Other dtypes (integers,
     bool, fp8) are copied when byte-identical in every ingredient, else combined under
-    `int_policy` (see `_combine`) or refused. With keys="same" every
+    `int_policy` (see `_combine`) or refused. PEFT LoRA factors are refused unless
+    `lora="factorwise"` (see `_check_lora`). With keys="same" every
     ingredient must hold the same tensor names; with "intersection" only shared names are kept.
     """
     if not checkpoints:
@@ -193,6 +196,9 @@ def build_plan(
     if int_policy not in INT_POLICIES:
         raise InputError(f"int_policy must be one of {', '.join(INT_POLICIES)}, got {int_policy!r}")
 
+    if len(checkpoints) > 1:
+        _check_lora(sorted(names), checkpoints[0].path, lora)
+
     mixed: list[str] = []
     plans = []
     for name in sorted(names):
@@ -219,6 +225,27 @@ def build_plan(
         log.warning("the ingredients' float dtypes differ (%s; e.g. '%s'): the soup takes the first ingredient's "
                     "dtypes; set --dtype / dtype= to choose", ", ".join(dts), mixed[0])
     return SoupPlan(tuple(plans), coeffs, {}, float(divisor))
+
+
+LORA_FACTOR = re.compile(r"(^|\.)lora_(A|B|embedding_A|embedding_B)(\.|$)")
+LORA_POLICIES = ("refuse", "factorwise")
+
+
+def _check_lora(names: Sequence[str], path: str, lora: str) -> None:
+    """Averaging PEFT LoRA factors one by one is not a soup of the adapters: the update of a
+    LoRA layer is s·B·A, and mean(B)·mean(A) != mean(B·A) (on a real layer the relative
+    difference was 0.81). Refused unless `lora="factorwise"` asks for it anyway."""
+    if lora not in LORA_POLICIES:
+        raise InputError(f"lora must be one of {', '.join(LORA_POLICIES)}, got {lora!r}")
+    factor = next((n for n in names if LORA_FACTOR.search(n)), None)
+    if factor is None or lora == "factorwise":
+        return
+    raise InputError(
+        "these are PEFT LoRA adapters: averaging lora_A and lora_B factor by factor does not average the adapters' "
+        "updates B·A (mean(B)·mean(A) differs from mean(B·A)), so the soup would be silently wrong. Exact "
+        "alternatives: merge each adapter into its base model (peft's merge_and_unload) and soup the merged "
+        "models; or keep the adapters separate. --lora factorwise (lora='factorwise') averages the factors anyway",
+        path=path, tensor=factor)
 
 
 def _combine(name: str, sources: tuple[tuple[SafetensorsFile, TensorInfo], ...],

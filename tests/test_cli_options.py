@@ -41,7 +41,8 @@ VALUES = {
     "--state-dict-key": ("state_dict_ema", ""),
     "--copy-from": ("missing_dir", "FILE"),
     "--int-policy": ("median", ""),
-    "--format": ("npz", ""),  # safetensors inputs hold no container to pick from
+    "--format": ("npz", ""),
+    "--lora": ("concat", ""),  # safetensors inputs hold no container to pick from
 }
 SKIP = {"-h", "--help", "--version"}
 

@@ -1081,3 +1081,26 @@ def test_dcp_output_round_trip(tmp_path):
     assert r.returncode == 0, r.stderr
     assert_same_sd(soupkern.uniform_state_dict([tmp_path / "cli_dcp"]),
                    soupkern.uniform_state_dict([out]))
+
+
+def test_lora_factors_are_not_averaged_silently(tmp_path):
+    """mean(B)·mean(A) is not mean(B·A): averaging PEFT adapters factor by factor is refused
+    (naming a factor), unless asked for; one adapter alone is fine (nothing is averaged)."""
+    g = torch.Generator().manual_seed(0)
+    adapters = [{"base_model.model.q_proj.lora_A.weight": torch.randn(4, 16, generator=g),
+                 "base_model.model.q_proj.lora_B.weight": torch.randn(16, 4, generator=g)} for _ in range(3)]
+    a, b = "base_model.model.q_proj.lora_A.weight", "base_model.model.q_proj.lora_B.weight"
+    mean_of_updates = sum(ad[b].double() @ ad[a].double() for ad in adapters) / 3
+    product_of_means = (sum(ad[b].double() for ad in adapters) / 3) @ (sum(ad[a].double() for ad in adapters) / 3)
+    assert (mean_of_updates - product_of_means).norm() > 0.1 * mean_of_updates.norm()  # why it is refused
+    with pytest.raises(soupkern.InputError, match="PEFT LoRA adapters.*lora_A"):
+        soupkern.uniform_state_dict(adapters)
+    for i, ad in enumerate(adapters):
+        save_file(ad, str(tmp_path / f"ad{i}.safetensors"))
+    paths = [tmp_path / f"ad{i}.safetensors" for i in range(3)]
+    r = subprocess.run([sys.executable, "-m", "soupkern", "uniform", *map(str, paths), "-o",
+                        str(tmp_path / "o.safetensors")], capture_output=True, text=True)
+    assert r.returncode == 2 and "merge_and_unload" in r.stderr and not (tmp_path / "o.safetensors").exists()
+    got = soupkern.uniform_state_dict(adapters, lora="factorwise")
+    assert torch.equal(got[a], (sum(ad[a].double() for ad in adapters) / 3).float())
+    assert torch.equal(soupkern.uniform_state_dict(adapters[:1])[a], adapters[0][a])

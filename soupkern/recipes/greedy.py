@@ -519,6 +519,7 @@ def greedy_soup(
     allow_config_mismatch: bool = False,
     int_policy: str = "auto",
     out_format: str = "safetensors",
+    lora: str = "refuse",
 ) -> GreedyResult:
     """Greedy soup of `ingredients` (any source: paths of any format, state dicts, modules),
     written to `out` when given.
@@ -544,7 +545,7 @@ def greedy_soup(
     paths = ingredient_list(ingredients)
     write = dict(dtype=dtype, keys=keys, max_shard_size=max_shard_size, overwrite=overwrite, fsync=fsync, backend=backend,
                  state_dict_key=state_dict_key, copy_from=copy_from, allow_config_mismatch=allow_config_mismatch,
-                 int_policy=int_policy, out_format=out_format, **({} if budget_bytes is None else {"budget_bytes": budget_bytes}))
+                 int_policy=int_policy, out_format=out_format, lora=lora, **({} if budget_bytes is None else {"budget_bytes": budget_bytes}))
     if out is not None:  # fail before the evaluations, not after them
         check_soup_output(paths, out, metadata=metadata, **write)  # type: ignore[arg-type]
     ev = make_evaluator(model, data, metric=metric, score=score, maximize=maximize, device=device, evaluator=evaluator)

@@ -257,6 +257,7 @@ def _learned_soup(
     allow_config_mismatch: bool = False,
     int_policy: str = "auto",
     out_format: str = "safetensors",
+    lora: str = "refuse",
 ) -> LearnedSoupResult:
     """Learn softmax mixing coefficients on held-out `data`, then write the soup to `out` (if given).
 
@@ -284,7 +285,7 @@ def _learned_soup(
         check_soup_output(ingredients, out, dtype=dtype, keys=keys, max_shard_size=max_shard_size, overwrite=overwrite,
                           budget_bytes=budget_bytes, backend=backend, fsync=fsync, state_dict_key=state_dict_key,
                           copy_from=copy_from, allow_config_mismatch=allow_config_mismatch, int_policy=int_policy,
-                          out_format=out_format)
+                          out_format=out_format, lora=lora)
     loss_fn = loss_fn or F.cross_entropy
     eval_data = data if eval_data is None else eval_data
     kernel = get_backend(backend)
@@ -298,7 +299,7 @@ def _learned_soup(
         with ExitStack() as stack, torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             checkpoints = open_ingredients(stack, ingredients, state_dict_key)
-            plan = build_plan(checkpoints, [1.0 / k] * k, dtype="fp32", keys=keys)
+            plan = build_plan(checkpoints, [1.0 / k] * k, dtype="fp32", keys=keys, int_policy=int_policy, lora=lora)
             prob = _problem(model, plan, mode, checkpoints[0].path)
             logits = torch.zeros(len(prob.groups), k, dtype=torch.float32, requires_grad=True)
             beta = torch.ones((), dtype=torch.float32, requires_grad=learn_temperature)
@@ -355,7 +356,7 @@ def _learned_soup(
                             "budget_bytes": budget_bytes, "backend": backend, "overwrite": overwrite,
                             "fsync": fsync, "state_dict_key": state_dict_key, "copy_from": copy_from,
                             "allow_config_mismatch": allow_config_mismatch, "int_policy": int_policy,
-                            "out_format": out_format}
+                            "out_format": out_format, "lora": lora}
     if mode == "by_model":
         report = weighted_soup(ingredients, coeffs[0], out, recipe="learned", metadata=meta, **opts)
     else:

@@ -72,17 +72,19 @@ Coefficients = Union[Sequence[float], Mapping[str, Sequence[float]]]
 
 
 def _plan(checkpoints: list[Checkpoint], coefficients: Coefficients, default: Sequence[float] | None,
-          dtype: str | None, keys: KeyPolicy, divisor: float = 1.0, int_policy: str = "auto") -> SoupPlan:
+          dtype: str | None, keys: KeyPolicy, divisor: float = 1.0, int_policy: str = "auto",
+          lora: str = "refuse") -> SoupPlan:
     if isinstance(coefficients, Mapping):
         k = len(checkpoints)
         if not all(isinstance(n, str) for n in coefficients):
             raise InputError("per-tensor coefficients must map tensor names (str) to vectors")
         fallback = default if default is not None else [1.0 / k] * k
-        return build_plan(checkpoints, fallback, dtype=dtype, keys=keys,
-                          int_policy=int_policy).with_per_tensor(coefficients)
+        return build_plan(checkpoints, fallback, dtype=dtype, keys=keys, int_policy=int_policy,
+                          lora=lora).with_per_tensor(coefficients)
     if default is not None:
         raise InputError("`default` applies only to per-tensor coefficients (a mapping)")
-    return build_plan(checkpoints, coefficients, dtype=dtype, keys=keys, divisor=divisor, int_policy=int_policy)
+    return build_plan(checkpoints, coefficients, dtype=dtype, keys=keys, divisor=divisor, int_policy=int_policy,
+                      lora=lora)
 
 
 def open_ingredients(stack: ExitStack, items: Sequence[Any], state_dict_key: str | None = None) -> list[Checkpoint]:
@@ -142,6 +144,7 @@ def weighted_soup(
     allow_config_mismatch: bool = False,
     int_policy: str = "auto",
     out_format: str = "safetensors",
+    lora: str = "refuse",
 ) -> SoupReport:
     """Write (sum_k coefficients[k] * ingredients[k]) / divisor to `out`, streaming with bounded
     memory, under the exact-arithmetic contract (fp64 accumulation in input order, one IEEE
@@ -186,7 +189,7 @@ def weighted_soup(
     kernel_name = kernels.name if kernels is not None else kernel.name  # type: ignore[union-attr]
     with ExitStack() as stack:
         checkpoints = open_ingredients(stack, items, state_dict_key)
-        plan = _plan(checkpoints, coefficients, default, dtype, keys, divisor, int_policy)
+        plan = _plan(checkpoints, coefficients, default, dtype, keys, divisor, int_policy, lora)
         streamer = None
         if kernels is not None:
             if plan.per_tensor:
@@ -365,6 +368,7 @@ def check_soup_output(
     allow_config_mismatch: bool = False,
     int_policy: str = "auto",
     out_format: str = "safetensors",
+    lora: str = "refuse",
 ) -> None:
     """Every check `weighted_soup` makes before writing, without writing: for recipes that do
     expensive work (evaluations, training) before they write, so bad input, a bad option or an
@@ -378,7 +382,7 @@ def check_soup_output(
     with ExitStack() as stack:
         checkpoints = open_ingredients(stack, items, state_dict_key)
         k = len(checkpoints)
-        plan = build_plan(checkpoints, [1.0 / k] * k, dtype=dtype, keys=keys, int_policy=int_policy)
+        plan = build_plan(checkpoints, [1.0 / k] * k, dtype=dtype, keys=keys, int_policy=int_policy, lora=lora)
         if out_format == "dcp":
             from soupkern.io.writer import folder_layout
 
@@ -417,6 +421,7 @@ def weighted_state_dict(
     out: Mapping[str, torch.Tensor] | torch.nn.Module | None = None,
     state_dict_key: str | None = None,
     int_policy: str = "auto",
+    lora: str = "refuse",
 ) -> dict[str, torch.Tensor]:
     """(sum_k coefficients[k] * ingredients[k]) / divisor as a dict of torch tensors, under the
     same exact-arithmetic contract as `weighted_soup`.
@@ -451,7 +456,7 @@ def weighted_state_dict(
     with ExitStack() as stack:
         checkpoints = open_ingredients(stack, items, state_dict_key)
         _same_twice(items, checkpoints)
-        plan = _plan(checkpoints, coefficients, default, dtype, keys, divisor, int_policy)
+        plan = _plan(checkpoints, coefficients, default, dtype, keys, divisor, int_policy, lora)
         if targets is not None:
             plan = _plan_into(plan, targets, dtype, keys)
         explicit = device is not None
