@@ -160,6 +160,14 @@ class Evaluator:
         self.maximize = default_max if maximize is None else maximize
         # state-dict name -> the model's own Parameter/buffer (tied weights appear under each name)
         self.tensors: dict[str, torch.Tensor] = dict(model.state_dict(keep_vars=True))
+        # tied weights (an LM head sharing the input embedding's storage): a checkpoint needs only
+        # one name of each group, as save_pretrained / save_model store only one
+        groups: dict[tuple[Any, ...], list[str]] = {}
+        for name, t in self.tensors.items():
+            if t.numel():
+                groups.setdefault((t.device, t.data_ptr(), tuple(t.shape), t.stride(), t.dtype), []).append(name)
+        self.aliases: dict[str, tuple[str, ...]] = {
+            n: tuple(m for m in g if m != n) for g in groups.values() if len(g) > 1 for n in g}
 
     # ------------------------------------------------------------------ loading
     def check(self, name: str, shape: tuple[int, ...], *, path: str | None = None) -> torch.Tensor:
@@ -182,12 +190,14 @@ class Evaluator:
             self.check(name, tuple(value.shape)).copy_(value)
 
     def check_names(self, names: Iterable[str], *, path: str | None = None) -> None:
-        """InputError unless `names` are exactly the model's state-dict names (naming one that differs)."""
+        """InputError unless `names` are exactly the model's state-dict names (naming one that differs);
+        of tied weights (one storage under several names) one name suffices."""
         names = set(names)
         for name in sorted(names - self.tensors.keys()):
             raise InputError("the model has no tensor of this name in its state dict", path=path, tensor=name)
         for name in sorted(self.tensors.keys() - names):
-            raise InputError("the model has this tensor but the checkpoint does not", path=path, tensor=name)
+            if not any(a in names for a in self.aliases.get(name, ())):  # a tied weight is loaded through its twin
+                raise InputError("the model has this tensor but the checkpoint does not", path=path, tensor=name)
 
     def load_checkpoint_(self, path: Any, label: str | None = None, state_dict_key: str | None = None) -> None:
         """Load every tensor of a checkpoint (any source: soupkern.io.open_checkpoint) into the

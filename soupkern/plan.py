@@ -174,6 +174,7 @@ def build_plan(
         raise InputError(f"keys must be 'same' or 'intersection', got {keys!r}")
     coeffs = check_coefficients(coefficients, len(checkpoints))
     out_dtype = normalize_dtype(dtype)
+    _fill_tied(checkpoints)
     first = checkpoints[0]
     names = set(first.tensors)
     for ck in checkpoints[1:]:
@@ -225,6 +226,31 @@ def build_plan(
         log.warning("the ingredients' float dtypes differ (%s; e.g. '%s'): the soup takes the first ingredient's "
                     "dtypes; set --dtype / dtype= to choose", ", ".join(dts), mixed[0])
     return SoupPlan(tuple(plans), coeffs, {}, float(divisor))
+
+
+TIED_HEAD = "lm_head.weight"
+TIED_EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight",
+                           "shared.weight")
+
+
+def _fill_tied(checkpoints: Sequence[Checkpoint]) -> None:
+    """Tied input embedding and LM head: `save_pretrained` stores the embedding only,
+    `safetensors.torch.save_model` the head only. Where an ingredient holds one of the pair and
+    another ingredient names the other, the missing name reads the same bytes, so the two forms
+    soup together (with a notice) and nothing is dropped."""
+    names = set().union(*(ck.tensors for ck in checkpoints))
+    embeddings = [n for n in names if n.endswith(TIED_EMBEDDING_SUFFIXES)]
+    if TIED_HEAD not in names or len(embeddings) != 1:
+        return
+    pair = (TIED_HEAD, embeddings[0])
+    for ck in checkpoints:
+        have = [n for n in pair if n in ck.tensors]
+        if len(have) == 1:
+            src = have[0]
+            dst = pair[1] if src == pair[0] else pair[0]
+            ck.tensors[dst] = ck.tensors[src]
+            log.warning("%s: holds '%s' but not '%s' (tied weights, saved once): '%s' reads the same values",
+                        ck.path, src, dst, dst)
 
 
 LORA_FACTOR = re.compile(r"(^|\.)lora_(A|B|embedding_A|embedding_B)(\.|$)")
