@@ -26,6 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+import soupkern  # noqa: E402
 from soupkern import _native  # type: ignore[attr-defined]  # noqa: E402
 from soupkern.backends.device import round_f64  # noqa: E402
 from soupkern.reference import decode  # noqa: E402
@@ -208,3 +209,33 @@ def test_automatic_device_choice_is_a_gpu_backend() -> None:
     from soupkern.backends.device import device_kernels
 
     assert device_kernels("cuda").name in BACKENDS
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_state_dicts_on_the_gpu(name: str) -> None:
+    """In-memory ingredients already on the GPU are souped there (no host round trip), into new
+    tensors or in place (`out=` aliasing an ingredient, SWA-style), with the C++ kernel's bytes
+    (NaN-free inputs here); an F64 tensor and an integer counter take the torch form and the
+    copy. Tied targets on the GPU are computed before they are written."""
+    g = torch.Generator().manual_seed(0)
+    cpu = [{"w": torch.randn(257, 33, generator=g), "b": torch.randn(7, generator=g).to(torch.bfloat16),
+            "d": torch.randn(5, generator=g, dtype=torch.float64), "n": torch.tensor(3)} for _ in range(3)]
+    want = soupkern.uniform_state_dict(cpu, backend="cpp")
+    gpu = [{k: v.cuda() for k, v in sd.items()} for sd in cpu]
+    got = soupkern.uniform_state_dict(gpu, backend=name)
+    for k in want:
+        assert got[k].device.type == "cuda" and torch.equal(got[k].cpu(), want[k]), k
+    avg = {k: v.clone() for k, v in gpu[0].items()}
+    ptr = avg["w"].data_ptr()
+    soupkern.weighted_state_dict([avg, gpu[1]], [0.5, 0.5], out=avg, backend=name)
+    assert avg["w"].data_ptr() == ptr
+    ref = soupkern.weighted_state_dict([cpu[0], cpu[1]], [0.5, 0.5], backend="cpp")
+    assert torch.equal(avg["w"].cpu(), ref["w"])
+    tied_w = torch.randn(4, 4, device="cuda")
+    tied = {"emb": tied_w, "head": tied_w}
+    other = {"emb": torch.randn(4, 4, device="cuda")}
+    other["head"] = other["emb"]
+    expect = soupkern.uniform_state_dict([{k: v.cpu().clone() for k, v in tied.items()},
+                                          {k: v.cpu().clone() for k, v in other.items()}], backend="cpp")
+    soupkern.uniform_state_dict([tied, other], out=tied, backend=name)
+    assert torch.equal(tied["emb"].cpu(), expect["emb"]) and torch.equal(tied["head"].cpu(), expect["head"])

@@ -1104,3 +1104,23 @@ def test_lora_factors_are_not_averaged_silently(tmp_path):
     got = soupkern.uniform_state_dict(adapters, lora="factorwise")
     assert torch.equal(got[a], (sum(ad[a].double() for ad in adapters) / 3).float())
     assert torch.equal(soupkern.uniform_state_dict(adapters[:1])[a], adapters[0][a])
+
+
+def test_device_resident_path_on_the_cpu_device():
+    """device="cpu" takes the device path (torch device kernels on tensors in place): the GPU
+    code path for resident ingredients, run here. Uniform soups are bit-identical to the host
+    kernel (weights 1: no multiply to round); F64 and integer tensors, `out=` aliasing an
+    ingredient and tied targets too."""
+    g = torch.Generator().manual_seed(0)
+    sds = [{"w": torch.randn(257, 33, generator=g), "b": torch.randn(7, generator=g).to(torch.bfloat16),
+            "d": torch.randn(5, generator=g, dtype=torch.float64), "n": torch.tensor(3)} for _ in range(3)]
+    want = soupkern.uniform_state_dict(sds, backend="cpp")
+    assert_same_sd(soupkern.uniform_state_dict(sds, device="cpu"), want)
+    tied_w = torch.randn(4, 4, generator=g)
+    tied, other = {"emb": tied_w, "head": tied_w}, {"emb": torch.randn(4, 4, generator=g)}
+    other["head"] = other["emb"]
+    expect = soupkern.uniform_state_dict([{k: v.clone() for k, v in tied.items()},
+                                          {k: v.clone() for k, v in other.items()}], backend="cpp")
+    got = soupkern.uniform_state_dict([tied, other], out=tied, device="cpu")
+    assert_same_sd(got, expect)
+    assert torch.equal(tied["emb"], expect["emb"]) and tied["emb"].data_ptr() == tied_w.data_ptr()
