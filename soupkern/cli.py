@@ -235,6 +235,19 @@ def _soup_opts(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _run_soup(args: argparse.Namespace, paths: list[str], coeffs: list[float] | None) -> None:
+    from soupkern import distributed
+
+    if not distributed.init_from_environment():
+        return _soup(args, paths, coeffs)
+    try:  # under torchrun: every rank runs the soup; only rank 0 reports
+        group = distributed.active()
+        args.quiet = args.quiet or (group is not None and group.rank != 0)
+        _soup(args, paths, coeffs)
+    finally:
+        distributed.shutdown()
+
+
+def _soup(args: argparse.Namespace, paths: list[str], coeffs: list[float] | None) -> None:
     from soupkern import uniform_soup, weighted_soup
 
     opts = {**_soup_opts(args), "device": args.device}
@@ -435,6 +448,12 @@ def _main(argv: Sequence[str] | None) -> int:
         with signals_raise(lambda signum: Interrupted(signum)):
             return _dispatch(args)
     except SoupkernError as e:
+        from soupkern.distributed import PeerFailed
+
+        if isinstance(e, PeerFailed):  # another rank failed: rank 0 says which and why, the others stay quiet
+            if e.own_rank == 0:
+                print(f"soupkern: error: {_one_line(e)}", file=sys.stderr)
+            return e.exit_code
         print(f"soupkern: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except OSError as e:  # e.g. permission denied on the output folder

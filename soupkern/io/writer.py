@@ -25,7 +25,7 @@ import shutil
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -251,7 +251,98 @@ def soupkern_files(folder: Path) -> set[str] | None:
     return files
 
 
-class SoupWriter:
+class StagedWriter:
+    """Tensor bytes into shard files through one reusable staging window: consecutive
+    reservations fill the window, which goes out by one pwrite when the next reservation is not
+    contiguous or on `flush`. Subclasses own the files (`_fds[shard]`) and `target`."""
+
+    layout: OutputLayout
+    _staging: np.ndarray
+    _fds: Any
+    _win: tuple[int, int, int] | None
+    bytes_written: int
+
+    @property
+    def target(self) -> Path:
+        return self.layout.target
+
+    @property
+    def staging_bytes(self) -> int:
+        return len(self._staging)
+
+    def reserve(self, name: str, start: int, nbytes: int) -> np.ndarray:
+        """Writable view for bytes [start, start + nbytes) of tensor `name`'s data.
+
+        Valid until the next `reserve`/`flush`; nbytes must not exceed `staging_bytes`.
+        """
+        shard, begin, end = self.layout.where[name]
+        off = begin + start
+        if nbytes > len(self._staging) or off + nbytes > end:
+            raise ValueError(f"bad reservation of {nbytes} bytes at {start} of '{name}'")
+        if self._win is not None:
+            wshard, wstart, used = self._win
+            if wshard == shard and wstart + used == off and used + nbytes <= len(self._staging):
+                self._win = (shard, wstart, used + nbytes)
+                return self._staging[used : used + nbytes]
+            self.flush()
+        self._win = (shard, off, nbytes)
+        return self._staging[:nbytes]
+
+    def flush(self) -> None:
+        if self._win is not None:
+            shard, wstart, used = self._win
+            self._win = None
+            self._pwrite(self._fds[shard], self._staging.data[:used], wstart)
+            self.bytes_written += used
+
+    def _guard_io(self, fn: Callable[..., object], *args: object) -> object:
+        try:
+            return fn(*args)
+        except OSError as e:  # ENOSPC, EIO, EDQUOT...: name the output, keep errno
+            err = OutputError(f"{self.target}: writing the output failed ({e.strerror}); nothing was replaced")
+            err.errno = e.errno
+            raise err from None
+
+    def _pwrite(self, fd: int, data: memoryview, offset: int) -> None:
+        while len(data):
+            n = self._guard_io(os.pwrite, fd, data, offset)
+            data, offset = data[n:], offset + n  # type: ignore[operator]
+
+
+
+class ShardWriter(StagedWriter):
+    """Writes the tensor data of some shards of a layout into shard files that another process
+    created with their headers (rank 0's SoupWriter, in its temporary folder): a distributed
+    soup's other ranks. Never creates, renames or removes a file."""
+
+    def __init__(self, layout: OutputLayout, stage: Path, shards: Iterable[int], staging_bytes: int = 8 << 20):
+        self.layout = layout
+        self._staging = np.empty(max(staging_bytes, 1), dtype=np.uint8)
+        self._win = None
+        self.bytes_written = 0
+        self._fds: dict[int, int] = {}
+        try:
+            for i in shards:
+                self._fds[i] = os.open(stage / layout.shards[i].path.name, os.O_WRONLY | os.O_CLOEXEC)
+        except OSError as e:
+            self.close()
+            raise OutputError(f"{self.target}: cannot open a shard in the temporary folder {stage} ({e.strerror})") from None
+
+    def close(self, fsync: bool = False) -> None:
+        """Flush, optionally fsync, and close every shard file."""
+        try:
+            if self._fds:
+                self.flush()
+                if fsync:
+                    for fd in self._fds.values():
+                        self._guard_io(os.fsync, fd)
+        finally:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds = {}
+
+
+class SoupWriter(StagedWriter):
     """Writes an OutputLayout. Use as a context manager and call `commit()` at the end; leaving
     the block without committing (an exception, a signal) removes every temporary file.
 
@@ -288,14 +379,6 @@ class SoupWriter:
         self._committed = False
         self.bytes_written = 0
         self.notices: list[str] = []
-
-    @property
-    def staging_bytes(self) -> int:
-        return len(self._staging)
-
-    @property
-    def target(self) -> Path:
-        return self.layout.target
 
     @property
     def stage_folder(self) -> Path:
@@ -422,44 +505,6 @@ class SoupWriter:
         return Interrupted(signum, tuple(self.layout.paths) if self._committed else ())
 
     # -- writing ------------------------------------------------------------------------------
-
-    def reserve(self, name: str, start: int, nbytes: int) -> np.ndarray:
-        """Writable view for bytes [start, start + nbytes) of tensor `name`'s data.
-
-        Valid until the next `reserve`/`flush`; nbytes must not exceed `staging_bytes`.
-        """
-        shard, begin, end = self.layout.where[name]
-        off = begin + start
-        if nbytes > len(self._staging) or off + nbytes > end:
-            raise ValueError(f"bad reservation of {nbytes} bytes at {start} of '{name}'")
-        if self._win is not None:
-            wshard, wstart, used = self._win
-            if wshard == shard and wstart + used == off and used + nbytes <= len(self._staging):
-                self._win = (shard, wstart, used + nbytes)
-                return self._staging[used : used + nbytes]
-            self.flush()
-        self._win = (shard, off, nbytes)
-        return self._staging[:nbytes]
-
-    def flush(self) -> None:
-        if self._win is not None:
-            shard, wstart, used = self._win
-            self._win = None
-            self._pwrite(self._fds[shard], self._staging.data[:used], wstart)
-            self.bytes_written += used
-
-    def _guard_io(self, fn: Callable[..., object], *args: object) -> object:
-        try:
-            return fn(*args)
-        except OSError as e:  # ENOSPC, EIO, EDQUOT...: name the output, keep errno
-            err = OutputError(f"{self.target}: writing the output failed ({e.strerror}); nothing was replaced")
-            err.errno = e.errno
-            raise err from None
-
-    def _pwrite(self, fd: int, data: memoryview, offset: int) -> None:
-        while len(data):
-            n = self._guard_io(os.pwrite, fd, data, offset)
-            data, offset = data[n:], offset + n  # type: ignore[operator]
 
     # -- commit -------------------------------------------------------------------------------
 

@@ -187,6 +187,17 @@ def weighted_soup(
     dev, kernels = _device_route(backend, device)
     kernel = get_backend(backend) if kernels is None else None
     kernel_name = kernels.name if kernels is not None else kernel.name  # type: ignore[union-attr]
+    from soupkern import distributed
+
+    group = distributed.active()
+    if group is not None:
+        if kernels is not None or out_format != "safetensors":
+            raise InputError("a distributed soup runs on the host kernels and writes safetensors (no device, no DCP yet)")
+        return _spmd_soup(group, t0, items, coefficients, out, default=default, dtype=dtype, keys=keys,
+                          max_shard_size=max_shard_size, budget_bytes=budget_bytes, kernel=kernel, overwrite=overwrite,
+                          fsync=fsync, recipe=recipe, metadata=metadata, divisor=divisor, state_dict_key=state_dict_key,
+                          copy_from=copy_from, allow_config_mismatch=allow_config_mismatch, int_policy=int_policy,
+                          lora=lora)
     with ExitStack() as stack:
         checkpoints = open_ingredients(stack, items, state_dict_key)
         plan = _plan(checkpoints, coefficients, default, dtype, keys, divisor, int_policy, lora)
@@ -197,17 +208,8 @@ def weighted_soup(
             from soupkern.gpu_engine import DEFAULT_DEVICE_BUDGET_BYTES, DeviceStreamer
 
             streamer = DeviceStreamer(plan, kernels, dev, budget_bytes=device_budget_bytes or DEFAULT_DEVICE_BUDGET_BYTES)
-        meta = {
-            "soupkern.version": _version(),
-            "soupkern.recipe": recipe,
-            "soupkern.ingredients": strict_json.dumps(labels(items)),
-            "soupkern.coefficients": strict_json.dumps(plan.coefficients_json()),
-            **({"soupkern.divisor": repr(plan.divisor)} if plan.divisor != 1.0 else {}),
-            "soupkern.backend": kernel_name,
-            "soupkern.keys": keys,
-            **({"soupkern.state_dict_key": state_dict_key} if state_dict_key is not None else {}),
-            **(metadata or {}),
-        }
+        meta = _provenance(items, plan, recipe=recipe, backend=kernel_name, keys=keys, state_dict_key=state_dict_key,
+                           metadata=metadata)
         if out_format == "dcp":
             if max_shard_size is not None or streamer is not None:
                 raise InputError("a DCP output is written by one process from memory: no max_shard_size or device")
@@ -229,6 +231,80 @@ def weighted_soup(
             paths = writer.commit()
     return SoupReport(tuple(paths), len(plan.tensors), plan.bytes_read, plan.bytes_written,
                       time.perf_counter() - t0, kernel_name, plan.effective_coefficients)
+
+
+def _provenance(items: Sequence[Any], plan: SoupPlan, *, recipe: str, backend: str, keys: str,
+                state_dict_key: str | None, metadata: Mapping[str, str] | None, world_size: int = 1) -> dict[str, str]:
+    """What a soup's `__metadata__` records about how it was made."""
+    return {
+        "soupkern.version": _version(),
+        "soupkern.recipe": recipe,
+        "soupkern.ingredients": strict_json.dumps(labels(items)),
+        "soupkern.coefficients": strict_json.dumps(plan.coefficients_json()),
+        **({"soupkern.divisor": repr(plan.divisor)} if plan.divisor != 1.0 else {}),
+        "soupkern.backend": backend,
+        "soupkern.keys": keys,
+        **({"soupkern.state_dict_key": state_dict_key} if state_dict_key is not None else {}),
+        "soupkern.world_size": str(world_size),
+        **(metadata or {}),
+    }
+
+
+def _spmd_soup(group: Any, t0: float, items: Sequence[Any], coefficients: Coefficients, out: PathLike, *,
+               default: Sequence[float] | None, dtype: str | None, keys: KeyPolicy, max_shard_size: int | None,
+               budget_bytes: int, kernel: Any, overwrite: bool, fsync: bool, recipe: str,
+               metadata: dict[str, str] | None, divisor: float, state_dict_key: str | None,
+               copy_from: PathLike | None, allow_config_mismatch: bool, int_policy: str, lora: str) -> SoupReport:
+    """`weighted_soup` by every rank of a process group (soupkern/distributed.py)."""
+    from soupkern.distributed import assign
+    from soupkern.io.writer import ShardWriter
+
+    rank = group.rank
+    with ExitStack() as stack:
+        def plan_step() -> tuple[Any, ...]:
+            checkpoints = open_ingredients(stack, items, state_dict_key)
+            plan = _plan(checkpoints, coefficients, default, dtype, keys, divisor, int_policy, lora)
+            meta = _provenance(items, plan, recipe=recipe, backend=kernel.name, keys=keys, state_dict_key=state_dict_key,
+                               metadata=metadata, world_size=group.world_size)
+            layout, extra = _layout(plan, items, out, meta, max_shard_size, recipe=recipe, copy_from=copy_from,
+                                    allow_config_mismatch=allow_config_mismatch)
+            return checkpoints, plan, layout, extra
+
+        checkpoints, plan, layout, extra = group.step(plan_step, "opening the ingredients and planning the soup")
+        owner = assign([shard.size for shard in layout.shards], group.world_size)
+        mine = SoupPlan(tuple(tp for tp in plan.tensors if owner[layout.where[tp.out.name][0]] == rank),
+                        plan.coefficients, plan.per_tensor, plan.divisor)
+        writer = SoupWriter(layout, inputs=input_files(checkpoints), staging_bytes=staging_bytes_for(budget_bytes),
+                            overwrite=overwrite, fsync=fsync, verify=lambda: verify_inputs(checkpoints),
+                            extra_files=extra) if rank == 0 else None
+
+        def enter() -> str | None:
+            if writer is None:
+                return None
+            stack.enter_context(writer)  # checks, lock, temporary folder with every shard's header
+            _same_twice(items, checkpoints, single=recipe in ("uniform", "weighted"))
+            return os.fspath(writer.stage_folder if layout.folder else writer._stage)
+
+        stage = group.broadcast(group.step(enter, "checking and creating the output"))
+
+        def compute() -> None:
+            if os.environ.get("SOUPKERN_TEST_KILL_RANK") == str(rank):  # private test hook: a rank dying mid-soup
+                os.kill(os.getpid(), 9)
+            if writer is not None:
+                execute(mine, writer, kernel, budget_bytes=budget_bytes)
+            else:
+                part = ShardWriter(layout, Path(stage), [i for i, r in enumerate(owner) if r == rank],
+                                   staging_bytes_for(budget_bytes))
+                try:
+                    execute(mine, part, kernel, budget_bytes=budget_bytes)
+                finally:
+                    part.close(fsync)
+            verify_inputs(checkpoints)
+
+        group.step(compute, "computing its shards")
+        group.step(lambda: writer.commit() if writer is not None else None, "committing the output")
+    return SoupReport(tuple(layout.paths), len(plan.tensors), plan.bytes_read, plan.bytes_written,
+                      time.perf_counter() - t0, kernel.name, plan.effective_coefficients)
 
 
 def _dcp_out(plan: SoupPlan, items: Sequence[Any], checkpoints: Sequence[Checkpoint], kernel: Any, out: PathLike,

@@ -1,0 +1,145 @@
+"""SPMD souping on torch.distributed: the same soup from N processes (torchrun, Slurm, a Kubernetes
+PyTorchJob, Ray Train), each writing the output shards assigned to it.
+
+Protocol (every step is a collective on the default process group; any rank's failure reaches
+every rank):
+
+1. every rank opens the ingredients' headers and plans the soup; the statuses are gathered, and
+   if any rank failed every rank raises rank 0's error (or the first failing rank's);
+2. rank 0 checks the output, takes its lock and creates the temporary folder with every shard
+   file and its header (soupkern.io.SoupWriter); the folder's name is broadcast;
+3. each rank computes the tensors of its shards (assigned by `assign`: balanced by bytes,
+   deterministic) and writes them into those files (soupkern.io.writer.ShardWriter), then checks
+   that its inputs did not change;
+4. the statuses are gathered; rank 0 writes the index and the model folder's other files and
+   commits (the folder is swapped in whole), or, if any rank failed, removes everything; the
+   outcome is broadcast.
+
+A rank that dies makes the next collective fail on every other rank (gloo notices a closed
+connection at once; otherwise the process group's timeout, 60 s when soupkern initializes it,
+`SOUPKERN_DIST_TIMEOUT` seconds to change it). The previous output is then left as it was.
+Output tensor bytes equal a single process's soup with the same shard size; the headers differ
+only in `soupkern.world_size`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Callable, Sequence, TypeVar
+
+from soupkern.errors import SoupkernError
+
+T = TypeVar("T")
+DEFAULT_TIMEOUT_S = 60.0
+
+
+class PeerFailed(SoupkernError):
+    """Raised on the ranks that did not fail themselves when another rank's step failed; the
+    failing rank's error names the cause (rank 0 reports it on the command line)."""
+
+    def __init__(self, message: str, exit_code: int, rank: int, own_rank: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+        self.rank = rank  # the rank that failed
+        self.own_rank = own_rank  # the rank raising this
+
+
+class Group:
+    """The default process group as soupkern uses it: rank, world size, object collectives."""
+
+    def __init__(self, dist: Any):
+        self.dist = dist
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+
+    def gather(self, obj: object) -> list[Any]:
+        out: list[Any] = [None] * self.world_size
+        self.dist.all_gather_object(out, obj)
+        return out
+
+    def broadcast(self, obj: object) -> Any:
+        box = [obj]
+        self.dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def step(self, fn: Callable[[], T], what: str) -> T | None:
+        """Run `fn` on this rank, then agree: every rank raises if any rank's `fn` raised. Returns
+        `fn`'s result on success."""
+        result: T | None = None
+        status: tuple[str, str, int] | None = None
+        error: BaseException | None = None
+        try:
+            result = fn()
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # noqa: BLE001 - reported to every rank, re-raised here
+            error = e
+            status = (type(e).__name__, str(e), _exit_code(e))
+        statuses = self.gather(status)
+        failed = [(r, s) for r, s in enumerate(statuses) if s is not None]
+        if not failed:
+            return result
+        if error is not None and (self.rank == 0 or failed[0][0] == self.rank):
+            raise error
+        rank, (kind, message, code) = failed[0]
+        raise PeerFailed(f"rank {rank} failed while {what}: {kind}: {message}", code, rank, self.rank)
+
+
+def _exit_code(e: BaseException) -> int:
+    from soupkern.errors import InputError, OutputError
+
+    return 2 if isinstance(e, (InputError, OutputError)) else 1
+
+
+def active() -> Group | None:
+    """The default process group when torch.distributed is initialized with more than one
+    process, else None. Never imports torch: a process that has not imported torch.distributed
+    has no process group."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized() or dist.get_world_size() < 2:
+        return None
+    return Group(dist)
+
+
+def init_from_environment() -> bool:
+    """Initialize the default process group from torchrun's environment (WORLD_SIZE > 1, RANK,
+    MASTER_ADDR, ...): gloo, or NCCL when asked for by SOUPKERN_DIST_BACKEND; the timeout is
+    SOUPKERN_DIST_TIMEOUT seconds (default 60), so a dead rank stops every rank within it.
+    Returns whether a group was initialized."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return False
+    if world < 2 or "RANK" not in os.environ:
+        return False
+    import datetime
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return True
+    timeout = float(os.environ.get("SOUPKERN_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
+    backend = os.environ.get("SOUPKERN_DIST_BACKEND", "gloo")
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout))
+    return True
+
+
+def assign(sizes: Sequence[int], world_size: int) -> list[int]:
+    """The rank of each shard: largest first to the least loaded rank (ties: the lower index and
+    rank), so loads are balanced by bytes for any world size; the same on every rank."""
+    load = [0] * world_size
+    owner = [0] * len(sizes)
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        r = min(range(world_size), key=lambda r: (load[r], r))
+        owner[i] = r
+        load[r] += sizes[i]
+    return owner
+
+
+def shutdown() -> None:
+    """Destroy the default process group (what `init_from_environment` set up), so the process
+    exits cleanly; after a failure, without waiting for ranks that may be gone."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,122 @@
+"""SPMD souping under torchrun on gloo (CPU), 2 and 3 processes on this machine: the same tensor
+bytes as one process (headers differ only in soupkern.world_size), any world size, failures
+reaching every rank, nothing left behind and the previous output kept. NCCL and several nodes
+take the same code path but cannot be run here."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from soupkern.distributed import assign
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    folder = tmp_path_factory.mktemp("dist")
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(3):
+        paths.append(folder / f"i{i}.safetensors")
+        save_file({f"t{j}": rng.standard_normal((64, 33 + j)).astype(np.float32) for j in range(20)}
+                  | {"bf": rng.standard_normal(77).astype(np.float16)}, str(paths[-1]))
+    return paths
+
+
+def torchrun(n: int, args: list[str], cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n),
+                           "--standalone", "-m", "soupkern", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=180, env={**os.environ, "SOUPKERN_DIST_TIMEOUT": "20", **(env or {})})
+
+
+def tensors(folder: Path) -> dict[str, bytes]:
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), framework="np") as s:
+            out.update({k: s.get_tensor(k).tobytes() for k in s.keys()})
+    return out
+
+
+def metadata(folder: Path) -> list[dict[str, str]]:
+    metas = []
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), framework="np") as s:
+            metas.append(s.metadata())
+    return metas
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_spmd_soup_equals_one_process(inputs: list[Path], tmp_path: Path, n: int) -> None:
+    args = [*map(str, inputs), "--max-shard-size", "40KB"]
+    one = subprocess.run([sys.executable, "-m", "soupkern", "uniform", *args, "-o", f"{tmp_path}/one/", "-q"],
+                         capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr
+    r = torchrun(n, ["uniform", *args, "-o", f"{tmp_path}/many/"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert tensors(tmp_path / "many") == tensors(tmp_path / "one")
+    assert (tmp_path / "many" / "model.safetensors.index.json").read_bytes() == \
+        (tmp_path / "one" / "model.safetensors.index.json").read_bytes()
+    for a, b in zip(metadata(tmp_path / "one"), metadata(tmp_path / "many")):
+        assert a.pop("soupkern.world_size") == "1" and b.pop("soupkern.world_size") == str(n)
+        assert a == b
+    assert r.stderr.count("wrote ") == 1  # rank 0 reports
+    assert not [p for p in os.listdir(tmp_path) if ".soupkern-" in p]
+
+
+def test_bad_input_is_reported_once_on_every_exit_code(inputs: list[Path], tmp_path: Path) -> None:
+    r = torchrun(2, ["uniform", str(inputs[0]), str(tmp_path / "missing.safetensors"), "-o", f"{tmp_path}/o/"],
+                 tmp_path)
+    assert r.returncode != 0
+    assert r.stderr.count("soupkern: error:") == 1 and "missing.safetensors: no such file" in r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_dead_rank_stops_every_rank_and_keeps_the_previous_output(inputs: list[Path], tmp_path: Path) -> None:
+    args = ["uniform", *map(str, inputs), "--max-shard-size", "40KB", "-o", f"{tmp_path}/o/", "--force"]
+    assert torchrun(2, args, tmp_path).returncode == 0
+    before = tensors(tmp_path / "o")
+    weighted = ["weighted", f"{inputs[0]}:0.5", f"{inputs[1]}:0.5", "--max-shard-size", "40KB", "-o",
+                f"{tmp_path}/o/", "--force"]
+    r = torchrun(2, weighted, tmp_path, env={"SOUPKERN_TEST_KILL_RANK": "1"})
+    assert r.returncode != 0
+    assert tensors(tmp_path / "o") == before  # the previous soup, untouched
+    assert not [p for p in os.listdir(tmp_path) if ".soupkern-" in p and "lock" not in p]
+
+
+def test_assignment_balances_bytes_for_any_world_size() -> None:
+    sizes = [50, 40, 30, 20, 10, 10]
+    for world in (1, 2, 3, 4, 7):
+        owner = assign(sizes, world)
+        assert owner == assign(sizes, world)  # deterministic
+        loads = [sum(s for s, r in zip(sizes, owner) if r == k) for k in range(world)]
+        assert max(loads) - min(loads) <= max(sizes)
+    assert assign([5], 3) == [0]
+
+
+def test_python_api_inside_a_process_group(inputs: list[Path], tmp_path: Path) -> None:
+    """The same functions from Python in an initialized process group (the user's own)."""
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import sys, torch.distributed as dist, soupkern\n"
+        "dist.init_process_group('gloo')\n"
+        "r = soupkern.weighted_soup(sys.argv[1:4], [0.25, 0.25, 0.5], sys.argv[4], max_shard_size=40_000)\n"
+        "print(dist.get_rank(), len(r.paths))\n"
+        "dist.destroy_process_group()\n")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+                        str(script), *map(str, inputs), f"{tmp_path}/api/"], capture_output=True, text=True,
+                       timeout=180, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    one = subprocess.run([sys.executable, "-m", "soupkern", "weighted", f"{inputs[0]}:0.25", f"{inputs[1]}:0.25",
+                          f"{inputs[2]}:0.5", "--max-shard-size", "40000", "-o", f"{tmp_path}/one/", "-q"],
+                         capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr
+    assert tensors(tmp_path / "api") == tensors(tmp_path / "one")
+    assert json.loads(metadata(tmp_path / "api")[0]["soupkern.coefficients"]) == [0.25, 0.25, 0.5]
