@@ -129,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("weighted", help="sum of coefficient * ingredient (coefficients of any sign)")
     p.add_argument("ingredients", nargs="+", metavar="PATH:COEFF", help="e.g. a.safetensors:0.3 b.safetensors:0.7")
+    p.add_argument("--base", metavar="PATH",
+                   help="task vectors / WiSE-FT: BASE + sum of COEFF * (PATH - BASE), e.g. --base zeroshot/ ft/:0.5")
     _soup_options(p)
     _device_option(p)
 
@@ -254,7 +256,7 @@ def _soup(args: argparse.Namespace, paths: list[str], coeffs: list[float] | None
     if coeffs is None:
         report = uniform_soup(paths, args.output, **opts)
     else:
-        report = weighted_soup(paths, coeffs, args.output, **opts)
+        report = weighted_soup(paths, coeffs, args.output, base=getattr(args, "base", None), **opts)
     _summary(args, report)
 
 

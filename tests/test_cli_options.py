@@ -36,7 +36,7 @@ VALUES = {
     "--epochs": ("-1", "x"),
     "--lr": ("-1", "x"),
     "--seed": ("-1", "x"),
-    "--base": ("missing.safetensors", ""),
+    "--base": ("missing.safetensors", ""),  # analyze and weighted
     "--workdir": ("FILE", ""),
     "--state-dict-key": ("state_dict_ema", ""),
     "--copy-from": ("missing_dir", "FILE"),

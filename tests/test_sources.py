@@ -1124,3 +1124,31 @@ def test_device_resident_path_on_the_cpu_device():
     got = soupkern.uniform_state_dict([tied, other], out=tied, device="cpu")
     assert_same_sd(got, expect)
     assert torch.equal(tied["emb"], expect["emb"]) and tied["emb"].data_ptr() == tied_w.data_ptr()
+
+
+def test_task_vectors_with_a_base(tmp_path):
+    """base + Σ c_k (x_k − base), WiSE-FT's interpolation with one fine-tuned model: computed as
+    the weighted sum of [base, *x] with [1 − Σc, *c]; within one output rounding of the fp64
+    expression (the two fp64 forms round differently in the last bits)."""
+    g = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(1000, generator=g)}
+    fts = [{"w": base["w"] + 0.01 * torch.randn(1000, generator=g)} for _ in range(2)]
+    c = [0.5, 0.25]
+    got = soupkern.weighted_state_dict(fts, c, base=base)["w"]
+    want = base["w"].double() + sum(ck * (ft["w"].double() - base["w"].double()) for ck, ft in zip(c, fts))
+    ulp = torch.finfo(torch.float32).eps * want.abs().float()
+    assert ((got.double() - want).abs().float() <= ulp).all()
+    exact = soupkern.weighted_state_dict([base, *fts], [0.25, 0.5, 0.25])["w"]
+    assert torch.equal(got, exact)  # the same weighted sum
+    for name, sd in (("base", base), ("a", fts[0]), ("b", fts[1])):
+        save_file(sd, str(tmp_path / f"{name}.safetensors"))
+    r = subprocess.run([sys.executable, "-m", "soupkern", "weighted", f"{tmp_path}/a.safetensors:0.5",
+                        f"{tmp_path}/b.safetensors:0.25", "--base", f"{tmp_path}/base.safetensors", "-o",
+                        f"{tmp_path}/o.safetensors", "-q"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert torch.equal(load_file(str(tmp_path / "o.safetensors"))["w"], got)
+    with safe_open(str(tmp_path / "o.safetensors"), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["soupkern.base"].endswith("base.safetensors") and json.loads(meta["soupkern.coefficients"])[0] == 0.25
+    with pytest.raises(soupkern.InputError, match="divisor"):
+        soupkern.weighted_state_dict(fts, c, base=base, divisor=2.0)

@@ -100,6 +100,18 @@ def open_ingredients(stack: ExitStack, items: Sequence[Any], state_dict_key: str
     return checkpoints
 
 
+def _with_base(items: list[Any], coefficients: Coefficients, base: Any, divisor: float) -> tuple[list[Any], Any]:
+    """[base, *items] and [1 − Σc, *c]: base + Σ c_k (x_k − base) as one weighted sum."""
+    import math
+
+    if isinstance(coefficients, Mapping):
+        raise InputError("base= applies to one coefficient vector, not per-tensor coefficients")
+    if divisor != 1.0:
+        raise InputError("base= computes base + Σ c_k (x_k − base); a divisor has no meaning there")
+    base_item = ingredient_list([base], "base")[0]
+    return [base_item, *items], (1.0 - math.fsum(coefficients), *coefficients)
+
+
 def _same_twice(items: Sequence[Any], checkpoints: Sequence[Checkpoint], single: bool = True) -> None:
     """Notices for soups that are probably mistakes: one ingredient (when `single`), or one
     given twice."""
@@ -145,6 +157,7 @@ def weighted_soup(
     int_policy: str = "auto",
     out_format: str = "safetensors",
     lora: str = "refuse",
+    base: Ingredient | None = None,
 ) -> SoupReport:
     """Write (sum_k coefficients[k] * ingredients[k]) / divisor to `out`, streaming with bounded
     memory, under the exact-arithmetic contract (fp64 accumulation in input order, one IEEE
@@ -171,6 +184,10 @@ def weighted_soup(
     `allow_config_mismatch`). Integer tensors that differ between ingredients: `int_policy`
     (soupkern.plan._combine; "auto" takes the maximum of 0-dim counters, refuses the rest).
 
+    `base` (task vectors, WiSE-FT): out = base + Σ_k c_k (ingredient_k − base), computed as the
+    weighted sum of [base, *ingredients] with coefficients [1 − Σ c_k, *c] (same contract; the
+    base's coefficient is the fp64 `math.fsum` complement); `soupkern.base` names it.
+
     `out_format="dcp"` writes `out` as a PyTorch Distributed Checkpoint folder (one process,
     `torch.distributed.checkpoint.save` with no process group; `soupkern_provenance.json` holds
     the provenance), computed in memory first: it needs the soup's size in RAM.
@@ -179,6 +196,9 @@ def weighted_soup(
     items = ingredient_list(ingredients)
     if not isinstance(coefficients, Mapping):
         coefficients = coefficient_vector(coefficients, len(items))
+    if base is not None:
+        items, coefficients = _with_base(items, coefficients, base, divisor)
+        metadata = {**(metadata or {}), "soupkern.base": labels(items[:1])[0]}
     check_soup_options(budget_bytes=budget_bytes, dtype=dtype, keys=keys, max_shard_size=max_shard_size,
                        metadata=metadata, overwrite=overwrite, fsync=fsync)
     divisor = check_divisor(divisor)
@@ -498,6 +518,7 @@ def weighted_state_dict(
     state_dict_key: str | None = None,
     int_policy: str = "auto",
     lora: str = "refuse",
+    base: Ingredient | None = None,
 ) -> dict[str, torch.Tensor]:
     """(sum_k coefficients[k] * ingredients[k]) / divisor as a dict of torch tensors, under the
     same exact-arithmetic contract as `weighted_soup`.
@@ -511,6 +532,8 @@ def weighted_state_dict(
     an input; exactly aliasing an input, as in `out=ingredients[0]`, is fine). It must hold
     every soup tensor with the same shape; its dtypes are the output dtypes. Returns its tensors.
 
+    `base`: task vectors, as in `weighted_soup`.
+
     `device` (a string or torch.device) puts the result there, computed by that device's kernels
     (`backend`: "cuda", "triton", "torch"; device="cpu" means the torch kernels on the CPU):
     ingredients already on it in place, others streamed through it (pinned buffers,
@@ -522,6 +545,8 @@ def weighted_state_dict(
     items = ingredient_list(ingredients)
     if not isinstance(coefficients, Mapping):
         coefficients = coefficient_vector(coefficients, len(items))
+    if base is not None:
+        items, coefficients = _with_base(items, coefficients, base, divisor)
     check_soup_options(dtype=dtype, keys=keys)
     divisor = check_divisor(divisor)
     if backend is not None and not isinstance(backend, str):
