@@ -83,6 +83,32 @@ INGREDIENTS_HELP = ("checkpoints: safetensors files, index json files or folders
                     ".pth.tar) or folders of pytorch_model.bin; DCP folders")
 
 
+def _finite_float(text: str) -> float:
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a finite number")
+    return value
+
+
+def _alpha_grid(text: str) -> list[float]:
+    """'0:1:0.1' (both ends included) or '0,0.3,0.5'."""
+    try:
+        if ":" in text:
+            start, stop, step = (_finite_float(x) for x in text.split(":"))
+            if step <= 0 or stop < start or (stop - start) / step > 10_000:
+                raise argparse.ArgumentTypeError(f"'{text}': need START <= STOP and 0 < STEP, at most 10,000 points")
+            n = int(round((stop - start) / step))
+            return [start + i * step for i in range(n + 1)]
+        return [_finite_float(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not START:STOP:STEP or a comma-separated list") from None
+
+
 def _soup_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", required=True, help="output .safetensors file (a folder with --max-shard-size)")
     p.add_argument("--dtype", help="output dtype of float tensors: fp32, fp16, bf16, fp64 (default: the first ingredient's)")
@@ -164,6 +190,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=_positive_int, default=5, help="passes over the held-out data (default 5)")
     p.add_argument("--lr", type=_positive_float, default=0.05, help="AdamW learning rate of the mixing logits (default 0.05)")
     p.add_argument("--seed", type=_seed, default=0)
+    _soup_options(p)
+
+    p = sub.add_parser("interpolate", help="WiSE-FT: score (1-alpha)*A + alpha*B on held-out data for a grid of "
+                                           "alpha in one batched pass, write the soup at the best (or a given) alpha")
+    p.add_argument("a", help="the first checkpoint (alpha = 0), e.g. the zero-shot model")
+    p.add_argument("b", help="the second checkpoint (alpha = 1), e.g. the fine-tuned model")
+    p.add_argument("--model", required=True, metavar="MODULE:FACTORY", help="zero-argument function returning the nn.Module")
+    p.add_argument("--data", required=True, metavar="MODULE:FUNCTION",
+                   help="zero-argument function returning held-out (inputs, targets) batches")
+    p.add_argument("--alphas", type=_alpha_grid, default=None, metavar="START:STOP:STEP|A,B,...",
+                   help="the grid (default 0:1:0.1; values outside [0, 1] extrapolate)")
+    p.add_argument("--metric", choices=("accuracy", "loss"), default="accuracy",
+                   help="what picks the alpha written: the highest accuracy or the lowest loss (default accuracy)")
+    p.add_argument("--alpha", type=_finite_float, default=None, help="write the soup at this alpha instead of the best")
+    p.add_argument("--plot", metavar="PNG", help="also plot the curve (needs matplotlib)")
     _soup_options(p)
 
     p = sub.add_parser("analyze", help="norms, angles and distances of ingredient deltas from a base checkpoint")
@@ -377,6 +418,67 @@ def _learned(args: argparse.Namespace) -> None:
     _summary(args, result.report)
 
 
+def _interpolate(args: argparse.Namespace) -> None:
+    from soupkern import strict_json
+    from soupkern.recipes.weighted import check_soup_output, reserve_output
+
+    opts = _soup_opts(args)
+    check_soup_output([args.a, args.b], args.output, **{k: opts[k] for k in _CHECKED})
+    if args.plot is not None:
+        _check_plot_path(args.plot)
+    make_model = load_callable(args.model, "--model")
+    make_data = load_callable(args.data, "--data")
+    with reserve_output(args.output):  # a concurrent run on this output is refused before the evaluations
+        from soupkern.analysis import interpolation_curve
+        from soupkern.recipes.weighted import weighted_soup
+
+        curve = interpolation_curve(args.a, args.b, make_model(), make_data(), alphas=args.alphas)
+        scores = curve.scores[args.metric]
+        pick = min if args.metric == "loss" else max
+        best = curve.alphas[scores.index(pick(scores))]
+        alpha = best if args.alpha is None else args.alpha
+        if not args.quiet:
+            print(curve.to_table(), file=sys.stderr)
+            print(f"best alpha by {args.metric}: {best:.4g}; writing the soup at alpha = {alpha:.4g}", file=sys.stderr)
+        if args.plot is not None:
+            _plot_curve(curve, args.plot, alpha)
+        meta = {"soupkern.interpolate.alpha": repr(alpha),
+                "soupkern.interpolate.curve": strict_json.dumps(curve.to_dict())}
+        report = weighted_soup([args.a, args.b], [1.0 - alpha, alpha], args.output, recipe="interpolate",
+                               metadata=meta, **opts)
+    _summary(args, report)
+
+
+def _check_plot_path(path: str) -> None:
+    if not path:
+        raise SoupkernError("--plot needs a file name, e.g. curve.png")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise SoupkernError(f"--plot {path}: the folder {folder} does not exist")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise SoupkernError("--plot needs matplotlib (pip install matplotlib)") from None
+
+
+def _plot_curve(curve: Any, path: str, alpha: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = list(curve.scores)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.2), squeeze=False)
+    for ax, m in zip(axes[0], metrics):
+        ax.plot(curve.alphas, curve.scores[m], marker="o")
+        ax.axvline(alpha, color="gray", linestyle="--", linewidth=1)
+        ax.set_xlabel("alpha  (0 = A, 1 = B)")
+        ax.set_ylabel(f"held-out {m}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def _analyze(args: argparse.Namespace) -> None:
     from soupkern.analysis import delta_gram
     from soupkern.options import ingredient_paths
@@ -517,6 +619,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             _learned(args)
         elif args.command == "analyze":
             _analyze(args)
+        elif args.command == "interpolate":
+            _interpolate(args)
         elif args.command == "demo":
             from soupkern.demo import DemoConfig, run_demo
 

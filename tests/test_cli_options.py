@@ -42,7 +42,11 @@ VALUES = {
     "--copy-from": ("missing_dir", "FILE"),
     "--int-policy": ("median", ""),
     "--format": ("npz", ""),
-    "--lora": ("concat", ""),  # safetensors inputs hold no container to pick from
+    "--lora": ("concat", ""),
+    "--alphas": ("1:0:0.1", "x"),
+    "--metric": ("f1", ""),
+    "--alpha": ("nan", "x"),
+    "--plot": ("FILE", ""),  # safetensors inputs hold no container to pick from
 }
 SKIP = {"-h", "--help", "--version"}
 
@@ -82,6 +86,7 @@ def base_args(command: str, tmp: Path) -> list[str]:
         "greedy": ["greedy", a, b, "--score", f"{hooks}:score", *out],
         "learned": ["learned", a, b, "--model", f"{hooks}:factory", "--data", f"{hooks}:data", *out],
         "analyze": ["analyze", a, b],
+        "interpolate": ["interpolate", a, b, "--model", f"{hooks}:factory", "--data", f"{hooks}:data", *out],
         "demo": ["demo", "--fast", "--workdir", os.fspath(tmp / "demo_never_runs" / "x")],
     }[command]
 

@@ -9,8 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from safetensors import safe_open
+import torch
 from safetensors.torch import load_file
 
+import soupkern
 from soupkern.cli import main
 from soupkern.examples import digits
 
@@ -128,3 +130,31 @@ def test_output_checked_before_any_evaluation(work: tuple[Path, list[Path]]) -> 
                      backend="triton", progress=lambda *a: calls.append(1))
     assert calls == []
     assert taken.read_bytes() == b"not ours"
+
+
+def test_interpolate(work: tuple[Path, list[Path]], capsys: pytest.CaptureFixture[str]) -> None:
+    """WiSE-FT from the command line: the curve equals interpolation_curve's (one batched pass),
+    the written soup is the weighted soup at the best alpha (or the one asked for), the plot is
+    written."""
+    from soupkern.analysis import interpolation_curve
+
+    wd, paths = work
+    base = wd / digits.BASE_NAME
+    out = wd / "wise.safetensors"
+    argv = ["interpolate", str(base), str(paths[0]), "--model", "soupkern.examples.digits:make_model",
+            "--data", f"{wd / 'hooks.py'}:data", "--alphas", "0:1:0.25", "--plot", str(wd / "curve.png"),
+            "-o", str(out)]
+    assert main(argv) == 0
+    curve = interpolation_curve(base, paths[0], digits.make_model(), digits.batches(digits.make_splits(0).val),
+                                alphas=[0.0, 0.25, 0.5, 0.75, 1.0])
+    meta = _meta(out)
+    assert json.loads(meta["soupkern.interpolate.curve"])["scores"] == {m: list(v) for m, v in curve.scores.items()}
+    acc = curve.scores["accuracy"]
+    alpha = float(meta["soupkern.interpolate.alpha"])
+    assert alpha == curve.alphas[acc.index(max(acc))]
+    want = soupkern.weighted_state_dict([base, paths[0]], [1 - alpha, alpha])
+    got = load_file(str(out))
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert (wd / "curve.png").stat().st_size > 1000
+    assert main([*argv[:-1], str(wd / "wise2.safetensors"), "--alpha", "0.3"]) == 0
+    assert float(_meta(wd / "wise2.safetensors")["soupkern.interpolate.alpha"]) == 0.3
