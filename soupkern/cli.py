@@ -121,9 +121,10 @@ def _soup_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=("safetensors", "dcp"), default="safetensors", dest="out_format",
                    help="output format: safetensors (default) or dcp, a PyTorch Distributed Checkpoint folder "
                         "(written from memory by one process)")
-    p.add_argument("--lora", choices=("refuse", "factorwise"), default="refuse",
+    p.add_argument("--lora", choices=("refuse", "factorwise", "concat"), default="refuse",
                    help="PEFT LoRA adapters: refuse (default; averaging lora_A and lora_B separately is not the mean "
-                        "of the adapters' updates B·A) or factorwise (average the factors anyway)")
+                        "of the adapters' updates B·A), concat (the exact soup: concatenate along the rank; adapter "
+                        "folders in, an adapter folder out) or factorwise (average the factors anyway)")
     p.add_argument("--int-policy", choices=("auto", "first", "max", "mean", "refuse"), default="auto",
                    help="integer tensors that differ between ingredients: auto (default) takes the maximum of 0-dim "
                         "counters such as num_batches_tracked and refuses the rest; first, max, mean, refuse")

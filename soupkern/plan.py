@@ -254,7 +254,7 @@ def _fill_tied(checkpoints: Sequence[Checkpoint]) -> None:
 
 
 LORA_FACTOR = re.compile(r"(^|\.)lora_(A|B|embedding_A|embedding_B)(\.|$)")
-LORA_POLICIES = ("refuse", "factorwise")
+LORA_POLICIES = ("refuse", "factorwise", "concat")
 
 
 def _check_lora(names: Sequence[str], path: str, lora: str) -> None:
@@ -266,11 +266,15 @@ def _check_lora(names: Sequence[str], path: str, lora: str) -> None:
     factor = next((n for n in names if LORA_FACTOR.search(n)), None)
     if factor is None or lora == "factorwise":
         return
+    if lora == "concat":
+        raise InputError("--lora concat (lora='concat') makes the adapter soup itself: it writes a folder (-o DIR/) "
+                         "from PEFT adapter folders, through uniform_soup / weighted_soup", path=path, tensor=factor)
     raise InputError(
         "these are PEFT LoRA adapters: averaging lora_A and lora_B factor by factor does not average the adapters' "
         "updates B·A (mean(B)·mean(A) differs from mean(B·A)), so the soup would be silently wrong. Exact "
-        "alternatives: merge each adapter into its base model (peft's merge_and_unload) and soup the merged "
-        "models; or keep the adapters separate. --lora factorwise (lora='factorwise') averages the factors anyway",
+        "alternatives: --lora concat (lora='concat'; PEFT adapter folders) concatenates them along the rank, "
+        "which gives exactly the weighted sum of the updates; or merge each adapter into its base model (peft's "
+        "merge_and_unload) and soup the merged models. --lora factorwise averages the factors anyway",
         path=path, tensor=factor)
 
 

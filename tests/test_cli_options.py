@@ -42,7 +42,7 @@ VALUES = {
     "--copy-from": ("missing_dir", "FILE"),
     "--int-policy": ("median", ""),
     "--format": ("npz", ""),
-    "--lora": ("concat", ""),
+    "--lora": ("sum", ""),
     "--alphas": ("1:0:0.1", "x"),
     "--metric": ("f1", ""),
     "--alpha": ("nan", "x"),

@@ -119,3 +119,46 @@ def test_ddp_prefix_and_pickle_ingredients(tmp_path: Path) -> None:
     assert all(torch.equal(model.state_dict()[k], v) for k, v in ref.state_dict().items())
     assert sorted(os.listdir(out)) == sorted(["README.md", "config.json", "generation_config.json", "model.safetensors",
                                               "tokenizer.json", "tokenizer_config.json"])
+
+
+def test_lora_adapters_concatenated_along_the_rank(tmp_path: Path) -> None:
+    """PEFT adapters of ranks 2 and 4 on one base: the default refuses factor-wise averaging; --lora
+    concat writes an adapter folder PeftModel.from_pretrained loads, whose merged update equals
+    Σ c_k s_k B_k A_k computed in fp64 (tolerance: the merge multiplies B·A in fp32, 6 terms of
+    magnitude ≤ max|B||A|, so a few fp32 ulps of the largest product)."""
+    import json
+
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(config(False)).save_pretrained(tmp_path / "base")
+    adapters = []
+    for i, (r, alpha) in enumerate([(2, 8), (4, 4)]):
+        m = get_peft_model(LlamaForCausalLM.from_pretrained(tmp_path / "base"),
+                           LoraConfig(r=r, lora_alpha=alpha, target_modules=["q_proj", "v_proj"]))
+        for name, p in m.named_parameters():
+            if "lora_" in name:
+                p.data.normal_()
+        m.save_pretrained(tmp_path / f"ad{i}")
+        adapters.append(tmp_path / f"ad{i}")
+    refused = subprocess.run([sys.executable, "-m", "soupkern", "uniform", *map(str, adapters), "-o",
+                              f"{tmp_path}/x/"], capture_output=True, text=True)
+    assert refused.returncode == 2 and "--lora concat" in refused.stderr
+    c = [0.25, 0.75]
+    r = subprocess.run([sys.executable, "-m", "soupkern", "weighted", f"{adapters[0]}:{c[0]}", f"{adapters[1]}:{c[1]}",
+                        "--lora", "concat", "-o", f"{tmp_path}/soup/", "-q"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "soup" / "adapter_config.json").read_text())["r"] == 6
+    base = LlamaForCausalLM.from_pretrained(tmp_path / "base")
+    before = {n: p.detach().double().clone() for n, p in base.named_parameters()}
+    merged = PeftModel.from_pretrained(base, tmp_path / "soup").merge_and_unload()
+    key = "model.layers.1.self_attn.v_proj"
+    want = torch.zeros_like(before[key + ".weight"])
+    for ck, ad in zip(c, adapters):
+        sd = load_file(str(ad / "adapter_model.safetensors"))
+        cfg = json.loads((ad / "adapter_config.json").read_text())
+        pre = f"base_model.model.{key}"
+        want += ck * cfg["lora_alpha"] / cfg["r"] * (sd[pre + ".lora_B.weight"].double() @ sd[pre + ".lora_A.weight"].double())
+    got = dict(merged.named_parameters())[key + ".weight"].double() - before[key + ".weight"]
+    assert torch.allclose(got, want, rtol=0, atol=8 * 2**-24 * float(want.abs().max()) * 6)

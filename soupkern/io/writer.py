@@ -36,6 +36,7 @@ from soupkern.io.format import DTYPES, MAX_HEADER_BYTES, METADATA_KEY, parse_ind
 from soupkern.io.reader import INDEX_NAME, SINGLE_NAME, SafetensorsFile, open_regular
 
 log = logging.getLogger("soupkern")
+ADAPTER_NAME = "adapter_model.safetensors"  # a PEFT adapter soup's weights (soupkern.lora)
 PROVENANCE_NAME = "soupkern_provenance.json"  # a DCP soup folder's record: metadata and files
 FILES_KEY = "soupkern.files"  # metadata: the names of every file soupkern wrote into a folder output
 
@@ -135,6 +136,7 @@ def plan_output(
     metadata: Mapping[str, str] | None,
     max_shard_size: int | None = None,
     extra_names: Sequence[str] = (),
+    single_name: str = SINGLE_NAME,
 ) -> OutputLayout:
     """Lay out the output: tensors sorted by (item size descending, name), so every tensor is
     aligned to its item size.
@@ -144,7 +146,8 @@ def plan_output(
     `model-0000k-of-0000n.safetensors` and `model.safetensors.index.json` (a single
     `model.safetensors` when everything fits in one shard, or without `max_shard_size`). A folder
     output whose name ends in `.safetensors` is refused (it reads like a file name). `extra_names`:
-    the other files the writer puts into a folder output (recorded as soupkern's)."""
+    the other files the writer puts into a folder output (recorded as soupkern's); `single_name`:
+    the file name of a one-shard folder (PEFT reads `adapter_model.safetensors`)."""
     text = output_path(out)
     meta = {"format": "pt", **check_metadata(metadata)}
     order = sorted(tensors, key=lambda t: (-DTYPES[t.dtype], t.name))
@@ -166,7 +169,7 @@ def plan_output(
         size += t.nbytes
     layout = OutputLayout([], None, target=target, folder=folder)
     n = len(groups)
-    names = [SINGLE_NAME] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    names = [single_name] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     if folder:
         meta[FILES_KEY] = json.dumps(names + ([INDEX_NAME] if n > 1 else []) + sorted(extra_names))
     for i, group in enumerate(groups):
@@ -237,7 +240,8 @@ def soupkern_files(folder: Path) -> set[str] | None:
         shards = sorted(set(weight_map.values()))
         files.add(INDEX_NAME)
     else:
-        shards = [SINGLE_NAME]
+        shards = [SINGLE_NAME] if os.path.lexists(folder / SINGLE_NAME) or not os.path.lexists(
+            folder / ADAPTER_NAME) else [ADAPTER_NAME]
     for shard in shards:
         meta = _header_metadata(folder / shard)
         if meta is None or "soupkern.version" not in meta:

@@ -207,6 +207,14 @@ def weighted_soup(
     dev, kernels = _device_route(backend, device)
     kernel = get_backend(backend) if kernels is None else None
     kernel_name = kernels.name if kernels is not None else kernel.name  # type: ignore[union-attr]
+    if lora == "concat":
+        if isinstance(coefficients, Mapping) or out_format != "safetensors" or kernels is not None:
+            raise InputError("lora='concat' takes one coefficient vector and writes a safetensors adapter folder")
+        from soupkern.lora import concat_soup
+
+        paths = concat_soup(items, [c / divisor for c in coefficients], out, overwrite=overwrite, fsync=fsync,
+                            metadata=metadata)
+        return SoupReport(tuple(paths), 0, 0, 0, time.perf_counter() - t0, "torch", tuple(c / divisor for c in coefficients))
     from soupkern import distributed
 
     group = distributed.active()
