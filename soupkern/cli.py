@@ -281,20 +281,23 @@ def _soup_opts(args: argparse.Namespace) -> dict[str, Any]:
 def _run_soup(args: argparse.Namespace, paths: list[str], coeffs: list[float] | None) -> None:
     from soupkern import distributed
 
-    if not distributed.init_from_environment():
-        return _soup(args, paths, coeffs)
+    ours = distributed.init_from_environment()
     try:  # under torchrun: every rank runs the soup; only rank 0 reports
         group = distributed.active()
+        args.distributed = group is not None
         args.quiet = args.quiet or (group is not None and group.rank != 0)
         _soup(args, paths, coeffs)
     finally:
-        distributed.shutdown()
+        if ours:
+            distributed.shutdown()
 
 
 def _soup(args: argparse.Namespace, paths: list[str], coeffs: list[float] | None) -> None:
     from soupkern import uniform_soup, weighted_soup
 
     opts = {**_soup_opts(args), "device": args.device}
+    if getattr(args, "distributed", False):
+        opts["distributed"] = True
     if coeffs is None:
         report = uniform_soup(paths, args.output, **opts)
     else:

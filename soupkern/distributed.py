@@ -28,10 +28,11 @@ import os
 import sys
 from typing import Any, Callable, Sequence, TypeVar
 
-from soupkern.errors import SoupkernError
+from soupkern.errors import InputError, SoupkernError
 
 T = TypeVar("T")
 DEFAULT_TIMEOUT_S = 60.0
+HEARTBEAT_S = 2.0
 
 
 class PeerFailed(SoupkernError):
@@ -63,19 +64,46 @@ class Group:
         self.dist.broadcast_object_list(box, src=0)
         return box[0]
 
-    def step(self, fn: Callable[[], T], what: str) -> T | None:
+    def step(self, fn: Callable[[], T], what: str, *, long: bool = False) -> T | None:
         """Run `fn` on this rank, then agree: every rank raises if any rank's `fn` raised. Returns
-        `fn`'s result on success."""
+        `fn`'s result on success. `long`: `fn` may run longer than the group's timeout (the soup
+        itself): it runs in a thread while this one joins a small all-reduce every HEARTBEAT_S
+        seconds, so a rank that dies is noticed within the timeout whoever is still busy."""
         result: T | None = None
         status: tuple[str, str, int] | None = None
         error: BaseException | None = None
-        try:
-            result = fn()
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except BaseException as e:  # noqa: BLE001 - reported to every rank, re-raised here
-            error = e
-            status = (type(e).__name__, str(e), _exit_code(e))
+
+        def run() -> None:
+            nonlocal result, status, error
+            try:
+                result = fn()
+            except BaseException as e:  # noqa: BLE001 - reported to every rank, re-raised here
+                error = e
+                status = (type(e).__name__, str(e), _exit_code(e))
+
+        if long:
+            import threading
+
+            import torch
+
+            worker = threading.Thread(target=run, name="soupkern-rank-work", daemon=True)
+            worker.start()
+            while True:
+                worker.join(HEARTBEAT_S)
+                done = torch.tensor([0 if worker.is_alive() else 1], dtype=torch.int32)
+                self.dist.all_reduce(done, op=self.dist.ReduceOp.MIN)
+                if int(done.item()) == 1:
+                    break
+        else:
+            try:
+                result = fn()
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException as e:  # noqa: BLE001 - reported to every rank, re-raised here
+                error = e
+                status = (type(e).__name__, str(e), _exit_code(e))
+        if isinstance(error, (KeyboardInterrupt, SystemExit)):
+            raise error
         statuses = self.gather(status)
         failed = [(r, s) for r, s in enumerate(statuses) if s is not None]
         if not failed:
@@ -106,7 +134,7 @@ def init_from_environment() -> bool:
     """Initialize the default process group from torchrun's environment (WORLD_SIZE > 1, RANK,
     MASTER_ADDR, ...): gloo, or NCCL when asked for by SOUPKERN_DIST_BACKEND; the timeout is
     SOUPKERN_DIST_TIMEOUT seconds (default 60), so a dead rank stops every rank within it.
-    Returns whether a group was initialized."""
+    Returns whether this call initialized it (and so should `shutdown` it)."""
     try:
         world = int(os.environ.get("WORLD_SIZE", "1"))
     except ValueError:
@@ -118,10 +146,21 @@ def init_from_environment() -> bool:
     import torch.distributed as dist
 
     if dist.is_initialized():
-        return True
-    timeout = float(os.environ.get("SOUPKERN_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
+        return False  # the caller's own group: used, not ours to destroy
+    text = os.environ.get("SOUPKERN_DIST_TIMEOUT", str(DEFAULT_TIMEOUT_S))
+    try:
+        timeout = float(text)
+    except ValueError:
+        timeout = float("nan")
+    if not (timeout >= 5 * HEARTBEAT_S and timeout < 86_400):
+        raise InputError(f"SOUPKERN_DIST_TIMEOUT={text!r}: give seconds, at least {5 * HEARTBEAT_S:g} and under a day")
     backend = os.environ.get("SOUPKERN_DIST_BACKEND", "gloo")
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout))
+    try:
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout))
+    except Exception as e:  # noqa: BLE001 - a rendezvous failure has many types
+        raise InputError(f"cannot join the process group that WORLD_SIZE={world} and RANK={os.environ['RANK']} describe "
+                         f"({str(e).splitlines()[0][:200]}); under torchrun every rank must run the command, and a "
+                         "soupkern run outside torchrun must not inherit its environment") from None
     return True
 
 
@@ -143,3 +182,15 @@ def shutdown() -> None:
     dist = sys.modules.get("torch.distributed")
     if dist is not None and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def check_same_plan(group: Group, digest: str, what: str) -> None:
+    """Every rank must have planned the same soup (same output, ingredients as seen from each
+    node, coefficients, layout): a rank that sees other files would write another soup's bytes
+    into the shards it owns. Raises on every rank when any differs."""
+    digests = group.gather(digest)
+    odd = [r for r, d in enumerate(digests) if d != digests[0]]
+    if odd:
+        raise InputError(f"rank {odd[0]} planned a different soup than rank 0 ({what} differ: other arguments, or "
+                         "ingredient files that differ between nodes); every rank must soup the same files into the "
+                         "same output")

@@ -25,7 +25,7 @@ ARCH_FIELDS = ("model_type", "architectures", "hidden_size", "num_hidden_layers"
                "num_key_value_heads", "intermediate_size", "vocab_size", "tie_word_embeddings")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".tar", ".h5", ".msgpack", ".onnx", ".gguf",
                    ".distcp", ".npz", ".pkl")
-NOT_COPIED = {MODEL_CARD, "trainer_state.json", "training_args.bin", ".metadata"}
+NOT_COPIED = {MODEL_CARD, "trainer_state.json", "training_args.bin", ".metadata", "soupkern_provenance.json"}
 MAX_FILE_BYTES = 512 << 20
 _TORCH_DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 
@@ -113,8 +113,8 @@ def check_configs(folders: Sequence[Path]) -> None:
         if first is None:
             first = here
             continue
-        for field in sorted(set(first[1]) | set(here[1])):
-            a, b = first[1].get(field), here[1].get(field)
+        for field in sorted(set(first[1]) & set(here[1])):  # a field one config leaves to its default: not compared
+            a, b = first[1][field], here[1][field]
             if a != b:
                 raise MismatchError(f"config.json says {field} = {json.dumps(b)}, but {first[0] / CONFIG_NAME} says "
                                     f"{json.dumps(a)}: the ingredients are not the same architecture "

@@ -7,7 +7,7 @@ import logging
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Literal, Mapping, Sequence
+from typing import Callable, Literal, Mapping, Sequence
 
 import numpy as np
 
@@ -198,7 +198,11 @@ def build_plan(
         raise InputError(f"int_policy must be one of {', '.join(INT_POLICIES)}, got {int_policy!r}")
 
     if len(checkpoints) > 1:
-        _check_lora(sorted(names), checkpoints[0].path, lora)
+        def differs(name: str) -> bool:
+            sources = [ck.tensors[name] for ck in checkpoints]
+            return any(s[1].shape != sources[0][1].shape or not _identical(sources[0], s) for s in sources[1:])
+
+        _check_lora(sorted(names), checkpoints[0].path, lora, differs)
 
     mixed: list[str] = []
     plans = []
@@ -239,10 +243,17 @@ def _fill_tied(checkpoints: Sequence[Checkpoint]) -> None:
     another ingredient names the other, the missing name reads the same bytes, so the two forms
     soup together (with a notice) and nothing is dropped."""
     names = set().union(*(ck.tensors for ck in checkpoints))
-    embeddings = [n for n in names if n.endswith(TIED_EMBEDDING_SUFFIXES)]
+    embeddings = [n for n in names if any(n == sfx or n.endswith("." + sfx) for sfx in TIED_EMBEDDING_SUFFIXES)]
     if TIED_HEAD not in names or len(embeddings) != 1:
         return
     pair = (TIED_HEAD, embeddings[0])
+    for ck in checkpoints:  # an ingredient holding both, different: the model is not tied
+        if all(n in ck.tensors for n in pair):
+            (fa, ia), (fb, ib) = ck.tensors[pair[0]], ck.tensors[pair[1]]
+            if ia.shape != ib.shape or ia.dtype != ib.dtype or not _identical((fa, ia), (fb, ib)):
+                return
+    if len({ck.tensors[n][1].shape for ck in checkpoints for n in pair if n in ck.tensors}) != 1:
+        return
     for ck in checkpoints:
         have = [n for n in pair if n in ck.tensors]
         if len(have) == 1:
@@ -253,18 +264,25 @@ def _fill_tied(checkpoints: Sequence[Checkpoint]) -> None:
                         ck.path, src, dst, dst)
 
 
-LORA_FACTOR = re.compile(r"(^|\.)lora_(A|B|embedding_A|embedding_B)(\.|$)")
+# low-rank factors whose product is the update: PEFT (lora_A/B), kohya (lora_down/up), diffusers
+# (lora.down/up), LyCORIS LoHa / LoKr (hada_w*, lokr_w*)
+LORA_FACTOR = re.compile(r"(^|\.)(lora_(A|B|embedding_A|embedding_B|down|up)|lora\.(down|up)|hada_w[12]_[ab]|"
+                         r"lokr_w[12](_[ab])?)(\.|$)")
 LORA_POLICIES = ("refuse", "factorwise", "concat")
 
 
-def _check_lora(names: Sequence[str], path: str, lora: str) -> None:
-    """Averaging PEFT LoRA factors one by one is not a soup of the adapters: the update of a
+def _check_lora(names: Sequence[str], path: str, lora: str,
+                differs: Callable[[str], bool] = lambda name: True) -> None:
+    """Averaging low-rank factors one by one is not a soup of the adapters: the update of a
     LoRA layer is s·B·A, and mean(B)·mean(A) != mean(B·A) (on a real layer the relative
-    difference was 0.81). Refused unless `lora="factorwise"` asks for it anyway."""
+    difference was 0.81). Refused, where a factor `differs` between the ingredients (identical
+    factors, as in adapters frozen into a model, average exactly), unless `lora="factorwise"`."""
     if lora not in LORA_POLICIES:
         raise InputError(f"lora must be one of {', '.join(LORA_POLICIES)}, got {lora!r}")
-    factor = next((n for n in names if LORA_FACTOR.search(n)), None)
-    if factor is None or lora == "factorwise":
+    if lora == "factorwise":
+        return
+    factor = next((n for n in names if LORA_FACTOR.search(n) and differs(n)), None)
+    if factor is None:
         return
     if lora == "concat":
         raise InputError("--lora concat (lora='concat') makes the adapter soup itself: it writes a folder (-o DIR/) "

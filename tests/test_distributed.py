@@ -101,22 +101,52 @@ def test_assignment_balances_bytes_for_any_world_size() -> None:
     assert assign([5], 3) == [0]
 
 
+def run_script(tmp_path: Path, body: str, args: list[str]) -> subprocess.CompletedProcess:
+    """`body` as a script run by every rank of a 2-process torchrun, inside dist.init_process_group('gloo')."""
+    script = tmp_path / "run.py"
+    script.write_text("import sys, torch.distributed as dist, soupkern\ndist.init_process_group('gloo')\n"
+                      + body + "dist.destroy_process_group()\n")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+                        str(script), *args], capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    return r
+
+
 def test_python_api_inside_a_process_group(inputs: list[Path], tmp_path: Path) -> None:
     """The same functions from Python in an initialized process group (the user's own)."""
-    script = tmp_path / "run.py"
-    script.write_text(
-        "import sys, torch.distributed as dist, soupkern\n"
-        "dist.init_process_group('gloo')\n"
-        "r = soupkern.weighted_soup(sys.argv[1:4], [0.25, 0.25, 0.5], sys.argv[4], max_shard_size=40_000)\n"
-        "print(dist.get_rank(), len(r.paths))\n"
-        "dist.destroy_process_group()\n")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
-                        str(script), *map(str, inputs), f"{tmp_path}/api/"], capture_output=True, text=True,
-                       timeout=180, cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
+    run_script(tmp_path,
+               "r = soupkern.weighted_soup(sys.argv[1:4], [0.25, 0.25, 0.5], sys.argv[4], max_shard_size=40_000,\n"
+               "                           distributed=True)\n"
+               "if dist.get_rank() == 0:  # the usual rank-0-only call: a plain single-process soup, no collective\n"
+               "    soupkern.uniform_soup(sys.argv[1:3], sys.argv[4].rstrip('/') + '_rank0.safetensors')\n"
+               "dist.barrier()\n", [*map(str, inputs), f"{tmp_path}/api/"])
     one = subprocess.run([sys.executable, "-m", "soupkern", "weighted", f"{inputs[0]}:0.25", f"{inputs[1]}:0.25",
                           f"{inputs[2]}:0.5", "--max-shard-size", "40000", "-o", f"{tmp_path}/one/", "-q"],
                          capture_output=True, text=True)
     assert one.returncode == 0, one.stderr
     assert tensors(tmp_path / "api") == tensors(tmp_path / "one")
     assert json.loads(metadata(tmp_path / "api")[0]["soupkern.coefficients"]) == [0.25, 0.25, 0.5]
+    assert (tmp_path / "api_rank0.safetensors").exists()
+
+
+def test_ranks_that_see_different_files_are_refused(inputs: list[Path], tmp_path: Path) -> None:
+    """A rank planning another soup (other arguments, or a node whose copy of a file differs)
+    would write its bytes into shards of rank 0's soup: refused on every rank before writing."""
+    r = run_script(tmp_path,
+                   "ings = sys.argv[1:3] if dist.get_rank() == 0 else [sys.argv[1], sys.argv[3]]\n"
+                   "try:\n"
+                   "    soupkern.uniform_soup(ings, sys.argv[4], max_shard_size=40_000, distributed=True)\n"
+                   "except soupkern.SoupkernError as e:\n"
+                   "    print('refused', e)\n", [*map(str, inputs), f"{tmp_path}/mixed/"])
+    assert r.stdout.count("refused") == 2 and "planned a different soup" in r.stdout
+    assert not (tmp_path / "mixed").exists()
+
+
+def test_a_slow_rank_is_not_a_dead_rank(inputs: list[Path], tmp_path: Path) -> None:
+    """The soup itself may take longer than the group's timeout: ranks that finished wait by
+    heartbeats, not by one collective that would time out (here: rank 0 has all the work, a
+    single-file output, under an 10 s timeout with a soup slowed past it)."""
+    r = torchrun(2, ["uniform", *map(str, inputs), "-o", f"{tmp_path}/one.safetensors"], tmp_path,
+                 env={"SOUPKERN_DIST_TIMEOUT": "10", "SOUPKERN_TEST_SLOW_RANK": "0:15"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "one.safetensors").exists()

@@ -1152,3 +1152,41 @@ def test_task_vectors_with_a_base(tmp_path):
     assert meta["soupkern.base"].endswith("base.safetensors") and json.loads(meta["soupkern.coefficients"])[0] == 0.25
     with pytest.raises(soupkern.InputError, match="divisor"):
         soupkern.weighted_state_dict(fts, c, base=base, divisor=2.0)
+
+
+def test_lora_refusal_covers_other_layouts_and_spares_identical_factors():
+    g = torch.Generator().manual_seed(1)
+    kohya = [{"lora_unet_down.lora_down.weight": torch.randn(2, 8, generator=g),
+              "lora_unet_down.lora_up.weight": torch.randn(8, 2, generator=g)} for _ in range(2)]
+    with pytest.raises(soupkern.InputError, match="lora_down"):
+        soupkern.uniform_state_dict(kohya)
+    frozen = {"q.lora_A.weight": torch.randn(2, 8, generator=g), "q.lora_B.weight": torch.randn(8, 2, generator=g)}
+    ft = [{**frozen, "w": torch.randn(3, generator=g)} for _ in range(2)]  # the same adapter in both: exact
+    assert torch.equal(soupkern.uniform_state_dict(ft)["q.lora_A.weight"], frozen["q.lora_A.weight"])
+
+
+def test_greedy_refuses_lora_factors():
+    g = torch.Generator().manual_seed(2)
+    ads = [{"q.lora_A.weight": torch.randn(2, 4, generator=g), "q.lora_B.weight": torch.randn(4, 2, generator=g)}
+           for _ in range(2)]
+    with pytest.raises(soupkern.InputError, match="PEFT LoRA adapters"):
+        soupkern.greedy_soup(ads, model=lambda: _Factors(), score=lambda m: 0.0)
+
+
+class _Factors(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q = torch.nn.Module()
+        self.q.lora_A = torch.nn.Linear(4, 2, bias=False)
+        self.q.lora_B = torch.nn.Linear(2, 4, bias=False)
+
+
+def test_tied_pair_only_when_tied():
+    g = torch.Generator().manual_seed(3)
+    untied = {"lm_head.weight": torch.randn(5, 3, generator=g), "model.embed_tokens.weight": torch.randn(5, 3, generator=g)}
+    embed_only = {"model.embed_tokens.weight": torch.randn(5, 3, generator=g)}
+    with pytest.raises(soupkern.MismatchError):  # the first model is untied: no alias, the names differ
+        soupkern.uniform_state_dict([untied, embed_only])
+    odd = [{"lm_head.weight": torch.randn(5, 3, generator=g)}, {"blk.unshared.weight": torch.randn(5, 3, generator=g)}]
+    with pytest.raises(soupkern.MismatchError):  # 'unshared.weight' is not an embedding name
+        soupkern.uniform_state_dict(odd)

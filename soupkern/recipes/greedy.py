@@ -561,6 +561,14 @@ def greedy_soup(
     if state_dir is None and out is not None:
         state_dir = os.path.dirname(os.path.abspath(os.fspath(out)))
     soup = _RunningSoup(ev, paths, None if state_dir is None else os.fspath(state_dir), state_dict_key)
+    if len(paths) > 1 and lora != "factorwise":  # candidates are averaged factor by factor: see plan._check_lora
+        from soupkern.plan import _check_lora
+
+        try:
+            _check_lora(soup.names, soup.labels[0], "refuse")
+        except BaseException:
+            soup.close()
+            raise
     try:
         return _greedy_run(soup, ev, paths, out, t0, ingredient_scores=ingredient_scores, speculative=speculative,
                            tie=tie, sort=sort, on_step=on_step, write=write, progress=progress, metadata=metadata)

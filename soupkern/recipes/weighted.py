@@ -158,6 +158,7 @@ def weighted_soup(
     out_format: str = "safetensors",
     lora: str = "refuse",
     base: Ingredient | None = None,
+    distributed: bool = False,
 ) -> SoupReport:
     """Write (sum_k coefficients[k] * ingredients[k]) / divisor to `out`, streaming with bounded
     memory, under the exact-arithmetic contract (fp64 accumulation in input order, one IEEE
@@ -183,6 +184,9 @@ def weighted_soup(
     after checking that the ingredients' configs agree on the architecture (unless
     `allow_config_mismatch`). Integer tensors that differ between ingredients: `int_policy`
     (soupkern.plan._combine; "auto" takes the maximum of 0-dim counters, refuses the rest).
+
+    `distributed=True`: called by every rank of an initialized torch.distributed process group,
+    the ranks split the output shards among them (soupkern/distributed.py); the same bytes.
 
     `base` (task vectors, WiSE-FT): out = base + Σ_k c_k (ingredient_k − base), computed as the
     weighted sum of [base, *ingredients] with coefficients [1 − Σ c_k, *c] (same contract; the
@@ -215,9 +219,11 @@ def weighted_soup(
         paths = concat_soup(items, [c / divisor for c in coefficients], out, overwrite=overwrite, fsync=fsync,
                             metadata=metadata)
         return SoupReport(tuple(paths), 0, 0, 0, time.perf_counter() - t0, "torch", tuple(c / divisor for c in coefficients))
-    from soupkern import distributed
+    from soupkern import distributed as spmd
 
-    group = distributed.active()
+    group = spmd.active() if check_flag(distributed, "distributed") else None
+    if distributed and group is None:
+        raise InputError("distributed=True needs an initialized torch.distributed process group of 2 or more ranks")
     if group is not None:
         if kernels is not None or out_format != "safetensors":
             raise InputError("a distributed soup runs on the host kernels and writes safetensors (no device, no DCP yet)")
@@ -278,13 +284,31 @@ def _provenance(items: Sequence[Any], plan: SoupPlan, *, recipe: str, backend: s
     }
 
 
+def _plan_digest(checkpoints: Sequence[Checkpoint], plan: SoupPlan, layout: Any, extra: Mapping[str, bytes]) -> str:
+    """What every rank of a distributed soup must agree on, hashed: the output, every shard's
+    header, the companion files, and each input file's size and modification time."""
+    import hashlib
+
+    h = hashlib.sha256()
+    h.update(os.fspath(layout.target).encode())
+    for shard in layout.shards:
+        h.update(shard.path.name.encode() + b"\0" + shard.header)
+    for name in sorted(extra):
+        h.update(name.encode() + b"\0" + hashlib.sha256(extra[name]).digest())
+    for ck in checkpoints:
+        for f in ck.files:
+            h.update(repr((f.path, getattr(f, "signature", (0, 0, 0, 0))[:2])).encode())
+    h.update(repr((plan.coefficients, sorted(plan.per_tensor.items()), plan.divisor)).encode())
+    return h.hexdigest()
+
+
 def _spmd_soup(group: Any, t0: float, items: Sequence[Any], coefficients: Coefficients, out: PathLike, *,
                default: Sequence[float] | None, dtype: str | None, keys: KeyPolicy, max_shard_size: int | None,
                budget_bytes: int, kernel: Any, overwrite: bool, fsync: bool, recipe: str,
                metadata: dict[str, str] | None, divisor: float, state_dict_key: str | None,
                copy_from: PathLike | None, allow_config_mismatch: bool, int_policy: str, lora: str) -> SoupReport:
     """`weighted_soup` by every rank of a process group (soupkern/distributed.py)."""
-    from soupkern.distributed import assign
+    from soupkern.distributed import assign, check_same_plan
     from soupkern.io.writer import ShardWriter
 
     rank = group.rank
@@ -299,6 +323,8 @@ def _spmd_soup(group: Any, t0: float, items: Sequence[Any], coefficients: Coeffi
             return checkpoints, plan, layout, extra
 
         checkpoints, plan, layout, extra = group.step(plan_step, "opening the ingredients and planning the soup")
+        check_same_plan(group, _plan_digest(checkpoints, plan, layout, extra), "the output, ingredients, "
+                        "coefficients or layout")
         owner = assign([shard.size for shard in layout.shards], group.world_size)
         mine = SoupPlan(tuple(tp for tp in plan.tensors if owner[layout.where[tp.out.name][0]] == rank),
                         plan.coefficients, plan.per_tensor, plan.divisor)
@@ -318,6 +344,9 @@ def _spmd_soup(group: Any, t0: float, items: Sequence[Any], coefficients: Coeffi
         def compute() -> None:
             if os.environ.get("SOUPKERN_TEST_KILL_RANK") == str(rank):  # private test hook: a rank dying mid-soup
                 os.kill(os.getpid(), 9)
+            slow = os.environ.get("SOUPKERN_TEST_SLOW_RANK", "").split(":")  # private test hook: "RANK:SECONDS"
+            if len(slow) == 2 and slow[0] == str(rank):
+                time.sleep(float(slow[1]))
             if writer is not None:
                 execute(mine, writer, kernel, budget_bytes=budget_bytes)
             else:
@@ -329,7 +358,7 @@ def _spmd_soup(group: Any, t0: float, items: Sequence[Any], coefficients: Coeffi
                     part.close(fsync)
             verify_inputs(checkpoints)
 
-        group.step(compute, "computing its shards")
+        group.step(compute, "computing its shards", long=True)
         group.step(lambda: writer.commit() if writer is not None else None, "committing the output")
     return SoupReport(tuple(layout.paths), len(plan.tensors), plan.bytes_read, plan.bytes_written,
                       time.perf_counter() - t0, kernel.name, plan.effective_coefficients)
