@@ -83,6 +83,13 @@ INGREDIENTS_HELP = ("checkpoints: safetensors files, index json files or folders
                     ".pth.tar) or folders of pytorch_model.bin; DCP folders")
 
 
+def _under_torchrun() -> bool:
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
+    except ValueError:
+        return False
+
+
 def _finite_float(text: str) -> float:
     import math
 
@@ -617,6 +624,9 @@ def _dispatch(args: argparse.Namespace) -> int:
             _inspect(args.path, args.json)
         elif args.command == "backends":
             _backends()
+        elif args.command in ("greedy", "learned", "interpolate") and _under_torchrun():
+            raise SoupkernError(f"soupkern {args.command} does not spread its evaluations over ranks yet: run it as one "
+                                "process, not under torchrun (uniform and weighted soups do run under torchrun)")
         elif args.command == "greedy":
             _greedy(args)
         elif args.command == "learned":

@@ -129,5 +129,4 @@ def concat_soup(items: Sequence[Any], coefficients: Sequence[float], out: Any, *
                 chunk = data[start:start + step]
                 writer.reserve(name, start, len(chunk))[:] = chunk
         writer.flush()
-        paths = writer.commit()
-    return [*paths, target / CONFIG]
+        return writer.commit()

@@ -150,3 +150,10 @@ def test_a_slow_rank_is_not_a_dead_rank(inputs: list[Path], tmp_path: Path) -> N
                  env={"SOUPKERN_DIST_TIMEOUT": "10", "SOUPKERN_TEST_SLOW_RANK": "0:15"})
     assert r.returncode == 0, r.stderr[-2000:]
     assert (tmp_path / "one.safetensors").exists()
+
+
+def test_evaluation_recipes_are_refused_under_torchrun(inputs: list[Path], tmp_path: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "soupkern", "greedy", *map(str, inputs), "--score", "x:y", "-o",
+                        str(tmp_path / "g.safetensors")], capture_output=True, text=True,
+                       env={**os.environ, "WORLD_SIZE": "2", "RANK": "0"})
+    assert r.returncode == 2 and "not under torchrun" in r.stderr

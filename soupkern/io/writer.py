@@ -533,7 +533,7 @@ class SoupWriter(StagedWriter):
             if self._own_lock:
                 self._lock.release(remove=True)
             self._lock = None
-        return self.layout.paths
+        return self.layout.paths + [self.target / name for name in sorted(self._extra)]
 
     def _write_folder_files(self) -> None:
         assert self._stage is not None
