@@ -152,7 +152,7 @@ def _device_option(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="soupkern", description="Model soups over safetensors checkpoints.")
+    parser = _Parser(prog="soupkern", description="Model soups of safetensors, PyTorch, DCP and Hugging Face checkpoints (any mix).")
     parser.add_argument("--version", action="version", version=f"soupkern {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
