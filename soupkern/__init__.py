@@ -20,6 +20,7 @@ from soupkern.errors import (
     OutputError,
     SoupkernError,
 )
+from soupkern.io.sources import renamed
 from soupkern.recipes import SoupReport, uniform_soup, uniform_state_dict, weighted_soup, weighted_state_dict
 from soupkern.recipes.ensemble import EnsembleResult, greedy_ensemble, ingredient_outputs, logit_ensemble
 from soupkern.recipes.greedy import GreedyResult, GreedyStep, greedy_soup
@@ -68,6 +69,7 @@ __all__ = [
     "interpolation_curve",
     "learned_soup",
     "logit_ensemble",
+    "renamed",
     "uniform_soup",
     "uniform_state_dict",
     "weighted_soup",

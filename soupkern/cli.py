@@ -83,6 +83,22 @@ INGREDIENTS_HELP = ("checkpoints: safetensors files, index json files or folders
                     ".pth.tar) or folders of pytorch_model.bin; DCP folders")
 
 
+def _rename_rule(text: str) -> tuple[str, str]:
+    old, sep, new = text.partition("=")
+    if not sep or not old:
+        raise argparse.ArgumentTypeError(f"'{text}' is not OLD=NEW with a non-empty OLD prefix")
+    return old, new
+
+
+def _renamed(args: argparse.Namespace, items: list[Any]) -> list[Any]:
+    """The ingredients with --rename applied."""
+    if not getattr(args, "rename", None):
+        return items
+    from soupkern.io.sources import Renamed
+
+    return [Renamed(x, args.rename) for x in items]
+
+
 def _under_torchrun() -> bool:
     try:
         return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
@@ -140,6 +156,9 @@ def _soup_options(p: argparse.ArgumentParser) -> None:
                         "(default: the first ingredient that is a model folder)")
     p.add_argument("--allow-config-mismatch", action="store_true",
                    help="soup model folders whose config.json disagree on the architecture")
+    p.add_argument("--rename", action="append", metavar="OLD=NEW", type=_rename_rule,
+                   help="rename tensors of every ingredient by prefix, e.g. --rename backbone.=model. (repeatable; "
+                        "the first matching rule applies)")
     p.add_argument("--state-dict-key", metavar="KEY",
                    help="the entry of a PyTorch pickle or DCP checkpoint to soup, e.g. state_dict_ema "
                         "(default: the state dict itself, else its state_dict / model_state_dict / model / module)")
@@ -302,6 +321,8 @@ def _run_soup(args: argparse.Namespace, paths: list[str], coeffs: list[float] | 
 def _soup(args: argparse.Namespace, paths: list[str], coeffs: list[float] | None) -> None:
     from soupkern import uniform_soup, weighted_soup
 
+    paths = _renamed(args, paths)
+
     opts = {**_soup_opts(args), "device": args.device}
     if getattr(args, "distributed", False):
         opts["distributed"] = True
@@ -384,7 +405,7 @@ def _greedy(args: argparse.Namespace) -> None:
 
         model = module_from_checkpoint(args.ingredients[0], state_dict_key=args.state_dict_key)
         score = lambda m: fn(m.state_dict())  # noqa: E731
-    names = [os.path.basename(os.path.normpath(p)) for p in args.ingredients]
+    names = [os.path.basename(os.path.normpath(getattr(p, "source", p))) for p in args.ingredients]
 
     def on_step(step: GreedyStep) -> None:
         if not args.quiet:
@@ -434,6 +455,7 @@ def _interpolate(args: argparse.Namespace) -> None:
     from soupkern.recipes.weighted import check_soup_output, reserve_output
 
     opts = _soup_opts(args)
+    args.a, args.b = _renamed(args, [args.a, args.b])
     check_soup_output([args.a, args.b], args.output, **{k: opts[k] for k in _CHECKED})
     if args.plot is not None:
         _check_plot_path(args.plot)
@@ -628,8 +650,10 @@ def _dispatch(args: argparse.Namespace) -> int:
             raise SoupkernError(f"soupkern {args.command} does not spread its evaluations over ranks yet: run it as one "
                                 "process, not under torchrun (uniform and weighted soups do run under torchrun)")
         elif args.command == "greedy":
+            args.ingredients = _renamed(args, list(args.ingredients))
             _greedy(args)
         elif args.command == "learned":
+            args.ingredients = _renamed(args, list(args.ingredients))
             _learned(args)
         elif args.command == "analyze":
             _analyze(args)

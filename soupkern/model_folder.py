@@ -33,6 +33,7 @@ _TORCH_DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F
 def model_folder(source: object) -> Path | None:
     """The folder an ingredient's model files live in: the ingredient itself when it is a folder,
     the folder of an index file; None for single weight files and in-memory ingredients."""
+    source = getattr(source, "source", source)  # a renamed ingredient: its folder
     if not (isinstance(source, (str, bytes)) or hasattr(source, "__fspath__")):
         return None
     text = os.fsdecode(os.fspath(source))  # type: ignore[arg-type]

@@ -44,9 +44,15 @@ def ingredient_list(ingredients: object, what: str = "ingredients") -> list[Any]
         raise InputError(f"{what} must be a list, got a single {type(ingredients).__name__}; wrap it in a list")
     if not isinstance(ingredients, (Sequence, list, tuple)):
         raise InputError(f"{what} must be a list of paths, state dicts or modules, got {type(ingredients).__name__}")
+    from soupkern.io.sources import Renamed
+
     out: list[Any] = []
     for x in ingredients:
-        out.append(x if is_in_memory(x) else ingredient_paths([x], what)[0])
+        if isinstance(x, Renamed):
+            ingredient_list([x.source], what)
+            out.append(x)
+        else:
+            out.append(x if is_in_memory(x) else ingredient_paths([x], what)[0])
     if not out:
         raise InputError("a soup needs at least one ingredient")
     return out

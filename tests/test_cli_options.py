@@ -43,6 +43,7 @@ VALUES = {
     "--int-policy": ("median", ""),
     "--format": ("npz", ""),
     "--lora": ("sum", ""),
+    "--rename": ("=model.", "no-equals"),
     "--alphas": ("1:0:0.1", "x"),
     "--metric": ("f1", ""),
     "--alpha": ("nan", "x"),

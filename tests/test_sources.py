@@ -1190,3 +1190,23 @@ def test_tied_pair_only_when_tied():
     odd = [{"lm_head.weight": torch.randn(5, 3, generator=g)}, {"blk.unshared.weight": torch.randn(5, 3, generator=g)}]
     with pytest.raises(soupkern.MismatchError):  # 'unshared.weight' is not an embedding name
         soupkern.uniform_state_dict(odd)
+
+
+def test_renamed_ingredients(tmp_path):
+    """renamed() / --rename: prefix rules on any source; collisions refused; provenance keeps the
+    source's label; greedy and the CLI see the new names."""
+    a = {"backbone.w": torch.ones(3), "head.b": torch.zeros(2)}
+    b = {"model.w": torch.full((3,), 3.0), "head.b": torch.ones(2)}
+    got = soupkern.uniform_state_dict([soupkern.renamed(a, {"backbone.": "model."}), b])
+    assert sorted(got) == ["head.b", "model.w"] and got["model.w"].tolist() == [2.0, 2.0, 2.0]
+    with pytest.raises(soupkern.InputError, match="two tensors the name"):
+        soupkern.uniform_state_dict([soupkern.renamed({"x.w": torch.ones(1), "y.w": torch.ones(1)}, {"x.": "y."})])
+    save_file(a, str(tmp_path / "a.safetensors"))
+    save_file(b, str(tmp_path / "b.safetensors"))
+    r = subprocess.run([sys.executable, "-m", "soupkern", "uniform", str(tmp_path / "a.safetensors"),
+                        str(tmp_path / "b.safetensors"), "--rename", "backbone.=model.", "-o",
+                        str(tmp_path / "o.safetensors"), "-q"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert torch.equal(load_file(str(tmp_path / "o.safetensors"))["model.w"], got["model.w"])
+    with safe_open(str(tmp_path / "o.safetensors"), framework="pt") as f:
+        assert json.loads(f.metadata()["soupkern.ingredients"])[0].endswith("a.safetensors")

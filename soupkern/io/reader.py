@@ -326,6 +326,16 @@ def open_checkpoint(source: object, *, state_dict_key: str | None = None, label:
     `strip_wrappers`: when every tensor name starts with `module.` (saved from DDP) or
     `_orig_mod.` (from a torch.compile'd module), the prefix is dropped, with a notice, so such
     an ingredient matches the others and the model."""
+    from soupkern.io.sources import Renamed, apply_renames
+
+    if isinstance(source, Renamed):
+        ck = open_checkpoint(source.source, state_dict_key=state_dict_key, label=label, strip_wrappers=strip_wrappers)
+        try:
+            apply_renames(ck, source.prefixes)
+        except BaseException:
+            ck.close()
+            raise
+        return ck
     ck = _open_any(source, state_dict_key, label)
     if strip_wrappers:
         _strip_wrappers(ck)

@@ -608,11 +608,49 @@ def open_folder(p: Path, kind: str, state_dict_key: str | None) -> Checkpoint:
     return open_pickle(p / TORCH_BIN_SINGLE, state_dict_key)
 
 
+class Renamed:
+    """An ingredient whose tensor names are renamed by prefix (`soupkern.renamed`)."""
+
+    __slots__ = ("source", "prefixes")
+
+    def __init__(self, source: object, prefixes: Iterable[tuple[str, str]]):
+        self.source = source
+        self.prefixes = tuple(prefixes)
+
+    def __repr__(self) -> str:
+        return f"renamed({self.source!r}, {dict(self.prefixes)!r})"
+
+
+def renamed(source: object, prefixes: Mapping[str, str]) -> Renamed:
+    """`source` (any ingredient) with its tensor names renamed by prefix: a name starting with a
+    key starts with its value instead (the first matching key, in order; others unchanged),
+    e.g. renamed("ckpt.pt", {"backbone.": "model."}). Two names renamed to one are refused."""
+    if not isinstance(prefixes, Mapping) or not prefixes:
+        raise InputError("renamed() needs a mapping of old prefix -> new prefix")
+    for old, new in prefixes.items():
+        if not isinstance(old, str) or not isinstance(new, str) or not old:
+            raise InputError(f"rename rules map non-empty str prefixes to str prefixes, got {old!r}: {new!r}")
+    return Renamed(source, prefixes.items())
+
+
+def apply_renames(ck: Checkpoint, prefixes: Sequence[tuple[str, str]]) -> None:
+    """Rename `ck`'s tensors in place by the first matching prefix rule."""
+    out: dict[str, tuple[Any, TensorInfo]] = {}
+    for name, entry in ck.tensors.items():
+        new = next((to + name[len(old):] for old, to in prefixes if name.startswith(old)), name)
+        if new in out:
+            raise InputError(f"renaming gives two tensors the name '{new}'", path=ck.path, tensor=name)
+        out[new] = entry
+    ck.tensors = out
+
+
 def labels(ingredients: Iterable[object]) -> list[str]:
     """How provenance names each ingredient: its absolute path, or "<state dict #i>" / "<Module #i>"."""
     out = []
     for i, x in enumerate(ingredients):
-        if isinstance(x, (str, bytes)) or hasattr(x, "__fspath__"):
+        if isinstance(x, Renamed):
+            out.append(labels([x.source])[0])
+        elif isinstance(x, (str, bytes)) or hasattr(x, "__fspath__"):
             out.append(os.path.abspath(os.fsdecode(os.fspath(x))))  # type: ignore[arg-type]
         elif _is_module(x):
             out.append(f"<{type(x).__name__} #{i}>")
