@@ -312,6 +312,8 @@ def _run_soup(args: argparse.Namespace, paths: list[str], coeffs: list[float] | 
         group = distributed.active()
         args.distributed = group is not None
         args.quiet = args.quiet or (group is not None and group.rank != 0)
+        if group is not None and group.rank != 0:  # notices (mixed dtypes, renames...) once, from rank 0
+            logging.getLogger("soupkern").setLevel(logging.ERROR)
         _soup(args, paths, coeffs)
     finally:
         if ours:

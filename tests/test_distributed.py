@@ -68,6 +68,8 @@ def test_spmd_soup_equals_one_process(inputs: list[Path], tmp_path: Path, n: int
         assert a.pop("soupkern.world_size") == "1" and b.pop("soupkern.world_size") == str(n)
         assert a == b
     assert r.stderr.count("wrote ") == 1  # rank 0 reports
+    notice = torchrun(n, ["uniform", str(inputs[0]), "-o", f"{tmp_path}/single/"], tmp_path)
+    assert notice.returncode == 0 and notice.stderr.count("a soup of one ingredient") == 1  # notices once
     assert not [p for p in os.listdir(tmp_path) if ".soupkern-" in p]
 
 
