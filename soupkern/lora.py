@@ -69,6 +69,7 @@ def concat_soup(items: Sequence[Any], coefficients: Sequence[float], out: Any, *
     import torch
 
     from soupkern.backends.torch_backend import round_f64
+    from soupkern.evaluate import tensor_view
     from soupkern.io import OutputTensor, SoupWriter, open_checkpoint, plan_output
     from soupkern.io.sources import labels
     from soupkern.io.writer import ADAPTER_NAME, output_target
@@ -88,10 +89,8 @@ def concat_soup(items: Sequence[Any], coefficients: Sequence[float], out: Any, *
     tensors: dict[str, torch.Tensor] = {}
     with_names = []
     for x, label in zip(items, labels(items)):
-        with open_checkpoint(x, label=label) as ck:
-            with_names.append({n: torch.frombuffer(bytearray(f.view(info).tobytes()), dtype=TORCH_DTYPES[info.dtype])
-                               .reshape(info.shape) if info.nbytes else torch.empty(info.shape, dtype=TORCH_DTYPES[info.dtype])
-                               for n, (f, info) in ck.tensors.items()})
+        with open_checkpoint(x, label=label) as ck:  # adapters are small: one copy each, out of the mapping
+            with_names.append({n: tensor_view(ck, n).clone() for n in ck.tensors})
     names = sorted(with_names[0])
     for i, sd in enumerate(with_names[1:], 1):
         if sorted(sd) != names:

@@ -212,8 +212,10 @@ def weighted_soup(
     kernel = get_backend(backend) if kernels is None else None
     kernel_name = kernels.name if kernels is not None else kernel.name  # type: ignore[union-attr]
     if lora == "concat":
-        if isinstance(coefficients, Mapping) or out_format != "safetensors" or kernels is not None:
-            raise InputError("lora='concat' takes one coefficient vector and writes a safetensors adapter folder")
+        if isinstance(coefficients, Mapping) or out_format != "safetensors" or kernels is not None \
+                or dtype is not None or max_shard_size is not None:
+            raise InputError("lora='concat' takes one coefficient vector and writes one safetensors adapter folder "
+                             "in the adapters' dtype (no dtype, max_shard_size, device or DCP output)")
         from soupkern.lora import concat_soup
 
         paths = concat_soup(items, [c / divisor for c in coefficients], out, overwrite=overwrite, fsync=fsync,
@@ -729,11 +731,13 @@ def _bump_versions(tensors: Sequence[torch.Tensor]) -> None:
 
 
 def _into_targets(result: dict[str, torch.Tensor], targets: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
-    """The result as the `out=` tensors: those computed elsewhere are copied in now."""
+    """The result as the `out=` tensors: those computed elsewhere are copied in now (copy_ tells
+    autograd), those a kernel wrote in place get their version bumped."""
     if not targets:
         return result
     import torch
 
+    _bump_versions([t for name, t in result.items() if t is targets[name]])
     with torch.no_grad():  # targets may be parameters (out=dict(model.named_parameters()))
         for name, t in result.items():
             if t is not targets[name]:
@@ -756,8 +760,6 @@ def _on_host(plan: SoupPlan, kernel: Any, targets: Mapping[str, torch.Tensor] | 
         result[tp.out.name] = t
         where[tp.out.name] = (t.data_ptr(), lambda t=t: t.reshape(-1).view(torch.uint8).numpy())
     fill_many(plan, where, kernel)
-    if targets:
-        _bump_versions([t for name, t in result.items() if t is targets.get(name)])
     return _into_targets(result, targets)
 
 
