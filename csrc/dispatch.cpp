@@ -41,6 +41,9 @@ WeightedSumFn isa_by_name(const char* name) {
                           : isa_generic::weighted_sum_range;
 }
 
+#ifndef SOUPKERN_MANY_STREAM
+#define SOUPKERN_MANY_STREAM (1u << 20)
+#endif
 namespace {
 // Below this many elements a kernel runs on the calling thread: waking the team costs more.
 constexpr std::size_t kMinParallel = 1 << 16;
@@ -50,6 +53,9 @@ constexpr std::size_t kGrain = 1024;
 // from cache soon; it saves the read-for-ownership). The engine's staging window is smaller,
 // so its output stays in cache for the pwrite that follows.
 constexpr std::size_t kStreamBytes = 32u << 20;
+// The multi-tensor entry point writes whole tensors the caller keeps (in-memory soups): no
+// later pwrite re-reads them from cache, so every tensor of this size streams.
+constexpr std::size_t kManyStreamBytes = SOUPKERN_MANY_STREAM;
 
 int resolve_threads(int threads) { return threads > 0 ? threads : omp_get_max_threads(); }
 }  // namespace
@@ -94,7 +100,9 @@ void weighted_sum_many(void* const* outs, const DType* out_dtypes, const void* c
   for (std::size_t i = 0; i < items; ++i) {
     const std::size_t t = static_cast<std::size_t>(std::upper_bound(first.begin(), first.end(), i) - first.begin()) - 1;
     const std::size_t b = (i - first[t]) * kBlock, e = std::min(numels[t], b + kBlock);
-    fn(outs[t], out_dtypes[t], inputs + t * k, in_dtypes + t * k, weights + t * k, divisors[t], k, b, e, false);
+    const bool stream = numels[t] * itemsize(out_dtypes[t]) >= kManyStreamBytes &&
+                        reinterpret_cast<std::uintptr_t>(outs[t]) % 64 == 0;
+    fn(outs[t], out_dtypes[t], inputs + t * k, in_dtypes + t * k, weights + t * k, divisors[t], k, b, e, stream);
   }
 }
 

@@ -110,28 +110,29 @@ def fill_many(plan: SoupPlan, targets: Mapping[str, tuple[int, Callable[[], np.n
     `batch_bytes` of input (one call, one thread team for hundreds of small tensors); the rest
     tensor by tensor through `fill_tensor`. Sources are released after each batch."""
     many = getattr(backend, "weighted_sum_many", None)
-    batch: list[tuple[TensorPlan, int, list[int]]] = []
+    codes = DTYPE_CODES
+    # the arguments of one multi-tensor call, grown tensor by tensor (hundreds of small tensors
+    # make per-tensor Python work the cost here, so it is kept flat)
+    outs: list[int] = []
+    out_dtypes: list[int] = []
+    inputs: list[int] = []
+    in_dtypes: list[int] = []
+    numels: list[int] = []
+    weights: list[float] = []
+    divisors: list[float] = []
+    batch: list[TensorPlan] = []
     size = 0
 
     def flush() -> None:
         nonlocal size
         if not batch:
             return
-        outs, out_dtypes, inputs, in_dtypes, numels, weights, divisors = [], [], [], [], [], [], []
-        for tp, address, ptrs in batch:
-            name = tp.out.name
-            outs.append(address)
-            out_dtypes.append(DTYPE_CODES[tp.out.dtype])
-            inputs += ptrs
-            in_dtypes += [DTYPE_CODES[i.dtype] for _, i in tp.sources]
-            numels.append(tp.numel)
-            weights += plan.coefficients_for(name)
-            divisors.append(plan.divisor_for(name))
-        many(outs, out_dtypes, inputs, in_dtypes, numels, weights, divisors, len(batch[0][0].sources))  # type: ignore[misc]
-        for tp, _, _ in batch:
+        many(outs, out_dtypes, inputs, in_dtypes, numels, weights, divisors, len(batch[0].sources))  # type: ignore[misc]
+        for tp in batch:
             for f, info in tp.sources:
                 f.release(info.begin, info.end)
-        batch.clear()
+        for args in (outs, out_dtypes, inputs, in_dtypes, numels, weights, divisors, batch):
+            args.clear()
         size = 0
 
     for tp in plan.tensors:
@@ -141,8 +142,17 @@ def fill_many(plan: SoupPlan, targets: Mapping[str, tuple[int, Callable[[], np.n
         if ptrs is None or None in ptrs:
             fill_tensor(tp, plan.coefficients_for(name), view(), backend, plan.divisor_for(name))
             continue
-        batch.append((tp, address, ptrs))  # type: ignore[arg-type]
-        size += sum(info.nbytes for _, info in tp.sources)
+        batch.append(tp)
+        outs.append(address)
+        out_dtypes.append(codes[tp.out.dtype])
+        inputs += ptrs
+        for _, info in tp.sources:
+            in_dtypes.append(codes[info.dtype])
+            size += info.nbytes
+        numels.append(tp.numel)
+        weights += plan.coefficients_for(name)
+        divisors.append(plan.divisor_for(name))
         if size >= batch_bytes:
             flush()
+    flush()
     flush()

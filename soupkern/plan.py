@@ -210,14 +210,18 @@ def build_plan(
         sources = tuple(ck.tensors[name] for ck in checkpoints)
         f0, i0 = sources[0]
         is_float = i0.dtype in FLOAT_DTYPES
+        same_dtype = True
         for (f, info) in sources[1:]:
             if info.shape != i0.shape:
                 raise MismatchError(f"shape {list(info.shape)} differs from {list(i0.shape)} in {f0.path}", path=f.path, tensor=name)
-            if (info.dtype in FLOAT_DTYPES) != is_float or (not is_float and info.dtype != i0.dtype):
-                raise MismatchError(f"dtype {info.dtype} cannot be souped with {i0.dtype} from {f0.path}", path=f.path, tensor=name)
+            if info.dtype != i0.dtype:
+                same_dtype = False
+                if (info.dtype in FLOAT_DTYPES) != is_float or not is_float:
+                    raise MismatchError(f"dtype {info.dtype} cannot be souped with {i0.dtype} from {f0.path}",
+                                        path=f.path, tensor=name)
         if is_float:
             out = OutputTensor(name, out_dtype or i0.dtype, i0.shape)
-            if out_dtype is None and any(info.dtype != i0.dtype for _, info in sources[1:]):
+            if out_dtype is None and not same_dtype:
                 mixed.append(name)
         else:
             differs = next((src for src in sources[1:] if not _identical(sources[0], src)), None)
@@ -243,7 +247,8 @@ def _fill_tied(checkpoints: Sequence[Checkpoint]) -> None:
     another ingredient names the other, the missing name reads the same bytes, so the two forms
     soup together (with a notice) and nothing is dropped."""
     names = set().union(*(ck.tensors for ck in checkpoints))
-    embeddings = [n for n in names if any(n == sfx or n.endswith("." + sfx) for sfx in TIED_EMBEDDING_SUFFIXES)]
+    embeddings = [n for n in names if n.endswith(TIED_EMBEDDING_SUFFIXES)
+                  and any(n == sfx or n.endswith("." + sfx) for sfx in TIED_EMBEDDING_SUFFIXES)]
     if TIED_HEAD not in names or len(embeddings) != 1:
         return
     pair = (TIED_HEAD, embeddings[0])

@@ -862,12 +862,12 @@ def test_fill_many_batches_and_backends_agree(tmp_path):
 
 def _many_table(gen: torch.Generator, k: int):
     dts = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
-    numels = [1, 7, 1000, 32768, 70001, 0]
+    numels = [1, 7, 1000, 32768, 70001, 0, 300001]  # the last output (1.2 MB) is written with streaming stores
     ins = [[torch.randn(n, generator=gen).to(dts[(t + j) % 4]) for j in range(k)] for t, n in enumerate(numels)]
-    out_dts = [torch.bfloat16, torch.float32, torch.float16, torch.float64, torch.float32, torch.float32]
+    out_dts = [torch.bfloat16, torch.float32, torch.float16, torch.float64, torch.float32, torch.float32, torch.float32]
     outs = [torch.full((n,), 7.0, dtype=d) for n, d in zip(numels, out_dts)]
     weights = [float(w) for w in torch.randn(len(numels) * k, generator=gen, dtype=torch.float64)]
-    divisors = [1.0, 3.0, 1.0, 7.0, 0.3, 2.0]
+    divisors = [1.0, 3.0, 1.0, 7.0, 0.3, 2.0, 3.0]
     return ins, outs, weights, divisors
 
 

@@ -68,7 +68,7 @@ class TensorHolder:
         self._bytes: np.ndarray | None = None
         self.mapped = mapped
         # whether the tensor's own memory is read (contiguous, on the CPU)
-        self.direct = tensor.device.type == "cpu" and tensor.is_contiguous()
+        self.direct = tensor.is_cpu and tensor.is_contiguous()
 
     def _load(self) -> np.ndarray:
         import torch
@@ -105,18 +105,35 @@ class TensorHolder:
 
 
 _libc: Any = None
+HUGE_PAGE = 2 << 20
+MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", 14)  # Linux's value
 
 
-def _madvise_dontneed(address: int, length: int) -> None:
-    """Drop this process's mapping of the whole pages inside [address, address + length)."""
+def _madvise(address: int, length: int, advice: int, page: int = PAGE) -> None:
+    """madvise(advice) over the whole `page`-sized pages inside [address, address + length)."""
     global _libc
     if _libc is None:
         _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
         _libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    b = -(-address // PAGE) * PAGE
-    e = (address + length) // PAGE * PAGE
+    b = -(-address // page) * page
+    e = (address + length) // page * page
     if e > b:
-        _libc.madvise(b, e - b, mmap.MADV_DONTNEED)
+        _libc.madvise(b, e - b, advice)
+
+
+def _madvise_dontneed(address: int, length: int) -> None:
+    """Drop this process's mapping of the whole pages inside [address, address + length)."""
+    _madvise(address, length, mmap.MADV_DONTNEED)
+
+
+def prefer_huge_pages(t: torch.Tensor) -> None:
+    """Ask for transparent huge pages under a new, untouched CPU tensor of several MiB (what
+    PyTorch's THP_MEM_ALLOC_ENABLE does for every allocation): first-touch page faults, not the
+    kernel, dominate writing fresh memory here (68 MB: 33 ms in 4 KiB faults, 6 ms in 2 MiB
+    ones). Harmless where the pages exist already or the system disables THP."""
+    nbytes = t.numel() * t.element_size()
+    if sys.platform.startswith("linux") and nbytes >= 2 * HUGE_PAGE:
+        _madvise(int(t.data_ptr()), nbytes, MADV_HUGEPAGE, HUGE_PAGE)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,7 +222,7 @@ def state_dict_checkpoint(obj: object, label: str, *, state_dict_key: str | None
             raise InputError(f"dtype {t.dtype} cannot be souped or stored in safetensors", path=label, tensor=name)
         if t.layout is not strided:
             raise InputError(f"layout {t.layout} is not a dense tensor", path=label, tensor=name)
-        if t.device.type == "meta":
+        if t.is_meta:
             raise InputError("is on the meta device: it has no values to soup", path=label, tensor=name)
         if t.requires_grad:
             t = t.detach()  # shares the memory; numpy views of grad-requiring tensors are refused

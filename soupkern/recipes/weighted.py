@@ -680,37 +680,42 @@ def _write_conflicts(plan: SoupPlan, targets: Mapping[str, torch.Tensor]) -> set
 
     from soupkern.io.sources import TensorHolder
 
+    def where(x: torch.Tensor) -> Any:  # the address space: "cpu" without building a torch.device
+        return "cpu" if x.is_cpu else x.device
+
     spans: dict[Any, tuple[list[int], list[int]]] = {}  # device -> starts, ends of every in-memory input there
     own: dict[tuple[Any, int, int, str, Any], int] = {}  # (device, start, end, tensor, dtype) -> inputs exactly that
     for tp in plan.tensors:
         for h, info in tp.sources:
             if type(h) is TensorHolder and info.nbytes:
                 x = h.tensor
+                device = where(x)
                 start = x.data_ptr()
                 contiguous = h.direct or x.is_contiguous()
                 if contiguous:
                     end = start + info.nbytes
                 else:  # a strided view spans from its first to its last element
                     end = start + (1 + sum((n - 1) * abs(st) for n, st in zip(x.shape, x.stride()))) * x.element_size()
-                starts, ends = spans.setdefault(x.device, ([], []))
+                starts, ends = spans.setdefault(device, ([], []))
                 starts.append(start)
                 ends.append(end)
                 if contiguous:
-                    key = (x.device, start, end, tp.out.name, x.dtype)
+                    key = (device, start, end, tp.out.name, x.dtype)
                     own[key] = own.get(key, 0) + 1
     for starts, ends in spans.values():
         starts.sort()
         ends.sort()
     conflicts = set()
     for name, t in targets.items():
-        if t.device not in spans or t.numel() == 0:
+        device = where(t)
+        if device not in spans or t.numel() == 0:
             continue
-        starts, ends = spans[t.device]
+        starts, ends = spans[device]
         a = t.data_ptr()
-        e = a + t.numel() * t.element_size()
+        e = a + t.nbytes
         # spans meeting [a, e): those starting before e, less those ending by a (they start before a)
         meeting = bisect.bisect_left(starts, e) - bisect.bisect_right(ends, a)
-        if meeting > own.get((t.device, a, e, name, t.dtype), 0):
+        if meeting > own.get((device, a, e, name, t.dtype), 0):
             conflicts.add(name)
     return conflicts
 
@@ -748,6 +753,7 @@ def _into_targets(result: dict[str, torch.Tensor], targets: Mapping[str, torch.T
 def _on_host(plan: SoupPlan, kernel: Any, targets: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
     import torch
 
+    from soupkern.io.sources import prefer_huge_pages
     from soupkern.torch_dtypes import TORCH_DTYPES
 
     result: dict[str, torch.Tensor] = {}
@@ -757,6 +763,7 @@ def _on_host(plan: SoupPlan, kernel: Any, targets: Mapping[str, torch.Tensor] | 
         t = targets.get(tp.out.name) if targets else None
         if t is None or t.device.type != "cpu" or not t.is_contiguous() or tp.out.name in conflicts:
             t = torch.empty(tp.out.shape, dtype=TORCH_DTYPES[tp.out.dtype])
+            prefer_huge_pages(t)
         result[tp.out.name] = t
         where[tp.out.name] = (t.data_ptr(), lambda t=t: t.reshape(-1).view(torch.uint8).numpy())
     fill_many(plan, where, kernel)
