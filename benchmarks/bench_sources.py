@@ -7,10 +7,12 @@ process (started by baselines.Launcher, so its peak RSS is its own) and writes o
 safetensors file; median of --repeats, methods interleaved, page cache warm (one untimed run of
 each first):
 
-- `soupkern .pt`: `python -m soupkern uniform A.pt B.pt ... -o OUT --force -q` (memory-mapped,
-  weights-only loads; the exact contract).
+- `soupkern .pt`: `python -m soupkern uniform A.pt B.pt ... -o OUT --force -q` (weights-only
+  unpickling, tensors served from soupkern's mapping of each file; the exact contract).
 - `torch.load + average`: `torch.load(p, map_location="cpu", weights_only=True)` of every
   ingredient, fp32 accumulation (`acc[k] += v.float()`), `/ N`, cast back, `save_file`.
+- `soupkern legacy .pt`, `torch.load legacy + average`: the same on copies saved in the legacy
+  (non-zip) format (`_use_new_zipfile_serialization=False`), which torch.load cannot map.
 - `soupkern DCP`: the same soupkern command on the DCP folders.
 - `dcp_to_torch_save + average`: `torch.distributed.checkpoint.format_utils.dcp_to_torch_save`
   of each folder to a temporary `.pt` (PyTorch's documented route), then as `torch.load + average`.
@@ -111,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         files = generate_ingredients(get_config(args.model), args.dtype, args.n, args.cache)
         paths = [os.fspath(p) for p in files]
         pts = [os.fspath(p) for p in convert_to_pt(files)]
+        legacy = [os.fspath(p) for p in convert_to_pt(files, legacy=True)]
         dcps = dcp_copies(paths)
         work = tempfile.mkdtemp(dir=args.cache)
         out = os.path.join(work, "soup.safetensors")
@@ -118,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         methods = {
             "soupkern .pt": [py, "-m", "soupkern", "uniform", *pts, "-o", out, "--force", "-q"],
             "torch.load + average": [py, "-c", TORCH_AVERAGE, out, *pts],
+            "soupkern legacy .pt": [py, "-m", "soupkern", "uniform", *legacy, "-o", out, "--force", "-q"],
+            "torch.load legacy + average": [py, "-c", TORCH_AVERAGE, out, *legacy],
             "soupkern DCP": [py, "-m", "soupkern", "uniform", *dcps, "-o", out, "--force", "-q"],
             "dcp_to_torch_save + average": [py, "-c", DCP_AVERAGE, out, *dcps],
         }
@@ -132,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
                 os.unlink(out)
         med = {m: statistics.median(s["process_s"] for s in v) for m, v in samples.items()}
         rss = {m: max(s["ru_maxrss_kib"] for s in v) / 2**20 for m, v in samples.items()}
-        pairs = {"torch.load + average": "soupkern .pt", "dcp_to_torch_save + average": "soupkern DCP"}
+        pairs = {"torch.load + average": "soupkern .pt", "torch.load legacy + average": "soupkern legacy .pt",
+                 "dcp_to_torch_save + average": "soupkern DCP"}
         rows = []
         for m in methods:
             vs = f"{med[m] / med[pairs[m]]:.2f}x slower" if m in pairs else ""

@@ -228,8 +228,9 @@ def generate_ingredients(cfg: ViTConfig, dtype: str, n: int, workdir: str | Path
     return paths
 
 
-def convert_to_pt(paths: list[Path], *, quiet: bool = False) -> list[Path]:
-    """`torch.save` copies of safetensors ingredients (cached), for the torch.load baseline.
+def convert_to_pt(paths: list[Path], *, quiet: bool = False, legacy: bool = False) -> list[Path]:
+    """`torch.save` copies of safetensors ingredients (cached), for the torch.load baseline;
+    `legacy`: in the legacy (non-zip) format, as `NAME.legacy.pt`.
 
     One model at a time; each tensor is cloned so the state dict has one storage per tensor,
     like `model.state_dict()`.
@@ -238,7 +239,7 @@ def convert_to_pt(paths: list[Path], *, quiet: bool = False) -> list[Path]:
 
     out: list[Path] = []
     for src in paths:
-        dst = src.with_suffix(".pt")
+        dst = src.with_suffix(".legacy.pt" if legacy else ".pt")
         out.append(dst)
         stamp = dst.with_suffix(".pt.src")
         want = f"{src.stat().st_size} {src.stat().st_mtime_ns}"
@@ -247,7 +248,7 @@ def convert_to_pt(paths: list[Path], *, quiet: bool = False) -> list[Path]:
         t0 = time.perf_counter()
         sd = {k: v.clone() for k, v in load_file(str(src)).items()}
         tmp = dst.with_name(dst.name + ".tmp")
-        torch.save(sd, tmp)
+        torch.save(sd, tmp, _use_new_zipfile_serialization=not legacy)
         del sd
         os.replace(tmp, dst)
         stamp.write_text(want)

@@ -335,8 +335,17 @@ def test_fsync_syncs_the_folder_after_the_rename(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------------
 # inputs changed under the soup
 
-def test_input_truncated_mid_soup_is_an_error_not_a_crash(tmp_path):
+@pytest.mark.parametrize("form", ["safetensors", "zip", "legacy"])
+def test_input_truncated_mid_soup_is_an_error_not_a_crash(tmp_path, form):
+    """A truncation while the soup runs is exit 2 naming the file, not SIGBUS; .pt inputs (both
+    torch.save formats) are served from the same guarded mapping as safetensors files."""
     paths = ingredients(tmp_path / "in", n=1 << 18)
+    if form != "safetensors":
+        for i, st in enumerate(paths):
+            paths[i] = st.with_suffix(".pt")
+            torch.save({k: torch.from_numpy(v) for k, v in load_file(os.fspath(st)).items()}, paths[i],
+                       _use_new_zipfile_serialization=form == "zip")
+            st.unlink()
     out = tmp_path / "out.safetensors"
     resume = tmp_path / "resume"
     run = Run(uniform_args(paths, out, "--budget", "1MiB"), pause="writing", resume=resume)

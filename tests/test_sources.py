@@ -26,6 +26,7 @@ import os
 import subprocess
 import sys
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -230,25 +231,45 @@ def test_module_single_ingredient_is_returned_exactly():
     assert not any(t.requires_grad for t in got.values())
 
 
-def test_legacy_pickle_falls_back_with_a_warning(tmp_path, caplog):
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_pickles_are_served_from_the_file_mapping(tmp_path, caplog, legacy):
+    """Both torch.save formats: every contiguous tensor is a byte range of the file behind
+    soupkern's guarded mapping (nothing read into memory up front, no notice); a non-contiguous
+    one (a transposed view, saved with its whole storage) and tied tensors come out right."""
+    from soupkern.io.reader import MappedFile
+
     sd = sample_state_dict(1)
-    legacy, zipped = tmp_path / "legacy.pt", tmp_path / "zipped.pt"
-    torch.save(sd, legacy, _use_new_zipfile_serialization=False)
-    torch.save(sd, zipped)
+    sd["transposed"] = torch.randn(5, 3, generator=torch.Generator().manual_seed(3)).t()
+    sd["tied"] = sd[next(iter(sd))]
+    p = tmp_path / "ck.pt"
+    torch.save(sd, p, _use_new_zipfile_serialization=not legacy)
+    ck = open_checkpoint(p)
+    try:
+        mapped = {n for n, (h, _) in ck.tensors.items() if isinstance(h, MappedFile)}
+        assert mapped == set(sd) - {"transposed"}
+        assert ck.tensors["tied"][1].begin == ck.tensors[next(iter(sd))][1].begin
+    finally:
+        ck.close()
     with caplog.at_level(logging.WARNING, logger="soupkern"):
-        got = soupkern.uniform_state_dict([zipped])
-    assert not [r for r in caplog.records if r.name == "soupkern" and "one ingredient" not in r.getMessage()], \
-        "zip-format pickles are memory-mapped silently"
-    assert_same_sd(got, sd)
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="soupkern"):
-        got = soupkern.uniform_state_dict([legacy])
-    warned = [r for r in caplog.records if r.name == "soupkern" and r.levelno == logging.WARNING
-              and "one ingredient" not in r.getMessage()]
-    assert len(warned) == 1 and "legacy" in warned[0].getMessage() and str(legacy) in warned[0].getMessage()
-    assert_same_sd(got, sd)
+        got = soupkern.uniform_state_dict([p, p])
+    assert not [r for r in caplog.records if "reading it whole" in r.getMessage()]
+    assert_same_sd(got, {k: v.contiguous() for k, v in sd.items()})
 
 
+def test_zip_with_compressed_records_is_read_whole_with_a_notice(tmp_path, caplog):
+    """A zip re-packed with deflate (torch.load(mmap=True) returns wrong values for it, silently)
+    is read whole by torch.load, with a notice naming the file."""
+    sd = sample_state_dict(2)
+    plain, packed = tmp_path / "plain.pt", tmp_path / "packed.pt"
+    torch.save(sd, plain)
+    with zipfile.ZipFile(plain) as src, zipfile.ZipFile(packed, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info.filename))
+    with caplog.at_level(logging.WARNING, logger="soupkern"):
+        got = soupkern.uniform_state_dict([packed, plain])
+    warned = [r.getMessage() for r in caplog.records if "reading it whole" in r.getMessage()]
+    assert len(warned) == 1 and str(packed) in warned[0] and "compressed" in warned[0]
+    assert_same_sd(got, sd)
 
 
 @pytest.mark.parametrize("suffix", [

@@ -137,7 +137,7 @@ def _map(fd: int, size: int) -> tuple[object, object]:
     return m, m
 
 
-_LIVE: weakref.WeakSet[SafetensorsFile] = weakref.WeakSet()
+_LIVE: weakref.WeakSet[MappedFile] = weakref.WeakSet()
 
 
 def check_guard() -> None:
@@ -153,12 +153,17 @@ def check_guard() -> None:
         raise InputError(_TRUNCATED, path=owner.path if owner else "an input")
 
 
-class SafetensorsFile:
-    """One safetensors file: validated header, read-only mmap, zero-copy byte views.
+class MappedFile:
+    """A whole file behind a read-only, shared, guarded mapping with zero-copy byte views;
+    `tensors` (name -> TensorInfo with absolute byte offsets) come from the subclass's `_parse`,
+    run on the open descriptor before the file is mapped.
 
-    The mapping is read-only and shared: the file is never modified. `release` drops mapped
-    pages from this process (they stay in the page cache) so resident memory stays bounded.
+    The file is never modified. `release` drops mapped pages from this process (they stay in
+    the page cache) so resident memory stays bounded.
     """
+
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
 
     def __init__(self, path: str | os.PathLike[str]):
         self.path = os.fspath(path)
@@ -166,28 +171,20 @@ class SafetensorsFile:
         try:
             st = os.fstat(fd)
             self.signature = _signature(st)
-            size = st.st_size
-            if size < 8:
-                raise HeaderError(f"file has {size} bytes, fewer than the 8-byte header length", path=self.path)
-            (n,) = struct.unpack("<Q", _pread(fd, 8, 0, self.path))
-            if n > MAX_HEADER_BYTES:
-                raise HeaderError(f"header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit{_looks_like(fd)}",
-                                  path=self.path)
-            if 8 + n > size:
-                raise HeaderError(f"header length {n} runs past the end of the {size}-byte file{_looks_like(fd)}",
-                                  path=self.path)
-            raw = _pread(fd, n, 8, self.path)
-            self.tensors, self.metadata = parse_header(raw, size - 8 - n, self.path)
-            self.size = size
+            self.size = st.st_size
+            self._parse(fd, self.size)
             try:
-                self._mm, self._buffer = _map(fd, size)
+                self._mm, self._buffer = _map(fd, self.size)
             except OSError as e:
                 raise InputError(f"cannot map the file ({e.strerror})", path=self.path) from None
         finally:
             os.close(fd)
-        self._advise(mmap.MADV_SEQUENTIAL, 0, size)
+        self._advise(mmap.MADV_SEQUENTIAL, 0, self.size)
         self._can_populate = True
         _LIVE.add(self)
+
+    def _parse(self, fd: int, size: int) -> None:
+        self.tensors, self.metadata = {}, {}
 
     def _advise(self, advice: int, begin: int, length: int) -> None:
         if length:
@@ -246,7 +243,24 @@ class SafetensorsFile:
             self._mm.close()
 
     def __repr__(self) -> str:
-        return f"SafetensorsFile({self.path!r}, {len(self.tensors)} tensors)"
+        return f"{type(self).__name__}({self.path!r}, {len(self.tensors)} tensors)"
+
+
+class SafetensorsFile(MappedFile):
+    """One safetensors file: validated header, then a MappedFile."""
+
+    def _parse(self, fd: int, size: int) -> None:
+        if size < 8:
+            raise HeaderError(f"file has {size} bytes, fewer than the 8-byte header length", path=self.path)
+        (n,) = struct.unpack("<Q", _pread(fd, 8, 0, self.path))
+        if n > MAX_HEADER_BYTES:
+            raise HeaderError(f"header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit{_looks_like(fd)}",
+                              path=self.path)
+        if 8 + n > size:
+            raise HeaderError(f"header length {n} runs past the end of the {size}-byte file{_looks_like(fd)}",
+                              path=self.path)
+        raw = _pread(fd, n, 8, self.path)
+        self.tensors, self.metadata = parse_header(raw, size - 8 - n, self.path)
 
 
 @dataclass

@@ -6,9 +6,10 @@ where the holder serves the tensor's bytes the way a mapped safetensors file doe
 `prefetch`, `release`, `address`), so every recipe and executor reads all sources alike. Names,
 shapes and dtypes are known when the source opens; bytes are read when first viewed.
 
-Pickles are loaded with `torch.load(weights_only=True)`: no code from the file ever runs; the
-only globals allowed beyond torch's own are the harmless ones real checkpoints carry
-(`argparse.Namespace`, which timm's train.py saves as `args`).
+Pickles are unpickled by torch's weights-only unpickler (soupkern.io.torch_pickle): no code
+from the file ever runs; the only globals allowed beyond torch's own are the harmless ones real
+checkpoints carry (`argparse.Namespace`, which timm's train.py saves as `args`). Their tensors
+are served from soupkern's own mapping of the file, as safetensors files are.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import os
 import pickle
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 import numpy as np
 
@@ -56,17 +57,15 @@ class TensorHolder:
 
     A contiguous CPU tensor is viewed in place (no copy). A non-contiguous or device tensor is
     copied to a contiguous CPU tensor on first view and dropped when the view's last byte is
-    released. `mapped`: the tensor's pages belong to a file mapping (a pickle loaded with
-    mmap=True); releasing them unmaps them from this process (they stay in the page cache).
+    released.
     """
 
-    __slots__ = ("path", "tensor", "_bytes", "mapped", "direct")
+    __slots__ = ("path", "tensor", "_bytes", "direct")
 
-    def __init__(self, tensor: torch.Tensor, path: str, mapped: bool = False):
+    def __init__(self, tensor: torch.Tensor, path: str):
         self.path = path
         self.tensor = tensor
         self._bytes: np.ndarray | None = None
-        self.mapped = mapped
         # whether the tensor's own memory is read (contiguous, on the CPU)
         self.direct = tensor.is_cpu and tensor.is_contiguous()
 
@@ -95,8 +94,6 @@ class TensorHolder:
         pass
 
     def release(self, begin: int, end: int) -> None:
-        if self.mapped and self.direct and end > begin:
-            _madvise_dontneed(int(self.tensor.data_ptr()) + begin, end - begin)
         if self._bytes is not None and end >= self._bytes.nbytes:
             self._bytes = None
 
@@ -119,11 +116,6 @@ def _madvise(address: int, length: int, advice: int, page: int = PAGE) -> None:
     e = (address + length) // page * page
     if e > b:
         _libc.madvise(b, e - b, advice)
-
-
-def _madvise_dontneed(address: int, length: int) -> None:
-    """Drop this process's mapping of the whole pages inside [address, address + length)."""
-    _madvise(address, length, mmap.MADV_DONTNEED)
 
 
 def prefer_huge_pages(t: torch.Tensor) -> None:
@@ -201,10 +193,12 @@ def _keys(obj: Mapping[Any, Any]) -> str:
 
 
 def state_dict_checkpoint(obj: object, label: str, *, state_dict_key: str | None = None,
-                          mapped: bool = False) -> Checkpoint:
+                          entry: Callable[[str, Any, str], tuple[Any, TensorInfo]] | None = None,
+                          ) -> Checkpoint:
     """A Checkpoint over an in-memory state dict (or module, or container of one): every value a
     torch tensor of a dtype safetensors can hold; tensors are viewed in place, never copied
-    unless non-contiguous or off the CPU."""
+    unless non-contiguous or off the CPU. `entry(name, tensor, dtype)`: the (holder, info) of
+    each tensor instead (a pickle's meta tensors, served from its file)."""
     import torch
 
     sd = unwrap(obj, state_dict_key, label)
@@ -222,11 +216,14 @@ def state_dict_checkpoint(obj: object, label: str, *, state_dict_key: str | None
             raise InputError(f"dtype {t.dtype} cannot be souped or stored in safetensors", path=label, tensor=name)
         if t.layout is not strided:
             raise InputError(f"layout {t.layout} is not a dense tensor", path=label, tensor=name)
+        if entry is not None:
+            tensors[name] = entry(name, t, dtype)
+            continue
         if t.is_meta:
             raise InputError("is on the meta device: it has no values to soup", path=label, tensor=name)
         if t.requires_grad:
             t = t.detach()  # shares the memory; numpy views of grad-requiring tensors are refused
-        tensors[name] = (TensorHolder(t, label, mapped), new_info(name, dtype, tuple(t.shape), 0,
+        tensors[name] = (TensorHolder(t, label), new_info(name, dtype, tuple(t.shape), 0,
                                                                   t.numel() * t.element_size()))
     if not tensors:
         raise InputError("holds no tensors", path=label)
@@ -264,23 +261,19 @@ def _safe_globals() -> list[Any]:
     return [argparse.Namespace]
 
 
-def _torch_load(path: str) -> tuple[object, bool]:
-    """(object, mapped): torch.load with weights_only=True, memory-mapped when the file is in the
-    zip format (the legacy format cannot be mapped: read whole, with a notice)."""
+def _torch_load(path: str, why: object) -> object:
+    """torch.load(weights_only=True) of the whole file into memory, with a notice: the fallback
+    for pickles soupkern.io.torch_pickle does not map (never mmap=True: for a zip whose records
+    are compressed, torch 2.13 returns wrong values that way, silently)."""
     import torch
 
-    with open(path, "rb") as f:
-        zipped = f.read(4) == b"PK\x03\x04"
-    if not zipped:
-        log.warning("%s: written by torch.save in the legacy (non-zip) format, which cannot be memory-mapped; "
-                    "reading it whole into memory", path)
+    log.warning("%s: %s, so it cannot be served from a mapping of the file; reading it whole into memory "
+                "with torch.load", path, why)
     with torch.serialization.safe_globals(_safe_globals()):
         try:
-            if zipped and not path.endswith(".safetensors"):
-                return torch.load(path, map_location="cpu", mmap=True, weights_only=True), True
             # a path ending in .safetensors would make torch.load read it as safetensors: pass the file
             with open(path, "rb") as f:
-                return torch.load(f, map_location="cpu", weights_only=True), False
+                return torch.load(f, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
             if "Weights only load failed" in str(e):
                 raise InputError(f"refused: the pickle needs something a weights-only load does not allow, so it "
@@ -304,15 +297,37 @@ def _refusal(e: BaseException) -> str:
 
 
 def open_pickle(path: str | os.PathLike[str], state_dict_key: str | None = None) -> Checkpoint:
-    """A PyTorch pickle (`torch.save`), memory-mapped when written in the zip format."""
+    """A PyTorch pickle (`torch.save`, zip or legacy format), served from soupkern's own mapping
+    of the file (soupkern.io.torch_pickle); files that reader does not handle (big-endian,
+    compressed records, exotic storages) read whole by `torch.load`, with a notice."""
+    from soupkern.io import torch_pickle
+
     p = os.fspath(path)
+    try:
+        f = torch_pickle.load(p)
+    except torch_pickle.Unsupported as why:
+        return _open_with_torch_load(p, state_dict_key, why)
+    try:
+        ck = state_dict_checkpoint(f.obj, p, state_dict_key=state_dict_key, entry=f.entry)
+    except torch_pickle.Unsupported as why:
+        f.close()
+        return _open_with_torch_load(p, state_dict_key, why)
+    except BaseException:
+        f.close()
+        raise
+    f.obj = None  # the meta tensors are not needed past here
+    ck.files = [f]
+    return ck
+
+
+def _open_with_torch_load(p: str, state_dict_key: str | None, why: object) -> Checkpoint:
     fd = open_regular(p)
     try:
         sig = _signature(os.fstat(fd))
     finally:
         os.close(fd)
-    obj, mapped = _torch_load(p)
-    ck = state_dict_checkpoint(obj, p, state_dict_key=state_dict_key, mapped=mapped)
+    obj = _torch_load(p, why)
+    ck = state_dict_checkpoint(obj, p, state_dict_key=state_dict_key)
     for holder, _ in ck.tensors.values():
         holder.path = p
     ck.files = [_PickleFile(p, sig)]  # type: ignore[list-item]
