@@ -3,22 +3,27 @@ generation config, tokenizer and processor files, chat templates) go beside the 
 after a check that the ingredients' configs describe the same architecture, with a model card
 that states the recipe, the ingredients and their coefficients.
 
-Only top-level regular files (symlinks followed, as in a Hugging Face cache snapshot) are copied
-(subfolders, such as sentence-transformers' `1_Pooling/`, are not yet); weights, indexes, DCP
-metadata, hidden files, training state and the ingredient's own model card are not. The copied
+Top-level regular files (symlinks followed, as in a Hugging Face cache snapshot) are copied, and
+those of the module subfolders a sentence-transformers `modules.json` names (`1_Pooling/`);
+other subfolders (trainer `checkpoint-*/`, logs) are not, nor are weights, indexes, DCP
+metadata, hidden files, training state and the ingredient's own model card. The copied
 config's `torch_dtype` names the soup's dtype.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, Sequence
 
 from soupkern.errors import InputError, MismatchError
 
+log = logging.getLogger("soupkern")
+
 CONFIG_NAME = "config.json"
+MODULES_NAME = "modules.json"  # sentence-transformers: the pipeline's modules and their subfolders
 MODEL_CARD = "README.md"
 # The fields of config.json that define the architecture (and so which weights mean what).
 ARCH_FIELDS = ("model_type", "architectures", "hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -52,8 +57,7 @@ def _copied(name: str) -> bool:
                 or name.lower().endswith(WEIGHT_SUFFIXES))
 
 
-def companion_files(folder: Path) -> dict[str, bytes]:
-    """The non-weight files of a model folder, name -> bytes."""
+def _files_of(folder: Path, prefix: str = "") -> dict[str, bytes]:
     out = {}
     for entry in sorted(os.scandir(folder), key=lambda e: e.name):
         if not _copied(entry.name) or not entry.is_file():  # is_file follows symlinks
@@ -63,7 +67,48 @@ def companion_files(folder: Path) -> dict[str, bytes]:
             raise InputError(f"is {size} bytes, more than a model folder's non-weight file should be "
                              f"({MAX_FILE_BYTES}); remove it from the folder or give --copy-from", path=entry.path)
         with open(entry.path, "rb") as f:
-            out[entry.name] = f.read()
+            out[prefix + entry.name] = f.read()
+    return out
+
+
+def _module_folders(folder: Path) -> list[str]:
+    """The subfolders a sentence-transformers `modules.json` names (`1_Pooling`, `2_Normalize`)."""
+    path = folder / MODULES_NAME
+    if not path.is_file():
+        return []
+    try:
+        with open(path, "rb") as f:
+            modules = json.loads(f.read())
+    except (OSError, ValueError) as e:
+        raise InputError(f"is not valid JSON ({e})", path=path) from None
+    if not isinstance(modules, list):
+        raise InputError("does not hold a JSON list of modules", path=path)
+    subs = []
+    for m in modules:
+        sub = m.get("path") if isinstance(m, dict) else None
+        if not sub:  # the transformer itself lives at the top level
+            continue
+        parts = Path(sub).parts
+        if not isinstance(sub, str) or Path(sub).is_absolute() or ".." in parts or parts[0].startswith("."):
+            raise InputError(f"names module path {sub!r}, which is not a subfolder of the model", path=path)
+        if (folder / sub).is_dir():
+            subs.append(Path(sub).as_posix())
+    return subs
+
+
+def companion_files(folder: Path) -> dict[str, bytes]:
+    """The non-weight files of a model folder, name (a relative POSIX path) -> bytes: its own, and
+    those of the module subfolders its sentence-transformers `modules.json` names. Weights in
+    such a subfolder (a `2_Dense` layer) are not souped by this soup: a notice says how to."""
+    out = _files_of(folder)
+    for sub in _module_folders(folder):
+        out.update(_files_of(folder / sub, sub + "/"))
+        weights = sorted(e.name for e in os.scandir(folder / sub) if e.is_file()
+                         and e.name.lower().endswith(WEIGHT_SUFFIXES))
+        if weights:
+            log.warning("%s holds weights (%s) of a module the soup does not average and does not copy: soup "
+                        "them as well, e.g. soupkern uniform A/%s/%s B/%s/%s ... -o SOUP/%s/%s", folder / sub,
+                        ", ".join(weights), sub, weights[0], sub, weights[0], sub, weights[0])
     return out
 
 

@@ -7,6 +7,7 @@ import logging
 import math
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Literal, Mapping, Sequence
 
 import numpy as np
@@ -247,9 +248,16 @@ def _fill_tied(checkpoints: Sequence[Checkpoint]) -> None:
     another ingredient names the other, the missing name reads the same bytes, so the two forms
     soup together (with a notice) and nothing is dropped."""
     names = set().union(*(ck.tensors for ck in checkpoints))
+    if TIED_HEAD not in names:
+        return
+    untied = next((ck for ck in checkpoints if _config_ties(ck.path) is False), None)
+    if untied is not None:  # the model's own config: a missing head is missing, not tied
+        log.info("%s: its config.json says tie_word_embeddings = false: '%s' is not read from the embedding",
+                 untied.path, TIED_HEAD)
+        return
     embeddings = [n for n in names if n.endswith(TIED_EMBEDDING_SUFFIXES)
                   and any(n == sfx or n.endswith("." + sfx) for sfx in TIED_EMBEDDING_SUFFIXES)]
-    if TIED_HEAD not in names or len(embeddings) != 1:
+    if len(embeddings) != 1:
         return
     pair = (TIED_HEAD, embeddings[0])
     for ck in checkpoints:  # an ingredient holding both, different: the model is not tied
@@ -267,6 +275,26 @@ def _fill_tied(checkpoints: Sequence[Checkpoint]) -> None:
             ck.tensors[dst] = ck.tensors[src]
             log.warning("%s: holds '%s' but not '%s' (tied weights, saved once): '%s' reads the same values",
                         ck.path, src, dst, dst)
+
+
+def _config_ties(path: str) -> bool | None:
+    """`tie_word_embeddings` from the config.json beside a checkpoint (its folder, or the folder of
+    its file or index; a multimodal config's `text_config`), None when it does not say."""
+    import json
+
+    p = Path(path)
+    if not p.exists():  # an in-memory ingredient's label
+        return None
+    config = (p if p.is_dir() else p.parent) / "config.json"
+    try:
+        with open(config, "rb") as f:
+            data = json.loads(f.read())
+    except (OSError, ValueError):
+        return None
+    for c in (data, data.get("text_config") if isinstance(data, dict) else None):
+        if isinstance(c, dict) and isinstance(c.get("tie_word_embeddings"), bool):
+            return bool(c["tie_word_embeddings"])
+    return None
 
 
 # low-rank factors whose product is the update: PEFT (lora_A/B), kohya (lora_down/up), diffusers

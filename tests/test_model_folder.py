@@ -109,3 +109,71 @@ def test_config_dtype_follows_the_soup(tmp_path: Path, folders: list[Path]) -> N
     assert config["torch_dtype"] == "bfloat16" and {k: config[k] for k in CONFIG} == CONFIG
     soupkern.uniform_soup(folders, f"{tmp_path}/same/")  # unchanged dtype: the file byte for byte
     assert (tmp_path / "same" / "config.json").read_bytes() == (folders[0] / "config.json").read_bytes()
+
+
+def test_sentence_transformers_module_folders(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The module subfolders `modules.json` names are copied with their files (a Dense layer's
+    weights are not: a notice says to soup them too); other subfolders are not; --force can
+    replace the folder again."""
+    folders = []
+    for i in range(2):
+        f = make_folder(tmp_path / f"st{i}", i)
+        (f / "modules.json").write_text(json.dumps([
+            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+            {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"}]))
+        (f / "1_Pooling").mkdir()
+        (f / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True, "seed": i}))
+        (f / "2_Dense").mkdir()
+        (f / "2_Dense" / "config.json").write_text(json.dumps({"in_features": 4, "out_features": 4}))
+        save_file({"linear.weight": torch.full((4, 4), float(i))}, str(f / "2_Dense" / "model.safetensors"))
+        folders.append(f)
+    out = tmp_path / "soup"
+    with caplog.at_level("WARNING", logger="soupkern"):
+        soupkern.uniform_soup(folders, f"{out}/")
+    assert (out / "1_Pooling" / "config.json").read_bytes() == (folders[0] / "1_Pooling" / "config.json").read_bytes()
+    assert (out / "2_Dense" / "config.json").exists() and not (out / "2_Dense" / "model.safetensors").exists()
+    assert (out / "modules.json").exists() and not (out / "sub").exists()
+    notices = [r.getMessage() for r in caplog.records if "2_Dense" in r.getMessage()]
+    assert len(notices) == 1 and "model.safetensors" in notices[0] and "-o SOUP/2_Dense/model.safetensors" in notices[0]
+    soupkern.uniform_soup(folders, f"{out}/", overwrite=True)  # provenance lists the subfolder files too
+    assert (out / "1_Pooling" / "config.json").exists()
+    # the Dense layer souped as the notice says, into the soup folder
+    soupkern.uniform_soup([f / "2_Dense" / "model.safetensors" for f in folders], out / "2_Dense" / "model.safetensors")
+    assert torch.equal(load_file(str(out / "2_Dense" / "model.safetensors"))["linear.weight"], torch.full((4, 4), 0.5))
+    with pytest.raises(soupkern.OutputError, match="2_Dense/model.safetensors"):  # now it would be lost
+        soupkern.uniform_soup(folders, f"{out}/", overwrite=True)
+
+
+def test_modules_json_may_not_point_outside(tmp_path: Path) -> None:
+    f = make_folder(tmp_path / "m", 0)
+    (f / "modules.json").write_text(json.dumps([{"idx": 1, "path": "../elsewhere"}]))
+    with pytest.raises(soupkern.InputError, match="modules.json.*not a subfolder"):
+        soupkern.uniform_soup([f, f], f"{tmp_path / 'soup'}/")
+    assert not (tmp_path / "soup").exists()
+
+
+@pytest.mark.parametrize("tie", [True, False, None])
+def test_tied_head_follows_the_config(tmp_path: Path, tie: bool | None) -> None:
+    """One folder saved with the head only, one with the embedding only (the two ways tied models
+    are saved): read as one tensor where config.json says tie_word_embeddings = true or says
+    nothing (the names pair up), refused where it says false (a missing head is missing)."""
+    g = torch.Generator().manual_seed(7)
+    emb = [torch.randn(10, 8, generator=g) for _ in range(2)]
+    folders = []
+    for i, name in enumerate(["model.embed_tokens.weight", "lm_head.weight"]):
+        f = tmp_path / f"m{i}"
+        f.mkdir()
+        save_file({name: emb[i], "model.norm.weight": torch.ones(8)}, str(f / "model.safetensors"))
+        config = dict(CONFIG) if tie is not None else {k: v for k, v in CONFIG.items() if k != "tie_word_embeddings"}
+        if tie is not None:
+            config["tie_word_embeddings"] = tie
+        (f / "config.json").write_text(json.dumps(config))
+        folders.append(f)
+    if tie is False:
+        with pytest.raises(soupkern.MismatchError, match="lm_head.weight|embed_tokens"):
+            soupkern.uniform_state_dict(folders)
+        return
+    got = soupkern.uniform_state_dict(folders)
+    want = ((emb[0].double() + emb[1].double()) / 2).float()
+    assert torch.equal(got["model.embed_tokens.weight"], want) and torch.equal(got["lm_head.weight"], want)

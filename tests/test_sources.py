@@ -639,6 +639,27 @@ def test_out_writes_in_place_and_returns_the_out_tensors():
     assert_same_sd(got, want)
 
 
+def test_out_allocates_no_tensor(monkeypatch):
+    """An SWA/EMA loop's `out=` call creates no tensor (no output, no staging copy): every torch
+    factory that could allocate one is counted, over a 60-tensor state dict."""
+    gen = torch.Generator().manual_seed(32)
+    sds = [{f"w{i}": torch.randn(17, i + 1, generator=gen) for i in range(60)} for _ in range(3)]
+    out = {k: torch.empty_like(v) for k, v in sds[0].items()}
+    soupkern.weighted_state_dict(sds, [0.5, 0.25, 0.25], out=out)  # warm-up: lazy imports
+    made = []
+    for factory in ("empty", "empty_like", "zeros", "zeros_like", "full", "full_like", "empty_strided"):
+        real = getattr(torch, factory)
+        monkeypatch.setattr(torch, factory, lambda *a, _real=real, _name=factory, **k: made.append(_name) or _real(*a, **k))
+    monkeypatch.setattr(torch.Tensor, "clone", lambda self, *a, **k: made.append("clone") or torch._C.TensorBase.clone(self, *a, **k))
+    monkeypatch.setattr(torch.Tensor, "contiguous", lambda self, *a, **k: made.append("contiguous") or torch._C.TensorBase.contiguous(self, *a, **k))
+    got = soupkern.weighted_state_dict(sds, [0.5, 0.25, 0.25], out=out)
+    monkeypatch.undo()
+    assert made == []
+    assert all(got[k] is out[k] for k in out)
+    want = {k: sum(c * sd[k].double() for c, sd in zip([0.5, 0.25, 0.25], sds)).float() for k in out}
+    assert_same_sd(got, want)
+
+
 def test_out_module_parameters_updated_in_place():
     torch.manual_seed(2)
     ms = [torch.nn.Linear(6, 4) for _ in range(3)]

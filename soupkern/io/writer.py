@@ -346,6 +346,21 @@ class ShardWriter(StagedWriter):
             self._fds = {}
 
 
+def _foreign_files(folder: Path, mine: set[str]) -> list[str]:
+    """The paths under `folder` (relative, POSIX) that are not regular files its soup provenance
+    lists (subfolders' files included: a sentence-transformers module's `1_Pooling/config.json`);
+    symbolic links and special files are always foreign."""
+    out = []
+    for here, dirs, files in os.walk(folder):  # does not follow symbolic links to folders
+        rel = Path(here).relative_to(folder)
+        for name in sorted(files) + sorted(d for d in dirs if os.path.islink(os.path.join(here, d))):
+            path = (rel / name).as_posix()
+            full = Path(here) / name
+            if path not in mine or full.is_symlink() or not full.is_file():
+                out.append(path)
+    return out
+
+
 class SoupWriter(StagedWriter):
     """Writes an OutputLayout. Use as a context manager and call `commit()` at the end; leaving
     the block without committing (an exception, a signal) removes every temporary file.
@@ -438,8 +453,7 @@ class SoupWriter(StagedWriter):
                 raise OutputError(f"{target}: the output folder holds an input ({src}); choose another output folder")
         if not entries:
             return
-        mine = soupkern_files(target) or set()
-        foreign = [e for e in entries if e not in mine or not (target / e).is_file() or (target / e).is_symlink()]
+        foreign = _foreign_files(target, soupkern_files(target) or set())
         if not self._overwrite and not foreign:
             raise OutputError(f"{target}: already exists and holds a soup ({_some(entries)}); "
                               f"pass overwrite=True (--force) to replace it")
@@ -549,6 +563,9 @@ class SoupWriter(StagedWriter):
             files[INDEX_NAME] = (json.dumps(index, indent=2) + "\n").encode()
         mask = os.umask(0)
         os.umask(mask)
+        subfolders = sorted({(self._stage / name).parent for name in files} - {self._stage})
+        for folder in subfolders:  # a sentence-transformers module's files (1_Pooling/config.json)
+            folder.mkdir(parents=True, exist_ok=True)
         for name, data in files.items():
             fd = os.open(self._stage / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666 & ~mask)
             try:
@@ -558,6 +575,8 @@ class SoupWriter(StagedWriter):
             finally:
                 os.close(fd)
         if self._fsync:
+            for folder in subfolders:
+                atomic.fsync_dir(folder)
             atomic.fsync_dir(self._stage)
 
     def _place(self, pending: list[int]) -> None:
