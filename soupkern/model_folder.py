@@ -73,16 +73,9 @@ def _files_of(folder: Path, prefix: str = "") -> dict[str, bytes]:
 
 def _module_folders(folder: Path) -> list[str]:
     """The subfolders a sentence-transformers `modules.json` names (`1_Pooling`, `2_Normalize`)."""
-    path = folder / MODULES_NAME
-    if not path.is_file():
+    modules = read_json(folder / MODULES_NAME, list, "a JSON list of modules")
+    if modules is None:
         return []
-    try:
-        with open(path, "rb") as f:
-            modules = json.loads(f.read())
-    except (OSError, ValueError) as e:
-        raise InputError(f"is not valid JSON ({e})", path=path) from None
-    if not isinstance(modules, list):
-        raise InputError("does not hold a JSON list of modules", path=path)
     subs = []
     for m in modules:
         sub = m.get("path") if isinstance(m, dict) else None
@@ -90,7 +83,8 @@ def _module_folders(folder: Path) -> list[str]:
             continue
         parts = Path(sub).parts
         if not isinstance(sub, str) or Path(sub).is_absolute() or ".." in parts or parts[0].startswith("."):
-            raise InputError(f"names module path {sub!r}, which is not a subfolder of the model", path=path)
+            raise InputError(f"names module path {sub!r}, which is not a subfolder of the model",
+                             path=folder / MODULES_NAME)
         if (folder / sub).is_dir():
             subs.append(Path(sub).as_posix())
     return subs
@@ -112,8 +106,8 @@ def companion_files(folder: Path) -> dict[str, bytes]:
     return out
 
 
-def _config(folder: Path) -> dict[str, Any] | None:
-    path = folder / CONFIG_NAME
+def read_json(path: Path, kind: type, what: str) -> Any:
+    """The JSON value in `path` (None when there is no such file), which must be a `kind`."""
     if not path.is_file():
         return None
     try:
@@ -121,9 +115,13 @@ def _config(folder: Path) -> dict[str, Any] | None:
             data = json.loads(f.read())
     except (OSError, ValueError) as e:
         raise InputError(f"is not valid JSON ({e})", path=path) from None
-    if not isinstance(data, dict):
-        raise InputError("does not hold a JSON object", path=path)
+    if not isinstance(data, kind):
+        raise InputError(f"does not hold {what}", path=path)
     return data
+
+
+def _config(folder: Path) -> dict[str, Any] | None:
+    return read_json(folder / CONFIG_NAME, dict, "a JSON object")  # type: ignore[no-any-return]
 
 
 def _arch(config: dict[str, Any]) -> dict[str, Any]:

@@ -280,16 +280,14 @@ def _fill_tied(checkpoints: Sequence[Checkpoint]) -> None:
 def _config_ties(path: str) -> bool | None:
     """`tie_word_embeddings` from the config.json beside a checkpoint (its folder, or the folder of
     its file or index; a multimodal config's `text_config`), None when it does not say."""
-    import json
+    from soupkern.model_folder import CONFIG_NAME, read_json
 
     p = Path(path)
     if not p.exists():  # an in-memory ingredient's label
         return None
-    config = (p if p.is_dir() else p.parent) / "config.json"
     try:
-        with open(config, "rb") as f:
-            data = json.loads(f.read())
-    except (OSError, ValueError):
+        data = read_json((p if p.is_dir() else p.parent) / CONFIG_NAME, dict, "a JSON object")
+    except InputError:  # a broken config says nothing here (a folder output refuses it, naming it)
         return None
     for c in (data, data.get("text_config") if isinstance(data, dict) else None):
         if isinstance(c, dict) and isinstance(c.get("tie_word_embeddings"), bool):
