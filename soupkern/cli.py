@@ -195,9 +195,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("greedy", help="greedy soup: add ingredients best first while the held-out score does not drop")
     p.add_argument("ingredients", nargs="+", help=INGREDIENTS_HELP)
-    p.add_argument("--score", required=True, metavar="MODULE:FUNCTION",
+    p.add_argument("--score", metavar="MODULE:FUNCTION",
                    help="held-out score, higher is better: FUNCTION(model) with --model, else FUNCTION(state_dict); "
-                        "MODULE is an importable module or a path to a .py file")
+                        "MODULE is an importable module or a path to a .py file (give --score or --data)")
+    p.add_argument("--data", metavar="MODULE:FUNCTION",
+                   help="zero-argument function returning the held-out (inputs, targets) batches (a list or a "
+                        "DataLoader, in the same order on every rank under torchrun), scored with --metric; needs --model")
+    p.add_argument("--metric", default="accuracy", metavar="accuracy|loss|MODULE:FUNCTION",
+                   help="with --data: accuracy (higher is better), loss (cross-entropy, lower is better) or "
+                        "FUNCTION(outputs, targets) -> per-sample values (higher is better); default accuracy")
     p.add_argument("--model", metavar="MODULE:FACTORY", help="zero-argument function returning the nn.Module to load soups into")
     p.add_argument("--tie", choices=("ge", "gt"), default="ge",
                    help="keep an ingredient when the score does not drop (ge, the paper) or only when it rises (gt, "
@@ -305,16 +311,22 @@ def _soup_opts(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _run_soup(args: argparse.Namespace, paths: list[str], coeffs: list[float] | None) -> None:
+    _run_distributed(args, lambda a: _soup(a, paths, coeffs))
+
+
+def _run_distributed(args: argparse.Namespace, run: Callable[[argparse.Namespace], None]) -> None:
+    """`run(args)`, in the process group torchrun's environment describes when there is one:
+    every rank runs the command; only rank 0 reports."""
     from soupkern import distributed
 
     ours = distributed.init_from_environment()
-    try:  # under torchrun: every rank runs the soup; only rank 0 reports
+    try:
         group = distributed.active()
         args.distributed = group is not None
         args.quiet = args.quiet or (group is not None and group.rank != 0)
         if group is not None and group.rank != 0:  # notices (mixed dtypes, renames...) once, from rank 0
             logging.getLogger("soupkern").setLevel(logging.ERROR)
-        _soup(args, paths, coeffs)
+        run(args)
     finally:
         if ours:
             distributed.shutdown()
@@ -388,25 +400,52 @@ def _printable(text: str) -> str:
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
-def _greedy(args: argparse.Namespace) -> None:
+def _greedy_inputs(args: argparse.Namespace, opts: dict[str, Any]) -> tuple[Any, Any, Any, Any]:
+    """(model, data, metric, score) of `soupkern greedy`, after checking every option, the
+    inputs and the output (before the first evaluation)."""
     from soupkern.options import check_device
-    from soupkern.recipes.greedy import GreedyStep, greedy_soup
     from soupkern.recipes.weighted import check_soup_output
 
-    opts = _soup_opts(args)
     if args.device is not None:
         check_device(args.device)
-    # every option, input and the output are checked before the first evaluation
     check_soup_output(args.ingredients, args.output, **{k: opts[k] for k in _CHECKED})
-    fn = load_callable(args.score, "--score")
-    if args.model:
+    data, metric, score = None, args.metric, None
+    if (args.score is None) == (args.data is None):
+        raise SoupkernError("soupkern greedy: give exactly one of --score MODULE:FUNCTION and --data MODULE:FUNCTION")
+    if args.data is not None:
+        if not args.model:
+            raise SoupkernError("soupkern greedy: --data needs --model MODULE:FACTORY (the model scored on the data)")
         model = load_callable(args.model, "--model")
-        score = fn
+        data = load_callable(args.data, "--data")()
+        if metric not in ("accuracy", "loss"):
+            metric = load_callable(metric, "--metric")
+    elif args.metric != "accuracy":
+        raise SoupkernError("soupkern greedy: --metric applies to --data; --score computes its own score")
+    elif _under_torchrun():
+        raise SoupkernError("soupkern greedy under torchrun splits the held-out data over the ranks, which an opaque "
+                            "--score function does not allow: give --data MODULE:FUNCTION (with --model and --metric)")
+    elif args.model:
+        model = load_callable(args.model, "--model")
+        score = load_callable(args.score, "--score")
     else:
         from soupkern.evaluate import module_from_checkpoint
 
+        fn = load_callable(args.score, "--score")
         model = module_from_checkpoint(args.ingredients[0], state_dict_key=args.state_dict_key)
         score = lambda m: fn(m.state_dict())  # noqa: E731
+    return model, data, metric, score
+
+
+def _greedy(args: argparse.Namespace) -> None:
+    from soupkern import distributed
+    from soupkern.recipes.greedy import GreedyStep, greedy_soup
+
+    opts = _soup_opts(args)
+    group = distributed.active() if getattr(args, "distributed", False) else None
+    if group is None:
+        model, data, metric, score = _greedy_inputs(args, opts)
+    else:  # every rank checks; a failure is reported once, by rank 0, and every rank exits
+        model, data, metric, score = group.step(lambda: _greedy_inputs(args, opts), "checking the inputs")  # type: ignore[misc]
     names = [os.path.basename(os.path.normpath(getattr(p, "source", p))) for p in args.ingredients]
 
     def on_step(step: GreedyStep) -> None:
@@ -419,8 +458,9 @@ def _greedy(args: argparse.Namespace) -> None:
         print(f"greedy soup of {len(names)} ingredients (tie rule '{args.tie}'): scoring each ingredient...",
               file=sys.stderr)
     # greedy_soup reserves the output (its lock) before the first evaluation and writes the soup
-    result = greedy_soup(args.ingredients, args.output, model=model, score=score, tie=args.tie, sort=args.sort,
-                         device=args.device, on_step=on_step, **opts)
+    result = greedy_soup(args.ingredients, args.output, model=model, data=data, metric=metric, score=score,
+                         tie=args.tie, sort=args.sort, device=args.device, on_step=on_step,
+                         distributed=group is not None, **opts)
     n = len(result.kept)
     if not args.quiet:
         print(f"\n{'rank':>4}  {'ingredient':<32} {'score':>12}  in soup", file=sys.stderr)
@@ -648,12 +688,12 @@ def _dispatch(args: argparse.Namespace) -> int:
             _inspect(args.path, args.json)
         elif args.command == "backends":
             _backends()
-        elif args.command in ("greedy", "learned", "interpolate") and _under_torchrun():
+        elif args.command in ("learned", "interpolate") and _under_torchrun():
             raise SoupkernError(f"soupkern {args.command} does not spread its evaluations over ranks yet: run it as one "
-                                "process, not under torchrun (uniform and weighted soups do run under torchrun)")
+                                "process, not under torchrun (uniform, weighted and greedy soups do run under torchrun)")
         elif args.command == "greedy":
             args.ingredients = _renamed(args, list(args.ingredients))
-            _greedy(args)
+            _run_distributed(args, _greedy)
         elif args.command == "learned":
             args.ingredients = _renamed(args, list(args.ingredients))
             _learned(args)

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Union
 
@@ -50,6 +50,7 @@ arguments of the model); tensors are moved to the model's device."""
 MetricFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """(outputs [B, ...], targets [B]) -> per-sample values [B]; the score is their mean over all samples."""
 ScoreFn = Callable[[nn.Module], float]
+_BatchSum = tuple[int, float, int]  # (batch index, sum of the metric over its samples, samples)
 ModelLike = Union[nn.Module, Callable[[], nn.Module]]
 BatchedMode = Literal["auto", "vmap", "shared", "sequential"]
 
@@ -122,12 +123,16 @@ class Evaluator:
       `maximize` defaults to True. Batched evaluation then runs the soups one after another.
     batched: how `score_stacked` shares a pass among soups: "auto" ("shared" on a CPU, "vmap"
       elsewhere), "vmap", "shared" or "sequential" (one pass per soup); see the module docstring.
+    distributed: inside an initialized process group of W ranks (torchrun), rank r evaluates
+      batches r, r + W, ... and the per-batch metric sums are gathered and added in batch order:
+      every rank gets the scores one process would, to the bit. Every rank must iterate the data
+      in the same order (no per-rank shuffling). Needs data and a metric, not a score callable.
     """
 
     def __init__(self, model: ModelLike, data: Iterable[Any] | None = None, *,
                  metric: str | MetricFn = "accuracy", score: ScoreFn | None = None,
                  maximize: bool | None = None, device: str | torch.device | None = None,
-                 batched: BatchedMode = "auto"):
+                 batched: BatchedMode = "auto", distributed: bool = False):
         if not isinstance(model, nn.Module):
             if not callable(model):
                 raise InputError(f"model must be an nn.Module or a factory returning one, got {type(model).__name__}")
@@ -138,6 +143,14 @@ class Evaluator:
             raise InputError("give either held-out data (with a metric) or a score(model) callable, not both or neither")
         if batched not in ("auto", "vmap", "shared", "sequential"):
             raise InputError(f"batched must be 'auto', 'vmap', 'shared' or 'sequential', got {batched!r}")
+        self.group = None
+        if distributed:
+            from soupkern import distributed as dist
+
+            if score is not None:
+                raise InputError("a score callable is opaque: it cannot be split over the ranks of a process group. "
+                                 "Give held-out data and a metric instead (data=, metric=; --data, --metric)")
+            self.group = dist.active()
         if device is not None:
             model.to(device)
         self.model = model.eval()
@@ -216,23 +229,64 @@ class Evaluator:
             self.load_(state)
         if self.score_fn is not None:
             return float(self.score_fn(self.model))
-        totals = _Totals(0.0, 0)
-        assert self.data is not None  # invariant of __init__: data xor score_fn
-        for batch in self.data:
-            inputs, targets = _split(batch)
-            outputs = self.model(*_args(_to(inputs, self.device)))
-            totals = self._accumulate(totals, outputs, targets)
-        return totals.mean()
+        def local() -> list[list[_BatchSum]]:
+            sums = []
+            for i, batch in self._batches():
+                inputs, targets = _split(batch)
+                sums.append(self._batch_sum(i, self.model(*_args(_to(inputs, self.device))), targets))
+            return [sums]
 
-    def _accumulate(self, totals: _Totals, outputs: torch.Tensor, targets: torch.Tensor) -> _Totals:
+        return self._means(local)[0]
+
+    def _batch_sum(self, index: int, outputs: torch.Tensor, targets: torch.Tensor) -> _BatchSum:
         values = self.metric(outputs, targets.to(outputs.device, non_blocking=True))
-        return _Totals(totals.total + float(values.sum(dtype=torch.float64)), totals.count + int(values.numel()))
+        return index, float(values.sum(dtype=torch.float64)), int(values.numel())
+
+    def _batches(self) -> Iterator[tuple[int, Any]]:
+        """(index, batch) of the held-out batches this process evaluates: all of them, or under a
+        process group of W ranks, batches r, r + W, ... (every rank must see the data in one order)."""
+        assert self.data is not None  # invariant of __init__: data xor score_fn
+        rank, world = (0, 1) if self.group is None else (self.group.rank, self.group.world_size)
+        for i, batch in enumerate(self.data):
+            if i % world == rank:
+                yield i, batch
+
+    def _means(self, local: Callable[[], list[list[_BatchSum]]]) -> list[float]:
+        """The mean metric of each soup from its per-batch sums (`local()`: this process's, one
+        list per soup), added in batch order whatever the number of ranks: the same floats as one
+        process. Under a process group the sums are gathered; an error on any rank is raised on
+        every rank (the failing rank's own, `PeerFailed` elsewhere)."""
+        if self.group is None:
+            parts = [local()]
+        else:
+            from soupkern.distributed import PeerFailed
+
+            try:
+                mine: tuple[str, Any] = ("ok", local())
+            except BaseException as e:
+                self.group.gather(("error", f"{type(e).__name__}: {e}"))
+                raise
+            parts = []
+            for rank, (status, value) in enumerate(self.group.gather(mine)):
+                if status != "ok":
+                    raise PeerFailed(f"rank {rank} failed evaluating a soup: {value}", 1, rank, self.group.rank)
+                parts.append(value)
+        means = []
+        for j in range(len(parts[0])):
+            totals = _Totals(0.0, 0)
+            for _, total, count in sorted(b for part in parts for b in part[j]):
+                totals = _Totals(totals.total + total, totals.count + count)
+            means.append(totals.mean())
+        return means
 
     @torch.no_grad()
     def outputs(self, state: Mapping[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(outputs [N, ...], targets [N]) of the model over the held-out data, concatenated on the model's device."""
         if self.data is None:
             raise InputError("outputs need held-out data; this evaluator has only a score callable")
+        if self.group is not None:
+            raise InputError("the outputs over the held-out data (ensembles, interpolation curves) are computed in "
+                             "one process; under a process group only scores are distributed")
         if state is not None:
             self.load_(state)
         outs, tgts = [], []
@@ -306,24 +360,27 @@ class Evaluator:
             return out
 
         batched_forward = torch.vmap(forward, in_dims=(0, None))
-        totals = [_Totals(0.0, 0) for _ in range(s)]
-        assert self.data is not None  # can_batch() implies data
-        first = True
-        for batch in self.data:
-            inputs, targets = _split(batch)
-            args = _args(_to(inputs, self.device))
-            if first:  # only the first call can fail for vmap reasons; later errors are real errors
-                try:
+
+        def local() -> list[list[_BatchSum]]:
+            sums: list[list[_BatchSum]] = [[] for _ in range(s)]
+            first = True
+            for index, batch in self._batches():
+                inputs, targets = _split(batch)
+                args = _args(_to(inputs, self.device))
+                if first:  # only the first call can fail for vmap reasons; later errors are real errors
+                    try:
+                        outputs = batched_forward(params, args)
+                    except (RuntimeError, NotImplementedError, ValueError) as e:
+                        raise BatchedEvaluationUnavailable(f"{type(e).__name__}: {e}") from e
+                    first = False
+                else:
                     outputs = batched_forward(params, args)
-                except (RuntimeError, NotImplementedError, ValueError) as e:
-                    raise BatchedEvaluationUnavailable(f"{type(e).__name__}: {e}") from e
-                first = False
-            else:
-                outputs = batched_forward(params, args)
-            targets = targets.to(outputs.device, non_blocking=True)
-            for i in range(s):
-                totals[i] = self._accumulate(totals[i], outputs[i], targets)
-        return [t.mean() for t in totals]
+                targets = targets.to(outputs.device, non_blocking=True)
+                for i in range(s):
+                    sums[i].append(self._batch_sum(index, outputs[i], targets))
+            return sums
+
+        return self._means(local)
 
     def _prefers_shared(self) -> bool:
         """"auto" on a CPU: plain forwards beat vmap'd ones there (see the module docstring)."""
@@ -335,16 +392,19 @@ class Evaluator:
         each forward is a plain one, which on a CPU is faster than a vmap'd one."""
         from torch.func import functional_call
 
-        totals = [_Totals(0.0, 0) for _ in range(s)]
         soups = [{k: v[i] for k, v in stacked.items()} for i in range(s)]
-        assert self.data is not None  # can_batch() implies data
-        for batch in self.data:
-            inputs, targets = _split(batch)
-            args = _args(_to(inputs, self.device))
-            targets = targets.to(self.device, non_blocking=True)
-            for i, params in enumerate(soups):
-                totals[i] = self._accumulate(totals[i], functional_call(self.model, params, args), targets)
-        return [t.mean() for t in totals]
+
+        def local() -> list[list[_BatchSum]]:
+            sums: list[list[_BatchSum]] = [[] for _ in range(s)]
+            for index, batch in self._batches():
+                inputs, targets = _split(batch)
+                args = _args(_to(inputs, self.device))
+                targets = targets.to(self.device, non_blocking=True)
+                for i, params in enumerate(soups):
+                    sums[i].append(self._batch_sum(index, functional_call(self.model, params, args), targets))
+            return sums
+
+        return self._means(local)
 
     def _score_sequential(self, stacked: Mapping[str, torch.Tensor], s: int) -> list[float]:
         saved = {name: self.tensors[name].detach().clone() for name in stacked}
@@ -413,7 +473,7 @@ def module_from_checkpoint(path: str | os.PathLike[str], device: str | torch.dev
 def make_evaluator(model: ModelLike | None = None, data: Iterable[Any] | None = None, *,
                    metric: str | MetricFn = "accuracy", score: ScoreFn | None = None,
                    maximize: bool | None = None, device: str | torch.device | None = None,
-                   evaluator: Evaluator | None = None) -> Evaluator:
+                   evaluator: Evaluator | None = None, distributed: bool = False) -> Evaluator:
     """`evaluator` if given (then no other argument may be), else `Evaluator(model, data, ...)`."""
     if evaluator is not None:
         if model is not None or data is not None or score is not None:
@@ -421,4 +481,5 @@ def make_evaluator(model: ModelLike | None = None, data: Iterable[Any] | None = 
         return evaluator
     if model is None:
         raise InputError("a model (or a factory) is needed to evaluate soups")
-    return Evaluator(model, data, metric=metric, score=score, maximize=maximize, device=device)
+    return Evaluator(model, data, metric=metric, score=score, maximize=maximize, device=device,
+                     distributed=distributed)

@@ -155,7 +155,61 @@ def test_a_slow_rank_is_not_a_dead_rank(inputs: list[Path], tmp_path: Path) -> N
 
 
 def test_evaluation_recipes_are_refused_under_torchrun(inputs: list[Path], tmp_path: Path) -> None:
-    r = subprocess.run([sys.executable, "-m", "soupkern", "greedy", *map(str, inputs), "--score", "x:y", "-o",
-                        str(tmp_path / "g.safetensors")], capture_output=True, text=True,
+    """learned and interpolate are not distributed yet: refused before any work (greedy is: below)."""
+    r = subprocess.run([sys.executable, "-m", "soupkern", "learned", *map(str, inputs), "--model", "x:y", "--data",
+                        "x:z", "-o", str(tmp_path / "g.safetensors")], capture_output=True, text=True,
                        env={**os.environ, "WORLD_SIZE": "2", "RANK": "0"})
     assert r.returncode == 2 and "not under torchrun" in r.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# greedy soups with the held-out data split over the ranks
+
+from tests.digits_fixtures import digits_dir, digits_ingredients, digits_splits  # noqa: E402,F401
+
+
+@pytest.mark.parametrize("tie", ["ge", "gt"])
+def test_distributed_greedy_equals_one_process(digits_ingredients: list[Path], tmp_path: Path,  # noqa: F811
+                                               tie: str) -> None:
+    """`torchrun ... -m soupkern greedy --model --data --metric` at world sizes 2 and 3 (the 10
+    held-out batches do not divide by 3): the same ingredient scores and final score to the bit
+    (per-batch metric sums gathered and added in batch order), so the same picks and the same soup
+    file as one process. 150 held-out samples make the two tie rules pick different soups."""
+    hooks = tmp_path / "hooks.py"
+    hooks.write_text(
+        "from soupkern.examples import digits\n"
+        "def model():\n    return digits.make_model()\n"
+        "def data():\n"
+        "    val = digits.make_splits(0).val\n"
+        "    return digits.batches(digits.TensorPair(val.x[:150], val.y[:150]), 16)\n")
+    args = [*map(str, digits_ingredients), "--model", f"{hooks}:model", "--data", f"{hooks}:data",
+            "--tie", tie, "--sort", "model-soups"]
+    one = subprocess.run([sys.executable, "-m", "soupkern", "greedy", *args, "-o", str(tmp_path / "one.safetensors"),
+                          "-q"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert one.returncode == 0, one.stderr
+    want = metadata_of(tmp_path / "one.safetensors")
+    for n in (2, 3):
+        out = tmp_path / f"many{n}.safetensors"
+        r = torchrun(n, ["greedy", *args, "-o", str(out)], tmp_path)
+        assert r.returncode == 0, r.stderr
+        assert r.stderr.count("greedy soup:") == 1  # rank 0 reports
+        got = metadata_of(out)
+        assert got == want  # kept, every score, the final score, provenance
+        assert out.read_bytes() == (tmp_path / "one.safetensors").read_bytes()
+    kept = json.loads(want["soupkern.greedy.kept"])
+    assert 1 < len(kept) < len(digits_ingredients)
+    assert not [p for p in os.listdir(tmp_path) if ".soupkern-" in p]
+
+
+def metadata_of(path: Path) -> dict[str, str]:
+    with safe_open(str(path), framework="np") as s:
+        return dict(s.metadata())
+
+
+def test_greedy_score_callable_is_refused_under_torchrun(inputs: list[Path], tmp_path: Path) -> None:
+    (tmp_path / "hooks.py").write_text("def score(sd):\n    return 1.0\n")
+    r = torchrun(2, ["greedy", *map(str, inputs), "--score", f"{tmp_path / 'hooks.py'}:score",
+                     "-o", str(tmp_path / "o.safetensors")], tmp_path)
+    assert r.returncode != 0, r.stderr  # torchrun's own code; each rank exits 2
+    assert r.stderr.count("soupkern: error:") == 1 and "--data" in r.stderr
+    assert not (tmp_path / "o.safetensors").exists()

@@ -520,6 +520,7 @@ def greedy_soup(
     int_policy: str = "auto",
     out_format: str = "safetensors",
     lora: str = "refuse",
+    distributed: bool = False,
 ) -> GreedyResult:
     """Greedy soup of `ingredients` (any source: paths of any format, state dicts, modules),
     written to `out` when given.
@@ -537,6 +538,11 @@ def greedy_soup(
     running sums too large for memory live (an unnamed temporary file; default the output's folder,
     else the system's temporary folder).
 
+    `distributed`: inside an initialized process group (torchrun), every rank runs the same
+    greedy search with the held-out batches split over the ranks (`Evaluator(distributed=True)`:
+    the scores, and so every pick, are the single-process ones, to the bit); rank 0 alone holds
+    the output lock and writes the soup; an error on any rank is raised on every rank.
+
     On return the model holds the in-memory greedy soup; see `GreedyResult` for the record.
     """
     from soupkern.evaluate import make_evaluator
@@ -548,7 +554,10 @@ def greedy_soup(
                  int_policy=int_policy, out_format=out_format, lora=lora, **({} if budget_bytes is None else {"budget_bytes": budget_bytes}))
     if out is not None:  # fail before the evaluations, not after them
         check_soup_output(paths, out, metadata=metadata, **write)  # type: ignore[arg-type]
-    ev = make_evaluator(model, data, metric=metric, score=score, maximize=maximize, device=device, evaluator=evaluator)
+    if distributed and evaluator is not None:
+        raise InputError("distributed=True builds its own evaluator: give model, data and metric, not evaluator")
+    ev = make_evaluator(model, data, metric=metric, score=score, maximize=maximize, device=device, evaluator=evaluator,
+                        distributed=distributed)
     if speculative is None:
         speculative = DEFAULT_SPECULATIVE if ev.can_batch() and _passes_are_costly(ev) else 1
     if speculative < 1:
@@ -614,8 +623,16 @@ def _greedy_run(soup: _RunningSoup, ev: Evaluator, paths: list[Any], out: PathLi
     report = None
     if out is not None:
         n = len(kept)
-        report = weighted_soup([paths[i] for i in kept], [1.0] * n, out, divisor=n, progress=progress, recipe="greedy",
-                               metadata={**result.metadata(), **(metadata or {})}, **write)
+
+        def write_soup() -> SoupReport:
+            return weighted_soup([paths[i] for i in kept], [1.0] * n, out, divisor=n, progress=progress,
+                                 recipe="greedy", metadata={**result.metadata(), **(metadata or {})}, **write)
+
+        if ev.group is None:
+            report = write_soup()
+        else:  # every rank holds the same soup; rank 0 writes it, and its outcome is every rank's
+            report = ev.group.step(write_soup if ev.group.rank == 0 else lambda: None, "writing the greedy soup",
+                                   long=True)
     return replace(result, seconds=time.perf_counter() - t0, report=report)
 
 

@@ -474,12 +474,17 @@ def reserve_output(out: PathLike | None):  # -> context manager
 
 
 def reserves_output(fn: F) -> F:
-    """Decorator: run a recipe while its `out` argument's output lock is held (`reserve_output`)."""
+    """Decorator: run a recipe while its `out` argument's output lock is held (`reserve_output`;
+    by rank 0 alone when the recipe runs with distributed=True in a process group)."""
     sig = inspect.signature(fn)
 
     @functools.wraps(fn)
     def wrapper(*args: object, **kwargs: object) -> object:
-        with reserve_output(sig.bind_partial(*args, **kwargs).arguments.get("out")):  # type: ignore[arg-type]
+        from soupkern import distributed
+
+        out = sig.bind_partial(*args, **kwargs).arguments.get("out")
+        group = distributed.active() if kwargs.get("distributed") else None
+        with reserve_output(out if group is None or group.rank == 0 else None):  # type: ignore[arg-type]
             return fn(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
