@@ -77,7 +77,7 @@ class PickleFile(MappedFile):
         view = pid[5] if len(pid) > 5 else None
         dtype = torch.uint8 if storage_type is torch.UntypedStorage else storage_type.dtype
         key = str(key)
-        itemsize = torch.empty((), dtype=dtype).element_size()
+        itemsize = dtype.itemsize
         if self._keys.setdefault(key, (dtype, numel)) != (dtype, numel):
             raise Unsupported(f"storage {key} is named with two dtypes or sizes")
         offset = 0
@@ -180,9 +180,7 @@ def _range_info(begin: int, end: int) -> TensorInfo:
 
 
 def _itemsize(dtype: Any) -> int:
-    import torch
-
-    return torch.empty((), dtype=dtype).element_size()
+    return int(dtype.itemsize)
 
 
 def load(path: str) -> PickleFile:
