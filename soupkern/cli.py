@@ -327,6 +327,10 @@ def _run_distributed(args: argparse.Namespace, run: Callable[[argparse.Namespace
         if group is not None and group.rank != 0:  # notices (mixed dtypes, renames...) once, from rank 0
             logging.getLogger("soupkern").setLevel(logging.ERROR)
         run(args)
+        if ours and group is not None:
+            # leave together: a rank tearing down its gloo connections while a peer still uses
+            # them sometimes aborts that peer (seen as "terminate called" on exit)
+            group.dist.barrier()
     finally:
         if ours:
             distributed.shutdown()
@@ -477,16 +481,23 @@ _CHECKED = ("dtype", "keys", "max_shard_size", "budget_bytes", "backend", "overw
 
 
 def _learned(args: argparse.Namespace) -> None:
+    from soupkern import distributed
     from soupkern.recipes.learned import learned_soup
     from soupkern.recipes.weighted import check_soup_output
 
     opts = _soup_opts(args)
-    check_soup_output(args.ingredients, args.output, **{k: opts[k] for k in _CHECKED})
-    make_model = load_callable(args.model, "--model")
-    make_data = load_callable(args.data, "--data")
+
+    def inputs() -> tuple[Any, Any]:
+        check_soup_output(args.ingredients, args.output, **{k: opts[k] for k in _CHECKED})
+        return load_callable(args.model, "--model")(), load_callable(args.data, "--data")()
+
+    group = distributed.active() if getattr(args, "distributed", False) else None
+    # every rank checks; a failure is reported once, by rank 0, and every rank exits
+    model, data = inputs() if group is None else group.step(inputs, "checking the inputs")  # type: ignore[misc]
     # learned_soup reserves the output (its lock) before it trains
-    result = learned_soup(args.ingredients, args.output, model=make_model(), data=make_data(), mode=args.mode,
-                          epochs=args.epochs, lr=args.lr, seed=args.seed, **{k: opts[k] for k in _CHECKED})
+    result = learned_soup(args.ingredients, args.output, model=model, data=data, mode=args.mode, epochs=args.epochs,
+                          lr=args.lr, seed=args.seed, distributed=group is not None,
+                          **{k: opts[k] for k in _CHECKED})
     if not args.quiet:
         print(result.to_table(), file=sys.stderr)
     _summary(args, result.report)
@@ -688,15 +699,15 @@ def _dispatch(args: argparse.Namespace) -> int:
             _inspect(args.path, args.json)
         elif args.command == "backends":
             _backends()
-        elif args.command in ("learned", "interpolate") and _under_torchrun():
-            raise SoupkernError(f"soupkern {args.command} does not spread its evaluations over ranks yet: run it as one "
-                                "process, not under torchrun (uniform, weighted and greedy soups do run under torchrun)")
+        elif args.command == "interpolate" and _under_torchrun():
+            raise SoupkernError("soupkern interpolate does not spread its evaluations over ranks yet: run it as one "
+                                "process, not under torchrun (uniform, weighted, greedy and learned soups do)")
         elif args.command == "greedy":
             args.ingredients = _renamed(args, list(args.ingredients))
             _run_distributed(args, _greedy)
         elif args.command == "learned":
             args.ingredients = _renamed(args, list(args.ingredients))
-            _learned(args)
+            _run_distributed(args, _learned)
         elif args.command == "analyze":
             _analyze(args)
         elif args.command == "interpolate":

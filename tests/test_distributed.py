@@ -155,9 +155,9 @@ def test_a_slow_rank_is_not_a_dead_rank(inputs: list[Path], tmp_path: Path) -> N
 
 
 def test_evaluation_recipes_are_refused_under_torchrun(inputs: list[Path], tmp_path: Path) -> None:
-    """learned and interpolate are not distributed yet: refused before any work (greedy is: below)."""
-    r = subprocess.run([sys.executable, "-m", "soupkern", "learned", *map(str, inputs), "--model", "x:y", "--data",
-                        "x:z", "-o", str(tmp_path / "g.safetensors")], capture_output=True, text=True,
+    """interpolate is not distributed yet: refused before any work (greedy and learned are: below)."""
+    r = subprocess.run([sys.executable, "-m", "soupkern", "interpolate", *map(str, inputs[:2]), "--model", "x:y",
+                        "--data", "x:z", "-o", str(tmp_path / "g.safetensors")], capture_output=True, text=True,
                        env={**os.environ, "WORLD_SIZE": "2", "RANK": "0"})
     assert r.returncode == 2 and "not under torchrun" in r.stderr
 
@@ -175,19 +175,8 @@ def test_distributed_greedy_equals_one_process(digits_ingredients: list[Path], t
     held-out batches do not divide by 3): the same ingredient scores and final score to the bit
     (per-batch metric sums gathered and added in batch order), so the same picks and the same soup
     file as one process. 150 held-out samples make the two tie rules pick different soups."""
-    hooks = tmp_path / "hooks.py"
-    hooks.write_text(
-        "from soupkern.examples import digits\n"
-        "def model():\n    return digits.make_model()\n"
-        "def data():\n"
-        "    val = digits.make_splits(0).val\n"
-        "    return digits.batches(digits.TensorPair(val.x[:150], val.y[:150]), 16)\n")
-    args = [*map(str, digits_ingredients), "--model", f"{hooks}:model", "--data", f"{hooks}:data",
-            "--tie", tie, "--sort", "model-soups"]
-    one = subprocess.run([sys.executable, "-m", "soupkern", "greedy", *args, "-o", str(tmp_path / "one.safetensors"),
-                          "-q"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
-    assert one.returncode == 0, one.stderr
-    want = metadata_of(tmp_path / "one.safetensors")
+    args = [*map(str, digits_ingredients), *digits_hooks(tmp_path, 150, 16), "--tie", tie, "--sort", "model-soups"]
+    want = one_process("greedy", args, tmp_path)
     for n in (2, 3):
         out = tmp_path / f"many{n}.safetensors"
         r = torchrun(n, ["greedy", *args, "-o", str(out)], tmp_path)
@@ -206,6 +195,26 @@ def metadata_of(path: Path) -> dict[str, str]:
         return dict(s.metadata())
 
 
+def digits_hooks(tmp_path: Path, samples: int, batch: int) -> list[str]:
+    """--model/--data options: the digits MLP, the first `samples` validation samples in batches."""
+    hooks = tmp_path / "hooks.py"
+    hooks.write_text(
+        "from soupkern.examples import digits\n"
+        "def model():\n    return digits.make_model()\n"
+        "def data():\n"
+        "    val = digits.make_splits(0).val\n"
+        f"    return digits.batches(digits.TensorPair(val.x[:{samples}], val.y[:{samples}]), {batch})\n")
+    return ["--model", f"{hooks}:model", "--data", f"{hooks}:data"]
+
+
+def one_process(command: str, args: list[str], tmp_path: Path) -> dict[str, str]:
+    """Run `soupkern COMMAND ARGS -o one.safetensors` as one process; its soup's metadata."""
+    one = subprocess.run([sys.executable, "-m", "soupkern", command, *args, "-o", str(tmp_path / "one.safetensors"),
+                          "-q"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert one.returncode == 0, one.stderr
+    return metadata_of(tmp_path / "one.safetensors")
+
+
 def test_greedy_score_callable_is_refused_under_torchrun(inputs: list[Path], tmp_path: Path) -> None:
     (tmp_path / "hooks.py").write_text("def score(sd):\n    return 1.0\n")
     r = torchrun(2, ["greedy", *map(str, inputs), "--score", f"{tmp_path / 'hooks.py'}:score",
@@ -213,3 +222,26 @@ def test_greedy_score_callable_is_refused_under_torchrun(inputs: list[Path], tmp
     assert r.returncode != 0, r.stderr  # torchrun's own code; each rank exits 2
     assert r.stderr.count("soupkern: error:") == 1 and "--data" in r.stderr
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_distributed_learned_soup_matches_one_process(digits_ingredients: list[Path], tmp_path: Path) -> None:  # noqa: F811
+    """`torchrun ... -m soupkern learned` at world sizes 2 and 3: each step's batch is split by
+    rows, the gradients summed over ranks. The held-out score of the uniform start is gathered in
+    batch order and so is bit-equal; the coefficients differ from one process's only by the order
+    of the gradient sums. Tolerance: a step's gradient then differs by a few fp32 ulps (relative
+    ~1e-7); AdamW divides by sqrt(v), so a relative change of the gradient moves a step by about
+    as much, lr = 0.05 at most per step, 20 steps here: |Δ logits| <~ 20 · 0.05 · 1e-6 = 1e-6,
+    and softmax coefficients move less; 1e-5 leaves room for gradients near zero."""
+    args = [*map(str, digits_ingredients[:4]), *digits_hooks(tmp_path, 320, 64), "--epochs", "4"]
+    want = one_process("learned", args, tmp_path)
+    for n in (2, 3):
+        out = tmp_path / f"many{n}.safetensors"
+        r = torchrun(n, ["learned", *args, "-o", str(out)], tmp_path)
+        assert r.returncode == 0, r.stderr
+        got = metadata_of(out)
+        assert got["soupkern.learned.uniform_loss"] == want["soupkern.learned.uniform_loss"]
+        a = np.array(json.loads(got["soupkern.learned.coefficients"]))
+        b = np.array(json.loads(want["soupkern.learned.coefficients"]))
+        assert np.abs(a - b).max() <= 1e-5, (a, b)
+        assert abs(float(got["soupkern.learned.final_loss"]) - float(want["soupkern.learned.final_loss"])) <= 1e-5
+    assert not [p for p in os.listdir(tmp_path) if ".soupkern-" in p]

@@ -31,7 +31,7 @@ import time
 import warnings
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Literal, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +46,9 @@ from soupkern.errors import InputError
 from soupkern.plan import KeyPolicy, SoupPlan, TensorPlan, build_plan
 from soupkern.recipes.weighted import SoupReport, check_soup_output, open_ingredients, reserves_output, weighted_soup
 from soupkern.torch_dtypes import TORCH_DTYPES
+
+if TYPE_CHECKING:
+    from soupkern.distributed import Group
 
 PathLike = str | os.PathLike[str]
 LearnedMode = Literal["by_model", "by_layer"]
@@ -195,17 +198,28 @@ def _forward(model: nn.Module, params: dict[str, torch.Tensor], inputs: Any, dev
 
 @torch.no_grad()
 def _heldout(model: nn.Module, params: dict[str, torch.Tensor], data: Iterable[Any], device: torch.device,
-             loss_fn: LossFn) -> tuple[float, float]:
-    """(mean loss, top-1 accuracy) of the soup `params` over `data`, fp64 sums over samples."""
-    total_loss = correct = 0.0
-    n = 0
-    for batch in data:
+             loss_fn: LossFn, group: Group | None = None) -> tuple[float, float]:
+    """(mean loss, top-1 accuracy) of the soup `params` over `data`, fp64 sums over samples.
+    Under a process group rank r scores batches r, r + W, ...; the per-batch sums are gathered
+    and added in batch order: the floats one process computes."""
+    rank, world = (0, 1) if group is None else (group.rank, group.world_size)
+    sums = []
+    for i, batch in enumerate(data):
+        if i % world != rank:
+            continue
         inputs, targets = _split(batch)
         out = _forward(model, params, inputs, device)
         targets = targets.to(out.device)
-        total_loss += float(loss_fn(out.float(), targets)) * len(targets)
-        correct += float((out.argmax(-1) == targets).sum())
-        n += len(targets)
+        sums.append((i, float(loss_fn(out.float(), targets)) * len(targets), float((out.argmax(-1) == targets).sum()),
+                     len(targets)))
+    if group is not None:
+        sums = sorted(b for part in group.gather(sums) for b in part)
+    total_loss = correct = 0.0
+    n = 0
+    for _, batch_loss, batch_correct, count in sums:
+        total_loss += batch_loss
+        correct += batch_correct
+        n += count
     if n == 0:
         raise InputError("the held-out data is empty (pass a list of batches or a DataLoader, not a one-shot iterator)")
     return total_loss / n, correct / n
@@ -258,6 +272,7 @@ def _learned_soup(
     int_policy: str = "auto",
     out_format: str = "safetensors",
     lora: str = "refuse",
+    distributed: bool = False,
 ) -> LearnedSoupResult:
     """Learn softmax mixing coefficients on held-out `data`, then write the soup to `out` (if given).
 
@@ -271,6 +286,12 @@ def _learned_soup(
     Output options (`dtype`, `keys`, `max_shard_size`, `budget_bytes`, `backend`, `overwrite`, `fsync`) as
     `weighted_soup`. `progress(step, loss)` is called after every step. Seeded by `seed` (the
     global torch RNG is restored afterwards).
+    distributed: inside an initialized process group of W ranks (torchrun), every step's batch is
+      split by rows over the ranks (rank r takes rows [rB/W, (r+1)B/W)); each rank's loss is
+      scaled by its share of the rows and the coefficient gradients are all-reduced (summed), so
+      every rank takes the single-process step up to the order of the gradient sums (`loss_fn`
+      must be a mean over samples); held-out scores are split by batches and gathered in batch
+      order. Rank 0 alone holds the output lock and writes the soup.
     """
     if mode not in ("by_model", "by_layer"):
         raise InputError(f"mode must be 'by_model' or 'by_layer', got {mode!r}")
@@ -295,6 +316,11 @@ def _learned_soup(
     model.eval()
     device = next((t.device for t in model.state_dict().values()), torch.device("cpu"))
     history: list[float] = []
+    group = None
+    if distributed:
+        from soupkern import distributed as dist
+
+        group = dist.active()
     try:
         with ExitStack() as stack, torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -305,17 +331,22 @@ def _learned_soup(
             beta = torch.ones((), dtype=torch.float32, requires_grad=learn_temperature)
             opt = torch.optim.AdamW([logits, beta] if learn_temperature else [logits], lr=lr, weight_decay=weight_decay)
             with torch.no_grad():
-                uniform = _heldout(model, _mixed_params(prob, torch.softmax(logits, -1), kernel), eval_data, device, loss_fn)
+                uniform = _heldout(model, _mixed_params(prob, torch.softmax(logits, -1), kernel), eval_data, device,
+                                   loss_fn, group)
 
             def train_step(batch: Any) -> None:
                 inputs, targets = _split(batch)
-                params = _mixed_params(prob, torch.softmax(logits, -1), kernel)
-                outputs = _forward(model, params, inputs, device)
-                loss = loss_fn(outputs.float() * beta.to(outputs.device), targets.to(outputs.device))
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                if group is None:
+                    params = _mixed_params(prob, torch.softmax(logits, -1), kernel)
+                    outputs = _forward(model, params, inputs, device)
+                    loss = loss_fn(outputs.float() * beta.to(outputs.device), targets.to(outputs.device))
+                    loss.backward()
+                    value = float(loss.detach())
+                else:
+                    value = _distributed_step(group, prob, logits, beta, kernel, model, inputs, targets, device, loss_fn)
                 opt.step()
-                history.append(float(loss.detach()))
+                history.append(value)
                 if progress is not None:
                     progress(len(history), history[-1])
 
@@ -332,7 +363,8 @@ def _learned_soup(
                 epoch += 1
             final = torch.softmax(logits.detach().to(torch.float64), -1)
             with torch.no_grad():
-                learned = _heldout(model, _mixed_params(prob, final.to(torch.float32), kernel), eval_data, device, loss_fn)
+                learned = _heldout(model, _mixed_params(prob, final.to(torch.float32), kernel), eval_data, device,
+                                   loss_fn, group)
     finally:
         model.train(was_training)
     coeffs = tuple(tuple(float(c) for c in row) for row in final.tolist())
@@ -357,11 +389,49 @@ def _learned_soup(
                             "fsync": fsync, "state_dict_key": state_dict_key, "copy_from": copy_from,
                             "allow_config_mismatch": allow_config_mismatch, "int_policy": int_policy,
                             "out_format": out_format, "lora": lora}
-    if mode == "by_model":
-        report = weighted_soup(ingredients, coeffs[0], out, recipe="learned", metadata=meta, **opts)
-    else:
-        report = per_tensor_soup(ingredients, result.coefficient_map(), out, recipe="learned", metadata=meta, **opts)
+
+    def write() -> SoupReport:
+        if mode == "by_model":
+            return weighted_soup(ingredients, coeffs[0], out, recipe="learned", metadata=meta, **opts)
+        return per_tensor_soup(ingredients, result.coefficient_map(), out, recipe="learned", metadata=meta, **opts)
+
+    if group is None:
+        report = write()
+    else:  # every rank learned the same coefficients; rank 0 writes, and its outcome is every rank's
+        report = group.step(write if group.rank == 0 else lambda: None, "writing the learned soup", long=True)
     return dataclasses.replace(result, report=report, seconds=time.perf_counter() - t0)
+
+
+def _rows(x: Any, lo: int, hi: int) -> Any:
+    return tuple(t[lo:hi] for t in x) if isinstance(x, (tuple, list)) else x[lo:hi]
+
+
+def _distributed_step(group: Group, prob: _Problem, logits: torch.Tensor, beta: torch.Tensor, kernel: Backend,
+                      model: nn.Module, inputs: Any, targets: torch.Tensor, device: torch.device,
+                      loss_fn: LossFn) -> float:
+    """This rank's rows of the batch: loss scaled by their share, backward, then the gradients
+    and the loss summed over the ranks (each rank ends with the whole batch's)."""
+    rows = len(targets)
+    lo, hi = rows * group.rank // group.world_size, rows * (group.rank + 1) // group.world_size
+    params = _mixed_params(prob, torch.softmax(logits, -1), kernel)
+    if hi > lo:
+        outputs = _forward(model, params, _rows(inputs, lo, hi), device)
+        loss = loss_fn(outputs.float() * beta.to(outputs.device), targets[lo:hi].to(outputs.device)) * ((hi - lo) / rows)
+        loss.backward()
+        value = loss.detach().to("cpu", torch.float32).reshape(1)
+    else:  # fewer rows than ranks: this rank adds nothing, but joins the sums
+        value = torch.zeros(1)
+    shared = [p for p in (logits, beta) if p.requires_grad]
+    for p in shared:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.reshape(-1) for p in shared] + [value])
+    group.dist.all_reduce(flat)
+    offset = 0
+    for p in shared:
+        p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
+        offset += p.numel()
+    return float(flat[-1])
 
 
 
