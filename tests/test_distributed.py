@@ -53,7 +53,7 @@ def metadata(folder: Path) -> list[dict[str, str]]:
     return metas
 
 
-@pytest.mark.parametrize("n", [2, 3])
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
 def test_spmd_soup_equals_one_process(inputs: list[Path], tmp_path: Path, n: int) -> None:
     args = [*map(str, inputs), "--max-shard-size", "40KB"]
     one = subprocess.run([sys.executable, "-m", "soupkern", "uniform", *args, "-o", f"{tmp_path}/one/", "-q"],
@@ -245,3 +245,45 @@ def test_distributed_learned_soup_matches_one_process(digits_ingredients: list[P
         assert np.abs(a - b).max() <= 1e-5, (a, b)
         assert abs(float(got["soupkern.learned.final_loss"]) - float(want["soupkern.learned.final_loss"])) <= 1e-5
     assert not [p for p in os.listdir(tmp_path) if ".soupkern-" in p]
+
+
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_each_rank_reads_only_its_shards(inputs: list[Path], tmp_path: Path, n: int) -> None:
+    """Every byte range of an input that a rank views, addresses or prefetches (the engine's
+    reads; recorded by a private test hook) lies inside the tensors of the shards assigned to
+    that rank; together the ranks read every input byte of the soup, and no byte twice."""
+    log = tmp_path / "access"
+    r = torchrun(n, ["uniform", *map(str, inputs), "--max-shard-size", "40KB", "-o", f"{tmp_path}/soup/"], tmp_path,
+                 env={"SOUPKERN_TEST_ACCESS_LOG": str(log)})
+    assert r.returncode == 0, r.stderr
+    index = json.loads((tmp_path / "soup" / "model.safetensors.index.json").read_text())["weight_map"]
+    shards = sorted(set(index.values()))
+    sizes = [(tmp_path / "soup" / s).stat().st_size for s in shards]
+    owner = assign(sizes, n)  # the same deterministic assignment the soup used
+    # each input tensor's byte range in its file
+    ranges: dict[str, list[tuple[str, int, int]]] = {}
+    for p in inputs:
+        with open(p, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(header_len))
+        for name, meta in header.items():
+            if name != "__metadata__":
+                b, e = meta["data_offsets"]
+                ranges.setdefault(name, []).append((os.path.realpath(p), 8 + header_len + b, 8 + header_len + e))
+    read_by: dict[tuple[str, int], int] = {}  # (file, byte) -> rank, for every byte read
+    total = 0
+    for rank in range(n):
+        allowed = [rg for name, shard in index.items() if owner[shards.index(shard)] == rank for rg in ranges[name]]
+        accessed = json.loads(Path(f"{log}.{rank}").read_text())
+        assert accessed, f"rank {rank} read nothing"
+        bytes_here = set()
+        for path, b, e in accessed:
+            assert any(os.path.realpath(path) == f and fb <= b and e <= fe for f, fb, fe in allowed), \
+                (rank, path, b, e)
+            bytes_here.update((os.path.realpath(path), x) for x in range(b, e))
+        for key in bytes_here:
+            assert read_by.setdefault(key, rank) == rank, f"byte {key} read by ranks {read_by[key]} and {rank}"
+        total += len(bytes_here)
+        want = sum(fe - fb for _, fb, fe in allowed)
+        assert len(bytes_here) == want, (rank, len(bytes_here), want)  # all of its share, nothing else
+    assert total == sum(e - b for rgs in ranges.values() for _, b, e in rgs)

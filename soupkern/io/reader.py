@@ -138,6 +138,9 @@ def _map(fd: int, size: int) -> tuple[object, object]:
 
 
 _LIVE: weakref.WeakSet[MappedFile] = weakref.WeakSet()
+# (path, begin, end) of every byte range of a mapped input that is viewed, addressed or
+# prefetched, when a test sets it to a list (tests/test_distributed.py: what each rank reads)
+ACCESS_LOG: list[tuple[str, int, int]] | None = None
 
 
 def check_guard() -> None:
@@ -211,15 +214,21 @@ class MappedFile:
     def view(self, info: TensorInfo, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Read-only uint8 view of bytes [start, stop) of a tensor's data; no copy."""
         stop = info.nbytes if stop is None else stop
+        if ACCESS_LOG is not None:
+            ACCESS_LOG.append((self.path, info.begin + start, info.begin + stop))
         return np.frombuffer(self._buffer, dtype=np.uint8, count=stop - start, offset=info.begin + start)
 
     def address(self, info: TensorInfo) -> int | None:
         """The address of a tensor's bytes in this process (None without the native mapping)."""
         base = getattr(self._mm, "address", None)
+        if ACCESS_LOG is not None and base is not None:
+            ACCESS_LOG.append((self.path, info.begin, info.end))
         return None if base is None else base + info.begin
 
     def prefetch(self, begin: int, end: int) -> None:
         """Map the pages of file bytes [begin, end) in one call instead of one fault per 64 KiB."""
+        if ACCESS_LOG is not None and end > begin:
+            ACCESS_LOG.append((self.path, begin, end))
         if end <= begin or not self._can_populate:
             return
         b = begin - begin % PAGE

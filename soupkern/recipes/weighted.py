@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 import logging
 import os
 import time
@@ -346,6 +347,11 @@ def _spmd_soup(group: Any, t0: float, items: Sequence[Any], coefficients: Coeffi
         def compute() -> None:
             if os.environ.get("SOUPKERN_TEST_KILL_RANK") == str(rank):  # private test hook: a rank dying mid-soup
                 os.kill(os.getpid(), 9)
+            log_to = os.environ.get("SOUPKERN_TEST_ACCESS_LOG")  # private test hook: the byte ranges each rank reads
+            if log_to:
+                from soupkern.io import reader
+
+                reader.ACCESS_LOG = []
             slow = os.environ.get("SOUPKERN_TEST_SLOW_RANK", "").split(":")  # private test hook: "RANK:SECONDS"
             if len(slow) == 2 and slow[0] == str(rank):
                 time.sleep(float(slow[1]))
@@ -358,6 +364,11 @@ def _spmd_soup(group: Any, t0: float, items: Sequence[Any], coefficients: Coeffi
                     execute(mine, part, kernel, budget_bytes=budget_bytes)
                 finally:
                     part.close(fsync)
+            if log_to:
+                from soupkern.io import reader
+
+                Path(f"{log_to}.{rank}").write_text(json.dumps(reader.ACCESS_LOG))
+                reader.ACCESS_LOG = None
             verify_inputs(checkpoints)
 
         group.step(compute, "computing its shards", long=True)
