@@ -616,13 +616,18 @@ class _SafeStream:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from soupkern import distributed
+
     real_stderr = sys.stderr
     sys.stderr = _SafeStream(real_stderr)  # type: ignore[assignment]
     try:
-        return _main(argv)
+        code = _main(argv)
     finally:
         sys.stderr.flush()
         sys.stderr = real_stderr
+    if distributed.JOINED:  # a torchrun rank ends without the interpreter's finalization: see hard_exit
+        distributed.hard_exit(code)
+    return code
 
 
 def _main(argv: Sequence[str] | None) -> int:

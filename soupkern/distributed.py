@@ -161,6 +161,8 @@ def init_from_environment() -> bool:
         raise InputError(f"cannot join the process group that WORLD_SIZE={world} and RANK={os.environ['RANK']} describe "
                          f"({str(e).splitlines()[0][:200]}); under torchrun every rank must run the command, and a "
                          "soupkern run outside torchrun must not inherit its environment") from None
+    global JOINED
+    JOINED = True
     return True
 
 
@@ -174,6 +176,27 @@ def assign(sizes: Sequence[int], world_size: int) -> list[int]:
         owner[i] = r
         load[r] += sizes[i]
     return owner
+
+
+JOINED = False  # whether init_from_environment created this process's process group
+
+
+def hard_exit(code: int) -> None:
+    """End a process that joined a process group from torchrun's environment (`JOINED`) without
+    the interpreter's finalization. After `destroy_process_group`, torch can keep the gloo group
+    alive (seen after DCP saves); its worker threads then destroy finished work objects that hold
+    Python tensors while the interpreter shuts down, and a thread stopped in that decref aborts the
+    process ("terminate called without an active exception", exit -6, seen in about one run in
+    five). Everything soupkern writes is committed by then; logs and streams are flushed here."""
+    import logging
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 def shutdown() -> None:

@@ -287,3 +287,37 @@ def test_each_rank_reads_only_its_shards(inputs: list[Path], tmp_path: Path, n: 
         want = sum(fe - fb for _, fb, fe in allowed)
         assert len(bytes_here) == want, (rank, len(bytes_here), want)  # all of its share, nothing else
     assert total == sum(e - b for rgs in ranges.values() for _, b, e in rgs)
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_dcp_output_written_by_every_rank(inputs: list[Path], tmp_path: Path, n: int) -> None:
+    """`--format dcp` under torchrun: each rank saves the tensors assigned to it (one
+    `__RANK_0.distcp` per rank), rank 0 the `.metadata`; loaded in one process (another world
+    size) with torch.distributed.checkpoint.load, the tensors equal the single-process soup's."""
+    import warnings
+
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import load_file
+
+    one = subprocess.run([sys.executable, "-m", "soupkern", "uniform", *map(str, inputs), "-o",
+                          str(tmp_path / "one.safetensors"), "-q"], capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr
+    want = load_file(str(tmp_path / "one.safetensors"))
+    out = tmp_path / "dcp"
+    r = torchrun(n, ["uniform", *map(str, inputs), "--format", "dcp", "-o", f"{out}/"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert sorted(p for p in os.listdir(out) if p.endswith(".distcp")) == [f"__{i}_0.distcp" for i in range(n)]
+    got = {k: torch.empty_like(v) for k, v in want.items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.load(got, checkpoint_id=str(out), no_dist=True)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    provenance = json.loads((out / "soupkern_provenance.json").read_text())
+    assert provenance["metadata"]["soupkern.world_size"] == str(n)
+    assert {*provenance["files"], "soupkern_provenance.json"} == set(os.listdir(out))
+    # --force replaces it (every file is the soup's own), at another world size
+    r = torchrun(2 if n == 3 else 3, ["uniform", *map(str, inputs), "--format", "dcp", "-o", f"{out}/", "--force"],
+                 tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert not [p for p in os.listdir(tmp_path) if ".soupkern-" in p]

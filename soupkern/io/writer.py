@@ -399,6 +399,12 @@ class SoupWriter(StagedWriter):
         self.bytes_written = 0
         self.notices: list[str] = []
 
+    def add_file(self, name: str, data: bytes) -> None:
+        """One more companion file of a folder output, written into it at commit (a record of
+        files another library wrote into `stage_folder`)."""
+        assert self.layout.folder, "add_file on a file output"
+        self._extra[name] = data
+
     @property
     def stage_folder(self) -> Path:
         """The temporary folder a folder output is built in (inside the `with` block), for files

@@ -228,8 +228,15 @@ def weighted_soup(
     if distributed and group is None:
         raise InputError("distributed=True needs an initialized torch.distributed process group of 2 or more ranks")
     if group is not None:
-        if kernels is not None or out_format != "safetensors":
-            raise InputError("a distributed soup runs on the host kernels and writes safetensors (no device, no DCP yet)")
+        if kernels is not None:
+            raise InputError("a distributed soup runs on the host kernels (no device yet)")
+        if out_format == "dcp":
+            if max_shard_size is not None:
+                raise InputError("a DCP output is laid out by torch.distributed.checkpoint: no max_shard_size")
+            return _spmd_dcp(group, t0, items, coefficients, out, default=default, dtype=dtype, keys=keys, kernel=kernel,
+                             overwrite=overwrite, fsync=fsync, recipe=recipe, metadata=metadata, divisor=divisor,
+                             state_dict_key=state_dict_key, copy_from=copy_from,
+                             allow_config_mismatch=allow_config_mismatch, int_policy=int_policy, lora=lora)
         return _spmd_soup(group, t0, items, coefficients, out, default=default, dtype=dtype, keys=keys,
                           max_shard_size=max_shard_size, budget_bytes=budget_bytes, kernel=kernel, overwrite=overwrite,
                           fsync=fsync, recipe=recipe, metadata=metadata, divisor=divisor, state_dict_key=state_dict_key,
@@ -379,38 +386,100 @@ def _spmd_soup(group: Any, t0: float, items: Sequence[Any], coefficients: Coeffi
 
 def _dcp_out(plan: SoupPlan, items: Sequence[Any], checkpoints: Sequence[Checkpoint], kernel: Any, out: PathLike,
              meta: Mapping[str, str], *, recipe: str, overwrite: bool, fsync: bool, copy_from: PathLike | None,
-             allow_config_mismatch: bool) -> list[Path]:
+             allow_config_mismatch: bool, group: Any = None) -> list[Path]:
     """The soup as a DCP folder: computed in memory, saved into the writer's temporary folder,
-    swapped in whole like any folder output."""
+    swapped in whole like any folder output. Under a process group (`group`), each rank computes
+    the tensors `assign` gives it (balanced by bytes) and DCP's own collective save writes one
+    `__RANK_0.distcp` per rank with tensors and rank 0 the `.metadata`; rank 0 checks the output,
+    creates the temporary folder and commits, and every rank agrees on each step."""
     import json as _json
     import warnings
 
     import torch.distributed.checkpoint as dcp
 
     from soupkern import model_folder
+    from soupkern.distributed import assign
     from soupkern.io.writer import PROVENANCE_NAME, folder_layout
 
+    rank, world = (0, 1) if group is None else (group.rank, group.world_size)
     layout = folder_layout(out)
     extra = model_folder.folder_files(items, labels(items), recipe=recipe, coefficients=plan.coefficients_json(),
                                       divisor=plan.divisor, version=_version(), copy_from=copy_from,
                                       allow_config_mismatch=allow_config_mismatch)
-    files = sorted([".metadata", "__0_0.distcp", *extra])
-    extra[PROVENANCE_NAME] = (_json.dumps({"metadata": dict(meta), "files": files}, indent=2) + "\n").encode()
+    owner = assign([tp.out.nbytes for tp in plan.tensors], world)
+    mine = SoupPlan(tuple(tp for tp, r in zip(plan.tensors, owner) if r == rank), plan.coefficients,
+                    plan.per_tensor, plan.divisor)
+    expected = {".metadata", *(f"__{r}_0.distcp" for r in set(owner))}
     writer = SoupWriter(layout, inputs=input_files(checkpoints), overwrite=overwrite, fsync=fsync,
-                        verify=lambda: verify_inputs(checkpoints), extra_files=extra)
-    with writer:
-        _same_twice(items, checkpoints, single=recipe in ("uniform", "weighted"))
-        result = _on_host(plan, kernel, None)
+                        verify=lambda: verify_inputs(checkpoints), extra_files=extra) if rank == 0 else None
+
+    def agreed(fn: Callable[[], Any], what: str, long: bool = False) -> Any:
+        return fn() if group is None else group.step(fn, what, long=long)
+
+    with ExitStack() as stack:
+        def enter() -> str | None:
+            if writer is None:
+                return None
+            stack.enter_context(writer)  # checks, lock, temporary folder
+            _same_twice(items, checkpoints, single=recipe in ("uniform", "weighted"))
+            return os.fspath(writer.stage_folder)
+
+        stage = agreed(enter, "checking and creating the output")
+        if group is not None:
+            stage = group.broadcast(stage)
+        result = agreed(lambda: _on_host(mine, kernel, None), "computing its tensors", long=True)
         with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
             warnings.simplefilter("ignore", UserWarning)
-            dcp.save(result, storage_writer=dcp.FileSystemWriter(writer.stage_folder, sync_files=fsync,
-                                                                   single_file_per_rank=True), no_dist=True)
-        written = sorted(os.listdir(writer.stage_folder))
-        if sorted(set(written) - set(extra)) != [".metadata", "__0_0.distcp"]:
-            raise OutputError(f"{layout.target}: torch.distributed.checkpoint wrote {written}, not the expected "
-                              "files; nothing was replaced")
-        writer.commit()
-    return [layout.target / name for name in sorted({*written, *extra})]
+            # a collective under a process group: DCP raises on every rank when any rank fails
+            dcp.save(result, storage_writer=dcp.FileSystemWriter(stage, sync_files=fsync, single_file_per_rank=True),
+                     no_dist=group is None)
+
+        def commit() -> list[str] | None:
+            if writer is None:
+                return None
+            written = set(os.listdir(stage))
+            if written - set(extra) != expected:
+                raise OutputError(f"{layout.target}: torch.distributed.checkpoint wrote {sorted(written)}, not the "
+                                  f"expected {sorted(expected)}; nothing was replaced")
+            files = sorted({*expected, *extra})
+            writer.add_file(PROVENANCE_NAME, (_json.dumps({"metadata": dict(meta), "files": files}, indent=2)
+                                              + "\n").encode())
+            writer.commit()
+            return [*files, PROVENANCE_NAME]
+
+        names = agreed(commit, "committing the output")
+        if group is not None:
+            names = group.broadcast(names)
+    return [layout.target / name for name in sorted(names)]
+
+
+def _spmd_dcp(group: Any, t0: float, items: Sequence[Any], coefficients: Coefficients, out: PathLike, *,
+              default: Sequence[float] | None, dtype: str | None, keys: KeyPolicy, kernel: Any, overwrite: bool,
+              fsync: bool, recipe: str, metadata: dict[str, str] | None, divisor: float, state_dict_key: str | None,
+              copy_from: PathLike | None, allow_config_mismatch: bool, int_policy: str, lora: str) -> SoupReport:
+    """A DCP output of `weighted_soup` by every rank of a process group (`_dcp_out`)."""
+    import hashlib
+
+    from soupkern.distributed import check_same_plan
+
+    with ExitStack() as stack:
+        def plan_step() -> tuple[Any, ...]:
+            checkpoints = open_ingredients(stack, items, state_dict_key)
+            plan = _plan(checkpoints, coefficients, default, dtype, keys, divisor, int_policy, lora)
+            meta = _provenance(items, plan, recipe=recipe, backend=kernel.name, keys=keys,
+                               state_dict_key=state_dict_key, metadata=metadata, world_size=group.world_size)
+            return checkpoints, plan, meta
+
+        checkpoints, plan, meta = group.step(plan_step, "opening the ingredients and planning the soup")
+        digest = hashlib.sha256(repr((os.fspath(out), [(tp.out, tuple(i for _, i in tp.sources)) for tp in plan.tensors],
+                                      [(f.path, getattr(f, "signature", (0, 0))[:2]) for ck in checkpoints
+                                       for f in ck.files], plan.coefficients, sorted(plan.per_tensor.items()),
+                                      plan.divisor)).encode()).hexdigest()
+        check_same_plan(group, digest, "the output, ingredients or coefficients")
+        paths = _dcp_out(plan, items, checkpoints, kernel, out, meta, recipe=recipe, overwrite=overwrite, fsync=fsync,
+                         copy_from=copy_from, allow_config_mismatch=allow_config_mismatch, group=group)
+    return SoupReport(tuple(paths), len(plan.tensors), plan.bytes_read, plan.bytes_written, time.perf_counter() - t0,
+                      kernel.name, plan.effective_coefficients)
 
 
 def _layout(plan: SoupPlan, items: Sequence[Any], out: PathLike, meta: Mapping[str, str], max_shard_size: int | None,
