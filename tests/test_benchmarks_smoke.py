@@ -83,3 +83,15 @@ def test_bench_peers_skips_with_reasons(tmp_path: Path, monkeypatch) -> None:
     assert not fits and run == []
     assert skipped["naive_safetensors"].startswith("out of memory, not run: needs ~")
     assert "of disk" in skipped["soupkern"] and "of disk" in skipped["io_floor"]
+
+
+def test_bench_distributed_greedy_smoke(tmp_path: Path) -> None:
+    """World sizes 1 and 2 on 4 digits ingredients: the run fails unless both write the same soup."""
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_distributed_greedy.py"), "--smoke", "--workdir",
+         str(tmp_path), "--out", str(tmp_path / "res")],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    table = (tmp_path / "res.md").read_text()
+    assert "| 1 |" in table and "| 2 |" in table and "same soup file" in table
