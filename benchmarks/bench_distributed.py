@@ -15,7 +15,6 @@ bytes per rank.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -59,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache", default="/tmp/soupkern-bench")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    from common import RESULTS_DIR, fmt, md_table, provenance, provenance_md
+    from common import RESULTS_DIR, fmt, write_results
     from vit import generate_ingredients, get_config
 
     paths = [os.fspath(p) for p in generate_ingredients(get_config(args.model), args.dtype, args.n, args.cache)]
@@ -88,18 +87,13 @@ def main(argv: list[str] | None = None) -> int:
         records.append({"world_size": w, "median_s": med, "samples": times[w], "per_rank_read_write_bytes": per_rank})
     gb = sum(os.path.getsize(p) for p in paths) / 1e9
     name = args.out or str(RESULTS_DIR / f"distributed_{args.model}_{args.dtype}_n{args.n}")
-    prov = provenance()
-    md = (f"# SPMD uniform soup under torchrun: {args.n} x {args.model} {args.dtype} ({gb:.2f} GB), "
-          f"shards of at most {args.max_shard_size / 1e6:.0f} MB\n\n"
-          f"`python benchmarks/bench_distributed.py --model {args.model} --dtype {args.dtype} -n {args.n} "
-          f"--max-shard-size {args.max_shard_size} --repeats {args.repeats}`: whole torchrun runs (gloo, "
-          f"OMP_NUM_THREADS=1 per rank), page cache warm, median of {args.repeats}; 2 cores here.\n\n"
-          + md_table(["world size", "median s", "max GB read by a rank", "min GB read by a rank", "GB read in all",
-                      "largest share"], rows)
-          + "\n\n" + provenance_md(prov) + "\n")
-    Path(name + ".md").write_text(md)
-    Path(name + ".json").write_text(json.dumps({"provenance": prov, "results": records}, indent=1))
-    print(md)
+    write_results(name, f"# SPMD uniform soup under torchrun: {args.n} x {args.model} {args.dtype} ({gb:.2f} GB), "
+                  f"shards of at most {args.max_shard_size / 1e6:.0f} MB\n\n"
+                  f"`python benchmarks/bench_distributed.py --model {args.model} --dtype {args.dtype} -n {args.n} "
+                  f"--max-shard-size {args.max_shard_size} --repeats {args.repeats}`: whole torchrun runs (gloo, "
+                  f"OMP_NUM_THREADS=1 per rank), page cache warm, median of {args.repeats}; 2 cores here.\n\n",
+                  ["world size", "median s", "max GB read by a rank", "min GB read by a rank", "GB read in all",
+                   "largest share"], rows, {"results": records})
     return 0
 
 

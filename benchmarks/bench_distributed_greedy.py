@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, fmt, import_soupkern, md_table, provenance, provenance_md  # noqa: E402
+from common import RESULTS_DIR, fmt, import_soupkern, write_results  # noqa: E402
 
 HOOKS = """
 from soupkern.examples import digits
@@ -98,17 +98,13 @@ def main(argv: list[str] | None = None) -> int:
         rows.append((str(w), fmt(med, 2), fmt(base / med, 2), f"{samples // w:,}"))
         records.append({"world_size": w, "median_s": med, "samples": times[w]})
     name = args.out or str(RESULTS_DIR / f"distributed_greedy_digits_n{args.n}_t{args.tile}")
-    prov = provenance()
-    md = (f"# Data-parallel greedy soup: {args.n} digits ingredients, {samples:,} held-out samples\n\n"
-          f"`python benchmarks/bench_distributed_greedy.py -n {args.n} --tile {args.tile} --batch-size "
-          f"{args.batch_size} --worlds {args.worlds} --repeats {args.repeats}`: whole processes (torchrun for W > 1, "
-          f"OMP_NUM_THREADS=1 per process), median of {args.repeats} after a warm-up; every world size wrote the "
-          f"same soup file, {len(kept)} of {args.n} ingredients kept.\n\n"
-          + md_table(["world size", "median s", "speed-up vs W=1", "held-out samples per rank"], rows)
-          + "\n\n" + provenance_md(prov) + "\n")
-    Path(name + ".md").write_text(md)
-    Path(name + ".json").write_text(json.dumps({"provenance": prov, "results": records, "kept": kept}, indent=1))
-    print(md)
+    write_results(name, f"# Data-parallel greedy soup: {args.n} digits ingredients, {samples:,} held-out samples\n\n"
+                  f"`python benchmarks/bench_distributed_greedy.py -n {args.n} --tile {args.tile} --batch-size "
+                  f"{args.batch_size} --worlds {args.worlds} --repeats {args.repeats}`: whole processes (torchrun for "
+                  f"W > 1, OMP_NUM_THREADS=1 per process), median of {args.repeats} after a warm-up; every world size "
+                  f"wrote the same soup file, {len(kept)} of {args.n} ingredients kept.\n\n",
+                  ["world size", "median s", "speed-up vs W=1", "held-out samples per rank"], rows,
+                  {"results": records, "kept": kept})
     return 0
 
 

@@ -166,3 +166,17 @@ def md_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
 def fmt(x: float | None, nd: int = 3) -> str:
     """Format a float for a table; None as n/a."""
     return "n/a" if x is None else f"{x:.{nd}f}"
+
+
+def write_results(name: str, intro: str, header: Sequence[str], rows: Iterable[Sequence[Any]],
+                  payload: dict[str, Any]) -> str:
+    """`name`.md (intro, the table, the provenance) and `name`.json (provenance + payload); the
+    markdown is printed and returned."""
+    import json
+
+    prov = provenance()
+    md = intro + md_table(header, rows) + "\n\n" + provenance_md(prov) + "\n"
+    Path(name + ".md").write_text(md)
+    Path(name + ".json").write_text(json.dumps({"provenance": prov, **payload}, indent=1))
+    print(md)
+    return md
