@@ -321,3 +321,30 @@ def test_dcp_output_written_by_every_rank(inputs: list[Path], tmp_path: Path, n:
                  tmp_path)
     assert r.returncode == 0, r.stderr
     assert not [p for p in os.listdir(tmp_path) if ".soupkern-" in p]
+
+
+def test_rank_failing_mid_greedy_stops_every_rank(digits_ingredients: list[Path], tmp_path: Path) -> None:  # noqa: F811
+    """A rank whose evaluation raises (here the user's metric, on rank 1 at its 5th batch) makes
+    every rank exit non-zero well within the timeout; rank 0 names the rank and the cause; the
+    previous output is kept and nothing temporary is left."""
+    import time
+
+    args = [*map(str, digits_ingredients[:4]), *digits_hooks(tmp_path, 150, 16)]
+    (tmp_path / "metric.py").write_text(
+        "import os, torch\n"
+        "CALLS = [0]\n"
+        "def metric(outputs, targets):\n"
+        "    CALLS[0] += 1\n"
+        "    if os.environ.get('RANK') == '1' and CALLS[0] == 5:\n"
+        "        raise RuntimeError('metric exploded on purpose')\n"
+        "    return (outputs.argmax(-1) == targets).double()\n")
+    out = tmp_path / "g.safetensors"
+    out.write_bytes(b"previous soup")
+    t0 = time.monotonic()
+    r = torchrun(2, ["greedy", *args, "--metric", f"{tmp_path / 'metric.py'}:metric", "-o", str(out), "--force"],
+                 tmp_path)
+    assert r.returncode != 0
+    assert time.monotonic() - t0 < 60
+    assert "rank 1 failed evaluating a soup: RuntimeError: metric exploded on purpose" in r.stderr, r.stderr
+    assert out.read_bytes() == b"previous soup"
+    assert not [p for p in os.listdir(tmp_path) if ".soupkern-" in p]
