@@ -285,8 +285,8 @@ class Evaluator:
         if self.data is None:
             raise InputError("outputs need held-out data; this evaluator has only a score callable")
         if self.group is not None:
-            raise InputError("the outputs over the held-out data (ensembles, interpolation curves) are computed in "
-                             "one process; under a process group only scores are distributed")
+            raise InputError("the outputs over the held-out data (interpolation curves) are computed in one "
+                             "process; under a process group scores and ensembles are distributed")
         if state is not None:
             self.load_(state)
         outs, tgts = [], []
@@ -297,6 +297,27 @@ class Evaluator:
         if not outs:
             _Totals(0.0, 0).mean()  # raises the empty-data error
         return torch.cat(outs), torch.cat(tgts)
+
+    @torch.no_grad()
+    def outputs_by_batch(self) -> tuple[torch.Tensor, torch.Tensor, tuple[tuple[int, int, int], ...]]:
+        """(outputs, targets, bounds) of the model over the held-out batches this process
+        evaluates (all of them, or under a process group batches r, r + W, ...), concatenated on
+        the model's device; bounds[j] = (batch index, first row, end row) of each batch in them."""
+        if self.data is None:
+            raise InputError("outputs need held-out data; this evaluator has only a score callable")
+        outs, tgts, bounds = [], [], []
+        rows = 0
+        for index, batch in self._batches():
+            inputs, targets = _split(batch)
+            outs.append(self.model(*_args(_to(inputs, self.device))))
+            tgts.append(targets.to(self.device, non_blocking=True))
+            bounds.append((index, rows, rows + len(tgts[-1])))
+            rows += len(tgts[-1])
+        if not outs and self.group is None:
+            _Totals(0.0, 0).mean()  # raises the empty-data error
+        if not outs:  # a rank with no batch (fewer batches than ranks)
+            return torch.empty(0), torch.empty(0, dtype=torch.long), ()
+        return torch.cat(outs), torch.cat(tgts), tuple(bounds)
 
     def can_batch(self) -> bool:
         """Whether `score_stacked` runs soups in one shared pass (False: sequential)."""

@@ -348,3 +348,28 @@ def test_rank_failing_mid_greedy_stops_every_rank(digits_ingredients: list[Path]
     assert "rank 1 failed evaluating a soup: RuntimeError: metric exploded on purpose" in r.stderr, r.stderr
     assert out.read_bytes() == b"previous soup"
     assert not [p for p in os.listdir(tmp_path) if ".soupkern-" in p]
+
+
+def test_distributed_ensembles_equal_one_process(digits_ingredients: list[Path], tmp_path: Path) -> None:  # noqa: F811
+    """logit_ensemble / greedy_ensemble with distributed=True in a 2-rank group: each rank caches
+    the outputs of its batches only; the scores (accuracy and loss), the ingredient scores and the
+    greedy members equal a single-process run's to the bit, on both ranks."""
+    r = run_script(tmp_path,
+                   "from soupkern.examples import digits\n"
+                   "from soupkern.recipes.ensemble import greedy_ensemble, ingredient_outputs, logit_ensemble\n"
+                   "val = digits.make_splits(0).val\n"
+                   "data = digits.batches(digits.TensorPair(val.x[:150], val.y[:150]), 16)\n"
+                   "ings = sys.argv[1:]\n"
+                   "for metric in ('accuracy', 'loss'):\n"
+                   "    kw = dict(model=digits.make_model, data=data, metric=metric)\n"
+                   "    assert 0 < len(ingredient_outputs(ings, distributed=True, **kw).targets) < 150  # its batches\n"
+                   "    many, one = greedy_ensemble(ings, distributed=True, **kw), greedy_ensemble(ings, **kw)\n"
+                   "    assert (many.members, many.score, many.ingredient_scores) == "
+                   "(one.members, one.score, one.ingredient_scores), (metric, many, one)\n"
+                   "    assert logit_ensemble(ings, distributed=True, **kw).score == logit_ensemble(ings, **kw).score\n"
+                   "    with open(f'ok{dist.get_rank()}.txt', 'a') as f:\n"
+                   "        f.write(f'{metric} {len(many.members)}\\n')\n",
+                   [*map(str, digits_ingredients[:5])])
+    for rank in (0, 1):  # both ranks checked both metrics
+        assert [line.split()[0] for line in (tmp_path / f"ok{rank}.txt").read_text().splitlines()] == \
+            ["accuracy", "loss"], r.stdout

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from soupkern.errors import InputError
@@ -43,6 +43,10 @@ class IngredientOutputs:
     targets: torch.Tensor  # [N]
     metric: MetricFn
     maximize: bool
+    # (batch index, first row, end row) of each held-out batch in `outputs`; () = one batch
+    bounds: tuple[tuple[int, int, int], ...] = ()
+    # under a process group: this rank's batches only, scores gathered (see `score`)
+    group: Any = field(default=None, compare=False, repr=False)
 
     def ensemble(self, members: Sequence[int]) -> torch.Tensor:
         """Mean of the members' outputs: fp64 sum in member order, divided by len(members)."""
@@ -54,9 +58,21 @@ class IngredientOutputs:
         return total / len(members)
 
     def score(self, outputs: torch.Tensor) -> float:
-        """The metric's mean over the N samples (fp64 sum)."""
-        values = self.metric(outputs, self.targets.to(outputs.device))
-        return float(values.sum(dtype=_f64())) / int(values.numel())
+        """The metric's mean over the samples: fp64 sums per held-out batch, added in batch order
+        (under a process group, every rank's batches gathered first: the same float as one
+        process)."""
+        values = self.metric(outputs, self.targets.to(outputs.device)) if len(self.targets) else None
+        bounds = self.bounds or ((0, 0, len(self.targets)),)
+        sums = [(i, float(values[a:b].sum(dtype=_f64())), b - a) for i, a, b in bounds] if values is not None else []
+        if self.group is not None:
+            sums = sorted(b for part in self.group.gather(sums) for b in part)
+        total, count = 0.0, 0
+        for _, s, n in sums:
+            total += s
+            count += n
+        if count == 0:
+            raise InputError("the held-out data is empty")
+        return total / count
 
     def ingredient_scores(self) -> list[float]:
         return [self.score(o) for o in self.outputs]
@@ -71,22 +87,27 @@ def _f64() -> torch.dtype:
 def ingredient_outputs(ingredients: Sequence[Any], *, model: nn.Module | Callable[[], nn.Module] | None = None,
                        data: Iterable[Any] | None = None, metric: str | MetricFn = "accuracy",
                        maximize: bool | None = None, device: str | torch.device | None = None,
-                       evaluator: Evaluator | None = None, state_dict_key: str | None = None) -> IngredientOutputs:
-    """Load each ingredient into the one model in turn and cache its outputs over `data`."""
+                       evaluator: Evaluator | None = None, state_dict_key: str | None = None,
+                       distributed: bool = False) -> IngredientOutputs:
+    """Load each ingredient into the one model in turn and cache its outputs over `data`.
+    `distributed`: inside a process group (torchrun), each rank caches the outputs of batches
+    r, r + W, ... only, and every score gathers the per-batch sums: every rank gets the scores,
+    and so the picks of `greedy_ensemble`, of one process, to the bit."""
     from soupkern.evaluate import make_evaluator
 
-    ev = make_evaluator(model, data, metric=metric, maximize=maximize, device=device, evaluator=evaluator)
+    ev = make_evaluator(model, data, metric=metric, maximize=maximize, device=device, evaluator=evaluator,
+                        distributed=distributed)
     if ev.data is None:
         raise InputError("an output ensemble needs held-out data (a score callable gives no outputs)")
     paths = tuple(ingredient_list(ingredients))
     outs = []
-    targets = None
+    targets, bounds = None, ()
     for p, label in zip(paths, labels(paths)):
         ev.load_checkpoint_(p, label, state_dict_key)
-        o, targets = ev.outputs()
+        o, targets, bounds = ev.outputs_by_batch()
         outs.append(o)
     assert targets is not None  # paths is non-empty
-    return IngredientOutputs(paths, tuple(outs), targets, ev.metric, ev.maximize)
+    return IngredientOutputs(paths, tuple(outs), targets, ev.metric, ev.maximize, bounds, ev.group)
 
 
 @dataclass(frozen=True)
