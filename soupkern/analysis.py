@@ -214,6 +214,7 @@ def soup_scores(
     device: str | torch.device | None = None,
     max_soups: int | None = None,
     state_dict_key: str | None = None,
+    distributed: bool = False,
 ) -> dict[str, tuple[float, ...]]:
     """Held-out scores of S soups Σ_k A[s,k]·θ_k (rows of `coefficients` [S][K]), batched.
 
@@ -224,7 +225,9 @@ def soup_scores(
     over `data` per metric. Memory: S copies of the model's float tensors plus the activations of
     `max_soups` soups at a time. Non-float tensors (e.g. integer buffers) are loaded into the model
     from the first ingredient; the model's float weights are left unchanged. Metrics: "loss",
-    "accuracy" or callables as in `Evaluator`. Returns metric name -> S scores.
+    "accuracy" or callables as in `Evaluator`. Returns metric name -> S scores. `distributed`:
+    inside a process group, the batches are split over the ranks and the scores gathered
+    (`Evaluator(distributed=True)`: the single-process floats, on every rank).
     """
     import torch
 
@@ -237,7 +240,7 @@ def soup_scores(
                          f"got shape {list(a.shape)}")
     if not metrics:
         raise InputError("at least one metric is needed")
-    evaluators = [Evaluator(model, data, metric=m, device=device) for m in metrics]
+    evaluators = [Evaluator(model, data, metric=m, device=device, distributed=distributed) for m in metrics]
     ev = evaluators[0]
     stacked: dict[str, torch.Tensor] = {}
     with ExitStack() as stack:
@@ -276,19 +279,20 @@ def interpolation_curve(
     metrics: Sequence[str | MetricFn] = ("loss", "accuracy"),
     device: str | torch.device | None = None,
     max_soups: int | None = None,
+    distributed: bool = False,
 ) -> InterpolationCurve:
     """Held-out scores along the line θ(α) = (1-α)·θ_a + α·θ_b, every α in one batched pass per metric.
 
     alphas: default 0, 0.1, ..., 1 (any real values: outside [0, 1] extrapolates); α = 0 and 1
     give θ_a and θ_b exactly. The soups are formed and scored by `soup_scores` (see there for
-    rounding, memory and metrics).
+    rounding, memory, metrics and `distributed`).
     """
     t0 = time.perf_counter()
     grid = tuple(float(x) for x in (alphas if alphas is not None else [i / 10 for i in range(11)]))
     if not grid or not all(math.isfinite(x) for x in grid):
         raise InputError(f"alphas must be a non-empty list of finite numbers, got {list(grid)}")
     scores = soup_scores([a, b], [(1.0 - al, al) for al in grid], model, data, metrics=metrics, device=device,
-                         max_soups=max_soups)
+                         max_soups=max_soups, distributed=distributed)
     return InterpolationCurve(*labels([a, b]), grid, scores, time.perf_counter() - t0)
 
 

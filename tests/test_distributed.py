@@ -353,7 +353,8 @@ def test_rank_failing_mid_greedy_stops_every_rank(digits_ingredients: list[Path]
 def test_distributed_ensembles_equal_one_process(digits_ingredients: list[Path], tmp_path: Path) -> None:  # noqa: F811
     """logit_ensemble / greedy_ensemble with distributed=True in a 2-rank group: each rank caches
     the outputs of its batches only; the scores (accuracy and loss), the ingredient scores and the
-    greedy members equal a single-process run's to the bit, on both ranks."""
+    greedy members equal a single-process run's to the bit, on both ranks; so do the scores of an
+    interpolation curve (soup_scores)."""
     r = run_script(tmp_path,
                    "from soupkern.examples import digits\n"
                    "from soupkern.recipes.ensemble import greedy_ensemble, ingredient_outputs, logit_ensemble\n"
@@ -371,5 +372,21 @@ def test_distributed_ensembles_equal_one_process(digits_ingredients: list[Path],
                    "        f.write(f'{metric} {len(many.members)}\\n')\n",
                    [*map(str, digits_ingredients[:5])])
     for rank in (0, 1):  # both ranks checked both metrics
-        assert [line.split()[0] for line in (tmp_path / f"ok{rank}.txt").read_text().splitlines()] == \
-            ["accuracy", "loss"], r.stdout
+        lines = (tmp_path / f"ok{rank}.txt").read_text().splitlines()
+        assert [line.split()[0] for line in lines] == ["accuracy", "loss"], r.stdout
+        (tmp_path / f"ok{rank}.txt").unlink()
+    # the WiSE-FT curve alike (soup_scores over a grid of alphas)
+    run_script(tmp_path,
+               "from soupkern.analysis import interpolation_curve\n"
+               "from soupkern.examples import digits\n"
+               "val = digits.make_splits(0).val\n"
+               "data = digits.batches(digits.TensorPair(val.x[:150], val.y[:150]), 16)\n"
+               "kw = dict(alphas=[0.0, 0.3, 0.5, 1.0])\n"
+               "many = interpolation_curve(sys.argv[1], sys.argv[2], digits.make_model(), data, distributed=True, **kw)\n"
+               "one = interpolation_curve(sys.argv[1], sys.argv[2], digits.make_model(), data, **kw)\n"
+               "assert many.scores == one.scores, (many.scores, one.scores)\n"
+               "with open(f'ok{dist.get_rank()}.txt', 'a') as f:\n"
+               "    f.write('accuracy\\nloss\\n')\n",
+               [*map(str, digits_ingredients[:2])])
+    for rank in (0, 1):  # both ranks passed the curve's assertion
+        assert (tmp_path / f"ok{rank}.txt").read_text().split() == ["accuracy", "loss"]
