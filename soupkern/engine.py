@@ -155,4 +155,3 @@ def fill_many(plan: SoupPlan, targets: Mapping[str, tuple[int, Callable[[], np.n
         if size >= batch_bytes:
             flush()
     flush()
-    flush()

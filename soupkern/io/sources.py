@@ -52,30 +52,19 @@ def _torch_to_name() -> dict[Any, str]:
     return {v: k for k, v in TORCH_DTYPES.items()}
 
 
-class TensorHolder:
-    """One in-memory tensor behind the byte-view interface the engine reads.
+class LazyBytes:
+    """A tensor's bytes behind the byte-view interface the engine reads, produced by `_load` on
+    first view (a contiguous host copy, or the tensor's own memory) and dropped once the view's
+    last byte is released."""
 
-    A contiguous CPU tensor is viewed in place (no copy). A non-contiguous or device tensor is
-    copied to a contiguous CPU tensor on first view and dropped when the view's last byte is
-    released.
-    """
+    __slots__ = ("path", "_bytes")
 
-    __slots__ = ("path", "tensor", "_bytes", "direct")
-
-    def __init__(self, tensor: torch.Tensor, path: str):
+    def __init__(self, path: str):
         self.path = path
-        self.tensor = tensor
         self._bytes: np.ndarray | None = None
-        # whether the tensor's own memory is read (contiguous, on the CPU)
-        self.direct = tensor.is_cpu and tensor.is_contiguous()
 
     def _load(self) -> np.ndarray:
-        import torch
-
-        t = self.tensor
-        if not self.direct:
-            t = t.to("cpu", memory_format=torch.contiguous_format) if t.device.type != "cpu" else t.contiguous()
-        return t.reshape(-1).view(torch.uint8).numpy()
+        raise NotImplementedError
 
     def view(self, info: TensorInfo, start: int = 0, stop: int | None = None) -> np.ndarray:
         if self._bytes is None:
@@ -84,8 +73,6 @@ class TensorHolder:
 
     def address(self, info: TensorInfo) -> int:
         """The address of the tensor's bytes in host memory, valid until `release` of its end."""
-        if self.direct:
-            return int(self.tensor.data_ptr())
         if self._bytes is None:
             self._bytes = self._load()
         return int(self._bytes.ctypes.data)
@@ -99,6 +86,36 @@ class TensorHolder:
 
     def check_unchanged(self) -> None:
         pass
+
+
+class TensorHolder(LazyBytes):
+    """One in-memory tensor behind the byte-view interface the engine reads.
+
+    A contiguous CPU tensor is viewed in place (no copy). A non-contiguous or device tensor is
+    copied to a contiguous CPU tensor on first view and dropped when the view's last byte is
+    released.
+    """
+
+    __slots__ = ("tensor", "direct")
+
+    def __init__(self, tensor: torch.Tensor, path: str):
+        super().__init__(path)
+        self.tensor = tensor
+        # whether the tensor's own memory is read (contiguous, on the CPU)
+        self.direct = tensor.is_cpu and tensor.is_contiguous()
+
+    def _load(self) -> np.ndarray:
+        import torch
+
+        t = self.tensor
+        if not self.direct:
+            t = t.to("cpu", memory_format=torch.contiguous_format) if t.device.type != "cpu" else t.contiguous()
+        return t.reshape(-1).view(torch.uint8).numpy()
+
+    def address(self, info: TensorInfo) -> int:
+        if self.direct:
+            return int(self.tensor.data_ptr())
+        return super().address(info)
 
 
 _libc: Any = None
@@ -463,41 +480,26 @@ class _DcpLoader:
         self.cache.pop(name, None)
 
 
-class DcpTensor:
+class DcpTensor(LazyBytes):
     """One tensor of a DCP folder (read through its folder's `_DcpLoader`)."""
 
-    __slots__ = ("path", "name", "info", "loader", "_bytes")
+    __slots__ = ("name", "info", "loader")
 
     def __init__(self, loader: _DcpLoader, name: str, info: TensorInfo):
-        self.path = loader.path
+        super().__init__(loader.path)
         self.loader = loader
         self.name = name
         self.info = info
-        self._bytes: np.ndarray | None = None
 
     def _load(self) -> np.ndarray:
-        if self._bytes is None:
-            import torch
+        import torch
 
-            self._bytes = self.loader.get(self.name).reshape(-1).view(torch.uint8).numpy()
-        return self._bytes
-
-    def view(self, info: TensorInfo, start: int = 0, stop: int | None = None) -> np.ndarray:
-        return self._load()[start:info.nbytes if stop is None else stop]
-
-    def address(self, info: TensorInfo) -> int:
-        return int(self._load().ctypes.data)
-
-    def prefetch(self, begin: int, end: int) -> None:
-        pass
+        return self.loader.get(self.name).reshape(-1).view(torch.uint8).numpy()  # type: ignore[no-any-return]
 
     def release(self, begin: int, end: int) -> None:
         if end >= self.info.nbytes:
             self._bytes = None
             self.loader.drop(self.name)
-
-    def check_unchanged(self) -> None:
-        pass
 
 
 class _DcpFolder:

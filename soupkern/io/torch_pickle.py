@@ -24,6 +24,7 @@ import numpy as np
 from soupkern.errors import InputError
 from soupkern.io.format import TensorInfo, _new_tensor_info
 from soupkern.io.reader import MappedFile
+from soupkern.io.sources import LazyBytes, _safe_globals
 
 if TYPE_CHECKING:
     import torch
@@ -44,8 +45,6 @@ class PickleFile(MappedFile):
 
     def _parse(self, fd: int, size: int) -> None:
         import torch
-
-        from soupkern.io.sources import _safe_globals
 
         try:
             from torch._weights_only_unpickler import Unpickler
@@ -151,9 +150,7 @@ class PickleFile(MappedFile):
 
     def entry(self, name: str, t: torch.Tensor, dtype_name: str) -> tuple[Any, TensorInfo]:
         """(holder, info) for meta tensor `t` of `obj`: this file's bytes when contiguous, else a
-        contiguous copy (read from the mapping) in a TensorHolder."""
-        from soupkern.io.sources import TensorHolder
-
+        `_Strided` holder that gathers it from the mapping when first read."""
         found = self._storages.get(t.untyped_storage()._cdata)
         if found is None:
             raise InputError("is a tensor this reader cannot place in the file", path=self.path, tensor=name)
@@ -165,18 +162,38 @@ class PickleFile(MappedFile):
         nbytes = t.numel() * itemsize
         if t.is_contiguous() or t.numel() <= 1:
             return self, _new_tensor_info(name, dtype_name, tuple(t.shape), begin, begin + nbytes)
-        import torch
-
         _, numel = self._keys[key]
         base = self._data[key] + offset
-        raw = np.array(self.view(_range_info(base, base + numel * itemsize)))  # the storage, copied
-        values = torch.from_numpy(raw).view(t.dtype)
+        storage = _new_tensor_info("", "U8", (numel * itemsize,), base, base + numel * itemsize)
+        return _Strided(self, storage, t), _new_tensor_info(name, dtype_name, tuple(t.shape), 0, nbytes)
+
+
+class _Strided(LazyBytes):
+    """A non-contiguous tensor of a pickle (a transposed view, saved with its whole storage):
+    gathered from the file's mapping into a contiguous copy when first viewed, dropped once its
+    last byte is released. `layout` is the meta tensor (shape, strides, offset in the storage)."""
+
+    __slots__ = ("file", "storage", "layout")
+
+    def __init__(self, file: PickleFile, storage: TensorInfo, layout: torch.Tensor):
+        super().__init__(file.path)
+        self.file, self.storage, self.layout = file, storage, layout
+
+    def _load(self) -> np.ndarray:
+        import warnings
+
+        import torch
+
+        t = self.layout
+        with warnings.catch_warnings():  # a read-only view of the mapping: read, never written
+            warnings.simplefilter("ignore", UserWarning)
+            values = torch.from_numpy(self.file.view(self.storage)).view(t.dtype)
         dense = values.as_strided(tuple(t.shape), t.stride(), t.storage_offset()).contiguous()
-        return TensorHolder(dense, self.path), _new_tensor_info(name, dtype_name, tuple(t.shape), 0, nbytes)
+        self.file.release(self.storage.begin, self.storage.end)
+        return dense.reshape(-1).view(torch.uint8).numpy()
 
-
-def _range_info(begin: int, end: int) -> TensorInfo:
-    return _new_tensor_info("", "U8", (end - begin,), begin, end)
+    def check_unchanged(self) -> None:
+        self.file.check_unchanged()
 
 
 def _itemsize(dtype: Any) -> int:
