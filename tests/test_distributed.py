@@ -316,6 +316,18 @@ def test_dcp_output_written_by_every_rank(inputs: list[Path], tmp_path: Path, n:
     provenance = json.loads((out / "soupkern_provenance.json").read_text())
     assert provenance["metadata"]["soupkern.world_size"] == str(n)
     assert {*provenance["files"], "soupkern_provenance.json"} == set(os.listdir(out))
+    if n == 3:  # more ranks than tensors: a rank with nothing to save still writes its (empty) file
+        few = []
+        for i in range(2):
+            few.append(tmp_path / f"few{i}.safetensors")
+            save_file({"a": np.full(5, float(i), np.float32), "b": np.ones(3, np.float32)}, str(few[-1]))
+        r = torchrun(3, ["uniform", *map(str, few), "--format", "dcp", "-o", f"{tmp_path}/few/"], tmp_path)
+        assert r.returncode == 0, r.stderr
+        got = {"a": torch.empty(5), "b": torch.empty(3)}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dcp.load(got, checkpoint_id=str(tmp_path / "few"), no_dist=True)
+        assert torch.equal(got["a"], torch.full((5,), 0.5)) and torch.equal(got["b"], torch.ones(3))
     # --force replaces it (every file is the soup's own), at another world size
     r = torchrun(2 if n == 3 else 3, ["uniform", *map(str, inputs), "--format", "dcp", "-o", f"{out}/", "--force"],
                  tmp_path)

@@ -294,20 +294,23 @@ def _provenance(items: Sequence[Any], plan: SoupPlan, *, recipe: str, backend: s
     }
 
 
-def _plan_digest(checkpoints: Sequence[Checkpoint], plan: SoupPlan, layout: Any, extra: Mapping[str, bytes]) -> str:
-    """What every rank of a distributed soup must agree on, hashed: the output, every shard's
-    header, the companion files, and each input file's size and modification time."""
+def _plan_digest(checkpoints: Sequence[Checkpoint], plan: SoupPlan, layout: Any,
+                 extra: Mapping[str, bytes] | None = None) -> str:
+    """What every rank of a distributed soup must agree on, hashed: the output and its tensors,
+    every shard's header, the companion files, each input file's size and modification time, and
+    the coefficients."""
     import hashlib
 
     h = hashlib.sha256()
     h.update(os.fspath(layout.target).encode())
     for shard in layout.shards:
         h.update(shard.path.name.encode() + b"\0" + shard.header)
-    for name in sorted(extra):
-        h.update(name.encode() + b"\0" + hashlib.sha256(extra[name]).digest())
+    for name in sorted(extra or {}):
+        h.update(name.encode() + b"\0" + hashlib.sha256(extra[name]).digest())  # type: ignore[index]
     for ck in checkpoints:
         for f in ck.files:
             h.update(repr((f.path, getattr(f, "signature", (0, 0, 0, 0))[:2])).encode())
+    h.update(repr([tp.out for tp in plan.tensors]).encode())
     h.update(repr((plan.coefficients, sorted(plan.per_tensor.items()), plan.divisor)).encode())
     return h.hexdigest()
 
@@ -409,7 +412,7 @@ def _dcp_out(plan: SoupPlan, items: Sequence[Any], checkpoints: Sequence[Checkpo
     owner = assign([tp.out.nbytes for tp in plan.tensors], world)
     mine = SoupPlan(tuple(tp for tp, r in zip(plan.tensors, owner) if r == rank), plan.coefficients,
                     plan.per_tensor, plan.divisor)
-    expected = {".metadata", *(f"__{r}_0.distcp" for r in set(owner))}
+    expected = {".metadata", *(f"__{r}_0.distcp" for r in range(world))}  # a rank with no tensor too
     writer = SoupWriter(layout, inputs=input_files(checkpoints), overwrite=overwrite, fsync=fsync,
                         verify=lambda: verify_inputs(checkpoints), extra_files=extra) if rank == 0 else None
 
@@ -458,9 +461,8 @@ def _spmd_dcp(group: Any, t0: float, items: Sequence[Any], coefficients: Coeffic
               fsync: bool, recipe: str, metadata: dict[str, str] | None, divisor: float, state_dict_key: str | None,
               copy_from: PathLike | None, allow_config_mismatch: bool, int_policy: str, lora: str) -> SoupReport:
     """A DCP output of `weighted_soup` by every rank of a process group (`_dcp_out`)."""
-    import hashlib
-
     from soupkern.distributed import check_same_plan
+    from soupkern.io.writer import folder_layout
 
     with ExitStack() as stack:
         def plan_step() -> tuple[Any, ...]:
@@ -471,11 +473,8 @@ def _spmd_dcp(group: Any, t0: float, items: Sequence[Any], coefficients: Coeffic
             return checkpoints, plan, meta
 
         checkpoints, plan, meta = group.step(plan_step, "opening the ingredients and planning the soup")
-        digest = hashlib.sha256(repr((os.fspath(out), [(tp.out, tuple(i for _, i in tp.sources)) for tp in plan.tensors],
-                                      [(f.path, getattr(f, "signature", (0, 0))[:2]) for ck in checkpoints
-                                       for f in ck.files], plan.coefficients, sorted(plan.per_tensor.items()),
-                                      plan.divisor)).encode()).hexdigest()
-        check_same_plan(group, digest, "the output, ingredients or coefficients")
+        check_same_plan(group, _plan_digest(checkpoints, plan, folder_layout(out)),
+                        "the output, ingredients or coefficients")
         paths = _dcp_out(plan, items, checkpoints, kernel, out, meta, recipe=recipe, overwrite=overwrite, fsync=fsync,
                          copy_from=copy_from, allow_config_mismatch=allow_config_mismatch, group=group)
     return SoupReport(tuple(paths), len(plan.tensors), plan.bytes_read, plan.bytes_written, time.perf_counter() - t0,
