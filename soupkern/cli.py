@@ -327,10 +327,6 @@ def _run_distributed(args: argparse.Namespace, run: Callable[[argparse.Namespace
         if group is not None and group.rank != 0:  # notices (mixed dtypes, renames...) once, from rank 0
             logging.getLogger("soupkern").setLevel(logging.ERROR)
         run(args)
-        if ours and group is not None:
-            # leave together: a rank tearing down its gloo connections while a peer still uses
-            # them sometimes aborts that peer (seen as "terminate called" on exit)
-            group.dist.barrier()
     finally:
         if ours:
             distributed.shutdown()
@@ -425,7 +421,7 @@ def _greedy_inputs(args: argparse.Namespace, opts: dict[str, Any]) -> tuple[Any,
             metric = load_callable(metric, "--metric")
     elif args.metric != "accuracy":
         raise SoupkernError("soupkern greedy: --metric applies to --data; --score computes its own score")
-    elif _under_torchrun():
+    elif getattr(args, "distributed", False):
         raise SoupkernError("soupkern greedy under torchrun splits the held-out data over the ranks, which an opaque "
                             "--score function does not allow: give --data MODULE:FUNCTION (with --model and --metric)")
     elif args.model:
