@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 from soupkern.errors import InputError, SoupkernError
 
@@ -128,6 +128,32 @@ def active() -> Group | None:
     if dist is None or not dist.is_available() or not dist.is_initialized() or dist.get_world_size() < 2:
         return None
     return Group(dist)
+
+
+def group_for(distributed: bool) -> Group | None:
+    """The process group a `distributed=True` call runs in (None for False); InputError when
+    there is none of 2 or more ranks."""
+    if not distributed:
+        return None
+    group = active()
+    if group is None:
+        raise InputError("distributed=True needs an initialized torch.distributed process group of 2 or more ranks")
+    return group
+
+
+def shard(items: Iterable[T], group: Group | None) -> Iterator[tuple[int, T]]:
+    """(index, item) of the items this rank takes: every one without a group, else items
+    r, r + W, ... (every rank must iterate `items` in the same order)."""
+    rank, world = (0, 1) if group is None else (group.rank, group.world_size)
+    for i, item in enumerate(items):
+        if i % world == rank:
+            yield i, item
+
+
+def in_order(records: list[Any], group: Group | None) -> list[Any]:
+    """This rank's (index, ...) records, or under a group every rank's, in index order: sums
+    over them then add in the order one process would."""
+    return records if group is None else sorted(r for part in group.gather(records) for r in part)
 
 
 def init_from_environment() -> bool:

@@ -85,6 +85,14 @@ class _Totals:
         return self.total / self.count
 
 
+def _mean(sums: Iterable[_BatchSum]) -> float:
+    """The mean over samples from per-batch sums, added in the given order."""
+    totals = _Totals(0.0, 0)
+    for _, total, count in sums:
+        totals = _Totals(totals.total + total, totals.count + count)
+    return totals.mean()
+
+
 def _model_device(model: nn.Module) -> torch.device:
     for t in model.parameters():
         return t.device
@@ -143,14 +151,12 @@ class Evaluator:
             raise InputError("give either held-out data (with a metric) or a score(model) callable, not both or neither")
         if batched not in ("auto", "vmap", "shared", "sequential"):
             raise InputError(f"batched must be 'auto', 'vmap', 'shared' or 'sequential', got {batched!r}")
-        self.group = None
-        if distributed:
-            from soupkern import distributed as dist
+        if distributed and score is not None:
+            raise InputError("a score callable is opaque: it cannot be split over the ranks of a process group. "
+                             "Give held-out data and a metric instead (data=, metric=; --data, --metric)")
+        from soupkern.distributed import group_for
 
-            if score is not None:
-                raise InputError("a score callable is opaque: it cannot be split over the ranks of a process group. "
-                                 "Give held-out data and a metric instead (data=, metric=; --data, --metric)")
-            self.group = dist.active()
+        self.group = group_for(distributed)
         if device is not None:
             model.to(device)
         self.model = model.eval()
@@ -245,11 +251,10 @@ class Evaluator:
     def _batches(self) -> Iterator[tuple[int, Any]]:
         """(index, batch) of the held-out batches this process evaluates: all of them, or under a
         process group of W ranks, batches r, r + W, ... (every rank must see the data in one order)."""
+        from soupkern.distributed import shard
+
         assert self.data is not None  # invariant of __init__: data xor score_fn
-        rank, world = (0, 1) if self.group is None else (self.group.rank, self.group.world_size)
-        for i, batch in enumerate(self.data):
-            if i % world == rank:
-                yield i, batch
+        return shard(self.data, self.group)
 
     def _means(self, local: Callable[[], list[list[_BatchSum]]]) -> list[float]:
         """The mean metric of each soup from its per-batch sums (`local()`: this process's, one
@@ -257,27 +262,20 @@ class Evaluator:
         process. Under a process group the sums are gathered; an error on any rank is raised on
         every rank (the failing rank's own, `PeerFailed` elsewhere)."""
         if self.group is None:
-            parts = [local()]
-        else:
-            from soupkern.distributed import PeerFailed
+            return [_mean(soup) for soup in local()]
+        from soupkern.distributed import PeerFailed
 
-            try:
-                mine: tuple[str, Any] = ("ok", local())
-            except BaseException as e:
-                self.group.gather(("error", f"{type(e).__name__}: {e}"))
-                raise
-            parts = []
-            for rank, (status, value) in enumerate(self.group.gather(mine)):
-                if status != "ok":
-                    raise PeerFailed(f"rank {rank} failed evaluating a soup: {value}", 1, rank, self.group.rank)
-                parts.append(value)
-        means = []
-        for j in range(len(parts[0])):
-            totals = _Totals(0.0, 0)
-            for _, total, count in sorted(b for part in parts for b in part[j]):
-                totals = _Totals(totals.total + total, totals.count + count)
-            means.append(totals.mean())
-        return means
+        try:
+            mine: tuple[str, Any] = ("ok", local())
+        except BaseException as e:
+            self.group.gather(("error", f"{type(e).__name__}: {e}"))
+            raise
+        parts = []  # one gather for every soup's sums and every rank's status
+        for rank, (status, value) in enumerate(self.group.gather(mine)):
+            if status != "ok":
+                raise PeerFailed(f"rank {rank} failed evaluating a soup: {value}", 1, rank, self.group.rank)
+            parts.append(value)
+        return [_mean(sorted(b for part in parts for b in part[j])) for j in range(len(parts[0]))]
 
     @torch.no_grad()
     def outputs(self, state: Mapping[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -64,10 +64,10 @@ class IngredientOutputs:
         values = self.metric(outputs, self.targets.to(outputs.device)) if len(self.targets) else None
         bounds = self.bounds or ((0, 0, len(self.targets)),)
         sums = [(i, float(values[a:b].sum(dtype=_f64())), b - a) for i, a, b in bounds] if values is not None else []
-        if self.group is not None:
-            sums = sorted(b for part in self.group.gather(sums) for b in part)
+        from soupkern.distributed import in_order
+
         total, count = 0.0, 0
-        for _, s, n in sums:
+        for _, s, n in in_order(sums, self.group):
             total += s
             count += n
         if count == 0:

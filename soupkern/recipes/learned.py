@@ -202,21 +202,18 @@ def _heldout(model: nn.Module, params: dict[str, torch.Tensor], data: Iterable[A
     """(mean loss, top-1 accuracy) of the soup `params` over `data`, fp64 sums over samples.
     Under a process group rank r scores batches r, r + W, ...; the per-batch sums are gathered
     and added in batch order: the floats one process computes."""
-    rank, world = (0, 1) if group is None else (group.rank, group.world_size)
+    from soupkern.distributed import in_order, shard
+
     sums = []
-    for i, batch in enumerate(data):
-        if i % world != rank:
-            continue
+    for i, batch in shard(data, group):
         inputs, targets = _split(batch)
         out = _forward(model, params, inputs, device)
         targets = targets.to(out.device)
         sums.append((i, float(loss_fn(out.float(), targets)) * len(targets), float((out.argmax(-1) == targets).sum()),
                      len(targets)))
-    if group is not None:
-        sums = sorted(b for part in group.gather(sums) for b in part)
     total_loss = correct = 0.0
     n = 0
-    for _, batch_loss, batch_correct, count in sums:
+    for _, batch_loss, batch_correct, count in in_order(sums, group):
         total_loss += batch_loss
         correct += batch_correct
         n += count
@@ -316,11 +313,9 @@ def _learned_soup(
     model.eval()
     device = next((t.device for t in model.state_dict().values()), torch.device("cpu"))
     history: list[float] = []
-    group = None
-    if distributed:
-        from soupkern import distributed as dist
+    from soupkern.distributed import group_for
 
-        group = dist.active()
+    group = group_for(distributed)
     try:
         with ExitStack() as stack, torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)

@@ -224,9 +224,7 @@ def weighted_soup(
         return SoupReport(tuple(paths), 0, 0, 0, time.perf_counter() - t0, "torch", tuple(c / divisor for c in coefficients))
     from soupkern import distributed as spmd
 
-    group = spmd.active() if check_flag(distributed, "distributed") else None
-    if distributed and group is None:
-        raise InputError("distributed=True needs an initialized torch.distributed process group of 2 or more ranks")
+    group = spmd.group_for(check_flag(distributed, "distributed"))
     if group is not None:
         if kernels is not None:
             raise InputError("a distributed soup runs on the host kernels (no device yet)")
