@@ -99,13 +99,6 @@ def _renamed(args: argparse.Namespace, items: list[Any]) -> list[Any]:
     return [Renamed(x, args.rename) for x in items]
 
 
-def _under_torchrun() -> bool:
-    try:
-        return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
-    except ValueError:
-        return False
-
-
 def _finite_float(text: str) -> float:
     import math
 
@@ -500,21 +493,24 @@ def _learned(args: argparse.Namespace) -> None:
 
 
 def _interpolate(args: argparse.Namespace) -> None:
-    from soupkern import strict_json
-    from soupkern.recipes.weighted import check_soup_output, reserve_output
+    from soupkern import distributed, strict_json
+    from soupkern.analysis import interpolation_curve
+    from soupkern.recipes.weighted import check_soup_output, reserve_output, weighted_soup
 
     opts = _soup_opts(args)
-    args.a, args.b = _renamed(args, [args.a, args.b])
-    check_soup_output([args.a, args.b], args.output, **{k: opts[k] for k in _CHECKED})
-    if args.plot is not None:
-        _check_plot_path(args.plot)
-    make_model = load_callable(args.model, "--model")
-    make_data = load_callable(args.data, "--data")
-    with reserve_output(args.output):  # a concurrent run on this output is refused before the evaluations
-        from soupkern.analysis import interpolation_curve
-        from soupkern.recipes.weighted import weighted_soup
 
-        curve = interpolation_curve(args.a, args.b, make_model(), make_data(), alphas=args.alphas)
+    def inputs() -> tuple[Any, Any]:
+        check_soup_output([args.a, args.b], args.output, **{k: opts[k] for k in _CHECKED})
+        if args.plot is not None:
+            _check_plot_path(args.plot)
+        return load_callable(args.model, "--model")(), load_callable(args.data, "--data")()
+
+    group = distributed.active() if getattr(args, "distributed", False) else None
+    # every rank checks; a failure is reported once, by rank 0, and every rank exits
+    model, data = inputs() if group is None else group.step(inputs, "checking the inputs")  # type: ignore[misc]
+    # a concurrent run on this output is refused before the evaluations (rank 0 holds the lock)
+    with reserve_output(args.output if group is None or group.rank == 0 else None):
+        curve = interpolation_curve(args.a, args.b, model, data, alphas=args.alphas, distributed=group is not None)
         scores = curve.scores[args.metric]
         pick = min if args.metric == "loss" else max
         best = curve.alphas[scores.index(pick(scores))]
@@ -522,12 +518,19 @@ def _interpolate(args: argparse.Namespace) -> None:
         if not args.quiet:
             print(curve.to_table(), file=sys.stderr)
             print(f"best alpha by {args.metric}: {best:.4g}; writing the soup at alpha = {alpha:.4g}", file=sys.stderr)
-        if args.plot is not None:
-            _plot_curve(curve, args.plot, alpha)
         meta = {"soupkern.interpolate.alpha": repr(alpha),
                 "soupkern.interpolate.curve": strict_json.dumps(curve.to_dict())}
-        report = weighted_soup([args.a, args.b], [1.0 - alpha, alpha], args.output, recipe="interpolate",
-                               metadata=meta, **opts)
+
+        def finish() -> Any:  # every rank holds the same curve: rank 0 plots and writes
+            if args.plot is not None:
+                _plot_curve(curve, args.plot, alpha)
+            return weighted_soup([args.a, args.b], [1.0 - alpha, alpha], args.output, recipe="interpolate",
+                                 metadata=meta, **opts)
+
+        if group is None:
+            report = finish()
+        else:
+            report = group.step(finish if group.rank == 0 else lambda: None, "writing the soup", long=True)
     _summary(args, report)
 
 
@@ -700,9 +703,6 @@ def _dispatch(args: argparse.Namespace) -> int:
             _inspect(args.path, args.json)
         elif args.command == "backends":
             _backends()
-        elif args.command == "interpolate" and _under_torchrun():
-            raise SoupkernError("soupkern interpolate does not spread its evaluations over ranks yet: run it as one "
-                                "process, not under torchrun (uniform, weighted, greedy and learned soups do)")
         elif args.command == "greedy":
             args.ingredients = _renamed(args, list(args.ingredients))
             _run_distributed(args, _greedy)
@@ -712,7 +712,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         elif args.command == "analyze":
             _analyze(args)
         elif args.command == "interpolate":
-            _interpolate(args)
+            args.a, args.b = _renamed(args, [args.a, args.b])
+            _run_distributed(args, _interpolate)
         elif args.command == "demo":
             from soupkern.demo import DemoConfig, run_demo
 
