@@ -156,9 +156,36 @@ def in_order(records: list[Any], group: Group | None) -> list[Any]:
     return records if group is None else sorted(r for part in group.gather(records) for r in part)
 
 
+def default_backend() -> str:
+    """gloo, plus NCCL for CUDA tensors where this process sees a GPU: torch's per-device form
+    "cpu:gloo,cuda:nccl" sends each collective to the backend of its tensors' device (object
+    collectives and the heartbeat stay on gloo, on the CPU)."""
+    import torch
+    import torch.distributed as dist
+
+    if torch.cuda.is_available() and dist.is_nccl_available():
+        return "cpu:gloo,cuda:nccl"
+    return "gloo"
+
+
+def _use_local_gpu() -> None:
+    """Make GPU LOCAL_RANK this process's current device where there is one (torchrun's
+    one-process-per-GPU layout), so `device="cuda"` means each rank's own GPU and NCCL has one
+    device per rank."""
+    import torch
+
+    try:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+    except ValueError:
+        return
+    if torch.cuda.is_available() and 0 <= local < torch.cuda.device_count():
+        torch.cuda.set_device(local)
+
+
 def init_from_environment() -> bool:
     """Initialize the default process group from torchrun's environment (WORLD_SIZE > 1, RANK,
-    MASTER_ADDR, ...): gloo, or NCCL when asked for by SOUPKERN_DIST_BACKEND; the timeout is
+    MASTER_ADDR, ...): `default_backend()` (gloo; gloo and NCCL where there are GPUs, each rank on
+    GPU LOCAL_RANK), or the backend SOUPKERN_DIST_BACKEND names; the timeout is
     SOUPKERN_DIST_TIMEOUT seconds (default 60), so a dead rank stops every rank within it.
     Returns whether this call initialized it (and so should `shutdown` it)."""
     try:
@@ -180,7 +207,8 @@ def init_from_environment() -> bool:
         timeout = float("nan")
     if not (timeout >= 5 * HEARTBEAT_S and timeout < 86_400):
         raise InputError(f"SOUPKERN_DIST_TIMEOUT={text!r}: give seconds, at least {5 * HEARTBEAT_S:g} and under a day")
-    backend = os.environ.get("SOUPKERN_DIST_BACKEND", "gloo")
+    backend = os.environ.get("SOUPKERN_DIST_BACKEND") or default_backend()
+    _use_local_gpu()
     try:
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout))
     except Exception as e:  # noqa: BLE001 - a rendezvous failure has many types

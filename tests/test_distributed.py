@@ -59,7 +59,9 @@ def test_spmd_soup_equals_one_process(inputs: list[Path], tmp_path: Path, n: int
     one = subprocess.run([sys.executable, "-m", "soupkern", "uniform", *args, "-o", f"{tmp_path}/one/", "-q"],
                          capture_output=True, text=True)
     assert one.returncode == 0, one.stderr
-    r = torchrun(n, ["uniform", *args, "-o", f"{tmp_path}/many/"], tmp_path)
+    # at 2 ranks through the per-device backend form default_backend() gives on GPU machines
+    env = {"SOUPKERN_DIST_BACKEND": "cpu:gloo"} if n == 2 else None
+    r = torchrun(n, ["uniform", *args, "-o", f"{tmp_path}/many/"], tmp_path, env=env)
     assert r.returncode == 0, r.stderr
     assert tensors(tmp_path / "many") == tensors(tmp_path / "one")
     assert (tmp_path / "many" / "model.safetensors.index.json").read_bytes() == \
@@ -71,6 +73,21 @@ def test_spmd_soup_equals_one_process(inputs: list[Path], tmp_path: Path, n: int
     notice = torchrun(n, ["uniform", str(inputs[0]), "-o", f"{tmp_path}/single/"], tmp_path)
     assert notice.returncode == 0 and notice.stderr.count("a soup of one ingredient") == 1  # notices once
     assert not [p for p in os.listdir(tmp_path) if ".soupkern-" in p]
+
+
+def test_backend_follows_the_devices(monkeypatch: pytest.MonkeyPatch) -> None:
+    """gloo without a GPU; gloo for CPU tensors and NCCL for CUDA tensors with one (untested on a
+    GPU here: the choice only)."""
+    import torch
+    import torch.distributed as dist
+
+    from soupkern.distributed import default_backend
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert default_backend() == "gloo"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(dist, "is_nccl_available", lambda: True)
+    assert default_backend() == "cpu:gloo,cuda:nccl"
 
 
 def test_bad_input_is_reported_once_on_every_exit_code(inputs: list[Path], tmp_path: Path) -> None:
