@@ -1,26 +1,142 @@
-"""The streaming core: for each chunk, K zero-copy input views -> backend.weighted_sum -> output.
+"""One streaming protocol for every tensor walk: work items, one executor, ops.
 
-Working memory is bounded by `budget_bytes` whatever the model size: a chunk's mapped input
-pages plus the writer's staging window fit in it, and input pages are unmapped (they stay in the
-page cache) as soon as their chunk is done.
+- A `WorkItem` is elements [start, start + count) of one tensor plan, read from `sources` (by
+  default the plan's inputs: every source of an averaged tensor, the first of a copied one), with
+  the coefficients and divisor an averaging op needs. `tensor_items` cuts one tensor into items
+  of at most `step` elements, `plan_items` every tensor of a plan under a step rule.
+- `run` executes items in order: it maps each item's byte range in every source (`prefetch`),
+  takes zero-copy views of them, calls `op(item, views)`, unmaps the pages (they stay in the page
+  cache) and reports progress. An op returning False stops the run early.
+- Ops: `weighted_sum_op` (backend.weighted_sum into an output), `copy_op`, and, built on `run`
+  elsewhere, byte equality (plan._identical), the fp64 Gram reduction (analysis.delta_gram) and
+  the fp64 dot reduction (recipes.learned).
+
+`execute` streams a whole plan into a writer: working memory is bounded by `budget_bytes`
+whatever the model size (an item's mapped input pages plus the writer's staging window fit in
+it). `fill_tensor` computes one whole tensor into host memory; `fill_many` many small ones
+through the backend's multi-tensor entry point.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
 
-from soupkern.backends import Backend
-from soupkern.io import SoupWriter, dtype_itemsize
+from soupkern.io import SoupWriter, TensorInfo, dtype_itemsize
 from soupkern.options import MIN_BUDGET_BYTES
-from soupkern.plan import SoupPlan, TensorPlan
 
-__all__ = ["DEFAULT_BUDGET_BYTES", "MIN_BUDGET_BYTES", "execute", "fill_many", "fill_tensor", "staging_bytes_for"]
+if TYPE_CHECKING:
+    from soupkern.backends import Backend
+    from soupkern.plan import SoupPlan, TensorPlan
+
+__all__ = ["DEFAULT_BUDGET_BYTES", "MIN_BUDGET_BYTES", "WorkItem", "copy_op", "execute", "fill_many", "fill_tensor",
+           "plan_items", "run", "staging_bytes_for", "tensor_items", "weighted_sum_op"]
 
 DEFAULT_BUDGET_BYTES = 64 << 20
 Progress = Callable[[int], None]
+
+
+class Holder(Protocol):
+    """What the executor reads a tensor through (a mapped file, an in-memory tensor, ...); byte
+    offsets of prefetch/release are the file's (`info.begin` + offset in the tensor)."""
+
+    def view(self, info: TensorInfo, start: int = 0, stop: int | None = None) -> np.ndarray: ...
+    def prefetch(self, begin: int, end: int) -> None: ...
+    def release(self, begin: int, end: int) -> None: ...
+
+
+Source = tuple[Holder, TensorInfo]
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """Elements [start, start + count) of `tensor`, read from `sources`."""
+
+    tensor: TensorPlan
+    sources: tuple[Source, ...]
+    start: int
+    count: int
+    coefficients: tuple[float, ...] = ()
+    divisor: float = 1.0
+
+    def span(self, dtype: str) -> tuple[int, int]:
+        """The item's bytes [lo, hi) within a tensor of `dtype` (relative to its first byte)."""
+        size = dtype_itemsize(dtype)
+        return self.start * size, (self.start + self.count) * size
+
+    @property
+    def nbytes_read(self) -> int:
+        return self.count * sum(dtype_itemsize(info.dtype) for _, info in self.sources)
+
+
+Op = Callable[[WorkItem, list[np.ndarray]], object]
+
+
+def tensor_items(tp: TensorPlan, step: int, *, sources: Sequence[Source] | None = None,
+                 coefficients: tuple[float, ...] = (), divisor: float = 1.0) -> Iterator[WorkItem]:
+    """The items of one tensor, `step` >= 1 elements each (the last may be shorter; none for an
+    empty tensor), in element order, covering every element once. `sources`: default tp.inputs."""
+    srcs = tp.inputs if sources is None else tuple(sources)
+    for start in range(0, tp.numel, step):
+        yield WorkItem(tp, srcs, start, min(step, tp.numel - start), coefficients, divisor)
+
+
+def plan_items(plan: SoupPlan, step: Callable[[TensorPlan], int],
+               order: Iterable[TensorPlan] | None = None) -> Iterator[WorkItem]:
+    """The items of every tensor of `plan` (in `order`, default the plan's), `step(tp)` elements
+    each, with the tensor's coefficients and divisor."""
+    for tp in plan.tensors if order is None else order:
+        name = tp.out.name
+        yield from tensor_items(tp, step(tp), coefficients=plan.coefficients_for(name), divisor=plan.divisor_for(name))
+
+
+def run(items: Iterable[WorkItem], op: Op, progress: Callable[[WorkItem], None] | None = None) -> bool:
+    """For each item in order: prefetch its byte range in every source, view them (zero-copy, in
+    `item.sources` order), `op(item, views)`, release the ranges, `progress(item)`. Stops after the
+    first op that returns False and returns False; True when every item ran. An op must not keep
+    the views: their pages are unmapped when it returns."""
+    for item in items:
+        ranges = [(f, info, *item.span(info.dtype)) for f, info in item.sources]
+        for f, info, lo, hi in ranges:
+            f.prefetch(info.begin + lo, info.begin + hi)
+        views = [f.view(info, lo, hi) for f, info, lo, hi in ranges]
+        result = op(item, views)
+        del views
+        for f, info, lo, hi in ranges:
+            f.release(info.begin + lo, info.begin + hi)
+        if progress is not None:
+            progress(item)
+        if result is False:
+            return False
+    return True
+
+
+Output = Callable[[WorkItem], np.ndarray]  # the writable output bytes of an item
+
+
+def weighted_sum_op(output: Output, backend: Backend) -> Op:
+    """out = round((Σ_k c_k x_k) / divisor) in the tensor's output dtype, exact and independent of
+    the item boundaries (the backend's contract)."""
+    def op(item: WorkItem, views: list[np.ndarray]) -> None:
+        tp = item.tensor
+        backend.weighted_sum(output(item), tp.out.dtype, views, [info.dtype for _, info in item.sources],
+                             item.coefficients, item.count, item.divisor)
+    return op
+
+
+def copy_op(output: Output) -> Op:
+    """out = the first source's bytes."""
+    def op(item: WorkItem, views: list[np.ndarray]) -> None:
+        np.copyto(output(item), views[0])
+    return op
+
+
+def _make_op(output: Output, backend: Backend) -> Op:
+    """The weighted sum for averaged tensors, the copy for the others."""
+    average, copy = weighted_sum_op(output, backend), copy_op(output)
+    return lambda item, views: (average if item.tensor.average else copy)(item, views)
 
 
 def staging_bytes_for(budget_bytes: int) -> int:
@@ -29,71 +145,38 @@ def staging_bytes_for(budget_bytes: int) -> int:
     return max(min(budget_bytes // 4, 8 << 20), 4096)
 
 
-def _chunks(numel: int, step: int) -> Iterator[tuple[int, int]]:
-    for start in range(0, numel, step):
-        yield start, min(step, numel - start)
-
-
-def _average(tp: TensorPlan, coeffs: tuple[float, ...], divisor: float, writer: SoupWriter, backend: Backend,
-             budget_bytes: int, progress: Progress | None) -> None:
+def _write_step(tp: TensorPlan, budget_bytes: int, staging: int) -> int:
+    """Elements per item when streaming into a writer with a `staging`-byte window: an averaged
+    item's inputs fit in the rest of the budget (a multiple of 1024 elements where possible), a
+    copied item fills the window."""
     out_size = dtype_itemsize(tp.out.dtype)
-    in_sizes = [dtype_itemsize(info.dtype) for _, info in tp.sources]
-    in_dtypes = [info.dtype for _, info in tp.sources]
-    staging = writer.staging_bytes
-    step = min((budget_bytes - staging) // sum(in_sizes), staging // out_size)
-    step = max(step - step % 1024, 1024) if step >= 1024 else max(step, 1)
-    for start, m in _chunks(tp.numel, step):
-        views = []
-        for (f, info), size in zip(tp.sources, in_sizes):
-            f.prefetch(info.begin + start * size, info.begin + (start + m) * size)
-            views.append(f.view(info, start * size, (start + m) * size))
-        out = writer.reserve(tp.out.name, start * out_size, m * out_size)
-        backend.weighted_sum(out, tp.out.dtype, views, in_dtypes, coeffs, m, divisor)
-        del views
-        for (f, info), size in zip(tp.sources, in_sizes):
-            f.release(info.begin + start * size, info.begin + (start + m) * size)
-        if progress is not None:
-            progress(m * (out_size + sum(in_sizes)))
-
-
-def _copy(tp: TensorPlan, writer: SoupWriter, progress: Progress | None) -> None:
-    f, info = tp.sources[0]
-    step = writer.staging_bytes
-    for start in range(0, info.nbytes, step):
-        stop = min(start + step, info.nbytes)
-        np.copyto(writer.reserve(tp.out.name, start, stop - start), f.view(info, start, stop))
-        f.release(info.begin + start, info.begin + stop)
-        if progress is not None:
-            progress(2 * (stop - start))
+    if not tp.average:
+        return max(staging // out_size, 1)
+    step = min((budget_bytes - staging) // sum(dtype_itemsize(i.dtype) for _, i in tp.sources), staging // out_size)
+    return max(step - step % 1024, 1024) if step >= 1024 else max(step, 1)
 
 
 def execute(plan: SoupPlan, writer: SoupWriter, backend: Backend, *, budget_bytes: int = DEFAULT_BUDGET_BYTES,
             progress: Progress | None = None) -> None:
-    """Compute every tensor of `plan` into `writer`, in output-file order (sequential writes)."""
-    by_name = {tp.out.name: tp for tp in plan.tensors}
-    order = sorted(by_name, key=lambda n: writer.layout.where[n])
-    for name in order:
-        tp = by_name[name]
-        if tp.average:
-            _average(tp, plan.coefficients_for(name), plan.divisor_for(name), writer, backend, budget_bytes, progress)
-        else:
-            _copy(tp, writer, progress)
+    """Compute every tensor of `plan` into `writer`, in output-file order (sequential writes);
+    `progress(bytes read + bytes written)` after every item."""
+    staging = writer.staging_bytes
+    order = sorted(plan.tensors, key=lambda tp: writer.layout.where[tp.out.name])
+
+    def output(item: WorkItem) -> np.ndarray:
+        lo, hi = item.span(item.tensor.out.dtype)
+        return writer.reserve(item.tensor.out.name, lo, hi - lo)
+
+    done = None if progress is None else (
+        lambda item: progress(item.nbytes_read + item.count * dtype_itemsize(item.tensor.out.dtype)))
+    run(plan_items(plan, lambda tp: _write_step(tp, budget_bytes, staging), order), _make_op(output, backend), done)
     writer.flush()
 
 
 def fill_tensor(tp: TensorPlan, coeffs: tuple[float, ...], out: np.ndarray, backend: Backend,
                 divisor: float = 1.0) -> None:
-    """Compute one whole tensor into `out` (a writable uint8 array of its output bytes)."""
-    if tp.average:
-        views = [f.view(info) for f, info in tp.sources]
-        backend.weighted_sum(out, tp.out.dtype, views, [i.dtype for _, i in tp.sources], coeffs,
-                             math.prod(tp.out.shape), divisor)
-        del views
-    else:
-        f, info = tp.sources[0]
-        np.copyto(out, f.view(info))
-    for f, info in tp.sources:
-        f.release(info.begin, info.end)
+    """Compute one whole tensor into `out` (a writable uint8 array of its output bytes), as one item."""
+    run(tensor_items(tp, max(tp.numel, 1), coefficients=coeffs, divisor=divisor), _make_op(lambda item: out, backend))
 
 
 DTYPE_CODES = {"F64": 0, "F32": 1, "F16": 2, "BF16": 3}  # csrc/soupkern.h's DType

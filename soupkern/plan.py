@@ -1,5 +1,6 @@
 """Plan a soup before any byte is written: names, shapes and dtypes checked across ingredients,
-coefficients validated, the output dtype of every tensor fixed, chunk sizes bounded."""
+coefficients validated, the output dtype of every tensor fixed; how each one is made (averaged or
+copied, from which sources) is a `TensorPlan` the engine streams."""
 
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ from typing import Callable, Literal, Mapping, Sequence
 
 import numpy as np
 
+from soupkern.engine import run, tensor_items
 from soupkern.errors import InputError, MismatchError
 from soupkern.options import coefficient_vector
-from soupkern.io import FLOAT_DTYPES, Checkpoint, OutputTensor, SafetensorsFile, TensorInfo
+from soupkern.io import FLOAT_DTYPES, Checkpoint, OutputTensor, SafetensorsFile, TensorInfo, dtype_itemsize
 
 KeyPolicy = Literal["same", "intersection"]
 IntPolicy = Literal["auto", "first", "max", "mean", "refuse"]
@@ -82,6 +84,11 @@ class TensorPlan:
     def numel(self) -> int:
         return math.prod(self.out.shape)
 
+    @property
+    def inputs(self) -> tuple[tuple[SafetensorsFile, TensorInfo], ...]:
+        """The sources read: every one when averaged, the first when copied."""
+        return self.sources if self.average else self.sources[:1]
+
 
 @dataclass(frozen=True)
 class SoupPlan:
@@ -127,7 +134,7 @@ class SoupPlan:
 
     @property
     def bytes_read(self) -> int:
-        return sum(sum(i.nbytes for _, i in t.sources) if t.average else t.sources[0][1].nbytes for t in self.tensors)
+        return sum(info.nbytes for t in self.tensors for _, info in t.inputs)
 
     @property
     def bytes_written(self) -> int:
@@ -139,15 +146,12 @@ def check_coefficients(coefficients: Sequence[float], k: int) -> tuple[float, ..
 
 
 def _identical(a: tuple[SafetensorsFile, TensorInfo], b: tuple[SafetensorsFile, TensorInfo]) -> bool:
-    (fa, ia), (fb, ib) = a, b
-    for start in range(0, ia.nbytes, _COMPARE_BLOCK):
-        stop = min(start + _COMPARE_BLOCK, ia.nbytes)
-        same = np.array_equal(fa.view(ia, start, stop), fb.view(ib, start, stop))
-        fa.release(ia.begin + start, ia.begin + stop)
-        fb.release(ib.begin + start, ib.begin + stop)
-        if not same:
-            return False
-    return True
+    """Whether two tensors of the same shape hold the same bytes, compared block by block through
+    the engine up to the first block that differs."""
+    info = a[1]
+    pair = TensorPlan(OutputTensor(info.name, info.dtype, info.shape), (a, b), average=False)
+    step = max(_COMPARE_BLOCK // dtype_itemsize(info.dtype), 1)
+    return run(tensor_items(pair, step, sources=(a, b)), lambda item, views: np.array_equal(views[0], views[1]))
 
 
 def build_plan(

@@ -1,0 +1,167 @@
+"""The engine's work-item protocol: items cover every element once whatever the step or budget,
+the executor maps, views and releases exactly an item's bytes, stops early on request, and a soup
+is the same bytes whatever the budget."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import soupkern
+from soupkern.engine import (MIN_BUDGET_BYTES, WorkItem, _write_step, plan_items, run, staging_bytes_for,
+                             tensor_items)
+from soupkern.io import OutputTensor, TensorInfo, dtype_itemsize
+from soupkern.plan import ArrayHolder, SoupPlan, TensorPlan
+
+NUMELS = (0, 1, 7, 1023, 1024, 1025, 4099, 65537)
+AWKWARD_BUDGETS = (MIN_BUDGET_BYTES, MIN_BUDGET_BYTES + 12345, (3 << 20) + 7, 64 << 20)
+
+
+class Recording(ArrayHolder):
+    """An in-memory holder that logs the engine's calls on it."""
+
+    __slots__ = ("calls",)
+
+    def __init__(self, data: np.ndarray, path: str):
+        super().__init__(data, path)
+        self.calls: list[tuple[str, int, int]] = []
+
+    def view(self, info: TensorInfo, start: int = 0, stop: int | None = None) -> np.ndarray:
+        self.calls.append(("view", start, info.nbytes if stop is None else stop))
+        return super().view(info, start, stop)
+
+    def prefetch(self, begin: int, end: int) -> None:
+        self.calls.append(("prefetch", begin, end))
+
+    def release(self, begin: int, end: int) -> None:
+        self.calls.append(("release", begin, end))
+
+
+def tensor_plan(shape: tuple[int, ...], dtypes: tuple[str, ...] = ("F32", "BF16"), out: str = "F32",
+                average: bool = True, name: str = "t") -> TensorPlan:
+    numel = math.prod(shape)
+    sources = []
+    for i, dt in enumerate(dtypes):
+        size = dtype_itemsize(dt)
+        data = np.arange(numel * size, dtype=np.uint8) + i
+        sources.append((Recording(data, f"in{i}"), TensorInfo(name, dt, shape, 0, numel * size)))
+    return TensorPlan(OutputTensor(name, out, shape), tuple(sources), average)
+
+
+def check_cover(items: list[WorkItem], numel: int, step: int) -> None:
+    assert [it.start for it in items] == list(range(0, numel, step))
+    assert all(1 <= it.count <= step for it in items) and all(it.count == step for it in items[:-1])
+    assert sum(it.count for it in items) == numel
+
+
+@pytest.mark.parametrize("numel", NUMELS)
+@pytest.mark.parametrize("step", [1, 3, 1000, 1024, 65536, 1 << 30])
+def test_tensor_items_cover_every_element_once(numel: int, step: int) -> None:
+    tp = tensor_plan((numel,))
+    items = list(tensor_items(tp, step, coefficients=(0.5, 0.25), divisor=3.0))
+    check_cover(items, numel, step)
+    assert all(it.sources == tp.sources and it.coefficients == (0.5, 0.25) and it.divisor == 3.0 for it in items)
+
+
+def test_a_copied_tensor_reads_its_first_source_only() -> None:
+    tp = tensor_plan((10,), dtypes=("I64", "I64"), out="I64", average=False)
+    assert [it.sources for it in tensor_items(tp, 4)] == [tp.sources[:1]] * 3
+
+
+@pytest.mark.parametrize("budget", AWKWARD_BUDGETS)
+def test_write_items_cover_every_element_once_within_the_budget(budget: int) -> None:
+    staging = staging_bytes_for(budget)
+    tensors = [tensor_plan(shape, dtypes, out, average, f"t{i}")
+               for i, (shape, dtypes, out, average) in enumerate([
+                   ((), ("F32",), "F32", True), ((0, 3), ("F16", "F16"), "BF16", True),
+                   ((1,), ("BF16", "F64", "F16"), "F16", True), ((1_000_003,), ("F32", "F32"), "BF16", True),
+                   ((333, 1025), ("F64", "BF16"), "F64", True), ((100_001,), ("I64", "I64"), "I64", False),
+                   ((77_777,), ("BOOL",), "BOOL", False)])]
+    plan = SoupPlan(tuple(tensors), (1.0, 2.0), {"t3": (0.25, 0.75)}, divisor=3.0)
+    items = list(plan_items(plan, lambda tp: _write_step(tp, budget, staging), reversed(plan.tensors)))
+    by_tensor: dict[str, list[WorkItem]] = {}
+    for it in items:
+        by_tensor.setdefault(it.tensor.out.name, []).append(it)
+        assert it.count * dtype_itemsize(it.tensor.out.dtype) <= staging
+        assert it.nbytes_read <= budget - staging
+        assert (it.coefficients, it.divisor) == (((0.25, 0.75), 1.0) if it.tensor.out.name == "t3" else ((1.0, 2.0), 3.0))
+    assert [n for n in dict.fromkeys(it.tensor.out.name for it in items)] == \
+        [tp.out.name for tp in reversed(plan.tensors) if tp.numel]
+    for tp in tensors:
+        check_cover(by_tensor.get(tp.out.name, []), tp.numel, _write_step(tp, budget, staging))
+
+
+def test_run_maps_views_and_releases_each_items_bytes() -> None:
+    tp = tensor_plan((2500,))
+    seen: list[list[np.ndarray]] = []
+    done: list[WorkItem] = []
+
+    def op(item: WorkItem, views: list[np.ndarray]) -> None:
+        seen.append([v.copy() for v in views])
+
+    assert run(tensor_items(tp, 1000), op, done.append) is True
+    assert [it.start for it in done] == [0, 1000, 2000]
+    for (f, info), i in zip(tp.sources, range(2)):
+        size = dtype_itemsize(info.dtype)
+        spans = [(s * size, (s + c) * size) for s, c in ((0, 1000), (1000, 1000), (2000, 500))]
+        assert f.calls == [c for lo, hi in spans for c in (("prefetch", lo, hi), ("view", lo, hi), ("release", lo, hi))]
+        whole = f.view(info)
+        assert np.array_equal(np.concatenate([views[i] for views in seen]), whole)
+
+
+def test_run_stops_at_the_first_op_returning_false() -> None:
+    tp = tensor_plan((10,))
+    calls = []
+
+    def op(item: WorkItem, views: list[np.ndarray]) -> bool:
+        calls.append(item.start)
+        return item.start < 3
+
+    assert run(tensor_items(tp, 3), op) is False
+    assert calls == [0, 3]
+    f = tp.sources[0][0]
+    assert f.calls[-1] == ("release", 12, 24)  # the stopping item's pages are released too
+
+
+def test_identical_compares_bytes_with_an_early_exit(monkeypatch: pytest.MonkeyPatch) -> None:
+    from soupkern import plan as plan_mod
+
+    monkeypatch.setattr(plan_mod, "_COMPARE_BLOCK", 64)  # 16 elements
+    info = TensorInfo("t", "I32", (100,), 0, 400)
+    data = np.arange(100, dtype=np.int32)
+    changed = data.copy()
+    changed[20] = -1
+    first, same, other = (Recording(x, p) for x, p in ((data, "first"), (data, "same"), (changed, "other")))
+    assert plan_mod._identical((first, info), (same, info))
+    assert not plan_mod._identical((first, info), (other, info))
+    assert [c for c in other.calls if c[0] == "view"] == [("view", 0, 64), ("view", 64, 128)]  # not past the block
+
+
+def save_ingredients(folder: Path) -> list[Path]:
+    """Three ingredients of mixed dtypes, tensors several work items long at the smallest budget,
+    one element, empty, 0-dim and copied integer tensors."""
+    g = torch.Generator().manual_seed(7)
+    shapes = {"big": (300_007,), "mat": (513, 1023), "one": (1,), "empty": (0, 5), "scalar": ()}
+    paths = []
+    for i, dt in enumerate((torch.float32, torch.bfloat16, torch.float16)):
+        tensors = {n: torch.randn(s, generator=g).to(dt) for n, s in shapes.items()}
+        tensors["ids"] = torch.arange(70_001)
+        paths.append(folder / f"m{i}.safetensors")
+        save_file(tensors, str(paths[-1]))
+    return paths
+
+
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+def test_a_soup_is_the_same_bytes_whatever_the_budget(tmp_path: Path, backend: str) -> None:
+    paths = save_ingredients(tmp_path)
+    outs = []
+    for budget in (MIN_BUDGET_BYTES, MIN_BUDGET_BYTES + 12345, 1 << 30):
+        outs.append(tmp_path / f"soup_{budget}.safetensors")
+        soupkern.weighted_soup(paths, [0.2, 0.3, 0.5], outs[-1], dtype="bf16", budget_bytes=budget, backend=backend)
+    first = outs[0].read_bytes()
+    assert all(o.read_bytes() == first for o in outs[1:])
