@@ -1,7 +1,7 @@
 """Analysis of ingredients: the Gram matrix of their deltas from a base, and loss/accuracy along a line.
 
-`delta_gram` streams every float tensor of every file once, in chunks through the reader's mmap
-views (bounded memory, like the engine), and accumulates in float64
+`delta_gram` streams every float tensor of every file once, as the engine's work items (zero-copy
+views of every file over the same elements, bounded memory: `engine.run`), and accumulates in float64
 
     G[i, j] = <Δ_i, Δ_j>,   Δ_i = θ_i - θ_base   (θ_i when no base is given)
 
@@ -26,11 +26,12 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from soupkern.engine import DEFAULT_BUDGET_BYTES, MIN_BUDGET_BYTES
+from soupkern.engine import DEFAULT_BUDGET_BYTES, MIN_BUDGET_BYTES, WorkItem, plan_items, run
 from soupkern.errors import InputError
+from soupkern.io import dtype_itemsize
 from soupkern.io.sources import labels
 from soupkern.options import ingredient_list
-from soupkern.plan import KeyPolicy, build_plan
+from soupkern.plan import KeyPolicy, TensorPlan, build_plan
 from soupkern.recipes.weighted import open_ingredients
 
 if TYPE_CHECKING:
@@ -129,11 +130,11 @@ def delta_gram(
 ) -> GramResult:
     """G[i, j] = <θ_i - θ_base, θ_j - θ_base> over float tensors, in one streaming pass.
 
-    Every file is read once, chunk by chunk through zero-copy mmap views; a chunk's decoded fp64
-    values of all K ingredients and the base fit in `budget_bytes`, and its input pages are
-    released when done. Each chunk's deltas (fp64 differences of the exactly decoded values) add
-    D·Dᵀ to the fp64 accumulator. Tensor names, shapes and dtypes are checked across
-    all files (and the base) as for a soup; non-float tensors are skipped. `include`: a regex
+    Every file is read once, item by item through the engine (`engine.run`, zero-copy views); an
+    item's decoded fp64 values of all K ingredients and the base fit in `budget_bytes`, and its
+    input pages are released when done. Each item's deltas (fp64 differences of the exactly
+    decoded values) add D·Dᵀ to the fp64 accumulator. Tensor names, shapes and dtypes are checked
+    across all files (and the base) as for a soup; non-float tensors are skipped. `include`: a regex
     (re.search on the tensor name) or a predicate choosing the tensors; default all float tensors.
     """
     ingredients = ingredient_list(ingredients)
@@ -151,29 +152,28 @@ def delta_gram(
     k = len(ingredients)
     paths = [*ingredients, *([base] if base is not None else [])]
     gram = np.zeros((k, k), dtype=np.float64)
-    n_tensors = elements = bytes_read = 0
+    bytes_read = 0
     with ExitStack() as stack:
         checkpoints = open_ingredients(stack, paths, state_dict_key)
         plan = build_plan(checkpoints, [0.0] * len(paths), keys=keys)
-        for tp in plan.tensors:
-            if not tp.average or not chosen(tp.out.name):
-                continue
-            n_tensors += 1
-            sizes = [info.nbytes // max(tp.numel, 1) for _, info in tp.sources]
-            step = max(1, budget_bytes // (len(paths) * 8 + sum(sizes)))
-            for start in range(0, tp.numel, step):
-                m = min(step, tp.numel - start)
-                cols = []
-                for (f, info), size in zip(tp.sources, sizes):
-                    cols.append(decode_f64(f.view(info, start * size, (start + m) * size), info.dtype))
-                    f.release(info.begin + start * size, info.begin + (start + m) * size)
-                d = np.stack(cols[:k])
-                if base is not None:
-                    d -= cols[k]
-                del cols
-                gram += d @ d.T
-                bytes_read += m * sum(sizes)
-            elements += tp.numel
+        chosen_tensors = [tp for tp in plan.tensors if tp.average and chosen(tp.out.name)]
+
+        def step(tp: TensorPlan) -> int:  # the decoded fp64 columns and the mapped inputs fit the budget
+            return max(1, budget_bytes // (len(paths) * 8 + sum(dtype_itemsize(i.dtype) for _, i in tp.sources)))
+
+        def add(item: WorkItem, views: list[np.ndarray]) -> None:
+            nonlocal gram, bytes_read
+            cols = [decode_f64(v, info.dtype) for v, (_, info) in zip(views, item.sources)]
+            d = np.stack(cols[:k])
+            if base is not None:
+                d -= cols[k]
+            del cols
+            gram += d @ d.T
+            bytes_read += item.nbytes_read
+
+        run(plan_items(plan, step, chosen_tensors), add)
+        n_tensors = len(chosen_tensors)
+        elements = sum(tp.numel for tp in chosen_tensors)
     if n_tensors == 0:
         raise InputError("no float tensor selected for the analysis"
                          + (" (check the include pattern)" if include is not None else ""), path=checkpoints[0].path)
