@@ -11,10 +11,11 @@ the reference code; it changes the loss being optimized, not the soup, and is re
 Memory: ingredients stay memory-mapped. In every forward pass each tensor of the soup is formed
 on its own by the engine's weighted-sum kernel straight from the K zero-copy mmap views into one
 fp32 tensor (`engine.fill_tensor`); its gradient with respect to the coefficients,
-∂L/∂c_k = <∂L/∂W, W_k>, is computed in fp64 over chunks of the same mmap views. Peak memory is one
-fp32 copy of the model (the soup being evaluated, held by autograd) plus activations and a chunk,
-never K copies. The model itself is only run through `torch.func.functional_call`; its own
-weights are not changed. Mixing runs on the CPU; the mixed tensors are moved to the model's device.
+∂L/∂c_k = <∂L/∂W, W_k>, is computed in fp64 over the engine's work items (`engine.run`: zero-copy
+views of the K sources over the same elements). Peak memory is one fp32 copy of the model (the
+soup being evaluated, held by autograd) plus activations and one work item, never K copies. The
+model itself is only run through `torch.func.functional_call`; its own weights are not changed.
+Mixing runs on the CPU; the mixed tensors are moved to the model's device.
 
 Result: the coefficients (softmax of the final logits, in fp64) are written into the output's
 metadata (`soupkern.learned.*`) and the soup is produced by the engine: by_model through
@@ -38,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from soupkern.backends import DEVICE_BACKENDS, Backend, get_backend, requested_backend
-from soupkern.engine import DEFAULT_BUDGET_BYTES, fill_tensor
+from soupkern.engine import DEFAULT_BUDGET_BYTES, WorkItem, fill_tensor, run, tensor_items
 from soupkern import strict_json
 from soupkern.io.sources import labels
 from soupkern.options import check_budget, ingredient_list
@@ -103,7 +104,8 @@ class LearnedSoupResult:
 class _MixFromMmap(torch.autograd.Function):
     """W = Σ_k c_k W_k for one tensor, formed from the mmap views by the engine kernel (fp32 out).
 
-    Backward: ∂L/∂c_k = <∂L/∂W, W_k>, reduced in fp64 over chunks of the views (no copy of W_k kept).
+    Backward: ∂L/∂c_k = <∂L/∂W, W_k>, reduced in fp64 over the engine's work items of
+    `_GRAD_CHUNK` elements (each source's partial dots added in element order; no copy of W_k kept).
     """
 
     @staticmethod
@@ -119,13 +121,13 @@ class _MixFromMmap(torch.autograd.Function):
         tp: TensorPlan = ctx.tp
         g = grad.detach().to("cpu").reshape(-1)
         acc = torch.zeros(len(tp.sources), dtype=torch.float64)
-        for k, (f, info) in enumerate(tp.sources):
-            size = info.nbytes // max(tp.numel, 1)
-            for start in range(0, tp.numel, _GRAD_CHUNK):
-                stop = min(start + _GRAD_CHUNK, tp.numel)
-                w = _torch_view(f.view(info, start * size, stop * size), info.dtype)
-                acc[k] += torch.dot(g[start:stop].to(torch.float64), w.to(torch.float64))
-                f.release(info.begin + start * size, info.begin + stop * size)
+
+        def dot(item: WorkItem, views: list[Any]) -> None:
+            g64 = g[item.start:item.start + item.count].to(torch.float64)
+            for k, (v, (_, info)) in enumerate(zip(views, item.sources)):
+                acc[k] += torch.dot(g64, _torch_view(v, info.dtype).to(torch.float64))
+
+        run(tensor_items(tp, _GRAD_CHUNK), dot)
         return acc.to(grad.dtype), None, None
 
 
