@@ -203,6 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "the model-soups code); default ge")
     p.add_argument("--sort", choices=("stable", "model-soups"), default="stable",
                    help="order among equal ingredient scores: input order (stable) or reversed (model-soups)")
+    p.add_argument("--speculative", type=_positive_int, default=None, metavar="S",
+                   help="with --data: candidates scored in one batched pass over the data (default 8 with the model "
+                        "on a GPU or a DataLoader, else 1); under torchrun a window of S spreads over gcd(ranks, S) "
+                        "candidate groups, the data over the rest")
     p.add_argument("--device", help="torch device for the model and the running sum (e.g. cuda)")
     _soup_options(p)
 
@@ -412,8 +416,9 @@ def _greedy_inputs(args: argparse.Namespace, opts: dict[str, Any]) -> tuple[Any,
         data = load_callable(args.data, "--data")()
         if metric not in ("accuracy", "loss"):
             metric = load_callable(metric, "--metric")
-    elif args.metric != "accuracy":
-        raise SoupkernError("soupkern greedy: --metric applies to --data; --score computes its own score")
+    elif args.metric != "accuracy" or args.speculative not in (None, 1):
+        raise SoupkernError("soupkern greedy: --metric and --speculative apply to --data; --score computes its own "
+                            "score, one soup at a time")
     elif getattr(args, "distributed", False):
         raise SoupkernError("soupkern greedy under torchrun splits the held-out data over the ranks, which an opaque "
                             "--score function does not allow: give --data MODULE:FUNCTION (with --model and --metric)")
@@ -452,7 +457,7 @@ def _greedy(args: argparse.Namespace) -> None:
               file=sys.stderr)
     # greedy_soup reserves the output (its lock) before the first evaluation and writes the soup
     result = greedy_soup(args.ingredients, args.output, model=model, data=data, metric=metric, score=score,
-                         tie=args.tie, sort=args.sort, device=args.device, on_step=on_step,
+                         tie=args.tie, sort=args.sort, speculative=args.speculative, device=args.device, on_step=on_step,
                          distributed=group is not None, **opts)
     n = len(result.kept)
     if not args.quiet:

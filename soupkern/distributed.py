@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 from soupkern.errors import InputError, SoupkernError
@@ -141,13 +142,46 @@ def group_for(distributed: bool) -> Group | None:
     return group
 
 
-def shard(items: Iterable[T], group: Group | None) -> Iterator[tuple[int, T]]:
+def shard(items: Iterable[T], group: Group | None, part: tuple[int, int] | None = None) -> Iterator[tuple[int, T]]:
     """(index, item) of the items this rank takes: every one without a group, else items
-    r, r + W, ... (every rank must iterate `items` in the same order)."""
-    rank, world = (0, 1) if group is None else (group.rank, group.world_size)
+    r, r + W, ... (every rank must iterate `items` in the same order); `part` = (r, W) overrides
+    the group's rank and size (a mesh dimension's)."""
+    rank, world = part or ((0, 1) if group is None else (group.rank, group.world_size))
     for i, item in enumerate(items):
         if i % world == rank:
             yield i, item
+
+
+@dataclass(frozen=True)
+class CandidateMesh:
+    """The ranks as a candidates × data grid (torch's DeviceMesh, dimensions "candidate" and
+    "data"): a window of soups is spread over the candidate dimension (soup j to candidate rank
+    j mod `candidates`), each soup's held-out batches over the data dimension (batches d, d + D,
+    ... to data rank d)."""
+
+    candidates: int
+    data: int
+    candidate_rank: int
+    data_rank: int
+
+    def mine(self, count: int) -> list[int]:
+        """The soups of a window of `count` this rank scores."""
+        return list(range(self.candidate_rank, count, self.candidates))
+
+
+def candidate_mesh(group: Group, speculative: int, device_type: str) -> CandidateMesh | None:
+    """The mesh for windows of `speculative` soups: gcd(W, S) candidate groups (each rank forms
+    and holds S/C soups, not S, and reads only their ingredients) of W/C data ranks each; None
+    when that is 1 (data parallel only). A collective: every rank must call it."""
+    import math
+
+    from torch.distributed.device_mesh import init_device_mesh
+
+    c = math.gcd(group.world_size, speculative)
+    if c == 1:
+        return None
+    mesh = init_device_mesh(device_type, (c, group.world_size // c), mesh_dim_names=("candidate", "data"))
+    return CandidateMesh(c, group.world_size // c, mesh.get_local_rank("candidate"), mesh.get_local_rank("data"))
 
 
 def in_order(records: list[Any], group: Group | None) -> list[Any]:

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Union
 
@@ -42,6 +42,7 @@ from torch import nn
 from soupkern.errors import InputError, MismatchError, SoupkernError
 
 if TYPE_CHECKING:
+    from soupkern.distributed import CandidateMesh
     from soupkern.io import Checkpoint
 
 Batch = tuple[Any, torch.Tensor]
@@ -165,6 +166,7 @@ class Evaluator:
         self.score_fn = score
         self.batched: BatchedMode = batched
         self._warned = False
+        self._part: tuple[int, int] | None = None  # (data rank, data ranks) while scoring over a mesh
         default_max = True
         self.metric: MetricFn = accuracy_metric
         if score is None:
@@ -235,14 +237,15 @@ class Evaluator:
             self.load_(state)
         if self.score_fn is not None:
             return float(self.score_fn(self.model))
-        def local() -> list[list[_BatchSum]]:
-            sums = []
-            for i, batch in self._batches():
-                inputs, targets = _split(batch)
-                sums.append(self._batch_sum(i, self.model(*_args(_to(inputs, self.device))), targets))
-            return [sums]
+        return self._means(lambda: [self._model_sums()])[0]
 
-        return self._means(local)[0]
+    def _model_sums(self) -> list[_BatchSum]:
+        """This process's per-batch metric sums of the model as loaded."""
+        sums = []
+        for i, batch in self._batches():
+            inputs, targets = _split(batch)
+            sums.append(self._batch_sum(i, self.model(*_args(_to(inputs, self.device))), targets))
+        return sums
 
     def _batch_sum(self, index: int, outputs: torch.Tensor, targets: torch.Tensor) -> _BatchSum:
         values = self.metric(outputs, targets.to(outputs.device, non_blocking=True))
@@ -254,28 +257,36 @@ class Evaluator:
         from soupkern.distributed import shard
 
         assert self.data is not None  # invariant of __init__: data xor score_fn
-        return shard(self.data, self.group)
+        return shard(self.data, self.group, self._part)
 
-    def _means(self, local: Callable[[], list[list[_BatchSum]]]) -> list[float]:
+    def _means(self, local: Callable[[], list[list[_BatchSum]]], ids: Sequence[int] | None = None,
+               count: int | None = None) -> list[float]:
         """The mean metric of each soup from its per-batch sums (`local()`: this process's, one
         list per soup), added in batch order whatever the number of ranks: the same floats as one
-        process. Under a process group the sums are gathered; an error on any rank is raised on
-        every rank (the failing rank's own, `PeerFailed` elsewhere)."""
+        process. Under a process group the sums are gathered (`ids`: the soups of the `count` this
+        rank scored, spread over a mesh; default all, in order); an error on any rank is raised on
+        every rank (the failing rank's own, `PeerFailed` elsewhere; batched evaluation being
+        unavailable on one rank, as that on every rank, so all fall back alike)."""
         if self.group is None:
             return [_mean(soup) for soup in local()]
         from soupkern.distributed import PeerFailed
 
         try:
-            mine: tuple[str, Any] = ("ok", local())
+            sums = local() if ids is None or ids else []
+            mine: tuple[str, Any] = ("ok", (list(range(len(sums))) if ids is None else list(ids), sums))
         except BaseException as e:
-            self.group.gather(("error", f"{type(e).__name__}: {e}"))
+            self.group.gather(("unbatched" if isinstance(e, BatchedEvaluationUnavailable) else "error",
+                               f"{type(e).__name__}: {e}"))
             raise
-        parts = []  # one gather for every soup's sums and every rank's status
-        for rank, (status, value) in enumerate(self.group.gather(mine)):
+        merged: list[list[_BatchSum]] = [[] for _ in range(len(sums) if count is None else count)]
+        for rank, (status, value) in enumerate(self.group.gather(mine)):  # one gather: every soup, every status
+            if status == "unbatched":
+                raise BatchedEvaluationUnavailable(f"on rank {rank}: {value}")
             if status != "ok":
                 raise PeerFailed(f"rank {rank} failed evaluating a soup: {value}", 1, rank, self.group.rank)
-            parts.append(value)
-        return [_mean(sorted(b for part in parts for b in part[j])) for j in range(len(parts[0]))]
+            for j, part in zip(*value):
+                merged[j] += part
+        return [_mean(sorted(m)) for m in merged]
 
     @torch.no_grad()
     def outputs(self, state: Mapping[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -353,12 +364,32 @@ class Evaluator:
             raise MismatchError(f"stacked tensors disagree on the number of soups: {sorted(sizes)}")
         return sizes.pop()
 
-    def _score_chunk(self, stacked: Mapping[str, torch.Tensor], s: int) -> list[float]:
+    @torch.no_grad()
+    def score_spread(self, build: Callable[[list[int]], Mapping[str, torch.Tensor]], count: int,
+                     mesh: CandidateMesh) -> list[float]:
+        """Scores of a window of `count` soups spread over a candidates × data mesh (every rank
+        calls it, in a process group): this rank forms its soups, `build(ids)` ([len(ids), ...]
+        stacked as for `score_stacked`; ids = `mesh.mine(count)`, not called when empty), and
+        scores them on its data rank's batches; every rank's per-batch sums are gathered and each
+        soup's added in batch order, so every rank gets the floats one process computes. A
+        failure forming soups on any rank is raised on every rank."""
+        assert self.group is not None
+        ids = mesh.mine(count)
+        stacked = self.group.step(lambda: build(ids) if ids else None, "forming soup candidates")
+        s = 0 if stacked is None else self._check_stacked(stacked)
+        self._part = (mesh.data_rank, mesh.data)
+        try:
+            return self._score_chunk(stacked or {}, s, ids, count)
+        finally:
+            self._part = None
+
+    def _score_chunk(self, stacked: Mapping[str, torch.Tensor], s: int, ids: Sequence[int] | None = None,
+                     count: int | None = None) -> list[float]:
         if self.can_batch() and (self.batched == "shared" or (self.batched == "auto" and self._prefers_shared())):
-            return self._score_shared(stacked, s)
+            return self._score_shared(stacked, s, ids, count)
         if self.can_batch():
             try:
-                return self._score_vmap(stacked, s)
+                return self._score_vmap(stacked, s, ids, count)
             except BatchedEvaluationUnavailable as e:
                 if self.batched == "vmap":
                     raise
@@ -367,9 +398,10 @@ class Evaluator:
                                   f"after another: {e}", RuntimeWarning, stacklevel=3)
                     self._warned = True
                 self.batched = "sequential"
-        return self._score_sequential(stacked, s)
+        return self._score_sequential(stacked, s, ids, count)
 
-    def _score_vmap(self, stacked: Mapping[str, torch.Tensor], s: int) -> list[float]:
+    def _score_vmap(self, stacked: Mapping[str, torch.Tensor], s: int, ids: Sequence[int] | None,
+                    count: int | None) -> list[float]:
         from torch.func import functional_call
 
         params = dict(stacked)
@@ -399,13 +431,14 @@ class Evaluator:
                     sums[i].append(self._batch_sum(index, outputs[i], targets))
             return sums
 
-        return self._means(local)
+        return self._means(local, ids, count)
 
     def _prefers_shared(self) -> bool:
         """"auto" on a CPU: plain forwards beat vmap'd ones there (see the module docstring)."""
         return self.device.type == "cpu"
 
-    def _score_shared(self, stacked: Mapping[str, torch.Tensor], s: int) -> list[float]:
+    def _score_shared(self, stacked: Mapping[str, torch.Tensor], s: int, ids: Sequence[int] | None,
+                      count: int | None) -> list[float]:
         """One pass over the data; each batch goes through the S soups one after another
         (functional_call with soup i's tensors). Shares the cost of producing the batches;
         each forward is a plain one, which on a CPU is faster than a vmap'd one."""
@@ -423,12 +456,23 @@ class Evaluator:
                     sums[i].append(self._batch_sum(index, functional_call(self.model, params, args), targets))
             return sums
 
-        return self._means(local)
+        return self._means(local, ids, count)
 
-    def _score_sequential(self, stacked: Mapping[str, torch.Tensor], s: int) -> list[float]:
+    def _score_sequential(self, stacked: Mapping[str, torch.Tensor], s: int, ids: Sequence[int] | None = None,
+                          count: int | None = None) -> list[float]:
         saved = {name: self.tensors[name].detach().clone() for name in stacked}
+
+        def local() -> list[list[_BatchSum]]:
+            sums = []
+            for i in range(s):
+                self.load_({k: v[i] for k, v in stacked.items()})
+                sums.append(self._model_sums())
+            return sums
+
         try:
-            return [self.score({k: v[i] for k, v in stacked.items()}) for i in range(s)]
+            if self.score_fn is not None:
+                return [self.score({k: v[i] for k, v in stacked.items()}) for i in range(s)]
+            return self._means(local, ids, count)
         finally:
             self.load_(saved)
 

@@ -31,6 +31,7 @@ VALUES = {
     "--model": ("no_such_module_xyz:fn", "no-colon"),
     "--data": ("no_such_module_xyz:fn", "no-colon"),
     "--tie": ("maybe", "1"),
+    "--speculative": ("0", "two"),
     "--sort": ("random", "1"),
     "--mode": ("by_everything", "1"),
     "--epochs": ("-1", "x"),

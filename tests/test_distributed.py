@@ -75,6 +75,20 @@ def test_spmd_soup_equals_one_process(inputs: list[Path], tmp_path: Path, n: int
     assert not [p for p in os.listdir(tmp_path) if ".soupkern-" in p]
 
 
+def test_device_streaming_under_torchrun(inputs: list[Path], tmp_path: Path) -> None:
+    """`--device` under torchrun: each rank streams its shards through the device pipeline (here
+    the CPU device with the torch device kernels; on GPUs each rank's GPU LOCAL_RANK): the same
+    tensor bytes as one process on the host kernels."""
+    args = [*map(str, inputs), "--max-shard-size", "40KB"]
+    one = subprocess.run([sys.executable, "-m", "soupkern", "uniform", *args, "-o", f"{tmp_path}/one/", "-q"],
+                         capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr
+    r = torchrun(2, ["uniform", *args, "--device", "cpu", "-o", f"{tmp_path}/dev/"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert tensors(tmp_path / "dev") == tensors(tmp_path / "one")
+    assert {m["soupkern.backend"] for m in metadata(tmp_path / "dev")} == {"torch"}
+
+
 def test_backend_follows_the_devices(monkeypatch: pytest.MonkeyPatch) -> None:
     """gloo without a GPU; gloo for CPU tensors and NCCL for CUDA tensors with one (untested on a
     GPU here: the choice only)."""
@@ -197,6 +211,24 @@ def test_distributed_greedy_equals_one_process(digits_ingredients: list[Path], t
     kept = json.loads(want["soupkern.greedy.kept"])
     assert 1 < len(kept) < len(digits_ingredients)
     assert not [p for p in os.listdir(tmp_path) if ".soupkern-" in p]
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_speculative_greedy_over_a_candidate_data_mesh(digits_ingredients: list[Path], tmp_path: Path,  # noqa: F811
+                                                      n: int) -> None:
+    """`--speculative 2` under torchrun: windows of 2 candidates over a 2 × n/2 candidates × data
+    mesh (init_device_mesh; at 4 ranks each candidate's batches split over 2 data ranks, 10
+    batches and a last window of one candidate): every score, the picks and the soup file equal
+    one process's with the same speculation, to the bit. Loss, so any change of summation order
+    would show."""
+    args = [*map(str, digits_ingredients), *digits_hooks(tmp_path, 150, 16), "--metric", "loss", "--speculative", "2"]
+    want = one_process("greedy", args, tmp_path)
+    out = tmp_path / f"many{n}.safetensors"
+    r = torchrun(n, ["greedy", *args, "-o", str(out)], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert metadata_of(out) == want
+    assert out.read_bytes() == (tmp_path / "one.safetensors").read_bytes()
+    assert len(json.loads(want["soupkern.greedy.steps"])) == len(digits_ingredients) - 1
 
 
 def tensors_of(path: Path) -> dict[str, bytes]:

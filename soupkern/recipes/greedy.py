@@ -60,6 +60,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from soupkern.backends.device import DeviceKernels
+    from soupkern.distributed import CandidateMesh
     from soupkern.evaluate import Evaluator, MetricFn, ScoreFn
     from soupkern.io import Checkpoint
 
@@ -540,8 +541,11 @@ def greedy_soup(
 
     `distributed`: inside an initialized process group (torchrun), every rank runs the same
     greedy search with the held-out batches split over the ranks (`Evaluator(distributed=True)`:
-    the scores, and so every pick, are the single-process ones, to the bit); rank 0 alone holds
-    the output lock and writes the soup; an error on any rank is raised on every rank.
+    the scores, and so every pick, are the single-process ones, to the bit); with `speculative`
+    S > 1 the ranks form a candidates × data mesh (`distributed.candidate_mesh`: gcd(W, S)
+    candidate groups), each rank forming and scoring only its candidates of a window on its
+    data rank's batches; rank 0 alone holds the output lock and writes the soup; an error on any
+    rank is raised on every rank.
 
     On return the model holds the in-memory greedy soup; see `GreedyResult` for the record.
     """
@@ -590,8 +594,13 @@ def _greedy_run(soup: _RunningSoup, ev: Evaluator, paths: list[Any], out: PathLi
                 on_step: Callable[[GreedyStep], None] | None, write: dict[str, Any], progress: bool,
                 metadata: dict[str, str] | None) -> GreedyResult:
 
+    mesh = None
+    if ev.group is not None and speculative > 1 and ev.can_batch():
+        from soupkern.distributed import candidate_mesh
+
+        mesh = candidate_mesh(ev.group, speculative, ev.device.type)
     if ingredient_scores is None:
-        scores = _score_ingredients(soup, speculative)
+        scores = _score_ingredients(soup, speculative, mesh)
     else:
         scores = [float(s) for s in ingredient_scores]
         if len(scores) != len(paths):
@@ -611,6 +620,8 @@ def _greedy_run(soup: _RunningSoup, ev: Evaluator, paths: list[Any], out: PathLi
                 soup.candidate_into_model(j)
                 out_scores.append(ev.score())
             return out_scores
+        if mesh is not None:  # this rank forms and scores only its share of the window
+            return ev.score_spread(lambda ids: soup.stacked([window[i] for i in ids]), len(window), mesh)
         return ev.score_stacked(soup.stacked(window))
 
     steps, kept, best, evaluated = greedy_select(order, scores[order[0]], score_candidates, tie=tie,
@@ -644,7 +655,7 @@ def _passes_are_costly(ev: Evaluator) -> bool:
     return ev.device.type != "cpu" or isinstance(ev.data, DataLoader)
 
 
-def _score_ingredients(soup: _RunningSoup, speculative: int) -> list[float]:
+def _score_ingredients(soup: _RunningSoup, speculative: int, mesh: CandidateMesh | None) -> list[float]:
     """Every ingredient's own score (weights rounded to the model's dtype), in input order."""
     ev = soup.ev
     scores: list[float] = []
@@ -652,7 +663,11 @@ def _score_ingredients(soup: _RunningSoup, speculative: int) -> list[float]:
     if speculative > 1 and ev.can_batch():
         for start in range(0, count, speculative):
             idx = list(range(start, min(start + speculative, count)))
-            scores += ev.score_stacked(soup.stacked(idx, relative=False))
+            if mesh is None:
+                scores += ev.score_stacked(soup.stacked(idx, relative=False))
+                continue
+            scores += ev.score_spread(lambda ids, idx=idx: soup.stacked([idx[i] for i in ids], relative=False),  # type: ignore[misc]
+                                      len(idx), mesh)
         return scores
     for i in range(count):
         soup.ingredient_into_model(i)

@@ -226,17 +226,17 @@ def weighted_soup(
 
     group = spmd.group_for(check_flag(distributed, "distributed"))
     if group is not None:
-        if kernels is not None:
-            raise InputError("a distributed soup runs on the host kernels (no device yet)")
         if out_format == "dcp":
-            if max_shard_size is not None:
-                raise InputError("a DCP output is laid out by torch.distributed.checkpoint: no max_shard_size")
+            if max_shard_size is not None or kernels is not None:
+                raise InputError("a DCP output is laid out by torch.distributed.checkpoint and computed on the host: "
+                                 "no max_shard_size or device")
             return _spmd_dcp(group, t0, items, coefficients, out, default=default, dtype=dtype, keys=keys, kernel=kernel,
                              overwrite=overwrite, fsync=fsync, recipe=recipe, metadata=metadata, divisor=divisor,
                              state_dict_key=state_dict_key, copy_from=copy_from,
                              allow_config_mismatch=allow_config_mismatch, int_policy=int_policy, lora=lora)
         return _spmd_soup(group, t0, items, coefficients, out, default=default, dtype=dtype, keys=keys,
-                          max_shard_size=max_shard_size, budget_bytes=budget_bytes, kernel=kernel, overwrite=overwrite,
+                          max_shard_size=max_shard_size, budget_bytes=budget_bytes, kernel=kernel, kernels=kernels,
+                          device=dev, device_budget_bytes=device_budget_bytes, overwrite=overwrite,
                           fsync=fsync, recipe=recipe, metadata=metadata, divisor=divisor, state_dict_key=state_dict_key,
                           copy_from=copy_from, allow_config_mismatch=allow_config_mismatch, int_policy=int_policy,
                           lora=lora)
@@ -315,19 +315,24 @@ def _plan_digest(checkpoints: Sequence[Checkpoint], plan: SoupPlan, layout: Any,
 
 def _spmd_soup(group: Any, t0: float, items: Sequence[Any], coefficients: Coefficients, out: PathLike, *,
                default: Sequence[float] | None, dtype: str | None, keys: KeyPolicy, max_shard_size: int | None,
-               budget_bytes: int, kernel: Any, overwrite: bool, fsync: bool, recipe: str,
+               budget_bytes: int, kernel: Any, kernels: DeviceKernels | None, device: object,
+               device_budget_bytes: int | None, overwrite: bool, fsync: bool, recipe: str,
                metadata: dict[str, str] | None, divisor: float, state_dict_key: str | None,
                copy_from: PathLike | None, allow_config_mismatch: bool, int_policy: str, lora: str) -> SoupReport:
-    """`weighted_soup` by every rank of a process group (soupkern/distributed.py)."""
+    """`weighted_soup` by every rank of a process group (soupkern/distributed.py); with `kernels`
+    each rank streams its shards through `device` (under torchrun "cuda" is GPU LOCAL_RANK)."""
     from soupkern.distributed import assign, check_same_plan
     from soupkern.io.writer import ShardWriter
 
     rank = group.rank
+    backend_name = kernel.name if kernels is None else kernels.name
     with ExitStack() as stack:
         def plan_step() -> tuple[Any, ...]:
             checkpoints = open_ingredients(stack, items, state_dict_key)
             plan = _plan(checkpoints, coefficients, default, dtype, keys, divisor, int_policy, lora)
-            meta = _provenance(items, plan, recipe=recipe, backend=kernel.name, keys=keys, state_dict_key=state_dict_key,
+            if kernels is not None and plan.per_tensor:
+                raise InputError("per-tensor coefficients run on the host backends (cpp, torch), not through a device")
+            meta = _provenance(items, plan, recipe=recipe, backend=backend_name, keys=keys, state_dict_key=state_dict_key,
                                metadata=metadata, world_size=group.world_size)
             layout, extra = _layout(plan, items, out, meta, max_shard_size, recipe=recipe, copy_from=copy_from,
                                     allow_config_mismatch=allow_config_mismatch)
@@ -363,13 +368,23 @@ def _spmd_soup(group: Any, t0: float, items: Sequence[Any], coefficients: Coeffi
             slow = os.environ.get("SOUPKERN_TEST_SLOW_RANK", "").split(":")  # private test hook: "RANK:SECONDS"
             if len(slow) == 2 and slow[0] == str(rank):
                 time.sleep(float(slow[1]))
+            def run(target: Any) -> None:
+                if kernels is None:
+                    execute(mine, target, kernel, budget_bytes=budget_bytes)
+                    return
+                from soupkern.gpu_engine import DEFAULT_DEVICE_BUDGET_BYTES, DeviceStreamer
+
+                streamer = DeviceStreamer(mine, kernels, device,
+                                          budget_bytes=device_budget_bytes or DEFAULT_DEVICE_BUDGET_BYTES)
+                streamer.to_writer(target, host_budget_bytes=budget_bytes)
+
             if writer is not None:
-                execute(mine, writer, kernel, budget_bytes=budget_bytes)
+                run(writer)
             else:
                 part = ShardWriter(layout, Path(stage), [i for i, r in enumerate(owner) if r == rank],
                                    staging_bytes_for(budget_bytes))
                 try:
-                    execute(mine, part, kernel, budget_bytes=budget_bytes)
+                    run(part)
                 finally:
                     part.close(fsync)
             if log_to:
@@ -382,7 +397,7 @@ def _spmd_soup(group: Any, t0: float, items: Sequence[Any], coefficients: Coeffi
         group.step(compute, "computing its shards", long=True)
         group.step(lambda: writer.commit() if writer is not None else None, "committing the output")
     return SoupReport(tuple(layout.paths), len(plan.tensors), plan.bytes_read, plan.bytes_written,
-                      time.perf_counter() - t0, kernel.name, plan.effective_coefficients)
+                      time.perf_counter() - t0, backend_name, plan.effective_coefficients)
 
 
 def _dcp_out(plan: SoupPlan, items: Sequence[Any], checkpoints: Sequence[Checkpoint], kernel: Any, out: PathLike,
