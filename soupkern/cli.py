@@ -194,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", metavar="MODULE:FUNCTION",
                    help="zero-argument function returning the held-out (inputs, targets) batches (a list or a "
                         "DataLoader, in the same order on every rank under torchrun), scored with --metric; needs --model")
+    p.add_argument("--batch-size", type=_positive_int, default=None, metavar="N",
+                   help="when --data returns a map-style Dataset: samples per held-out batch, in index "
+                        "order (default 256); under torchrun each rank loads only its batches")
     p.add_argument("--metric", default="accuracy", metavar="accuracy|loss|MODULE:FUNCTION",
                    help="with --data: accuracy (higher is better), loss (cross-entropy, lower is better) or "
                         "FUNCTION(outputs, targets) -> per-sample values (higher is better); default accuracy")
@@ -215,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, metavar="MODULE:FACTORY", help="zero-argument function returning the nn.Module")
     p.add_argument("--data", required=True, metavar="MODULE:FUNCTION",
                    help="zero-argument function returning the held-out batches, a list of (inputs, targets) or a DataLoader")
+    p.add_argument("--batch-size", type=_positive_int, default=None, metavar="N",
+                   help="when --data returns a map-style Dataset: samples per held-out batch, in index "
+                        "order (default 256); under torchrun each rank loads only its batches")
     p.add_argument("--mode", choices=("by_model", "by_layer"), default="by_model",
                    help="one coefficient per ingredient, or per ingredient and tensor")
     p.add_argument("--epochs", type=_positive_int, default=5, help="passes over the held-out data (default 5)")
@@ -229,6 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, metavar="MODULE:FACTORY", help="zero-argument function returning the nn.Module")
     p.add_argument("--data", required=True, metavar="MODULE:FUNCTION",
                    help="zero-argument function returning held-out (inputs, targets) batches")
+    p.add_argument("--batch-size", type=_positive_int, default=None, metavar="N",
+                   help="when --data returns a map-style Dataset: samples per held-out batch, in index "
+                        "order (default 256); under torchrun each rank loads only its batches")
     p.add_argument("--alphas", type=_alpha_grid, default=None, metavar="START:STOP:STEP|A,B,...",
                    help="the grid (default 0:1:0.1; values outside [0, 1] extrapolate)")
     p.add_argument("--metric", choices=("accuracy", "loss"), default="accuracy",
@@ -247,6 +256,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fast", action="store_true", help="fewer ingredients and seeds")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing; results still go to the workdir")
     return parser
+
+
+def _held_out_data(args: argparse.Namespace) -> Any:
+    """What --data's function returns, a map-style Dataset batched by --batch-size."""
+    from soupkern.evaluate import held_out
+
+    return held_out(load_callable(args.data, "--data")(), args.batch_size)
 
 
 def load_callable(spec: str, what: str) -> Callable[..., Any]:
@@ -413,12 +429,12 @@ def _greedy_inputs(args: argparse.Namespace, opts: dict[str, Any]) -> tuple[Any,
         if not args.model:
             raise SoupkernError("soupkern greedy: --data needs --model MODULE:FACTORY (the model scored on the data)")
         model = load_callable(args.model, "--model")
-        data = load_callable(args.data, "--data")()
+        data = _held_out_data(args)
         if metric not in ("accuracy", "loss"):
             metric = load_callable(metric, "--metric")
-    elif args.metric != "accuracy" or args.speculative not in (None, 1):
-        raise SoupkernError("soupkern greedy: --metric and --speculative apply to --data; --score computes its own "
-                            "score, one soup at a time")
+    elif args.metric != "accuracy" or args.speculative not in (None, 1) or args.batch_size is not None:
+        raise SoupkernError("soupkern greedy: --metric, --speculative and --batch-size apply to --data; --score "
+                            "computes its own score, one soup at a time")
     elif getattr(args, "distributed", False):
         raise SoupkernError("soupkern greedy under torchrun splits the held-out data over the ranks, which an opaque "
                             "--score function does not allow: give --data MODULE:FUNCTION (with --model and --metric)")
@@ -483,7 +499,7 @@ def _learned(args: argparse.Namespace) -> None:
 
     def inputs() -> tuple[Any, Any]:
         check_soup_output(args.ingredients, args.output, **{k: opts[k] for k in _CHECKED})
-        return load_callable(args.model, "--model")(), load_callable(args.data, "--data")()
+        return load_callable(args.model, "--model")(), _held_out_data(args)
 
     group = distributed.active() if getattr(args, "distributed", False) else None
     # every rank checks; a failure is reported once, by rank 0, and every rank exits
@@ -508,7 +524,7 @@ def _interpolate(args: argparse.Namespace) -> None:
         check_soup_output([args.a, args.b], args.output, **{k: opts[k] for k in _CHECKED})
         if args.plot is not None:
             _check_plot_path(args.plot)
-        return load_callable(args.model, "--model")(), load_callable(args.data, "--data")()
+        return load_callable(args.model, "--model")(), _held_out_data(args)
 
     group = distributed.active() if getattr(args, "distributed", False) else None
     # every rank checks; a failure is reported once, by rank 0, and every rank exits

@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 from soupkern.errors import InputError, SoupkernError
 
@@ -147,6 +148,10 @@ def shard(items: Iterable[T], group: Group | None, part: tuple[int, int] | None 
     r, r + W, ... (every rank must iterate `items` in the same order); `part` = (r, W) overrides
     the group's rank and size (a mesh dimension's)."""
     rank, world = part or ((0, 1) if group is None else (group.rank, group.world_size))
+    if isinstance(items, Sequence):  # indexed: the other ranks' items are never touched (lazy batches)
+        for i in range(rank, len(items), world):
+            yield i, items[i]
+        return
     for i, item in enumerate(items):
         if i % world == rank:
             yield i, item

@@ -94,6 +94,49 @@ def _mean(sums: Iterable[_BatchSum]) -> float:
     return totals.mean()
 
 
+DEFAULT_BATCH_SIZE = 256
+
+
+class DatasetBatches(Sequence[Any]):
+    """A map-style dataset as held-out batches: batch b = samples [b·B, (b+1)·B) in index order,
+    combined by torch's `default_collate`, loaded only when indexed (so under a process group each
+    rank loads only its batches r, r + W, ...; unlike `DistributedSampler`, no sample is repeated
+    to even out the ranks, so scores equal one process's)."""
+
+    def __init__(self, dataset: Any, batch_size: int = DEFAULT_BATCH_SIZE):
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.samples = len(dataset)
+
+    def __len__(self) -> int:
+        return -(-self.samples // self.batch_size)
+
+    def __getitem__(self, b: int) -> Any:  # type: ignore[override]
+        from torch.utils.data import default_collate
+
+        if not 0 <= b < len(self):
+            raise IndexError(b)
+        start = b * self.batch_size
+        return default_collate([self.dataset[i] for i in range(start, min(start + self.batch_size, self.samples))])
+
+
+def held_out(data: Any, batch_size: int | None = None) -> Any:
+    """`data` as held-out batches: a map-style `torch.utils.data.Dataset` (with `__len__`, not an
+    IterableDataset) becomes `DatasetBatches(data, batch_size or DEFAULT_BATCH_SIZE)`; anything
+    else (a list of batches, a DataLoader, ...) is returned as it is, and `batch_size` must not be
+    given for it."""
+    from torch.utils.data import Dataset, IterableDataset
+
+    if isinstance(data, Dataset) and not isinstance(data, IterableDataset) and hasattr(data, "__len__"):
+        return DatasetBatches(data, DEFAULT_BATCH_SIZE if batch_size is None else batch_size)
+    if batch_size is not None:
+        raise InputError("a batch size applies to a map-style dataset; this held-out data is "
+                         f"{type(data).__name__}, already in batches")
+    return data
+
+
 def _model_device(model: nn.Module) -> torch.device:
     for t in model.parameters():
         return t.device
@@ -125,8 +168,9 @@ class Evaluator:
     """Scores weight sets with one resident model.
 
     model: an `nn.Module` or a zero-argument factory; moved to `device` when given, put in eval mode.
-    data + metric: held-out batches `(inputs, targets)` (re-iterable) and "accuracy" | "loss" | a
-      callable `(outputs, targets) -> per-sample values`; `maximize` defaults to True for accuracy,
+    data + metric: held-out batches `(inputs, targets)` (re-iterable; a map-style dataset is
+      batched by `held_out`, and a sequence of batches is indexed, so a rank loads only its own)
+      and "accuracy" | "loss" | a callable `(outputs, targets) -> per-sample values`; `maximize` defaults to True for accuracy,
       False for loss, True for a callable.
     score: instead of data, a callable `score(model) -> float` (called under `torch.no_grad()`);
       `maximize` defaults to True. Batched evaluation then runs the soups one after another.
@@ -162,7 +206,7 @@ class Evaluator:
             model.to(device)
         self.model = model.eval()
         self.device = _model_device(model)
-        self.data = data
+        self.data = None if data is None else held_out(data)
         self.score_fn = score
         self.batched: BatchedMode = batched
         self._warned = False

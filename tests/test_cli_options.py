@@ -32,6 +32,7 @@ VALUES = {
     "--data": ("no_such_module_xyz:fn", "no-colon"),
     "--tie": ("maybe", "1"),
     "--speculative": ("0", "two"),
+    "--batch-size": ("0", "many"),
     "--sort": ("random", "1"),
     "--mode": ("by_everything", "1"),
     "--epochs": ("-1", "x"),

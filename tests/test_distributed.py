@@ -208,6 +208,11 @@ def test_distributed_greedy_equals_one_process(digits_ingredients: list[Path], t
         got = metadata_of(out)
         assert got == want  # kept, every score, the final score, provenance
         assert out.read_bytes() == (tmp_path / "one.safetensors").read_bytes()
+        if n == 2 and tie == "ge":  # the same held-out data as a map-style dataset in batches of 16
+            as_dataset = [a.replace(":data", ":dataset") for a in args]
+            r = torchrun(n, ["greedy", *as_dataset, "--batch-size", "16", "-o", str(out), "--force"], tmp_path)
+            assert r.returncode == 0, r.stderr
+            assert metadata_of(out) == want
     kept = json.loads(want["soupkern.greedy.kept"])
     assert 1 < len(kept) < len(digits_ingredients)
     assert not [p for p in os.listdir(tmp_path) if ".soupkern-" in p]
@@ -249,7 +254,11 @@ def digits_hooks(tmp_path: Path, samples: int, batch: int) -> list[str]:
         "def model():\n    return digits.make_model()\n"
         "def data():\n"
         "    val = digits.make_splits(0).val\n"
-        f"    return digits.batches(digits.TensorPair(val.x[:{samples}], val.y[:{samples}]), {batch})\n")
+        f"    return digits.batches(digits.TensorPair(val.x[:{samples}], val.y[:{samples}]), {batch})\n"
+        "def dataset():\n"
+        "    from torch.utils.data import TensorDataset\n"
+        "    val = digits.make_splits(0).val\n"
+        f"    return TensorDataset(val.x[:{samples}], val.y[:{samples}])\n")
     return ["--model", f"{hooks}:model", "--data", f"{hooks}:data"]
 
 

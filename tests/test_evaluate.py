@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 from pathlib import Path
 
 import pytest
@@ -293,3 +294,44 @@ def test_module_from_checkpoint_for_state_dict_scorers(digits_ingredients: list[
     bad = digits.save_ingredient({"a": torch.zeros(2), "a.b": torch.zeros(2)}, tmp_path / "clash.safetensors")
     with pytest.raises(InputError, match="a.b|'a'"):
         module_from_checkpoint(bad)
+
+
+class _CountingDataset(torch.utils.data.Dataset):
+    """A map-style dataset that records which samples were read."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor):
+        self.x, self.y = x, y
+        self.read: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        self.read.append(i)
+        return self.x[i], self.y[i]
+
+
+def test_map_style_dataset_is_batched_in_index_order(digits_splits: Any) -> None:  # noqa: F811
+    """A map-style dataset is held-out batches of `batch_size` samples in index order (the last one
+    short): the same tensors as the list of slices, so the same scores; a rank's share (batches
+    r, r + W, ...) reads only its own samples."""
+    from soupkern.distributed import shard
+    from soupkern.evaluate import DatasetBatches, held_out
+
+    val = digits_splits.val
+    ds = _CountingDataset(val.x[:150], val.y[:150])
+    batches = held_out(ds, 16)
+    assert isinstance(batches, DatasetBatches) and len(batches) == 10
+    want = digits.batches(digits.TensorPair(val.x[:150], val.y[:150]), 16)
+    for (x, y), (wx, wy) in zip(batches, want):
+        assert torch.equal(x, wx) and torch.equal(y, wy)
+    ds.read.clear()
+    assert [i for i, _ in shard(batches, None, (1, 3))] == [1, 4, 7]
+    assert ds.read == [*range(16, 32), *range(64, 80), *range(112, 128)]
+    model = digits.make_model()
+    assert Evaluator(model, ds, metric="loss").score() == Evaluator(model, digits.batches(
+        digits.TensorPair(val.x[:150], val.y[:150])), metric="loss").score()  # 256 by default: one batch
+    with pytest.raises(InputError, match="applies to a map-style dataset"):
+        held_out(want, 16)
+    with pytest.raises(InputError, match="batch_size"):
+        held_out(ds, 0)
