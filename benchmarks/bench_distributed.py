@@ -8,7 +8,7 @@ median of --repeats, world sizes interleaved. Bytes per rank: the input and outp
 shards `soupkern.distributed.assign` gives each rank (what each rank maps and reads; nothing
 else is touched). On this 2-core machine processes beyond 2 share the cores, so the time shows
 the cost of coordination more than any speed-up; what scales with the number of nodes is the
-bytes per rank.
+bytes per rank, and with it each rank's memory (peak RSS of the largest process, /usr/bin/time).
 
     python benchmarks/bench_distributed.py --model vit_l14 --dtype bf16 -n 4 --max-shard-size 200000000
 """
@@ -66,9 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     work = tempfile.mkdtemp(dir=args.cache)
     out = os.path.join(work, "soup") + "/"
     times: dict[int, list[float]] = {w: [] for w in worlds}
+    rss: dict[int, list[int]] = {w: [] for w in worlds}  # peak RSS of the largest process (a rank or the agent)
     for r in range(args.repeats + 1):
         for w in worlds:
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(w),
+            cmd = ["/usr/bin/time", "-f", "%M", sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(w),
                    "-m", "soupkern", "uniform", *paths, "-o", out, "--max-shard-size", str(args.max_shard_size),
                    "--force", "-q"]
             t0 = time.perf_counter()
@@ -77,23 +78,27 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(proc.stderr[-3000:])
             if r:
                 times[w].append(time.perf_counter() - t0)
+                rss[w].append(int(proc.stderr.strip().splitlines()[-1]) * 1024)
     rows, records = [], []
     for w in worlds:
         per_rank = shares(paths, args.max_shard_size, w)
         med = statistics.median(times[w])
         reads = [b for b, _ in per_rank]
         rows.append((w, fmt(med, 2), fmt(max(reads) / 1e9, 3), fmt(min(reads) / 1e9, 3),
-                     fmt(sum(reads) / 1e9, 3), f"{max(reads) / sum(reads):.2f}"))
-        records.append({"world_size": w, "median_s": med, "samples": times[w], "per_rank_read_write_bytes": per_rank})
+                     fmt(sum(reads) / 1e9, 3), f"{max(reads) / sum(reads):.2f}", fmt(max(rss[w]) / 2**30, 2)))
+        records.append({"world_size": w, "median_s": med, "samples": times[w], "per_rank_read_write_bytes": per_rank,
+                        "peak_rss_bytes": rss[w]})
     gb = sum(os.path.getsize(p) for p in paths) / 1e9
     name = args.out or str(RESULTS_DIR / f"distributed_{args.model}_{args.dtype}_n{args.n}")
     write_results(name, f"# SPMD uniform soup under torchrun: {args.n} x {args.model} {args.dtype} ({gb:.2f} GB), "
                   f"shards of at most {args.max_shard_size / 1e6:.0f} MB\n\n"
                   f"`python benchmarks/bench_distributed.py --model {args.model} --dtype {args.dtype} -n {args.n} "
                   f"--max-shard-size {args.max_shard_size} --repeats {args.repeats}`: whole torchrun runs (gloo, "
-                  f"OMP_NUM_THREADS=1 per rank), page cache warm, median of {args.repeats}; 2 cores here.\n\n",
+                  f"OMP_NUM_THREADS=1 per rank), page cache warm, median of {args.repeats}; 2 cores here. Peak RSS: "
+                  f"/usr/bin/time's maximum resident set of the largest process (a rank or torchrun's agent), the "
+                  f"largest of the repeats.\n\n",
                   ["world size", "median s", "max GB read by a rank", "min GB read by a rank", "GB read in all",
-                   "largest share"], rows, {"results": records})
+                   "largest share", "peak RSS of a process, GiB"], rows, {"results": records})
     return 0
 
 
