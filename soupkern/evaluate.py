@@ -52,6 +52,7 @@ MetricFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """(outputs [B, ...], targets [B]) -> per-sample values [B]; the score is their mean over all samples."""
 ScoreFn = Callable[[nn.Module], float]
 _BatchSum = tuple[int, float, int]  # (batch index, sum of the metric over its samples, samples)
+_DeviceSum = tuple[int, torch.Tensor, int]  # the same with the sum a 0-dim fp64 tensor on the model's device
 ModelLike = Union[nn.Module, Callable[[], nn.Module]]
 BatchedMode = Literal["auto", "vmap", "shared", "sequential"]
 
@@ -135,6 +136,14 @@ def held_out(data: Any, batch_size: int | None = None) -> Any:
         raise InputError("a batch size applies to a map-style dataset; this held-out data is "
                          f"{type(data).__name__}, already in batches")
     return data
+
+
+def _on_host(per_soup: list[list[_DeviceSum]]) -> list[list[_BatchSum]]:
+    """Every soup's per-batch sums of a pass as Python floats, with one device synchronization
+    (one stacked copy) instead of one per batch and soup; the same values."""
+    flat = [t for soup in per_soup for _, t, _ in soup]
+    values = iter(torch.stack(flat).tolist() if flat else [])
+    return [[(i, next(values), n) for i, _, n in soup] for soup in per_soup]
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -283,7 +292,7 @@ class Evaluator:
             return float(self.score_fn(self.model))
         return self._means(lambda: [self._model_sums()])[0]
 
-    def _model_sums(self) -> list[_BatchSum]:
+    def _model_sums(self) -> list[_DeviceSum]:
         """This process's per-batch metric sums of the model as loaded."""
         sums = []
         for i, batch in self._batches():
@@ -291,9 +300,11 @@ class Evaluator:
             sums.append(self._batch_sum(i, self.model(*_args(_to(inputs, self.device))), targets))
         return sums
 
-    def _batch_sum(self, index: int, outputs: torch.Tensor, targets: torch.Tensor) -> _BatchSum:
+    def _batch_sum(self, index: int, outputs: torch.Tensor, targets: torch.Tensor) -> _DeviceSum:
+        """The batch's fp64 metric sum, left on the model's device (`_on_host` reads a pass's sums
+        with one synchronization)."""
         values = self.metric(outputs, targets.to(outputs.device, non_blocking=True))
-        return index, float(values.sum(dtype=torch.float64)), int(values.numel())
+        return index, values.sum(dtype=torch.float64), int(values.numel())
 
     def _batches(self) -> Iterator[tuple[int, Any]]:
         """(index, batch) of the held-out batches this process evaluates: all of them, or under a
@@ -303,7 +314,7 @@ class Evaluator:
         assert self.data is not None  # invariant of __init__: data xor score_fn
         return shard(self.data, self.group, self._part)
 
-    def _means(self, local: Callable[[], list[list[_BatchSum]]], ids: Sequence[int] | None = None,
+    def _means(self, local: Callable[[], list[list[_DeviceSum]]], ids: Sequence[int] | None = None,
                count: int | None = None) -> list[float]:
         """The mean metric of each soup from its per-batch sums (`local()`: this process's, one
         list per soup), added in batch order whatever the number of ranks: the same floats as one
@@ -312,11 +323,11 @@ class Evaluator:
         every rank (the failing rank's own, `PeerFailed` elsewhere; batched evaluation being
         unavailable on one rank, as that on every rank, so all fall back alike)."""
         if self.group is None:
-            return [_mean(soup) for soup in local()]
+            return [_mean(soup) for soup in _on_host(local())]
         from soupkern.distributed import PeerFailed
 
         try:
-            sums = local() if ids is None or ids else []
+            sums = _on_host(local()) if ids is None or ids else []
             mine: tuple[str, Any] = ("ok", (list(range(len(sums))) if ids is None else list(ids), sums))
         except BaseException as e:
             self.group.gather(("unbatched" if isinstance(e, BatchedEvaluationUnavailable) else "error",
@@ -456,8 +467,8 @@ class Evaluator:
 
         batched_forward = torch.vmap(forward, in_dims=(0, None))
 
-        def local() -> list[list[_BatchSum]]:
-            sums: list[list[_BatchSum]] = [[] for _ in range(s)]
+        def local() -> list[list[_DeviceSum]]:
+            sums: list[list[_DeviceSum]] = [[] for _ in range(s)]
             first = True
             for index, batch in self._batches():
                 inputs, targets = _split(batch)
@@ -490,8 +501,8 @@ class Evaluator:
 
         soups = [{k: v[i] for k, v in stacked.items()} for i in range(s)]
 
-        def local() -> list[list[_BatchSum]]:
-            sums: list[list[_BatchSum]] = [[] for _ in range(s)]
+        def local() -> list[list[_DeviceSum]]:
+            sums: list[list[_DeviceSum]] = [[] for _ in range(s)]
             for index, batch in self._batches():
                 inputs, targets = _split(batch)
                 args = _args(_to(inputs, self.device))
@@ -506,7 +517,7 @@ class Evaluator:
                           count: int | None = None) -> list[float]:
         saved = {name: self.tensors[name].detach().clone() for name in stacked}
 
-        def local() -> list[list[_BatchSum]]:
+        def local() -> list[list[_DeviceSum]]:
             sums = []
             for i in range(s):
                 self.load_({k: v[i] for k, v in stacked.items()})

@@ -335,3 +335,27 @@ def test_map_style_dataset_is_batched_in_index_order(digits_splits: Any) -> None
         held_out(want, 16)
     with pytest.raises(InputError, match="batch_size"):
         held_out(ds, 0)
+
+
+def test_one_host_synchronization_per_pass(monkeypatch: pytest.MonkeyPatch, digits_splits: Any) -> None:  # noqa: F811
+    """A pass over the held-out data reads its per-batch metric sums back with one stacked copy
+    (on a GPU: one synchronization per pass, not one per batch and soup); the scores are the
+    fp64 sums added in batch order as before."""
+    val = digits_splits.val
+    data = digits.batches(digits.TensorPair(val.x[:200], val.y[:200]), 20)
+    model = digits.make_model()
+    with torch.no_grad():
+        want = math.fsum(float(F.cross_entropy(model(x), y, reduction="none").double().sum()) for x, y in data) / 200
+    reads = {"__float__": 0, "item": 0, "tolist": 0}
+    for name in reads:
+        def counted(self: torch.Tensor, *a: Any, _orig: Any = getattr(torch.Tensor, name), _name: str = name) -> Any:
+            reads[_name] += 1
+            return _orig(self, *a)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    ev = Evaluator(model, data, metric="loss")
+    got = ev.score()
+    assert reads == {"__float__": 0, "item": 0, "tolist": 1}
+    assert got == pytest.approx(want, rel=1e-12)  # fsum vs in-order sum: the last bits only
+    stacked = {k: torch.stack([v, v, v]) for k, v in model.state_dict().items()}
+    assert ev.score_stacked(stacked) == [got] * 3
+    assert reads["tolist"] == 2 and reads["__float__"] == reads["item"] == 0

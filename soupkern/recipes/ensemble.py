@@ -63,7 +63,12 @@ class IngredientOutputs:
         process)."""
         values = self.metric(outputs, self.targets.to(outputs.device)) if len(self.targets) else None
         bounds = self.bounds or ((0, 0, len(self.targets)),)
-        sums = [(i, float(values[a:b].sum(dtype=_f64())), b - a) for i, a, b in bounds] if values is not None else []
+        sums = []
+        if values is not None:  # one device synchronization for every batch's sum
+            import torch
+
+            totals = torch.stack([values[a:b].sum(dtype=_f64()) for _, a, b in bounds]).tolist()
+            sums = [(i, t, b - a) for (i, a, b), t in zip(bounds, totals)]
         from soupkern.distributed import in_order
 
         total, count = 0.0, 0
