@@ -1,17 +1,21 @@
 """Host-to-device streaming soups: files larger than GPU memory, through a ring of pinned buffers.
 
-Work is cut into batches that fill one slot of `SLOTS` equal slots (`budget_bytes` of device
-memory in all, and as much pinned host memory): a batch holds chunks of one or more tensors
-(small tensors share a batch, so one multi-tensor launch covers many of them; a large tensor is
-split into chunks). A slot's buffer holds the batch's inputs from its start and, for file output,
-its outputs from its end. For each batch, in slot s:
+The streamer is an executor of the engine's work items (soupkern/engine.py): `plan_items` gives
+one item per device-computable tensor, with that tensor's sources, coefficients and divisor, and
+`batches` packs the items in order into batches that fill one slot of `SLOTS` equal slots
+(`budget_bytes` of device memory in all, and as much pinned host memory), cutting an item where
+the rest of a slot cannot hold it. Small tensors share a batch, so one multi-tensor launch covers
+many of them (one launch per distinct coefficient vector: per-tensor coefficients work here too);
+a large tensor is split over batches. A slot's buffer holds the batch's inputs from its start
+and, for file output, its outputs from its end. For each batch, in slot s:
 
-    host:     copy the inputs from the memory-mapped files into pinned slot s (multi-threaded
-              memcpy; mapped pages released after); then, S batches later, the outputs from
-              pinned slot s into the writer's staging window (the same SoupWriter as the CPU path)
+    host:     copy the inputs from the memory-mapped files into pinned slot s (`engine.run`:
+              multi-threaded memcpy; mapped pages released after); then, S batches later, the
+              outputs from pinned slot s into the writer's staging window (the same SoupWriter
+              as the CPU path)
     copy-in:  pinned -> device slot s                      (waits until slot s's kernel of
                                                             the batch before is done)
-    compute:  one multi_weighted_sum over the batch         (waits for the copy-in, and for
+    compute:  multi_weighted_sum over the batch            (waits for the copy-in, and for
                                                             the copy-out of the batch before)
     copy-out: device -> pinned slot s (file output only)   (waits for the kernel)
 
@@ -28,14 +32,15 @@ from __future__ import annotations
 
 import importlib
 from contextlib import nullcontext
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import numpy as np
 
+from soupkern.engine import WorkItem, execute, fill_tensor, plan_items, run
 from soupkern.errors import InputError
 from soupkern.io import SoupWriter, dtype_itemsize
-from soupkern.plan import SoupPlan, TensorPlan
+from soupkern.plan import TensorPlan
 
 if TYPE_CHECKING:
     import torch
@@ -62,13 +67,12 @@ def on_device(tp: TensorPlan) -> bool:
 
 @dataclass(frozen=True)
 class Chunk:
-    """Elements [start, start + count) of one tensor, at byte offsets of a slot buffer."""
+    """A work item placed in a slot: its inputs at `in_offsets` (one per source), its output at
+    `out_offset` (-1 when the output goes straight into a device tensor)."""
 
-    tp: TensorPlan
-    start: int
-    count: int
+    item: WorkItem
     in_offsets: tuple[int, ...]
-    out_offset: int  # -1 when the output goes straight into a device tensor
+    out_offset: int
 
 
 @dataclass(frozen=True)
@@ -78,33 +82,30 @@ class Batch:
     out_begin: int  # the outputs fill slot bytes [out_begin, slot size)
 
 
-def batches(tensors: Sequence[TensorPlan], slot_bytes: int, with_output: bool) -> Iterator[Batch]:
-    """Cut `tensors` (in order) into batches that fit a slot of `slot_bytes`.
-
-    Chunks of a tensor split across batches start at multiples of 1024 elements, except when a
-    slot holds fewer than 1024 elements of it (tiny budgets).
+def batches(items: Iterable[WorkItem], slot_bytes: int, with_output: bool) -> Iterator[Batch]:
+    """Pack `items` (in order) into batches that fit a slot of `slot_bytes`, cutting an item where
+    the rest of the slot cannot hold it. Cuts fall at multiples of 1024 elements from the item's
+    start, except when a slot holds fewer than 1024 elements of it (tiny budgets).
     """
     slot_bytes -= slot_bytes % ALIGN
     chunks: list[Chunk] = []
     low, high = 0, slot_bytes  # inputs grow up from 0, outputs down from the end
-    for tp in tensors:
-        sizes = [dtype_itemsize(i.dtype) for _, i in tp.sources]
-        out_size = dtype_itemsize(tp.out.dtype) if with_output else 0
+    for item in items:
+        sizes = [dtype_itemsize(i.dtype) for _, i in item.sources]
+        out_size = dtype_itemsize(item.tensor.out.dtype) if with_output else 0
         per_elem = sum(sizes) + out_size
         overhead = ALIGN * (len(sizes) + 1)
-        start, numel = 0, tp.numel
-        while True:
-            room = (high - low - overhead) // per_elem
-            m = min(numel - start, max(room, 0))
-            if 1024 <= m < numel - start:
+        while item.count:
+            m = min(item.count, max((high - low - overhead) // per_elem, 0))
+            if 1024 <= m < item.count:
                 m -= m % 1024
-            if m <= 0 and chunks and (numel > start or numel == 0 and room < 0):
+            if m <= 0:
+                if not chunks:
+                    raise InputError(f"a slot of {slot_bytes} bytes cannot hold one element of each input and the "
+                                     f"output; raise the device budget", tensor=item.tensor.out.name)
                 yield Batch(tuple(chunks), low, high)
                 chunks, low, high = [], 0, slot_bytes
                 continue
-            if m <= 0 and numel > start:
-                raise InputError(f"a slot of {slot_bytes} bytes cannot hold one element of each input and the "
-                                 f"output; raise the device budget", tensor=tp.out.name)
             offsets = []
             for size in sizes:
                 offsets.append(low)
@@ -113,10 +114,8 @@ def batches(tensors: Sequence[TensorPlan], slot_bytes: int, with_output: bool) -
             if with_output:
                 high -= _align(m * out_size)
                 out_offset = high
-            chunks.append(Chunk(tp, start, m, tuple(offsets), out_offset))
-            start += m
-            if start >= numel:
-                break
+            chunks.append(Chunk(replace(item, count=m), tuple(offsets), out_offset))
+            item = replace(item, start=item.start + m, count=item.count - m)
     if chunks:
         yield Batch(tuple(chunks), low, high)
 
@@ -209,13 +208,13 @@ class DeviceStreamer:
     def _fill(self, slot: int, batch: Batch) -> None:
         """Copy the batch's inputs from the mapped files into host slot `slot`."""
         buf = self.host_np[slot]
-        for c in batch.chunks:
-            for (f, info), off in zip(c.tp.sources, c.in_offsets):
-                size = dtype_itemsize(info.dtype)
-                b, e = c.start * size, (c.start + c.count) * size
-                f.prefetch(info.begin + b, info.begin + e)
-                self._memcpy(buf[off: off + e - b], f.view(info, b, e))
-                f.release(info.begin + b, info.begin + e)
+        chunks = iter(batch.chunks)  # run() takes the items in the batch's order
+
+        def copy_in(item: WorkItem, views: list[np.ndarray]) -> None:
+            for off, view in zip(next(chunks).in_offsets, views):
+                self._memcpy(buf[off: off + view.nbytes], view)
+
+        run((c.item for c in batch.chunks), copy_in)
 
     def _write_back(self, slot: int, batch: Batch, writer: SoupWriter, progress: Progress | None) -> None:
         """Copy the batch's outputs from host slot `slot` into the writer (waits for the copy-out)."""
@@ -223,14 +222,15 @@ class DeviceStreamer:
         buf = self.host_np[slot]
         step = writer.staging_bytes
         for c in batch.chunks:
-            size = dtype_itemsize(c.tp.out.dtype)
-            total = c.count * size
+            item = c.item
+            size = dtype_itemsize(item.tensor.out.dtype)
+            total = item.count * size
             for b in range(0, total, step):
                 e = min(b + step, total)
-                self._memcpy(writer.reserve(c.tp.out.name, c.start * size + b, e - b),
+                self._memcpy(writer.reserve(item.tensor.out.name, item.start * size + b, e - b),
                              buf[c.out_offset + b: c.out_offset + e])
             if progress is not None:
-                progress(c.count * (size + sum(dtype_itemsize(i.dtype) for _, i in c.tp.sources)))
+                progress(item.nbytes_read + total)
 
     # ---- device side --------------------------------------------------------------------
 
@@ -254,14 +254,20 @@ class DeviceStreamer:
             if reused and results is None:
                 o.wait("compute", self.d2h_done[slot])
             dev = self.dev[slot]
-            outs, rows = [], []
+            # one launch per distinct (coefficients, divisor); repr tells -0.0 from 0.0, which
+            # give different zeros and would be one key as floats
+            groups: dict[str, tuple[WorkItem, list[torch.Tensor], list[list[torch.Tensor]]]] = {}
             for c in batch.chunks:
+                item = c.item
+                _, outs, rows = groups.setdefault(repr((item.coefficients, item.divisor)), (item, [], []))
                 if results is None:
-                    outs.append(self._view(dev, c.out_offset, c.count, c.tp.out.dtype))
+                    outs.append(self._view(dev, c.out_offset, item.count, item.tensor.out.dtype))
                 else:
-                    outs.append(results[c.tp.out.name].view(-1)[c.start: c.start + c.count])
-                rows.append([self._view(dev, off, c.count, info.dtype) for (_, info), off in zip(c.tp.sources, c.in_offsets)])
-            self.kernels.multi_weighted_sum(outs, rows, self.plan.coefficients, self.plan.divisor)
+                    outs.append(results[item.tensor.out.name].view(-1)[item.start: item.start + item.count])
+                rows.append([self._view(dev, off, item.count, info.dtype)
+                             for (_, info), off in zip(item.sources, c.in_offsets)])
+            for first, outs, rows in groups.values():
+                self.kernels.multi_weighted_sum(outs, rows, first.coefficients, first.divisor)
             o.record(self.kernel_done[slot], "compute")
         if results is None:
             with o.stream("copy_out"):
@@ -273,7 +279,8 @@ class DeviceStreamer:
     def _run(self, writer: SoupWriter | None, results: dict[str, torch.Tensor] | None,
              progress: Progress | None) -> None:
         pending: list[tuple[int, Batch]] = []  # launched, not yet written back (file output)
-        for b, batch in enumerate(batches(self.device_tensors, self.slot_bytes, results is None)):
+        items = plan_items(self.plan, lambda tp: max(tp.numel, 1), self.device_tensors)  # one per tensor
+        for b, batch in enumerate(batches(items, self.slot_bytes, results is None)):
             slot = b % SLOTS
             if b >= SLOTS:
                 if writer is not None:
@@ -284,7 +291,7 @@ class DeviceStreamer:
             if writer is not None:
                 pending.append((slot, batch))
             elif progress is not None:
-                progress(sum(c.count * sum(dtype_itemsize(i.dtype) for _, i in c.tp.sources) for c in batch.chunks))
+                progress(sum(c.item.nbytes_read for c in batch.chunks))
         for slot, batch in pending:
             self._write_back(slot, batch, writer, progress)  # type: ignore[arg-type]
         if self.order.cuda:
@@ -302,18 +309,14 @@ class DeviceStreamer:
 
     def to_writer(self, writer: SoupWriter, *, host_budget_bytes: int, progress: Progress | None = None) -> None:
         """Compute every tensor of the plan into `writer` (host tensors first, on the host)."""
-        from soupkern.engine import execute
-
         if self.host_tensors:
-            execute(SoupPlan(tuple(self.host_tensors), self.plan.coefficients, self.plan.per_tensor, self.plan.divisor),
-                    writer, self._host(),
+            execute(replace(self.plan, tensors=tuple(self.host_tensors)), writer, self._host(),
                     budget_bytes=host_budget_bytes, progress=progress)
         self._run(writer, None, progress)
         writer.flush()
 
     def to_state_dict(self, progress: Progress | None = None) -> dict[str, torch.Tensor]:
         """Every tensor of the plan as a tensor on the device (the whole result in device memory)."""
-        from soupkern.engine import fill_tensor
         from soupkern.torch_dtypes import TORCH_DTYPES
 
         torch = self.torch

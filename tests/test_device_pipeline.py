@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 
 import soupkern
 from soupkern import gpu_engine
+from soupkern.engine import plan_items
 from soupkern.errors import BackendUnavailableError, InputError, MismatchError
 from soupkern.io import open_checkpoint
 from soupkern.plan import build_plan
@@ -97,14 +98,14 @@ def tensors_of(path: Path) -> dict[str, bytes]:
                 if f.get_tensor(name).numel() else b"" for name in f.keys()}
 
 
-def pipeline_soup(paths, coeffs, out, kernels, budget, **kw) -> None:  # noqa: ANN001
+def pipeline_soup(paths, coeffs, out, kernels, budget, per_tensor=None, **kw) -> None:  # noqa: ANN001
     """A file-to-file soup through DeviceStreamer on the CPU device with `kernels`."""
     from soupkern.engine import staging_bytes_for
     from soupkern.io import SoupWriter, plan_output
 
     cks = [open_checkpoint(p) for p in paths]
     try:
-        plan = build_plan(cks, coeffs, **kw)
+        plan = build_plan(cks, coeffs, **kw).with_per_tensor(per_tensor or {})
         streamer = gpu_engine.DeviceStreamer(plan, kernels, "cpu", budget_bytes=budget)
         layout = plan_output([tp.out for tp in plan.tensors], out, {"soupkern.backend": kernels.name})
         with SoupWriter(layout, staging_bytes=staging_bytes_for(1 << 20)) as w:
@@ -129,8 +130,44 @@ def test_file_to_file_equals_cpp_path(tmp_path: Path, budget: int) -> None:
     if budget < model_bytes:
         assert len(kernels.calls) > 3  # really streamed in several batches
     else:
-        assert len(kernels.calls) == 1  # every device tensor (47) in one multi-tensor launch
-        assert kernels.calls[0] == 44
+        assert len(kernels.calls) == 1  # every device tensor in one multi-tensor launch
+        assert kernels.calls[0] == 43  # (the empty one has no work item)
+
+
+# per-tensor coefficients: the F64 tensor (host path) and device tensors of both sizes; the two
+# bias vectors differ only in the sign of a zero, which decides the sign of zero results, so a
+# launch that lumped them together would show
+PER_TENSOR = {"big.weight": [0.5, -1.25, 0.375], "wide": [2.0, 0.0, -1.0], "blocks.1.bias": [0.0, 0.0, 0.0],
+              "blocks.2.bias": [-0.0, 0.0, 0.0], "half": [1.0, 1.0, 1.0]}
+
+
+@pytest.mark.parametrize("budget", [3 * 4096, 64 << 20])
+@pytest.mark.parametrize("kernels", ["torch", "cpp"])
+def test_per_tensor_coefficients_equal_host_engine(tmp_path: Path, kernels: str, budget: int) -> None:
+    """Each work item carries its own tensor's coefficients: file and state dict through the
+    streamer (torch device kernels, or the C++ kernel per chunk) are the host engine's bytes
+    with the same kernel arithmetic (backend "torch" / "cpp")."""
+    from soupkern.backends.device import TorchDeviceKernels
+
+    paths = make_ingredients(tmp_path / "in", small=5)
+    default = [0.2, 0.3, 0.5]
+    dev_kernels = TorchDeviceKernels() if kernels == "torch" else CppDeviceKernels()
+    soupkern.weighted_soup(paths, PER_TENSOR, tmp_path / "host.safetensors", default=default, backend=kernels)
+    pipeline_soup(paths, default, tmp_path / "dev.safetensors", dev_kernels, budget, per_tensor=PER_TENSOR)
+    want = tensors_of(tmp_path / "host.safetensors")
+    assert tensors_of(tmp_path / "dev.safetensors") == want
+    assert want["blocks.1.bias"] != want["blocks.2.bias"]  # the zeros' signs differ
+    if isinstance(dev_kernels, CppDeviceKernels) and budget > 1 << 20:
+        assert dev_kernels.calls == [1, 4, 1, 1, 1]  # one launch per coefficient vector (the default's: 4 tensors)
+    cks = [open_checkpoint(p) for p in paths]
+    try:
+        plan = build_plan(cks, default).with_per_tensor(PER_TENSOR)
+        got = gpu_engine.DeviceStreamer(plan, dev_kernels, "cpu", budget_bytes=budget).to_state_dict()
+    finally:
+        for ck in cks:
+            ck.close()
+    for name, raw in want.items():
+        assert (got[name].view(-1).view(torch.uint8).numpy().tobytes() if got[name].numel() else b"") == raw, name
 
 
 def test_output_dtype_and_state_dict(tmp_path: Path) -> None:
@@ -178,25 +215,27 @@ def test_torch_kernels_through_public_api(tmp_path: Path) -> None:
 
 def test_batches_layout() -> None:
     """Chunks are aligned, inputs and outputs of a slot do not overlap, every tensor is covered
-    exactly once, small tensors share batches."""
+    exactly once, small tensors share batches, chunks carry their tensor's coefficients."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as d:
         paths = make_ingredients(Path(d), k=2, small=30)
         cks = [open_checkpoint(p) for p in paths]
-        plan = build_plan(cks, [0.5, 0.5])
+        plan = build_plan(cks, [0.5, 0.5]).with_per_tensor({"half": [0.25, 0.75]})
         tensors = [tp for tp in plan.tensors if gpu_engine.on_device(tp)]
         for slot in (1000, 4096, 50_000, 10**7):
             covered: dict[str, int] = {}
             n_batches = 0
-            for b in gpu_engine.batches(tensors, slot, with_output=True):
+            for b in gpu_engine.batches(plan_items(plan, lambda tp: max(tp.numel, 1), tensors), slot, with_output=True):
                 n_batches += 1
                 assert b.in_bytes <= b.out_begin <= slot
                 for c in b.chunks:
+                    item, name = c.item, c.item.tensor.out.name
                     assert all(off % gpu_engine.ALIGN == 0 for off in (*c.in_offsets, c.out_offset))
-                    assert c.start == covered.get(c.tp.out.name, 0)
-                    covered[c.tp.out.name] = c.start + c.count
-            assert covered == {tp.out.name: tp.numel for tp in tensors}
+                    assert item.start == covered.get(name, 0) and item.count > 0
+                    assert item.coefficients == plan.coefficients_for(name)
+                    covered[name] = item.start + item.count
+            assert covered == {tp.out.name: tp.numel for tp in tensors if tp.numel}
             if slot == 10**7:
                 assert n_batches == 1
         for ck in cks:
