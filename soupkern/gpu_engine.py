@@ -40,7 +40,7 @@ import numpy as np
 from soupkern.engine import WorkItem, execute, fill_tensor, plan_items, run
 from soupkern.errors import InputError
 from soupkern.io import SoupWriter, dtype_itemsize
-from soupkern.plan import TensorPlan
+from soupkern.plan import SoupPlan, TensorPlan
 
 if TYPE_CHECKING:
     import torch

@@ -19,8 +19,11 @@ Recipe, exactly:
    instead of a sum; that differs from the sum by rounding only.
 
 State: the fp64 running sum, the model's own parameters (candidates are written straight into
-them), and one ingredient at a time, read zero-copy through mmap. On a GPU model the sum lives on
-the GPU and candidates are formed there (`soupkern.backends.device` kernels).
+them), and one tensor of one ingredient at a time: ingredients are read through the engine's work
+items (soupkern/engine.py; one item per tensor, zero-copy through mmap, its pages released after
+use), and a candidate recomputed from the files is `engine.fill_tensor` per tensor. On a GPU model
+the sum lives on the GPU and candidates are formed there, tensor by tensor
+(`soupkern.backends.device` kernels).
 
 Speculative greedy (`speculative=S > 1`): the next S candidates are formed as if every earlier one
 were rejected (all from the same sum and n), stacked [S, ...] and scored in one batched pass
@@ -45,7 +48,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -56,6 +59,7 @@ from soupkern.errors import InputError, MismatchError, OutputError
 from soupkern.recipes.weighted import SoupReport, check_soup_output, reserves_output, weighted_soup
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
     from torch import nn
 
@@ -212,7 +216,7 @@ class _RunningSoup:
             evaluator.check(n, self.layout[n][1], path=self.labels[0])
         self.n = 0
         self.kept: list[int] = []
-        self.targets = [evaluator.tensors[n] for n in self.names]
+        self.targets = {n: evaluator.tensors[n] for n in self.names}
         self._stack: dict[str, torch.Tensor] | None = None
         self._state: _SumState | None = None  # built on first need: see _use_sums
         self._state_dir = state_dir
@@ -226,7 +230,7 @@ class _RunningSoup:
 
         self._dtype_names = {TORCH_DTYPES[d]: d for d in FLOAT_DTYPES}
         self.recompute = self.device.type == "cpu" and all(
-            t.is_contiguous() and t.dtype in self._dtype_names for t in self.targets)
+            t.is_contiguous() and t.dtype in self._dtype_names for t in self.targets.values())
         if not self.recompute or len(self.paths) > RECOMPUTE_MAX:
             self._ensure_sums()  # allocated now, so a disk too small for them fails before any evaluation
 
@@ -236,8 +240,54 @@ class _RunningSoup:
 
         return open_checkpoint(self.paths[index], state_dict_key=self.state_dict_key, label=self.labels[index])
 
-    def read(self, index: int) -> _Ingredient:
-        return _Ingredient(self, index)
+    def _check(self, ck: Checkpoint) -> None:
+        """An ingredient against the first: the same names, the averaged tensors' shapes and float
+        dtypes, identical non-float tensors."""
+        import torch
+
+        from soupkern.evaluate import tensor_view
+        from soupkern.io import FLOAT_DTYPES
+
+        if set(ck.tensors) != set(self.layout):
+            missing = sorted(set(self.layout) ^ set(ck.tensors))[0]
+            raise MismatchError(f"tensor names differ from {self.labels[0]}", path=ck.path, tensor=missing)
+        for n in self.names:
+            info = ck.tensors[n][1]
+            if info.shape != self.layout[n][1]:
+                raise MismatchError(f"shape {info.shape} differs from {self.layout[n][1]} in {self.labels[0]}",
+                                    path=ck.path, tensor=n)
+            if info.dtype not in FLOAT_DTYPES:
+                raise MismatchError(f"dtype {info.dtype} is not a float dtype", path=ck.path, tensor=n)
+        for n in self.fixed:
+            if not torch.equal(tensor_view(ck, n), self.fixed_values[n]):
+                raise MismatchError(f"non-float tensor differs from {self.labels[0]}; it cannot be averaged",
+                                    path=ck.path, tensor=n)
+
+    def _each_tensor(self, index: int, op: Callable[[str, torch.Tensor], object]) -> None:
+        """Check ingredient `index` (`_check`), then op(name, x) for each of its non-empty averaged
+        tensors in `names` order, x its values on the model's device (on a CPU a zero-copy view,
+        valid only during the call). Read through the engine, one work item per tensor, whose
+        pages are released after its op: residency stays at about one tensor."""
+        import torch
+
+        from soupkern.engine import WorkItem, run, tensor_items
+        from soupkern.io import OutputTensor
+        from soupkern.plan import TensorPlan
+        from soupkern.torch_dtypes import torch_view
+
+        def items(ck: Checkpoint) -> Iterator[WorkItem]:
+            for n in self.names:
+                f, info = ck.tensors[n]
+                tp = TensorPlan(OutputTensor(n, info.dtype, info.shape), ((f, info),), average=False)
+                yield from tensor_items(tp, max(tp.numel, 1))
+
+        def call(item: WorkItem, views: list[np.ndarray]) -> None:
+            out = item.tensor.out
+            op(out.name, torch_view(views[0], out.dtype).view(out.shape).to(self.device))
+
+        with self.open(index) as ck, torch.no_grad():
+            self._check(ck)
+            run(items(ck), call)
 
     def _use_sums(self, members: int) -> bool:
         return not self.recompute or members > RECOMPUTE_MAX
@@ -251,16 +301,18 @@ class _RunningSoup:
             self._accept_sum(self.kept[self._summed])
 
     def _accept_sum(self, index: int) -> None:
-        assert self._state is not None
-        ing = self.read(index)
-        with ing as xs:
-            for name, x in zip(self.names, xs):  # tensor by tensor: residency stays bounded
-                if self._summed == 0:  # the sum of one ingredient is the ingredient (its -0 too)
-                    self.sums[name].copy_(x.view(self.sums[name].shape))
-                else:
-                    self.kernels.greedy_accept([self.sums[name]], [x])
-                ing.release(name)
-                self._state.release(name)
+        state = self._state
+        assert state is not None
+        first = self._summed == 0
+
+        def add(name: str, x: torch.Tensor) -> None:
+            if first:  # the sum of one ingredient is the ingredient (its -0 too)
+                self.sums[name].copy_(x)
+            else:
+                self.kernels.greedy_accept([self.sums[name]], [x])
+            state.release(name)
+
+        self._each_tensor(index, add)
         self._summed += 1
 
     def accept(self, index: int) -> None:
@@ -271,46 +323,43 @@ class _RunningSoup:
 
     def candidate_into_model(self, index: int) -> None:
         """Model <- ((sum + x_index) / (n + 1)) in the model's dtype."""
-        import torch
-
         members = (*self.kept, index)
-        if not self._use_sums(len(members)):
-            with self.read(index):  # the candidate ingredient's checks (names, shapes, fixed tensors)
-                pass
-            self._in_model = None
-            self._recompute_into(self.targets, members)
-            self._in_model = members
-            return
         self._in_model = None
-        self._ensure_sums()
-        assert self._state is not None
-        ing = self.read(index)
-        with ing as xs, torch.no_grad():
-            for name, target, x in zip(self.names, self.targets, xs):
-                self.kernels.greedy_candidate([target], [self.sums[name]], [x], self.n)
-                ing.release(name)
-                self._state.release(name)
+        if not self._use_sums(len(members)):
+            with self.open(index) as ck:
+                self._check(ck)
+            self._recompute_into(members)
+        else:
+            self._ensure_sums()
+            self._each_tensor(index, lambda name, x: self._candidate(self.targets[name], name, x))
         self._in_model = members
 
-    def _recompute_into(self, targets: Sequence[torch.Tensor], members: Sequence[int]) -> None:
-        """targets <- the uniform soup of `members` (in order), tensor by tensor, by the host kernel."""
+    def _candidate(self, out: torch.Tensor, name: str, x: torch.Tensor) -> None:
+        """out <- round((sum + x) / (n + 1)) for tensor `name` (its sum's pages released after)."""
+        assert self._state is not None
+        self.kernels.greedy_candidate([out], [self.sums[name]], [x], self.n)
+        self._state.release(name)
+
+    def _recompute_into(self, members: Sequence[int]) -> None:
+        """The model's tensors <- the uniform soup of `members` (in order), tensor by tensor, by the
+        host kernel (`engine.fill_tensor`: each tensor's pages released after it)."""
         from contextlib import ExitStack
 
         import torch
 
         from soupkern.backends import get_backend
+        from soupkern.engine import fill_tensor
+        from soupkern.io import OutputTensor
+        from soupkern.plan import TensorPlan
 
         kernel = get_backend()
+        ones = (1.0,) * len(members)
         with ExitStack() as stack, torch.no_grad():
             cks = [stack.enter_context(self.open(i)) for i in members]
-            for name, target in zip(self.names, targets):
-                sources = [ck.tensors[name] for ck in cks]
-                out = target.detach().view(-1).view(torch.uint8).numpy()
-                kernel.weighted_sum(out, self._dtype_names[target.dtype], [f.view(info) for f, info in sources],
-                                    [info.dtype for _, info in sources], [1.0] * len(members), target.numel(),
-                                    float(len(members)))
-                for f, info in sources:
-                    f.release(info.begin, info.end)
+            for name, target in self.targets.items():
+                out = OutputTensor(name, self._dtype_names[target.dtype], tuple(target.shape))
+                tp = TensorPlan(out, tuple(ck.tensors[name] for ck in cks), average=True)
+                fill_tensor(tp, ones, target.detach().view(-1).view(torch.uint8).numpy(), kernel, float(len(members)))
 
     def close(self) -> None:
         if self._state is not None:
@@ -326,27 +375,18 @@ class _RunningSoup:
         s = len(indices)
         if self._stack is None or next(iter(self._stack.values())).shape[0] < s:
             self._stack = {n: torch.empty((s, *self.layout[n][1]), dtype=t.dtype, device=self.device)
-                           for n, t in zip(self.names, self.targets)}
+                           for n, t in self.targets.items()}
         out = {n: v[:s] for n, v in self._stack.items()}
         for row, index in enumerate(indices):
-            with self.read(index) as xs, torch.no_grad():
-                if relative:
-                    self.kernels.greedy_candidate([out[n][row] for n in self.names],
-                                                  [self.sums[n] for n in self.names], xs, self.n)
-                else:
-                    for n, x in zip(self.names, xs):
-                        out[n][row].copy_(x)
+            if relative:
+                self._each_tensor(index, lambda name, x: self._candidate(out[name][row], name, x))
+            else:
+                self._each_tensor(index, lambda name, x: out[name][row].copy_(x))
         return out
 
     def ingredient_into_model(self, index: int) -> None:
-        import torch
-
-        ing = self.read(index)
         self._in_model = None
-        with ing as xs, torch.no_grad():
-            for name, t, x in zip(self.names, self.targets, xs):
-                t.copy_(x)
-                ing.release(name)
+        self._each_tensor(index, lambda name, x: self.targets[name].copy_(x))
         self._in_model = (index,)
 
     def final_into_model(self) -> None:
@@ -359,63 +399,17 @@ class _RunningSoup:
         if self._in_model == tuple(self.kept):  # the last candidate scored was kept: it is the soup
             return
         if self._state is None and self.recompute:
-            self._recompute_into(self.targets, self.kept)
+            self._recompute_into(self.kept)
             return
         self._ensure_sums()
         assert self._state is not None
         with torch.no_grad():
-            for n, t in zip(self.names, self.targets):
+            for n, t in self.targets.items():
                 # a tensor divisor: torch turns division by a Python number into a multiplication
                 # by its rounded reciprocal on CUDA, which is not the IEEE division of the contract
                 divisor = torch.full((), float(self.n), dtype=torch.float64, device=self.sums[n].device)
                 t.copy_(round_f64(self.sums[n] / divisor, t.dtype))
                 self._state.release(n)
-
-
-class _Ingredient:
-    """Context manager: one ingredient's averaged tensors (zero-copy on CPU, copied to the device otherwise)."""
-
-    def __init__(self, soup: _RunningSoup, index: int):
-        self.soup, self.index = soup, index
-
-    def __enter__(self) -> list[torch.Tensor]:
-        import torch
-
-        from soupkern.evaluate import tensor_view
-        from soupkern.io import FLOAT_DTYPES
-
-        soup = self.soup
-        self.ck = soup.open(self.index)
-        try:
-            ck = self.ck
-            if set(ck.tensors) != set(soup.layout):
-                missing = sorted(set(soup.layout) ^ set(ck.tensors))[0]
-                raise MismatchError(f"tensor names differ from {soup.labels[0]}", path=ck.path, tensor=missing)
-            xs = []
-            for n in soup.names:
-                info = ck.tensors[n][1]
-                if info.shape != soup.layout[n][1]:
-                    raise MismatchError(f"shape {info.shape} differs from {soup.layout[n][1]} in {soup.labels[0]}",
-                                        path=ck.path, tensor=n)
-                if info.dtype not in FLOAT_DTYPES:
-                    raise MismatchError(f"dtype {info.dtype} is not a float dtype", path=ck.path, tensor=n)
-                xs.append(tensor_view(ck, n).to(soup.device))
-            for n in soup.fixed:
-                if not torch.equal(tensor_view(ck, n), soup.fixed_values[n]):
-                    raise MismatchError(f"non-float tensor differs from {soup.labels[0]}; it cannot be averaged",
-                                        path=ck.path, tensor=n)
-        except BaseException:
-            self.ck.close()
-            raise
-        return xs
-
-    def release(self, name: str) -> None:
-        """Drop the mapped pages of tensor `name` of this ingredient (they stay in the page cache)."""
-        f, info = self.ck.tensors[name]
-        f.release(info.begin, info.end)
-
-    def __exit__(self, *exc: object) -> None:
-        self.ck.close()
 
 
 STATE_IN_MEMORY_BYTES = 1 << 30

@@ -46,7 +46,7 @@ from soupkern.options import check_budget, ingredient_list
 from soupkern.errors import InputError
 from soupkern.plan import KeyPolicy, SoupPlan, TensorPlan, build_plan
 from soupkern.recipes.weighted import SoupReport, check_soup_output, open_ingredients, reserves_output, weighted_soup
-from soupkern.torch_dtypes import TORCH_DTYPES
+from soupkern.torch_dtypes import TORCH_DTYPES, torch_view
 
 if TYPE_CHECKING:
     from soupkern.distributed import Group
@@ -125,18 +125,10 @@ class _MixFromMmap(torch.autograd.Function):
         def dot(item: WorkItem, views: list[Any]) -> None:
             g64 = g[item.start:item.start + item.count].to(torch.float64)
             for k, (v, (_, info)) in enumerate(zip(views, item.sources)):
-                acc[k] += torch.dot(g64, _torch_view(v, info.dtype).to(torch.float64))
+                acc[k] += torch.dot(g64, torch_view(v, info.dtype).to(torch.float64))
 
         run(tensor_items(tp, _GRAD_CHUNK), dot)
         return acc.to(grad.dtype), None, None
-
-
-def _torch_view(raw: Any, dtype: str) -> torch.Tensor:
-    import warnings
-
-    with warnings.catch_warnings():  # read-only mmap view: torch warns, it is never written
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(raw).view(TORCH_DTYPES[dtype])
 
 
 @dataclass
