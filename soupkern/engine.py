@@ -8,8 +8,11 @@
   takes zero-copy views of them, calls `op(item, views)`, unmaps the pages (they stay in the page
   cache) and reports progress. An op returning False stops the run early.
 - Ops: `weighted_sum_op` (backend.weighted_sum into an output), `copy_op`, and, built on `run`
-  elsewhere, byte equality (plan._identical), the fp64 Gram reduction (analysis.delta_gram) and
-  the fp64 dot reduction (recipes.learned).
+  elsewhere, byte equality (plan._identical), the fp64 Gram reduction (analysis.delta_gram), the
+  fp64 dot reduction (recipes.learned) and greedy's per-tensor reads (recipes.greedy).
+- The device streamer (soupkern/gpu_engine.py) is the other executor: it packs a plan's items
+  into pinned slots (filled through `run`) and runs the device kernels on them, each item with
+  its own coefficients and divisor.
 
 `execute` streams a whole plan into a writer: working memory is bounded by `budget_bytes`
 whatever the model size (an item's mapped input pages plus the writer's staging window fit in
