@@ -95,3 +95,16 @@ def test_bench_distributed_greedy_smoke(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     table = (tmp_path / "res.md").read_text()
     assert "| 1 |" in table and "| 2 |" in table and "same soup file" in table
+
+
+def test_bench_io_regimes_smoke(tmp_path: Path) -> None:
+    """Whole-process soupkern vs the I/O floor, alternating (the regimes needing root are left out)."""
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_io_regimes.py"), "--model", "tiny", "-n", "2",
+         "--regimes", "warm,alternating", "--repeats", "1", "--cache", str(tmp_path), "--out", str(tmp_path / "r")],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    rows = json.loads((tmp_path / "r.json").read_text())["results"]
+    assert [row["regime"] for row in rows] == ["warm", "alternating"]
+    assert all(len(row["ratios"]) == 1 and row["ratios"][0] > 0 for row in rows)
