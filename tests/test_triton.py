@@ -570,8 +570,11 @@ def test_load_says_why_not(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_host_bytes_protocol_matches_cpp(exact_fma: None) -> None:
     """Backend.weighted_sum on raw (possibly unaligned, read-only) byte buffers, as the engine
-    calls it; F64 is delegated to the torch backend's fp64 path."""
-    kernels = TritonKernels()
+    calls it, through the host adapter over the Triton kernels; F64 is delegated to the torch
+    backend's fp64 path."""
+    from soupkern.backends.device import HostAdapter
+
+    kernels = HostAdapter(TritonKernels(), torch.device("cpu"))
     rng = np.random.default_rng(4)
     n = 3333
     for dtypes, out_dtype in [(["BF16", "F32", "F16"], "BF16"), (["F16"], "F32"), (["F32", "F64"], "F16")]:
@@ -737,3 +740,19 @@ if __name__ == "__main__":
         _gpu_checks()
     else:
         _ptx_checks()
+
+
+def test_each_object_implements_one_protocol(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Host buffers and device tensors are two registries: `get_backend("triton")` is a host
+    adapter over the very kernels `device_kernels` returns, and those take device tensors only."""
+    import inspect
+
+    import soupkern.backends as backends
+    from soupkern.backends.device import HostAdapter, device_kernels
+
+    monkeypatch.setattr(backends, "_cache", {})
+    host = backends.get_backend("triton")
+    kernels = device_kernels("cpu", "triton")  # the interpreter's device
+    assert isinstance(host, HostAdapter) and host.kernels is kernels and host.name == "triton"
+    assert list(inspect.signature(kernels.weighted_sum).parameters) == ["out", "inputs", "weights", "divisor"]
+    assert backends.get_backend("triton") is host  # cached

@@ -7,7 +7,10 @@ with `out` a writable uint8 array and each input a uint8 array, dtypes named as 
 (F64, F32, F16, BF16); `get_backend` returns one. Device kernels (device.py's DeviceKernels:
 CUDA, Triton, torch) work on torch tensors on a GPU; `device_kernels` returns one, and
 file-to-file or to-device soups reach them through the streaming pipeline
-(soupkern/gpu_engine.py) when a device backend is asked for.
+(soupkern/gpu_engine.py) when a device backend is asked for. The two protocols are two
+registries keyed by where the data lives, and no object implements both: on host buffers the
+host backends themselves, and device kernels (Triton under its interpreter, for tests) through a
+`device.HostAdapter`; on device tensors `device_kernels`.
 
 Choice: the `backend=` argument, else $SOUPKERN_BACKEND, else automatic. Automatic on host
 buffers: the first available of `PREFERENCE` (cpp, torch): a file-to-file soup is bound by
@@ -130,16 +133,29 @@ def get_backend(name: str | None = None) -> Backend:
         log.debug("SOUPKERN_BACKEND=cuda does not apply to host buffers; choosing automatically")
         requested = None
     if requested is not None:
-        return load_backend(requested)  # type: ignore[return-value]
+        return _host_form(requested)
     for candidate in PREFERENCE:
-        if candidate in _cache:
-            return _cache[candidate]
-        backend, reason = _probe(candidate)
-        if backend is not None:
-            _cache[candidate] = backend
-            return backend
-        log.debug("backend %s unavailable (%s); trying the next one", candidate, reason)
+        try:
+            return _host_form(candidate)
+        except BackendUnavailableError as e:
+            log.debug("%s; trying the next one", e)
     raise BackendUnavailableError("no backend can run here: " + "; ".join(f"{s.name}: {s.reason}" for s in available_backends().values()))
+
+
+def _host_form(name: str) -> Backend:
+    """Backend `name` on host buffers: the host backends themselves; device kernels (Triton)
+    through a `device.HostAdapter` (cached like the backends)."""
+    backend = load_backend(name)
+    if name not in DEVICE_BACKENDS:
+        return backend  # type: ignore[return-value]
+    key = f"{name}:host"
+    if key not in _cache:
+        import torch
+
+        from soupkern.backends.device import HostAdapter
+
+        _cache[key] = HostAdapter(backend, torch.device(getattr(backend, "device", "cuda")))  # type: ignore[arg-type]
+    return _cache[key]  # type: ignore[no-any-return]
 
 
 def device_kernels(device: object, name: str | None = None) -> DeviceKernels:

@@ -31,6 +31,7 @@ from soupkern.backends.torch_backend import fp64_weighted_sum, round_f64
 from soupkern.errors import InputError
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 
@@ -86,6 +87,40 @@ class TorchDeviceKernels:
 
         for s, x in zip(sums, xs):
             s.add_(x.to(torch.float64).view(s.shape))
+
+
+class HostAdapter:
+    """The host `Backend` protocol (byte buffers; soupkern/backends/__init__.py) over device
+    kernels: the inputs are copied to the kernels' device, one kernel call, the result copied
+    back (in place under the Triton interpreter, whose device is the CPU). F64 buffers, which
+    the device kernels do not take, are computed on the host by the torch backend (the contract
+    for F64). Correct, not fast: the streaming pipeline (soupkern/gpu_engine.py) is the fast path."""
+
+    def __init__(self, kernels: DeviceKernels, device: torch.device):
+        from soupkern.backends.torch_backend import TorchBackend
+
+        self.kernels = kernels
+        self.name = kernels.name
+        self.device = device
+        self._host = TorchBackend()  # byte views -> tensors, and the F64 path
+
+    def weighted_sum(self, out: np.ndarray, out_dtype: str, inputs: Sequence[np.ndarray], in_dtypes: Sequence[str],
+                     weights: Sequence[float], n: int, divisor: float = 1.0) -> None:
+        from soupkern.io import dtype_itemsize
+
+        if n == 0:
+            return
+        if out_dtype == "F64" or "F64" in in_dtypes:
+            self._host.weighted_sum(out, out_dtype, inputs, in_dtypes, weights, n, divisor)
+            return
+        xs = [self._host._tensor(buf, dt, n).to(self.device) for buf, dt in zip(inputs, in_dtypes)]
+        host_out = self._host._tensor(out[: n * dtype_itemsize(out_dtype)], out_dtype, n)
+        if host_out.device == self.device:
+            self.kernels.weighted_sum(host_out, xs, weights, divisor)
+        else:
+            result = host_out.new_empty(n, device=self.device)
+            self.kernels.weighted_sum(result, xs, weights, divisor)
+            host_out.copy_(result)
 
 
 def _check_n(n: object) -> None:
