@@ -112,6 +112,15 @@ def test_table_packing_and_argument_errors() -> None:
         _cuda.pack_table(buf.ctypes.data, nbytes, 4, out_dtypes=[_cuda.F32], in_dtypes=[_cuda.F64, _cuda.F32], **greedy)
 
 
+@pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH: the CUDA extension is not built here")
+def test_dtype_codes_shared() -> None:
+    """The CUDA extension, the Triton kernels and the host engine use csrc/soupkern.h's DType codes."""
+    from soupkern import _cuda, dtype_codes  # type: ignore[attr-defined]
+    from soupkern.engine import DTYPE_CODES
+
+    assert {name: getattr(_cuda, name) for name in dtype_codes.DTYPE_CODES} == dtype_codes.DTYPE_CODES == DTYPE_CODES
+
+
 def test_build_switch(setup_py: ModuleType) -> None:
     off = setup_py.plan_cuda({"SOUPKERN_BUILD_CUDA": "0", "PATH": os.environ.get("PATH", "")})
     assert not off.build and off.reason == "SOUPKERN_BUILD_CUDA=0 at build time"

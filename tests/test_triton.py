@@ -667,7 +667,7 @@ def _ptx_checks() -> None:
     import triton.language as tl
 
     sig = {"table": "*i64", "out_addr": "i64", "n": "i64", "K": "i32"}
-    for in_code, out_code in [(2, 2), (0, 0), (3, 1)]:
+    for in_code, out_code in [(ws.BF16.value, ws.BF16.value), (ws.F32.value, ws.F32.value), (ws.MIXED.value, ws.F16.value)]:
         for aligned in (1, 0):
             for divide in (0, 1):
                 consts = {"IN_CODE": in_code, "OUT_CODE": out_code, "DIVIDE": divide, "ALIGNED": aligned, "BLOCK": 2048}
@@ -677,11 +677,11 @@ def _ptx_checks() -> None:
                 assert "div.full" not in ptx and "div.approx" not in ptx, consts
                 assert ("ld.global.v4.b32" in ptx and "st.global.v4.b32" in ptx) == bool(aligned), consts
     ptx = _ptx(mws._multi_weighted_sum_kernel, {"table": "*i64", "T": "i32", "K": "i32"},
-               {"IN_CODE": 2, "OUT_CODE": 2, "DIVIDE": 1, "ALIGNED": 1, "BLOCK": 2048}, [0])
+               {"IN_CODE": ws.BF16.value, "OUT_CODE": ws.BF16.value, "DIVIDE": 1, "ALIGNED": 1, "BLOCK": 2048}, [0])
     assert "fma.rn.f64" in ptx and "div.rn.f64" in ptx and "ld.global.v4.b32" in ptx and "st.global.v4.b32" in ptx
     for accept in (0, 1):
         ptx = _ptx(gu._greedy_kernel, {"table": "*i64", "T": "i32"},
-                   {"X_CODE": 2, "OUT_CODE": 2, "ACCEPT": accept, "ALIGNED": 1, "BLOCK": 2048}, [0])
+                   {"X_CODE": ws.BF16.value, "OUT_CODE": ws.BF16.value, "ACCEPT": accept, "ALIGNED": 1, "BLOCK": 2048}, [0])
         assert "div.full" not in ptx and "div.approx" not in ptx and ("div.rn.f64" in ptx) == (not accept)
         assert "add.rn.f64" in ptx or "add.f64" in ptx
         assert "ld.global.v4.b32" in ptx or "ld.global.v2.b64" in ptx

@@ -29,8 +29,8 @@ import triton.language as tl
 from soupkern.errors import InputError
 from soupkern.kernels.multi_weighted_sum import build_table, launch_groups, locate
 from soupkern.kernels.weighted_sum import (
-    DTYPE_CODES, F64, GPU_WARPS, all_aligned, check_block, check_device, check_tensor, device_table, fp64_bits, load_f64,
-    store_rounded, typed_pointer)
+    F64, GPU_WARPS, TORCH_CODES, all_aligned, check_block, check_device, check_tensor, device_table, fp64_bits,
+    load_f64, store_rounded, typed_pointer)
 
 
 @triton.jit
@@ -83,7 +83,7 @@ def _launch(sums: Sequence[torch.Tensor], xs: Sequence[torch.Tensor], outs: Sequ
         check_tensor(x, f"xs[{t}]", device, s.numel())
         if outs is not None:
             check_tensor(outs[t], f"outs[{t}]", device, s.numel())
-        keys.append((DTYPE_CODES[x.dtype], F64.value if outs is None else DTYPE_CODES[outs[t].dtype]))
+        keys.append((TORCH_CODES[x.dtype], F64.value if outs is None else TORCH_CODES[outs[t].dtype]))
     for (x_code, out_code), members in launch_groups(keys, [s.numel() for s in sums]):
         rows = [[sums[t].data_ptr(), xs[t].data_ptr()] + ([] if outs is None else [outs[t].data_ptr()])
                 for t in members]

@@ -38,7 +38,7 @@ import triton.language as tl
 
 from soupkern.errors import InputError
 from soupkern.kernels.weighted_sum import (
-    DTYPE_CODES, GPU_WARPS, all_aligned, check_block, check_device, check_divisor, check_tensor, device_table,
+    GPU_WARPS, TORCH_CODES, all_aligned, check_block, check_device, check_divisor, check_tensor, device_table,
     fp64_bits, input_code, weighted_sum_block)
 
 
@@ -122,7 +122,7 @@ def multi_weighted_sum(outs: Sequence[torch.Tensor], inputs: Sequence[Sequence[t
             raise InputError(f"inputs[{t}]: {len(xs)} tensors but {k} weights")
         for i, x in enumerate(xs):
             check_tensor(x, f"inputs[{t}][{i}]", device, out.numel())
-        keys.append((tuple(DTYPE_CODES[x.dtype] for x in xs), DTYPE_CODES[out.dtype]))
+        keys.append((tuple(TORCH_CODES[x.dtype] for x in xs), TORCH_CODES[out.dtype]))
     bits = fp64_bits(weights)
     for (codes, out_code), members in launch_groups(keys, [out.numel() for out in outs]):
         rows = [[x.data_ptr() for x in inputs[t]] + [outs[t].data_ptr()] for t in members]

@@ -47,16 +47,18 @@ import torch
 import triton
 import triton.language as tl
 
+from soupkern import dtype_codes
 from soupkern.errors import InputError
 from soupkern.options import check_divisor  # noqa: F401  (re-exported to multi_weighted_sum)
 
-# dtype codes shared by every Triton kernel in this package (also stored in the tables)
-F32 = tl.constexpr(0)
-F16 = tl.constexpr(1)
-BF16 = tl.constexpr(2)
-MIXED = tl.constexpr(3)  # input dtypes differ across k: read each code from the table
-F64 = tl.constexpr(4)  # the greedy kernels' running sums only
-DTYPE_CODES: dict[torch.dtype, int] = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+# dtype codes (soupkern/dtype_codes.py: csrc/soupkern.h's DType), as compile-time constants
+F64 = tl.constexpr(dtype_codes.F64)  # the greedy kernels' running sums only
+F32 = tl.constexpr(dtype_codes.F32)
+F16 = tl.constexpr(dtype_codes.F16)
+BF16 = tl.constexpr(dtype_codes.BF16)
+MIXED = tl.constexpr(-1)  # not a DType: input dtypes differ across k, each code is read from the table
+TORCH_CODES: dict[torch.dtype, int] = {
+    torch.float32: dtype_codes.F32, torch.float16: dtype_codes.F16, torch.bfloat16: dtype_codes.BF16}
 
 GPU_BLOCK = 2048  # elements per program on a GPU: 16 per thread at 4 warps (4-8 x 16-byte loads)
 GPU_WARPS = 4
@@ -113,9 +115,9 @@ def load_input_f64(addr, code, start, offs, mask, CODE: tl.constexpr, MASKED: tl
     """Elements [start + offs] of the input at `addr` as fp64 (exact). CODE == MIXED: the dtype
     is the runtime `code`, otherwise the compile-time CODE."""
     if CODE == MIXED:
-        if code == 0:
+        if code == F32:
             x = load_f64(typed_pointer(addr, F32, ALIGNED) + start + offs, mask, MASKED)
-        elif code == 1:
+        elif code == F16:
             x = load_f64(typed_pointer(addr, F16, ALIGNED) + start + offs, mask, MASKED)
         else:
             x = load_f64(typed_pointer(addr, BF16, ALIGNED) + start + offs, mask, MASKED)
@@ -217,7 +219,7 @@ def check_tensor(t: object, what: str, device: torch.device | None = None, numel
     `numel` elements when given). Raises InputError naming the operand."""
     if not isinstance(t, torch.Tensor):
         raise InputError(f"{what}: expected a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in DTYPE_CODES:
+    if t.dtype not in TORCH_CODES:
         raise InputError(f"{what}: unsupported dtype {t.dtype} (the Triton kernels take float32, float16, bfloat16)")
     if not t.is_contiguous():
         raise InputError(f"{what}: not contiguous (the kernels read and write flat memory; pass .contiguous())")
@@ -310,13 +312,13 @@ def weighted_sum(out: torch.Tensor, inputs: Sequence[torch.Tensor], weights: Seq
     if n == 0:
         return out
     block = check_block(block)
-    codes = [DTYPE_CODES[x.dtype] for x in xs]
+    codes = [TORCH_CODES[x.dtype] for x in xs]
     host = np.concatenate([np.array([x.data_ptr() for x in xs], np.int64), fp64_bits(weights),
                            np.array(codes, np.int64), fp64_bits([d])])
     table = device_table(host, out.device)
     grid = (triton.cdiv(n, block),)
     _weighted_sum_kernel[grid](table, out.data_ptr(), n, k, IN_CODE=input_code(codes),
-                               OUT_CODE=DTYPE_CODES[out.dtype], DIVIDE=d != 1.0, ALIGNED=all_aligned([out, *xs]),
+                               OUT_CODE=TORCH_CODES[out.dtype], DIVIDE=d != 1.0, ALIGNED=all_aligned([out, *xs]),
                                BLOCK=block, num_warps=num_warps)
     return out
 
