@@ -73,17 +73,19 @@ def test_table_packing_and_argument_errors() -> None:
     # two tensors, K = 2: one aligned bf16 (8-wide access), one with an fp32 input at an odd address
     assert _cuda.access_widths([16, 32], [_cuda.BF16, _cuda.F32], [0, 16, 48, 4], [_cuda.BF16] * 2 + [_cuda.F32] * 2, 2) == [8, 1]
     assert _cuda.access_widths([16], [_cuda.F32], [32, 64], [_cuda.BF16, _cuda.F32], 2) == [4]
-    nbytes = _cuda.table_bytes(2, 2)
-    buf = np.zeros(nbytes, np.uint8)
     tile = _cuda.TILE
+    nbytes = _cuda.table_bytes([tile + 1, 0], 2)
+    buf = np.zeros(nbytes, np.uint8)
     tiles = _cuda.pack_table(buf.ctypes.data, nbytes, 1, [16, 32], [_cuda.BF16, _cuda.F32], [0, 16, 48, 4],
-                             [_cuda.BF16] * 2 + [_cuda.F32] * 2, [tile + 1, 0], [0.5, 1 / 3])
-    assert tiles == 2
+                             [_cuda.BF16] * 2 + [_cuda.F32] * 2, [tile + 1, 0], [0.5, 1 / 3], 3.0)
+    assert tiles == 2 and nbytes == 8 * (6 + 2 + 2 + 2) + 8 + 8
     words = buf.view(np.int64)
-    assert list(words[:3]) == [0, 2, 2]  # tile prefix sums (the empty tensor has none)
-    assert list(words[3:7]) == [16, 32, tile + 1, 0]  # out addresses, element counts
-    assert list(words[7:11]) == [0, 16, 48, 4]  # input addresses
-    assert buf[88:104].view(np.float64).tolist() == [0.5, 1 / 3]  # fp64 weights, as given
+    assert list(words[:6]) == [0, 16, 16, 48, 4, 32]  # rows: input addresses, then the output's
+    assert list(words[6:8]) == [tile + 1, 0]  # element counts
+    assert buf[64:80].view(np.int32).tolist() == [0, 0, 0, 1]  # block map: (tensor, chunk); the empty tensor has none
+    assert buf[80:96].view(np.float64).tolist() == [0.5, 1 / 3]  # fp64 weights, as given
+    assert buf[96:104].tolist() == [_cuda.BF16] * 3 + [_cuda.F32] * 3 + [0, 0]  # dtype rows, padded to 8 bytes
+    assert buf[104:112].view(np.float64).tolist() == [3.0]  # the divisor
     with pytest.raises(ValueError, match="access width"):  # an fp32 tensor cannot take 8-wide accesses
         _cuda.pack_table(buf.ctypes.data, nbytes, 8, [16, 32], [_cuda.BF16, _cuda.F32], [0, 16, 48, 64],
                          [_cuda.BF16] * 2 + [_cuda.F32] * 2, [1, 1], [0.5, 0.5])
@@ -92,9 +94,11 @@ def test_table_packing_and_argument_errors() -> None:
     with pytest.raises(ValueError, match="dtype"):
         _cuda.pack_table(buf.ctypes.data, nbytes, 1, [16, 32], [0, 1], [0, 16, 48, 4], [3, 3, 1, 1], [1, 1], [1.0, 1.0])
     with pytest.raises(ValueError, match="k <= 2048"):
-        _cuda.table_bytes(1, 5000)
+        _cuda.table_bytes([1], 5000)
+    with pytest.raises(ValueError, match="divisor"):
+        _cuda.pack_table(buf.ctypes.data, nbytes, 1, [16, 32], [3, 1], [0, 16, 48, 4], [3, 3, 1, 1], [1, 1], [1.0, 1.0], 0.0)
     with pytest.raises(ValueError, match="greedy"):
-        _cuda.launch(_cuda.OP_GREEDY_ACCEPT, 1, 0, 1, 3, 1, 1.0, 0, 0)
+        _cuda.launch(_cuda.OP_GREEDY_ACCEPT, 1, 0, 1, 3, 1, 0, 0)
     # greedy tables: input 0 is the fp64 running sum (so at most 4-wide), accept writes it back
     assert _cuda.access_widths([16], [_cuda.F64], [16, 32], [_cuda.F64, _cuda.BF16], 2) == [4]
     greedy = dict(outs=[16], ins=[16, 32], numels=[5], weights=[1.0, 1.0])

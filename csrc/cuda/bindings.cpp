@@ -5,7 +5,6 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
-#include <cmath>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -45,11 +44,13 @@ int device_count() {
   return count;
 }
 
-std::size_t table_bytes(std::int64_t tensors, int k) {
-  if (tensors < 0 || k < 1 || k > skc::kMaxInputs)
-    throw py::value_error("table of " + std::to_string(tensors) + " tensors with " + std::to_string(k) +
-                          " inputs: need tensors >= 0 and 1 <= k <= " + std::to_string(skc::kMaxInputs));
-  return skc::table_layout(tensors, k).total;
+std::size_t table_bytes(const std::vector<std::int64_t>& numels, int k) {
+  if (k < 1 || k > skc::kMaxInputs)
+    throw py::value_error("table with " + std::to_string(k) + " inputs: need 1 <= k <= " + std::to_string(skc::kMaxInputs));
+  const std::int64_t tensors = static_cast<std::int64_t>(numels.size());
+  const std::int64_t tiles = skc::tile_count(numels.data(), tensors);
+  if (tiles < 0) throw py::value_error("negative element count, or a tensor of 2^31 tiles or more");
+  return skc::table_layout(tensors, k, tiles).total;
 }
 
 void check_rows(const std::vector<std::uint64_t>& outs, const std::vector<int>& out_dtypes, const std::vector<std::uint64_t>& ins,
@@ -72,36 +73,35 @@ std::vector<int> access_widths(const std::vector<std::uint64_t>& outs, const std
 std::int64_t pack_table(std::uintptr_t host, std::size_t nbytes, int width, const std::vector<std::uint64_t>& outs,
                         const std::vector<int>& out_dtypes, const std::vector<std::uint64_t>& ins,
                         const std::vector<int>& in_dtypes, const std::vector<std::int64_t>& numels,
-                        const std::vector<double>& weights, int op) {
+                        const std::vector<double>& weights, double divisor, int op) {
   if (op < skc::kWeightedSum || op > skc::kGreedyAccept) throw py::value_error("unknown op " + std::to_string(op));
   const std::int64_t tensors = static_cast<std::int64_t>(outs.size());
   const int k = static_cast<int>(weights.size());
-  const std::size_t need = table_bytes(tensors, k);
   check_rows(outs, out_dtypes, ins, in_dtypes, weights.size());
   if (numels.size() != outs.size()) throw py::value_error("outs and numels must have the same length");
+  const std::size_t need = table_bytes(numels, k);
   if (nbytes < need) throw py::value_error("table buffer holds " + std::to_string(nbytes) + " bytes, needs " + std::to_string(need));
   if (host == 0) throw py::value_error("table buffer address is null");
   const char* error = nullptr;  // the weights go into the table as the fp64 values given
   const std::int64_t tiles =
       skc::pack_table(reinterpret_cast<void*>(host), static_cast<skc::Op>(op), width, tensors, k, outs.data(), out_dtypes.data(),
-                      ins.data(), in_dtypes.data(), numels.data(), weights.data(), &error);
+                      ins.data(), in_dtypes.data(), numels.data(), weights.data(), divisor, &error);
   if (tiles < 0) throw py::value_error(error);
   return tiles;
 }
 
-void launch(int op, int width, std::uintptr_t table, std::int64_t tensors, int k, std::int64_t tiles, double divisor, int device,
+void launch(int op, int width, std::uintptr_t table, std::int64_t tensors, int k, std::int64_t tiles, int device,
             std::uintptr_t stream) {
   if (op < skc::kWeightedSum || op > skc::kGreedyAccept) throw py::value_error("unknown op " + std::to_string(op));
   if (width != 1 && width != 4 && width != 8) throw py::value_error("access width must be 1, 4 or 8");
   if (op != skc::kWeightedSum && width == 8) throw py::value_error("access width 8 is for the weighted sum only");
   if (op != skc::kWeightedSum && k != 2) throw py::value_error("the greedy ops take k = 2 (running sum, candidate)");
   if (tiles > 0 && table == 0) throw py::value_error("table address is null");
-  if (!std::isfinite(divisor) || divisor == 0.0) throw py::value_error("divisor must be finite and non-zero");
   int code = 0;
   {
     py::gil_scoped_release release;
-    code = skc::launch(static_cast<skc::Op>(op), width, reinterpret_cast<const void*>(table), tensors, k, tiles, divisor,
-                       device, stream);
+    code = skc::launch(static_cast<skc::Op>(op), width, reinterpret_cast<const void*>(table), tensors, k, tiles, device,
+                       stream);
   }
   if (code != 0) raise_cuda("kernel launch", code);
 }
@@ -115,15 +115,17 @@ PYBIND11_MODULE(_cuda, m) {
   m.def("device_status", &device_status, "(count, cudaError_t code, message) of cudaGetDeviceCount.");
   m.def("runtime_version", &skc::runtime_version, "CUDA runtime version linked in (e.g. 13000).");
   m.def("driver_version", &skc::driver_version, "CUDA driver version, 0 when no driver is installed.");
-  m.def("table_bytes", &table_bytes, py::arg("tensors"), py::arg("k"), "Bytes of the launch table for (tensors, k).");
+  m.def("table_bytes", &table_bytes, py::arg("numels"), py::arg("k"),
+        "Bytes of the launch table of tensors of these element counts with k inputs each.");
   m.def("access_widths", &access_widths, py::arg("outs"), py::arg("out_dtypes"), py::arg("ins"), py::arg("in_dtypes"),
         py::arg("k"), "Per tensor, the widest access (8, 4 or 1 elements) its addresses and dtypes allow.");
   m.def("pack_table", &pack_table, py::arg("host"), py::arg("nbytes"), py::arg("width"), py::arg("outs"), py::arg("out_dtypes"),
-        py::arg("ins"), py::arg("in_dtypes"), py::arg("numels"), py::arg("weights"), py::arg("op") = static_cast<int>(skc::kWeightedSum),
+        py::arg("ins"), py::arg("in_dtypes"), py::arg("numels"), py::arg("weights"), py::arg("divisor") = 1.0,
+        py::arg("op") = static_cast<int>(skc::kWeightedSum),
         "Write the launch table of `op` with one access width into host memory at address `host` (nbytes long; fp64 "
-        "weights); returns the tile count. Launch it with the same op.");
+        "weights and divisor); returns the tile count. Launch it with the same op.");
   m.def("launch", &launch, py::arg("op"), py::arg("width"), py::arg("table"), py::arg("tensors"), py::arg("k"), py::arg("tiles"),
-        py::arg("divisor"), py::arg("device"), py::arg("stream"),
+        py::arg("device"), py::arg("stream"),
         "Launch `op` over a device copy of a packed table on `stream` (cudaStream_t as int) of `device`.");
   m.attr("archs") = SOUPKERN_CUDA_ARCHS;
   m.attr("OP_WEIGHTED_SUM") = static_cast<int>(skc::kWeightedSum);

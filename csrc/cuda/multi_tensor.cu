@@ -234,14 +234,14 @@ __device__ __forceinline__ void tile_greedy(const Row& r, long long begin, long 
 // dtypes); E = 1: any addresses. The host groups tensors by access width (pack_table checks).
 template <Op OP, int E>
 __global__ void __launch_bounds__(kThreads, 4) multi_tensor_kernel(const unsigned char* table, long long tensors, int k,
-                                                                 long long tiles, double divisor) {
-  const TableLayout l = table_layout(tensors, k);
-  const long long* tile_start = reinterpret_cast<const long long*>(table + l.tile_start);
-  const unsigned long long* outs = reinterpret_cast<const unsigned long long*>(table + l.out);
+                                                                 long long tiles) {
+  const TableLayout l = table_layout(tensors, k, tiles);
+  const unsigned long long* addrs = reinterpret_cast<const unsigned long long*>(table + l.addr);
   const long long* numels = reinterpret_cast<const long long*>(table + l.numel);
-  const unsigned long long* ins = reinterpret_cast<const unsigned long long*>(table + l.in);
+  const int2* blocks = reinterpret_cast<const int2*>(table + l.block);
   const double* weights = reinterpret_cast<const double*>(table + l.weight);
   const unsigned char* dtypes = table + l.dtype;
+  const double divisor = *reinterpret_cast<const double*>(table + l.divisor);
 
   extern __shared__ unsigned long long smem[];  // K addresses, K fp64 weights, K dtypes
   const void** s_in = reinterpret_cast<const void**>(smem);
@@ -251,22 +251,17 @@ __global__ void __launch_bounds__(kThreads, 4) multi_tensor_kernel(const unsigne
 
 #pragma unroll 1
   for (long long tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-    // every thread finds the tile's tensor: the t with tile_start[t] <= tile < tile_start[t + 1]
-    long long lo = 0, hi = tensors;
-    while (hi - lo > 1) {
-      const long long mid = (lo + hi) / 2;
-      if (tile_start[mid] <= tile) lo = mid; else hi = mid;
-    }
-    const long long t = lo;
+    const int2 tc = blocks[tile];  // (tensor, chunk): one load, no search
+    const long long row = static_cast<long long>(tc.x) * (k + 1);
     __syncthreads();  // the previous tile is done with the shared row
     for (int j = threadIdx.x; j < k; j += kThreads) {
-      s_in[j] = reinterpret_cast<const void*>(ins[t * k + j]);
-      s_dtype[j] = dtypes[t * (k + 1) + 1 + j];
+      s_in[j] = reinterpret_cast<const void*>(addrs[row + j]);
+      s_dtype[j] = dtypes[row + j];
     }
     __syncthreads();
-    const Row r{s_in, s_weight, s_dtype, reinterpret_cast<void*>(outs[t]), dtypes[t * (k + 1)], k};
-    const long long begin = (tile - tile_start[t]) * kTile;
-    const long long end = min(begin + kTile, numels[t]);
+    const Row r{s_in, s_weight, s_dtype, reinterpret_cast<void*>(addrs[row + k]), dtypes[row + k], k};
+    const long long begin = static_cast<long long>(tc.y) * kTile;
+    const long long end = min(begin + kTile, numels[tc.x]);
     // U (accesses per thread loaded together) as high as 64 registers (4 blocks of 256 per SM)
     // allow without spilling on sm_80 and sm_90 (ptxas -v): fp64 values take two registers each.
     // Weighted sum E = 8 with U = 2 needs 80 registers (3 blocks per SM): not measured against
@@ -282,7 +277,7 @@ __global__ void __launch_bounds__(kThreads, 4) multi_tensor_kernel(const unsigne
   }
 }
 
-using KernelFn = void (*)(const unsigned char*, long long, int, long long, double);
+using KernelFn = void (*)(const unsigned char*, long long, int, long long);
 
 // nullptr for a width the op never gets: the greedy ops read an fp64 running sum, so their
 // tables allow at most 4-wide accesses (pack_table checks).
@@ -329,19 +324,21 @@ cudaError_t resident_blocks(int device, Op op, int width, int k, int* blocks) {
 
 }  // namespace
 
-int launch(Op op, int width, const void* device_table, std::int64_t tensors, int k, std::int64_t tiles, double divisor,
-           int device, std::uintptr_t stream) {
+int launch(Op op, int width, const void* device_table, std::int64_t tensors, int k, std::int64_t tiles, int device,
+           std::uintptr_t stream) {
   if (tiles <= 0) return cudaSuccess;
   if (k < 1 || k > kMaxInputs || tensors < 1 || (width != 1 && width != 4 && width != 8)) return cudaErrorInvalidValue;
   if (kernel_for(op, width) == nullptr) return cudaErrorInvalidValue;
-  cudaError_t err = cudaSetDevice(device);
+  int current = -1;
+  cudaError_t err = cudaGetDevice(&current);
+  if (err == cudaSuccess && current != device) err = cudaSetDevice(device);
   if (err != cudaSuccess) return err;
   int blocks = 0;
   err = resident_blocks(device, op, width, k, &blocks);
   if (err != cudaSuccess) return err;
   const long long grid = tiles < blocks ? tiles : blocks;
   kernel_for(op, width)<<<static_cast<unsigned>(grid), kThreads, shared_bytes(k), reinterpret_cast<cudaStream_t>(stream)>>>(
-      static_cast<const unsigned char*>(device_table), tensors, k, tiles, divisor);
+      static_cast<const unsigned char*>(device_table), tensors, k, tiles);
   return cudaGetLastError();
 }
 

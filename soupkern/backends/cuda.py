@@ -171,16 +171,17 @@ class CudaKernels:
             stream = torch.cuda.current_stream(device).cuda_stream
             for width in sorted(set(widths), reverse=True):
                 members = [i for i, w in enumerate(widths) if w == width]
-                nbytes = ext.table_bytes(len(members), k)
+                member_numels = [numels[i] for i in members]
+                nbytes = ext.table_bytes(member_numels, k)
                 host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
                 tiles = ext.pack_table(
                     host.data_ptr(), nbytes, width, [out_ptrs[i] for i in members], [out_codes[i] for i in members],
                     [in_ptrs[i * k + j] for i in members for j in range(k)],
                     [in_codes[i * k + j] for i in members for j in range(k)],
-                    [numels[i] for i in members], [float(w) for w in weights], op)
+                    member_numels, [float(w) for w in weights], divisor, op)
                 # the caching host allocator keeps `host` until this copy has run
                 table = host.to(device, non_blocking=True)
-                ext.launch(op, width, table.data_ptr(), len(members), k, tiles, divisor, device.index, stream)
+                ext.launch(op, width, table.data_ptr(), len(members), k, tiles, device.index, stream)
 
 
 def load() -> tuple[CudaKernels | None, str]:
