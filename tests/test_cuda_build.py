@@ -125,6 +125,36 @@ def test_dtype_codes_shared() -> None:
     assert {name: getattr(_cuda, name) for name in dtype_codes.DTYPE_CODES} == dtype_codes.DTYPE_CODES == DTYPE_CODES
 
 
+@pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH: the CUDA extension is not built here")
+def test_cuda_and_triton_tables_agree() -> None:
+    """csrc/cuda/table.cpp's pack_table and soupkern/kernels/table.py's build_table write the same
+    bytes (one table format): mixed dtypes, a multi-tile tensor, an empty one, a divisor; and a
+    greedy table (K = 2, rows sum, x, out)."""
+    import numpy as np
+
+    from soupkern import _cuda  # type: ignore[attr-defined]
+    from soupkern.kernels.table import build_table
+
+    tile = _cuda.TILE
+    cases = [  # (op, outs, out dtypes, input rows, input dtype rows, numels, weights, divisor)
+        (_cuda.OP_WEIGHTED_SUM, [4096, 8192, 12288], [_cuda.BF16, _cuda.F32, _cuda.F16],
+         [[16, 32, 48], [64, 80, 96], [112, 128, 144]],
+         [[_cuda.BF16, _cuda.F16, _cuda.F32], [_cuda.F32] * 3, [_cuda.F16, _cuda.BF16, _cuda.F16]],
+         [2 * tile + 5, 0, tile], [0.25, 1 / 3, -2.0], 3.0),
+        (_cuda.OP_GREEDY_CANDIDATE, [4096], [_cuda.BF16], [[16, 32]], [[_cuda.F64, _cuda.BF16]], [tile + 1], [1.0, 1.0], 5.0),
+    ]
+    for op, outs, out_dtypes, ins, in_dtypes, numels, weights, divisor in cases:
+        k = len(weights)
+        nbytes = _cuda.table_bytes(numels, k)
+        buf = np.zeros(nbytes, np.uint8)
+        tiles = _cuda.pack_table(buf.ctypes.data, nbytes, 4, outs, out_dtypes, [a for r in ins for a in r],
+                                 [c for r in in_dtypes for c in r], numels, weights, divisor, op)
+        words, blocks = build_table([[*r, o] for r, o in zip(ins, outs)], [[*r, o] for r, o in zip(in_dtypes, out_dtypes)],
+                                    numels, weights, divisor, tile)
+        assert blocks == tiles
+        assert words.tobytes() == buf.tobytes()
+
+
 def test_build_switch(setup_py: ModuleType) -> None:
     off = setup_py.plan_cuda({"SOUPKERN_BUILD_CUDA": "0", "PATH": os.environ.get("PATH", "")})
     assert not off.build and off.reason == "SOUPKERN_BUILD_CUDA=0 at build time"

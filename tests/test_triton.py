@@ -666,12 +666,12 @@ def _ptx_checks() -> None:
     import triton
     import triton.language as tl
 
-    sig = {"table": "*i64", "out_addr": "i64", "n": "i64", "K": "i32"}
+    sig = {"table": "*i64", "K": "i32"}
     for in_code, out_code in [(ws.BF16.value, ws.BF16.value), (ws.F32.value, ws.F32.value), (ws.MIXED.value, ws.F16.value)]:
         for aligned in (1, 0):
             for divide in (0, 1):
                 consts = {"IN_CODE": in_code, "OUT_CODE": out_code, "DIVIDE": divide, "ALIGNED": aligned, "BLOCK": 2048}
-                ptx = _ptx(ws._weighted_sum_kernel, sig, consts, [0, 1])
+                ptx = _ptx(ws._weighted_sum_kernel, sig, consts, [0])
                 assert "fma.rn.f64" in ptx and "cvt.rn.bf16" not in ptx, consts  # bf16: integer rounding
                 assert ("div.rn.f64" in ptx) == bool(divide), consts
                 assert "div.full" not in ptx and "div.approx" not in ptx, consts

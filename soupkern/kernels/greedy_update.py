@@ -13,9 +13,9 @@ greedy_accept(sums, xs):
 
 Each is one pass over memory: the candidate soup is written straight in the model's dtype from
 the running sum, with no temporary. Tensors are laid out in one launch as in
-multi_weighted_sum.py (table rows: sum, x[, out] addresses; binary search from program to
-tensor; full blocks unmasked for 16-byte vector accesses); tensors are grouped by (x dtype,
-out dtype).
+multi_weighted_sum.py (soupkern/kernels/table.py's format with K = 2: rows sum, x, out, where
+accept's out is the sum; the divisor n + 1 or 1; one block-map load from program to tensor;
+full blocks unmasked for 16-byte vector accesses); tensors are grouped by (x dtype, out dtype).
 """
 
 from __future__ import annotations
@@ -27,10 +27,11 @@ import triton
 import triton.language as tl
 
 from soupkern.errors import InputError
-from soupkern.kernels.multi_weighted_sum import build_table, launch_groups, locate
+from soupkern.kernels.multi_weighted_sum import launch_groups
+from soupkern.kernels.table import block_entry, build_table, table_sections
 from soupkern.kernels.weighted_sum import (
-    F64, GPU_WARPS, TORCH_CODES, all_aligned, check_block, check_device, check_tensor, device_table, fp64_bits,
-    load_f64, store_rounded, typed_pointer)
+    F64, GPU_WARPS, TORCH_CODES, all_aligned, check_block, check_device, check_tensor, device_table, load_f64,
+    store_rounded, typed_pointer)
 
 
 @triton.jit
@@ -49,15 +50,15 @@ def _greedy_block(s_addr, x_addr, out_addr, denom, start, n, X_CODE: tl.constexp
 @triton.jit
 def _greedy_kernel(table, T, X_CODE: tl.constexpr, OUT_CODE: tl.constexpr, ACCEPT: tl.constexpr,
                    ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
-    # table rows: [sum, x] (accept) or [sum, x, out] (candidate) addresses; extra: n + 1 as fp64 bits
-    R: tl.constexpr = 2 if ACCEPT else 3
+    # table.py's format, K = 2: rows [sum, x, out] (accept: out = sum); divisor n + 1 (candidate)
     pid = tl.program_id(0)
-    t, first = locate(table, T, R, pid)
-    denom = tl.load(table + T * R + 2 * T + 1).to(tl.float64, bitcast=True)
-    start = (pid - first).to(tl.int64) * BLOCK
-    n = tl.load(table + T * R + t)
-    row = table + t * R
-    out_addr = tl.load(row) if ACCEPT else tl.load(row + 2)
+    numels, blocks, _, _, divisor = table_sections(table, T, 2, tl.num_programs(0))
+    t, chunk = block_entry(blocks, pid)
+    denom = tl.load(divisor).to(tl.float64, bitcast=True)
+    start = chunk.to(tl.int64) * BLOCK
+    n = tl.load(numels + t)
+    row = table + t * 3
+    out_addr = tl.load(row + 2)
     if start + BLOCK <= n:
         _greedy_block(tl.load(row), tl.load(row + 1), out_addr, denom, start, n, X_CODE, OUT_CODE, ACCEPT,
                       False, ALIGNED, BLOCK)
@@ -85,9 +86,10 @@ def _launch(sums: Sequence[torch.Tensor], xs: Sequence[torch.Tensor], outs: Sequ
             check_tensor(outs[t], f"outs[{t}]", device, s.numel())
         keys.append((TORCH_CODES[x.dtype], F64.value if outs is None else TORCH_CODES[outs[t].dtype]))
     for (x_code, out_code), members in launch_groups(keys, [s.numel() for s in sums]):
-        rows = [[sums[t].data_ptr(), xs[t].data_ptr()] + ([] if outs is None else [outs[t].data_ptr()])
+        rows = [[sums[t].data_ptr(), xs[t].data_ptr(), (sums[t] if outs is None else outs[t]).data_ptr()]
                 for t in members]
-        host, programs = build_table(rows, [sums[t].numel() for t in members], block, fp64_bits([denom]))
+        host, programs = build_table(rows, [[F64.value, x_code, out_code]] * len(members),
+                                     [sums[t].numel() for t in members], [1.0, 1.0], denom, block)
         tensors = [sums[t] for t in members] + [xs[t] for t in members] + ([] if outs is None else [outs[t] for t in members])
         _greedy_kernel[(programs,)](device_table(host, device), len(members), X_CODE=x_code, OUT_CODE=out_code,
                                     ACCEPT=outs is None, ALIGNED=all_aligned(tensors), BLOCK=block, num_warps=num_warps)

@@ -8,19 +8,12 @@ itemsize(out_t)).
 Why: a checkpoint is hundreds of tensors (ViT-G/14: 584), most of them biases and norms of a
 few thousand elements; one launch per tensor would be dominated by launch overhead.
 
-Table (one int64 tensor on the device per launch, built on the host; for T tensors with R
-addresses each):
-
-    [T·R addresses, row t = the R addresses of tensor t]   (here R = K inputs + 1 output)
-    [T numels]
-    [T + 1 block starts: prefix sums of cdiv(numel_t, BLOCK)]
-    [extra entries of the kernel]                          (here K fp64 weight bits, K dtype codes, divisor bits)
-
-The grid is one program per BLOCK of every tensor (Σ_t cdiv(numel_t, BLOCK) programs). Program
-p finds its tensor by a binary search in the block starts (about log2 T scalar loads that hit
-the cache; a precomputed block -> tensor map would be a host array as long as the grid), then
-runs weighted_sum.py's block body: full blocks unmasked with 16-byte vectors, the tensor's last
-block masked. Tensors with no elements are left out of the table.
+Table: soupkern/kernels/table.py's format (shared with the CUDA kernels), one int64 tensor on
+the device per launch, built on the host. The grid is one program per BLOCK of every tensor
+(Σ_t cdiv(numel_t, BLOCK) programs); program p reads its (tensor, chunk) from the table's block
+map with one load (no search), then runs weighted_sum.py's block body: full blocks unmasked
+with 16-byte vectors, the tensor's last block masked. Tensors with no elements are left out of
+the table.
 
 One launch per group: all tensors of a launch share the output dtype and the list of input
 dtypes over k (a compile-time code when uniform, per-k codes in the table when mixed); a
@@ -31,56 +24,26 @@ from __future__ import annotations
 
 from typing import Hashable, Iterator, Sequence, TypeVar
 
-import numpy as np
 import torch
 import triton
 import triton.language as tl
 
 from soupkern.errors import InputError
+from soupkern.kernels.table import block_entry, build_table, table_sections
 from soupkern.kernels.weighted_sum import (
     GPU_WARPS, TORCH_CODES, all_aligned, check_block, check_device, check_divisor, check_tensor, device_table,
-    fp64_bits, input_code, weighted_sum_block)
-
-
-@triton.jit
-def locate(table, T, R, pid):
-    """(tensor index, its block start table entry) for program `pid`: the t with
-    starts[t] <= pid < starts[t + 1], by binary search over the table's block starts."""
-    starts = table + T * R + T
-    lo = 0
-    hi = T
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        right = tl.load(starts + mid) <= pid
-        lo = tl.where(right, mid, lo)
-        hi = tl.where(right, hi, mid)
-    return lo, tl.load(starts + lo)
+    input_code, weighted_sum_block)
 
 
 @triton.jit
 def _multi_weighted_sum_kernel(table, T, K, IN_CODE: tl.constexpr, OUT_CODE: tl.constexpr,
                                DIVIDE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
-    R = K + 1
-    t, first = locate(table, T, R, pid)
-    start = (pid - first).to(tl.int64) * BLOCK
-    n = tl.load(table + T * R + t)
-    extra = table + T * R + 2 * T + 1
-    row = table + t * R
-    weighted_sum_block(row, extra, extra + K, K, extra + 2 * K, tl.load(row + K), start, n, IN_CODE, OUT_CODE,
-                       DIVIDE, ALIGNED, BLOCK)
-
-
-def build_table(rows: Sequence[Sequence[int]], numels: Sequence[int], block: int,
-                extra: np.ndarray | None = None) -> tuple[np.ndarray, int]:
-    """The host table described in the module docstring, and the number of programs."""
-    blocks = [-(-n // block) for n in numels]
-    starts = np.zeros(len(numels) + 1, np.int64)
-    np.cumsum(blocks, out=starts[1:])
-    parts = [np.asarray(rows, np.int64).reshape(-1), np.asarray(numels, np.int64), starts]
-    if extra is not None:
-        parts.append(np.asarray(extra, np.int64))
-    return np.concatenate(parts), int(starts[-1])
+    numels, blocks, weights, codes, divisor = table_sections(table, T, K, tl.num_programs(0))
+    t, chunk = block_entry(blocks, pid)
+    row = t * (K + 1)
+    weighted_sum_block(table + row, weights, codes + row, K, divisor, tl.load(table + row + K),
+                       chunk.to(tl.int64) * BLOCK, tl.load(numels + t), IN_CODE, OUT_CODE, DIVIDE, ALIGNED, BLOCK)
 
 
 KeyT = TypeVar("KeyT", bound=Hashable)
@@ -123,11 +86,10 @@ def multi_weighted_sum(outs: Sequence[torch.Tensor], inputs: Sequence[Sequence[t
         for i, x in enumerate(xs):
             check_tensor(x, f"inputs[{t}][{i}]", device, out.numel())
         keys.append((tuple(TORCH_CODES[x.dtype] for x in xs), TORCH_CODES[out.dtype]))
-    bits = fp64_bits(weights)
     for (codes, out_code), members in launch_groups(keys, [out.numel() for out in outs]):
         rows = [[x.data_ptr() for x in inputs[t]] + [outs[t].data_ptr()] for t in members]
-        host, programs = build_table(rows, [outs[t].numel() for t in members], block,
-                                     np.concatenate([bits, np.asarray(codes, np.int64), fp64_bits([d])]))
+        host, programs = build_table(rows, [[*codes, out_code]] * len(members), [outs[t].numel() for t in members],
+                                     weights, d, block)
         tensors = [x for t in members for x in (*inputs[t], outs[t])]
         _multi_weighted_sum_kernel[(programs,)](
             device_table(host, device), len(members), k, IN_CODE=input_code(codes), OUT_CODE=out_code,

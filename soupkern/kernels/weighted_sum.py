@@ -21,13 +21,14 @@ Math, in this order for every element i:
   ``x * y + z`` in numpy (two roundings); with weights of 1 (the uniform soup) the product is
   exact and so is the emulation; tests/test_triton.py handles the rest.
 
-How the K inputs reach the kernel: a small int64 table on the device holds the K input
-addresses, the K fp64 weights (as bit patterns), K dtype codes and the divisor (fp64 bits); the
-kernel loops over k at run time. One compiled kernel therefore serves every K (up to the 72 ingredients of a sweep) and
-every mix of input dtypes: a uniform mix is a compile-time constant (no branch); a mixed one is
-read from the table per k (a uniform branch, negligible next to the loads). A tuple of tensors
-with ``tl.static_range`` would recompile for every K and dtype mix; a stacked [K, n] tensor
-would need a copy of every input.
+How the K inputs reach the kernel: a small table on the device (soupkern/kernels/table.py's
+format with one tensor and no block map) holds the K input addresses and the output's, the
+element count, the K fp64 weights (as bit patterns), the dtype codes and the divisor; the kernel
+loops over k at run time. One compiled kernel therefore serves every K (up to the 72 ingredients
+of a sweep) and every mix of input dtypes: a uniform mix is a compile-time constant (no branch);
+a mixed one is read from the table per k (a uniform branch, negligible next to the loads). A
+tuple of tensors with ``tl.static_range`` would recompile for every K and dtype mix; a stacked
+[K, n] tensor would need a copy of every input.
 
 Vector loads: addresses loaded from memory carry no alignment facts, so when every address is
 16-byte aligned the launcher says so (``ALIGNED``) and the kernel marks the typed pointers with
@@ -49,6 +50,7 @@ import triton.language as tl
 
 from soupkern import dtype_codes
 from soupkern.errors import InputError
+from soupkern.kernels.table import build_table, table_sections
 from soupkern.options import check_divisor  # noqa: F401  (re-exported to multi_weighted_sum)
 
 # dtype codes (soupkern/dtype_codes.py: csrc/soupkern.h's DType), as compile-time constants
@@ -186,8 +188,8 @@ def _accumulate(in_addrs, weight_bits, codes, K, divisor_bits, start, offs, mask
 def weighted_sum_block(in_addrs, weight_bits, codes, K, divisor_bits, out_addr, start, n, IN_CODE: tl.constexpr,
                        OUT_CODE: tl.constexpr, DIVIDE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     """Elements [start, min(start + BLOCK, n)) of one tensor: in_addrs[k], weight_bits[k] and
-    codes[k] are the table entries of input k, divisor_bits the divisor's; out_addr is the
-    output's address."""
+    codes[k] (uint8) are the table entries of input k, divisor_bits the divisor's; out_addr is
+    the output's address."""
     offs = tl.arange(0, BLOCK)
     out = typed_pointer(out_addr, OUT_CODE, ALIGNED) + start + offs
     mask = offs < n - start
@@ -202,12 +204,13 @@ def weighted_sum_block(in_addrs, weight_bits, codes, K, divisor_bits, out_addr, 
 
 
 @triton.jit
-def _weighted_sum_kernel(table, out_addr, n, K, IN_CODE: tl.constexpr, OUT_CODE: tl.constexpr,
-                         DIVIDE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
-    # table: [K input addresses][K fp64 weight bits][K dtype codes][divisor fp64 bits]
+def _weighted_sum_kernel(table, K, IN_CODE: tl.constexpr, OUT_CODE: tl.constexpr, DIVIDE: tl.constexpr,
+                         ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    # table.py's format, one tensor, no block map: program p is chunk p
+    numels, _, weights, codes, divisor = table_sections(table, 1, K, 0)
     start = tl.program_id(0).to(tl.int64) * BLOCK
-    weighted_sum_block(table, table + K, table + 2 * K, K, table + 3 * K, out_addr, start, n, IN_CODE, OUT_CODE,
-                       DIVIDE, ALIGNED, BLOCK)
+    weighted_sum_block(table, weights, codes, K, divisor, tl.load(table + K), start, tl.load(numels), IN_CODE,
+                       OUT_CODE, DIVIDE, ALIGNED, BLOCK)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,11 +247,6 @@ def check_device(device: torch.device) -> None:
             raise InputError(f"the Triton interpreter (TRITON_INTERPRET=1) runs on CPU tensors; got {device}")
     elif device.type != "cuda":
         raise InputError(f"Triton kernels need CUDA tensors, got {device} (set TRITON_INTERPRET=1 to run on CPU)")
-
-
-def fp64_bits(values: Sequence[float]) -> np.ndarray:
-    """fp64 values as int64 bit patterns (table entries)."""
-    return np.asarray([float(v) for v in values], dtype=np.float64).view(np.int64)
 
 
 def input_code(codes: Sequence[int]) -> int:
@@ -313,11 +311,10 @@ def weighted_sum(out: torch.Tensor, inputs: Sequence[torch.Tensor], weights: Seq
         return out
     block = check_block(block)
     codes = [TORCH_CODES[x.dtype] for x in xs]
-    host = np.concatenate([np.array([x.data_ptr() for x in xs], np.int64), fp64_bits(weights),
-                           np.array(codes, np.int64), fp64_bits([d])])
-    table = device_table(host, out.device)
+    host, _ = build_table([[x.data_ptr() for x in xs] + [out.data_ptr()]], [codes + [TORCH_CODES[out.dtype]]], [n],
+                          weights, d, None)
     grid = (triton.cdiv(n, block),)
-    _weighted_sum_kernel[grid](table, out.data_ptr(), n, k, IN_CODE=input_code(codes),
+    _weighted_sum_kernel[grid](device_table(host, out.device), k, IN_CODE=input_code(codes),
                                OUT_CODE=TORCH_CODES[out.dtype], DIVIDE=d != 1.0, ALIGNED=all_aligned([out, *xs]),
                                BLOCK=block, num_warps=num_warps)
     return out
