@@ -639,6 +639,25 @@ def _run_outside_interpreter(mode: str) -> None:
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
 
 
+def test_table_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Device tables are cached by content (a hit is the same tensor), least recently used
+    dropped beyond the byte bound."""
+    from soupkern.kernels import table_cache
+
+    monkeypatch.setattr(table_cache, "_tables", type(table_cache._tables)())
+    monkeypatch.setattr(table_cache, "_cached_bytes", 0)
+    monkeypatch.setattr(table_cache, "CACHE_BYTES", 32)
+    cpu = torch.device("cpu")
+    a, b, c = (np.arange(i, i + 2, dtype=np.int64) for i in (0, 10, 20))  # 16 bytes each
+    ta = table_cache.device_table(a, cpu)
+    assert ta.tolist() == [0, 1] and table_cache.device_table(a.copy(), cpu) is ta
+    tb = table_cache.device_table(b, cpu)
+    table_cache.device_table(a, cpu)  # a is now the most recently used
+    table_cache.device_table(c, cpu)  # drops b
+    assert table_cache.device_table(a, cpu) is ta and table_cache.device_table(b, cpu) is not tb
+    assert table_cache._cached_bytes <= 32
+
+
 def test_ptx_for_sm90() -> None:
     _run_outside_interpreter("ptx")
 

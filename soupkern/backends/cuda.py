@@ -1,9 +1,11 @@
 """The CUDA backend: soupkern._cuda's kernels on torch CUDA tensors (contracts in device.py).
 
 Every call validates its operands (InputError naming the operand), groups the tensors by the
-widest access their addresses and dtypes allow (16-byte vectors when aligned), writes one launch
-table per group into pinned host memory (fp64 weights), copies it to the device on the current
-stream and launches on that stream: one launch per group, normally one for the whole call. The
+widest access their addresses and dtypes allow (16-byte vectors when aligned), packs one launch
+table per group (soupkern/kernels/table.py's format; fp64 weights), takes its device copy on the
+current stream from soupkern/kernels/table_cache.py (copied once per content and stream, afresh
+under CUDA-graph capture) and launches on that stream: one launch per group, normally one for
+the whole call. The
 arithmetic is the exact-arithmetic contract of csrc/soupkern.h in fp64 (csrc/cuda/convert.h).
 """
 
@@ -13,6 +15,8 @@ import importlib
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
 
 from soupkern.backends.device import _check_n
 from soupkern.errors import InputError
@@ -155,6 +159,8 @@ class CudaKernels:
 
     def _run(self, op: int, outs: Sequence[torch.Tensor], rows: Sequence[Sequence[torch.Tensor]],
              weights: Sequence[float], divisor: float) -> None:
+        from soupkern.kernels.table_cache import device_table
+
         torch, ext = self._torch, self._ext
         live = [t for t, out in enumerate(outs) if out.numel() > 0]
         if not live:
@@ -173,14 +179,13 @@ class CudaKernels:
                 members = [i for i, w in enumerate(widths) if w == width]
                 member_numels = [numels[i] for i in members]
                 nbytes = ext.table_bytes(member_numels, k)
-                host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+                host = np.empty(nbytes // 8, np.int64)  # the table's sections are 8-byte aligned
                 tiles = ext.pack_table(
-                    host.data_ptr(), nbytes, width, [out_ptrs[i] for i in members], [out_codes[i] for i in members],
+                    host.ctypes.data, nbytes, width, [out_ptrs[i] for i in members], [out_codes[i] for i in members],
                     [in_ptrs[i * k + j] for i in members for j in range(k)],
                     [in_codes[i * k + j] for i in members for j in range(k)],
                     member_numels, [float(w) for w in weights], divisor, op)
-                # the caching host allocator keeps `host` until this copy has run
-                table = host.to(device, non_blocking=True)
+                table = device_table(host, device)
                 ext.launch(op, width, table.data_ptr(), len(members), k, tiles, device.index, stream)
 
 

@@ -29,8 +29,9 @@ import triton.language as tl
 from soupkern.errors import InputError
 from soupkern.kernels.multi_weighted_sum import launch_groups
 from soupkern.kernels.table import block_entry, build_table, table_sections
+from soupkern.kernels.table_cache import device_table
 from soupkern.kernels.weighted_sum import (
-    F64, GPU_WARPS, TORCH_CODES, all_aligned, check_block, check_device, check_tensor, device_table, load_f64,
+    F64, GPU_WARPS, TORCH_CODES, all_aligned, check_block, check_device, check_tensor, load_f64,
     store_rounded, typed_pointer)
 
 

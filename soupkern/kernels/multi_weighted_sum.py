@@ -30,8 +30,9 @@ import triton.language as tl
 
 from soupkern.errors import InputError
 from soupkern.kernels.table import block_entry, build_table, table_sections
+from soupkern.kernels.table_cache import device_table
 from soupkern.kernels.weighted_sum import (
-    GPU_WARPS, TORCH_CODES, all_aligned, check_block, check_device, check_divisor, check_tensor, device_table,
+    GPU_WARPS, TORCH_CODES, all_aligned, check_block, check_device, check_divisor, check_tensor,
     input_code, weighted_sum_block)
 
 

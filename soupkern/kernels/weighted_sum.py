@@ -43,7 +43,6 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
-import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -51,6 +50,7 @@ import triton.language as tl
 from soupkern import dtype_codes
 from soupkern.errors import InputError
 from soupkern.kernels.table import build_table, table_sections
+from soupkern.kernels.table_cache import device_table
 from soupkern.options import check_divisor  # noqa: F401  (re-exported to multi_weighted_sum)
 
 # dtype codes (soupkern/dtype_codes.py: csrc/soupkern.h's DType), as compile-time constants
@@ -256,34 +256,6 @@ def input_code(codes: Sequence[int]) -> int:
 
 def all_aligned(tensors: Sequence[torch.Tensor]) -> bool:
     return all(t.data_ptr() % 16 == 0 for t in tensors)
-
-
-_TABLES: dict[tuple[torch.device, int, bytes], torch.Tensor] = {}
-_TABLE_CACHE_BYTES = 8 << 20
-_table_bytes = 0
-
-
-def device_table(host: np.ndarray, device: torch.device) -> torch.Tensor:
-    """An int64 table on `device`, cached by content: the same contents (addresses, sizes,
-    weights) give the same table, so a hit is always valid, and a greedy loop relaunching on the
-    same tensors skips the host-to-device copy. Keyed by the current CUDA stream too (a table is
-    only reused on the stream whose allocator owns it); at most 8 MiB are kept, oldest dropped."""
-    global _table_bytes
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (device, stream, host.tobytes())
-    table = _TABLES.get(key)
-    if table is None:
-        src = torch.from_numpy(np.ascontiguousarray(host, dtype=np.int64))
-        if device.type == "cuda":  # pinned + non_blocking: a pageable copy would block the host on the stream
-            table = src.pin_memory().to(device, non_blocking=True)  # torch keeps the pinned block until copied
-        else:
-            table = src.to(device)
-        while _TABLES and _table_bytes + host.nbytes > _TABLE_CACHE_BYTES:
-            _table_bytes -= _TABLES.pop(next(iter(_TABLES))).numel() * 8
-        if host.nbytes <= _TABLE_CACHE_BYTES:
-            _TABLES[key] = table
-            _table_bytes += host.nbytes
-    return table
 
 
 def weighted_sum(out: torch.Tensor, inputs: Sequence[torch.Tensor], weights: Sequence[float],
