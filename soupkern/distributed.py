@@ -35,6 +35,7 @@ from soupkern.errors import InputError, SoupkernError
 T = TypeVar("T")
 DEFAULT_TIMEOUT_S = 60.0
 HEARTBEAT_S = 2.0
+STOP_WAIT_S = 20.0  # how long a signalled rank waits for its writing thread to clean up
 
 
 class PeerFailed(SoupkernError):
@@ -75,6 +76,10 @@ class Group:
         status: tuple[str, str, int] | None = None
         error: BaseException | None = None
 
+        import threading
+
+        finished = threading.Event()  # not Thread.join: a signal interrupting join marks a running thread stopped (3.11)
+
         def run() -> None:
             nonlocal result, status, error
             try:
@@ -82,20 +87,25 @@ class Group:
             except BaseException as e:  # noqa: BLE001 - reported to every rank, re-raised here
                 error = e
                 status = (type(e).__name__, str(e), _exit_code(e))
+            finally:
+                finished.set()
 
         if long:
-            import threading
-
             import torch
 
-            worker = threading.Thread(target=run, name="soupkern-rank-work", daemon=True)
-            worker.start()
-            while True:
-                worker.join(HEARTBEAT_S)
-                done = torch.tensor([0 if worker.is_alive() else 1], dtype=torch.int32)
-                self.dist.all_reduce(done, op=self.dist.ReduceOp.MIN)
-                if int(done.item()) == 1:
-                    break
+            threading.Thread(target=run, name="soupkern-rank-work", daemon=True).start()
+            try:
+                while True:
+                    finished.wait(HEARTBEAT_S)
+                    done = torch.tensor([1 if finished.is_set() else 0], dtype=torch.int32)
+                    self.dist.all_reduce(done, op=self.dist.ReduceOp.MIN)
+                    if int(done.item()) == 1:
+                        break
+            except BaseException as e:  # a signal (or a dead peer): stop the worker's writing first
+                _stop(finished, getattr(e, "signum", None))
+                if finished.is_set() and error is None and getattr(e, "committed", None) == ():
+                    e.committed = tuple(getattr(result, "paths", ()))  # type: ignore[attr-defined]
+                raise
         else:
             try:
                 result = fn()
@@ -114,6 +124,21 @@ class Group:
             raise error
         rank, (kind, message, code) = failed[0]
         raise PeerFailed(f"rank {rank} failed while {what}: {kind}: {message}", code, rank, self.rank)
+
+
+def _stop(finished: Any, signum: int | None) -> None:
+    """Stop a rank's working thread, which signals do not reach: its writer raises Interrupted at
+    its next chunk and cleans up (or completes a commit already under way); waited for (the
+    thread sets `finished`) up to STOP_WAIT_S."""
+    import signal
+
+    from soupkern.io import atomic
+
+    atomic.cancel_other_threads(signum or signal.SIGTERM)
+    try:
+        finished.wait(STOP_WAIT_S)
+    finally:
+        atomic.clear_cancelled()
 
 
 def _exit_code(e: BaseException) -> int:

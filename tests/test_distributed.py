@@ -442,6 +442,54 @@ def test_rank_failing_mid_greedy_stops_every_rank(digits_ingredients: list[Path]
     assert not [p for p in os.listdir(tmp_path) if ".soupkern-" in p]
 
 
+def test_sigterm_to_rank_0_while_it_writes_the_greedy_soup(digits_ingredients: list[Path], tmp_path: Path) -> None:  # noqa: F811
+    """Rank 0 writes the greedy soup in its worker thread (its main thread keeps the heartbeat);
+    a SIGTERM, which only the main thread sees, stops that writing at its next chunk: the
+    writer's cleanup runs, every rank exits non-zero, the previous output is kept and nothing
+    temporary is left (was: the process ended with the temporary folder in place)."""
+    import signal
+    import time
+    import uuid
+
+    mark = uuid.uuid4().hex
+    out = tmp_path / "g.safetensors"
+    out.write_bytes(b"previous soup")
+    args = [*map(str, digits_ingredients[:3]), *digits_hooks(tmp_path, 64, 32), "-o", str(out), "--force"]
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+                             "-m", "soupkern", "greedy", *args], cwd=tmp_path, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "SOUPKERN_DIST_TIMEOUT": "20", "SOUPKERN_TEST_PAUSE_AT": "writing",
+                                 "SOUPKERN_TEST_MARK": mark})
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if line.strip() == "soupkern-test-pause writing":
+                break
+        else:
+            raise AssertionError("rank 0 never reached the writing point")
+        rank0 = [int(pid) for pid in os.listdir("/proc") if pid.isdigit() and _environ_has(
+            int(pid), f"SOUPKERN_TEST_MARK={mark}", "RANK=0")]
+        assert len(rank0) == 1, rank0
+        assert [p for p in os.listdir(tmp_path) if ".soupkern-tmp" in p]  # the write is under way
+        t0 = time.monotonic()
+        os.kill(rank0[0], signal.SIGTERM)
+        rest = proc.stderr.read()
+        assert proc.wait(timeout=60) != 0
+        assert time.monotonic() - t0 < 30
+    finally:
+        proc.kill()
+    assert "SIGTERM" in rest, rest[-2000:]
+    assert out.read_bytes() == b"previous soup"
+    assert not [p for p in os.listdir(tmp_path) if ".soupkern-" in p and "lock" not in p]
+
+
+def _environ_has(pid: int, *entries: str) -> bool:
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return all(e.encode() in env for e in entries)
+
+
 def test_distributed_ensembles_equal_one_process(digits_ingredients: list[Path], tmp_path: Path) -> None:  # noqa: F811
     """logit_ensemble / greedy_ensemble with distributed=True in a 2-rank group: each rank caches
     the outputs of its batches only; the scores (accuracy and loss), the ingredient scores and the

@@ -395,6 +395,29 @@ def signals_raise(make_exc: Callable[[int], BaseException]) -> Iterator[None]:
             signal.signal(s, h)  # type: ignore[arg-type]
 
 
+_CANCELLED: list[int] = []  # signals that asked writers outside the main thread to stop
+
+
+def cancel_other_threads(signum: int) -> None:
+    """Ask writers running outside the main thread (a torchrun rank's work under the heartbeat,
+    soupkern/distributed.py), which signals do not reach, to stop at their next chunk as one in
+    the main thread would: `check_cancelled` then raises Interrupted(signum) there, and the
+    writer's cleanup runs in that thread. `clear_cancelled` ends the request."""
+    _CANCELLED.append(signum)
+
+
+def clear_cancelled() -> None:
+    _CANCELLED.clear()
+
+
+def check_cancelled() -> None:
+    """Raise Interrupted in a thread other than the main one when `cancel_other_threads` asked."""
+    if _CANCELLED and not _in_main_thread():
+        from soupkern.errors import Interrupted
+
+        raise Interrupted(_CANCELLED[0])
+
+
 @contextlib.contextmanager
 def signals_deferred() -> Iterator[list[int]]:
     """Hold SIGINT/SIGTERM/SIGHUP for the body (a few system calls), then deliver them to the
@@ -432,5 +455,5 @@ def pause_point(point: str, pending: list[int] | None = None) -> None:
     print(f"soupkern-test-pause {point}", file=sys.stderr, flush=True)
     resume = os.environ.get("SOUPKERN_TEST_RESUME")
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not pending and not (resume and os.path.exists(resume)):
+    while time.monotonic() < deadline and not pending and not _CANCELLED and not (resume and os.path.exists(resume)):
         time.sleep(0.005)  # a raising signal handler interrupts this

@@ -279,6 +279,7 @@ class StagedWriter:
 
         Valid until the next `reserve`/`flush`; nbytes must not exceed `staging_bytes`.
         """
+        atomic.check_cancelled()
         shard, begin, end = self.layout.where[name]
         off = begin + start
         if nbytes > len(self._staging) or off + nbytes > end:
