@@ -125,9 +125,6 @@ def test_output_checked_before_any_evaluation(work: tuple[Path, list[Path]]) -> 
     splits = digits.make_splits(0)
     with pytest.raises(OutputError, match="already exists"):
         learned_soup(paths, digits.make_model(), digits.batches(splits.val), taken, progress=lambda *a: calls.append(1))
-    with pytest.raises(InputError, match="by-layer"):
-        learned_soup(paths, digits.make_model(), digits.batches(splits.val), wd / "l.safetensors", mode="by_layer",
-                     backend="triton", progress=lambda *a: calls.append(1))
     assert calls == []
     assert taken.read_bytes() == b"not ours"
 

@@ -168,6 +168,13 @@ def test_per_tensor_coefficients_equal_host_engine(tmp_path: Path, kernels: str,
             ck.close()
     for name, raw in want.items():
         assert (got[name].view(-1).view(torch.uint8).numpy().tobytes() if got[name].numel() else b"") == raw, name
+    if kernels == "torch":  # the public API through a device (device="cpu": the torch device kernels)
+        soupkern.weighted_soup(paths, PER_TENSOR, tmp_path / "api.safetensors", default=default, device="cpu",
+                               device_budget_bytes=budget)
+        assert tensors_of(tmp_path / "api.safetensors") == want
+        sd = soupkern.weighted_state_dict(paths, PER_TENSOR, default=default, device="cpu", device_budget_bytes=budget)
+        for name, raw in want.items():
+            assert (sd[name].view(-1).view(torch.uint8).numpy().tobytes() if sd[name].numel() else b"") == raw, name
 
 
 def test_output_dtype_and_state_dict(tmp_path: Path) -> None:

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from soupkern.backends import DEVICE_BACKENDS, Backend, get_backend, requested_backend
+from soupkern.backends import Backend, get_backend
 from soupkern.engine import DEFAULT_BUDGET_BYTES, WorkItem, fill_tensor, run, tensor_items
 from soupkern import strict_json
 from soupkern.io.sources import labels
@@ -292,9 +292,6 @@ def _learned_soup(
         raise InputError(f"bad optimizer settings: lr={lr}, epochs={epochs}, steps={steps}, weight_decay={weight_decay}")
     check_budget(budget_bytes)
     if out is not None:  # fail before training, not after it
-        if mode == "by_layer" and requested_backend(backend) in DEVICE_BACKENDS:
-            raise InputError("a by-layer soup (per-tensor coefficients) is written by the host backends (cpp, torch); "
-                             f"backend '{requested_backend(backend)}' runs on a device")
         check_soup_output(ingredients, out, dtype=dtype, keys=keys, max_shard_size=max_shard_size, overwrite=overwrite,
                           budget_bytes=budget_bytes, backend=backend, fsync=fsync, state_dict_key=state_dict_key,
                           copy_from=copy_from, allow_config_mismatch=allow_config_mismatch, int_policy=int_policy,

@@ -245,8 +245,6 @@ def weighted_soup(
         plan = _plan(checkpoints, coefficients, default, dtype, keys, divisor, int_policy, lora)
         streamer = None
         if kernels is not None:
-            if plan.per_tensor:
-                raise InputError("per-tensor coefficients run on the host backends (cpp, torch), not through a device")
             from soupkern.gpu_engine import DEFAULT_DEVICE_BUDGET_BYTES, DeviceStreamer
 
             streamer = DeviceStreamer(plan, kernels, dev, budget_bytes=device_budget_bytes or DEFAULT_DEVICE_BUDGET_BYTES)
@@ -330,8 +328,6 @@ def _spmd_soup(group: Any, t0: float, items: Sequence[Any], coefficients: Coeffi
         def plan_step() -> tuple[Any, ...]:
             checkpoints = open_ingredients(stack, items, state_dict_key)
             plan = _plan(checkpoints, coefficients, default, dtype, keys, divisor, int_policy, lora)
-            if kernels is not None and plan.per_tensor:
-                raise InputError("per-tensor coefficients run on the host backends (cpp, torch), not through a device")
             meta = _provenance(items, plan, recipe=recipe, backend=backend_name, keys=keys, state_dict_key=state_dict_key,
                                metadata=metadata, world_size=group.world_size)
             layout, extra = _layout(plan, items, out, meta, max_shard_size, recipe=recipe, copy_from=copy_from,
@@ -877,8 +873,6 @@ def _on_device(plan: SoupPlan, checkpoints: Sequence[Checkpoint], device: torch.
     from soupkern.gpu_engine import DEFAULT_DEVICE_BUDGET_BYTES, DeviceStreamer
     from soupkern.io.sources import TensorHolder
 
-    if plan.per_tensor:
-        raise InputError("per-tensor coefficients run on the host backends (cpp, torch), not through a device")
     kernels = device_kernels(device, backend)
     resident = all(isinstance(h, TensorHolder) and h.tensor.device == device
                    for ck in checkpoints for h, _ in ck.tensors.values())
