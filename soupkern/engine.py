@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Mapping, Protoco
 
 import numpy as np
 
+from soupkern.dtype_codes import DTYPE_CODES
 from soupkern.io import SoupWriter, TensorInfo, dtype_itemsize
 from soupkern.options import MIN_BUDGET_BYTES
 
@@ -182,7 +183,6 @@ def fill_tensor(tp: TensorPlan, coeffs: tuple[float, ...], out: np.ndarray, back
     run(tensor_items(tp, max(tp.numel, 1), coefficients=coeffs, divisor=divisor), _make_op(lambda item: out, backend))
 
 
-DTYPE_CODES = {"F64": 0, "F32": 1, "F16": 2, "BF16": 3}  # csrc/soupkern.h's DType
 MANY_BATCH_BYTES = 256 << 20
 
 
