@@ -324,6 +324,11 @@ def _soup_opts(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _run_soup(args: argparse.Namespace, paths: list[str], coeffs: list[float] | None) -> None:
+    # Idle OpenMP threads sleep instead of spinning while this thread maps and writes (set before
+    # the kernels load; the user's own setting wins): a file-to-file soup is I/O-bound, and the
+    # spinning thread took the core the kernel's page-cache work needs (8 x ViT-G/14 bf16 larger
+    # than RAM: half the user time, about 10% faster; benchmarks/bench_io_regimes.py).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     _run_distributed(args, lambda a: _soup(a, paths, coeffs))
 
 
