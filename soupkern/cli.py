@@ -195,8 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="zero-argument function returning the held-out (inputs, targets) batches (a list or a "
                         "DataLoader, in the same order on every rank under torchrun), scored with --metric; needs --model")
     p.add_argument("--batch-size", type=_positive_int, default=None, metavar="N",
-                   help="when --data returns a map-style Dataset: samples per held-out batch, in index "
-                        "order (default 256); under torchrun each rank loads only its batches")
+                   help="when --data returns a map-style Dataset of samples: samples per held-out batch, "
+                        "in index order; under torchrun each rank loads only its batches")
     p.add_argument("--metric", default="accuracy", metavar="accuracy|loss|MODULE:FUNCTION",
                    help="with --data: accuracy (higher is better), loss (cross-entropy, lower is better) or "
                         "FUNCTION(outputs, targets) -> per-sample values (higher is better); default accuracy")
@@ -219,8 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, metavar="MODULE:FUNCTION",
                    help="zero-argument function returning the held-out batches, a list of (inputs, targets) or a DataLoader")
     p.add_argument("--batch-size", type=_positive_int, default=None, metavar="N",
-                   help="when --data returns a map-style Dataset: samples per held-out batch, in index "
-                        "order (default 256); under torchrun each rank loads only its batches")
+                   help="when --data returns a map-style Dataset of samples: samples per held-out batch, "
+                        "in index order; under torchrun each rank loads only its batches")
     p.add_argument("--mode", choices=("by_model", "by_layer"), default="by_model",
                    help="one coefficient per ingredient, or per ingredient and tensor")
     p.add_argument("--epochs", type=_positive_int, default=5, help="passes over the held-out data (default 5)")
@@ -236,8 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, metavar="MODULE:FUNCTION",
                    help="zero-argument function returning held-out (inputs, targets) batches")
     p.add_argument("--batch-size", type=_positive_int, default=None, metavar="N",
-                   help="when --data returns a map-style Dataset: samples per held-out batch, in index "
-                        "order (default 256); under torchrun each rank loads only its batches")
+                   help="when --data returns a map-style Dataset of samples: samples per held-out batch, "
+                        "in index order; under torchrun each rank loads only its batches")
     p.add_argument("--alphas", type=_alpha_grid, default=None, metavar="START:STOP:STEP|A,B,...",
                    help="the grid (default 0:1:0.1; values outside [0, 1] extrapolate)")
     p.add_argument("--metric", choices=("accuracy", "loss"), default="accuracy",
@@ -521,7 +521,7 @@ def _learned(args: argparse.Namespace) -> None:
 def _interpolate(args: argparse.Namespace) -> None:
     from soupkern import distributed, strict_json
     from soupkern.analysis import interpolation_curve
-    from soupkern.recipes.weighted import check_soup_output, reserve_output, weighted_soup
+    from soupkern.recipes.weighted import check_soup_output, reserved_by_rank_0, weighted_soup
 
     opts = _soup_opts(args)
 
@@ -535,7 +535,7 @@ def _interpolate(args: argparse.Namespace) -> None:
     # every rank checks; a failure is reported once, by rank 0, and every rank exits
     model, data = inputs() if group is None else group.step(inputs, "checking the inputs")  # type: ignore[misc]
     # a concurrent run on this output is refused before the evaluations (rank 0 holds the lock)
-    with reserve_output(args.output if group is None or group.rank == 0 else None):
+    with reserved_by_rank_0(args.output, group):
         curve = interpolation_curve(args.a, args.b, model, data, alphas=args.alphas, distributed=group is not None)
         scores = curve.scores[args.metric]
         pick = min if args.metric == "loss" else max

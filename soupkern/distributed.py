@@ -79,21 +79,29 @@ class Group:
         import threading
 
         finished = threading.Event()  # not Thread.join: a signal interrupting join marks a running thread stopped (3.11)
+        cuda = sys.modules.get("torch.cuda")
+        gpu = cuda.current_device() if cuda is not None and cuda.is_initialized() else None
 
         def run() -> None:
             nonlocal result, status, error
+            from soupkern.io import atomic
+
             try:
+                if gpu is not None:  # the current CUDA device is per thread: this rank's GPU here too
+                    cuda.set_device(gpu)
                 result = fn()
             except BaseException as e:  # noqa: BLE001 - reported to every rank, re-raised here
                 error = e
                 status = (type(e).__name__, str(e), _exit_code(e))
             finally:
+                atomic.clear_cancelled()
                 finished.set()
 
         if long:
             import torch
 
-            threading.Thread(target=run, name="soupkern-rank-work", daemon=True).start()
+            worker = threading.Thread(target=run, name="soupkern-rank-work", daemon=True)
+            worker.start()
             try:
                 while True:
                     finished.wait(HEARTBEAT_S)
@@ -102,7 +110,7 @@ class Group:
                     if int(done.item()) == 1:
                         break
             except BaseException as e:  # a signal (or a dead peer): stop the worker's writing first
-                _stop(finished, getattr(e, "signum", None))
+                _stop(worker, finished, getattr(e, "signum", None))
                 if finished.is_set() and error is None and getattr(e, "committed", None) == ():
                     e.committed = tuple(getattr(result, "paths", ()))  # type: ignore[attr-defined]
                 raise
@@ -126,19 +134,16 @@ class Group:
         raise PeerFailed(f"rank {rank} failed while {what}: {kind}: {message}", code, rank, self.rank)
 
 
-def _stop(finished: Any, signum: int | None) -> None:
+def _stop(worker: Any, finished: Any, signum: int | None) -> None:
     """Stop a rank's working thread, which signals do not reach: its writer raises Interrupted at
     its next chunk and cleans up (or completes a commit already under way); waited for (the
-    thread sets `finished`) up to STOP_WAIT_S."""
+    thread sets `finished`) up to STOP_WAIT_S. The request is the worker's alone and ends with it."""
     import signal
 
     from soupkern.io import atomic
 
-    atomic.cancel_other_threads(signum or signal.SIGTERM)
-    try:
-        finished.wait(STOP_WAIT_S)
-    finally:
-        atomic.clear_cancelled()
+    atomic.cancel_thread(worker.ident, signum or signal.SIGTERM)
+    finished.wait(STOP_WAIT_S)
 
 
 def _exit_code(e: BaseException) -> int:
@@ -210,8 +215,15 @@ def candidate_mesh(group: Group, speculative: int, device_type: str) -> Candidat
     c = math.gcd(group.world_size, speculative)
     if c == 1:
         return None
-    mesh = init_device_mesh(device_type, (c, group.world_size // c), mesh_dim_names=("candidate", "data"))
-    return CandidateMesh(c, group.world_size // c, mesh.get_local_rank("candidate"), mesh.get_local_rank("data"))
+    key = (device_type, c, group.world_size // c)
+    if key not in _MESHES:  # once per process: every mesh creates process groups
+        mesh = init_device_mesh(device_type, key[1:], mesh_dim_names=("candidate", "data"))
+        _MESHES[key] = CandidateMesh(c, group.world_size // c, mesh.get_local_rank("candidate"),
+                                     mesh.get_local_rank("data"))
+    return _MESHES[key]
+
+
+_MESHES: dict[tuple[str, int, int], CandidateMesh] = {}
 
 
 def in_order(records: list[Any], group: Group | None) -> list[Any]:

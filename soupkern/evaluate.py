@@ -95,16 +95,13 @@ def _mean(sums: Iterable[_BatchSum]) -> float:
     return totals.mean()
 
 
-DEFAULT_BATCH_SIZE = 256
-
-
 class DatasetBatches(Sequence[Any]):
     """A map-style dataset as held-out batches: batch b = samples [b·B, (b+1)·B) in index order,
     combined by torch's `default_collate`, loaded only when indexed (so under a process group each
     rank loads only its batches r, r + W, ...; unlike `DistributedSampler`, no sample is repeated
     to even out the ranks, so scores equal one process's)."""
 
-    def __init__(self, dataset: Any, batch_size: int = DEFAULT_BATCH_SIZE):
+    def __init__(self, dataset: Any, batch_size: int):
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.dataset = dataset
@@ -124,18 +121,18 @@ class DatasetBatches(Sequence[Any]):
 
 
 def held_out(data: Any, batch_size: int | None = None) -> Any:
-    """`data` as held-out batches: a map-style `torch.utils.data.Dataset` (with `__len__`, not an
-    IterableDataset) becomes `DatasetBatches(data, batch_size or DEFAULT_BATCH_SIZE)`; anything
-    else (a list of batches, a DataLoader, ...) is returned as it is, and `batch_size` must not be
-    given for it."""
+    """`data` as held-out batches: with `batch_size`, a map-style `torch.utils.data.Dataset` of
+    samples (with `__len__`, not an IterableDataset) becomes `DatasetBatches(data, batch_size)`;
+    without it `data` is returned as it is (its items are batches: a list, a DataLoader, a
+    dataset of batches). A batch size for data that is not a map-style dataset is an error."""
+    if batch_size is None:
+        return data
     from torch.utils.data import Dataset, IterableDataset
 
     if isinstance(data, Dataset) and not isinstance(data, IterableDataset) and hasattr(data, "__len__"):
-        return DatasetBatches(data, DEFAULT_BATCH_SIZE if batch_size is None else batch_size)
-    if batch_size is not None:
-        raise InputError("a batch size applies to a map-style dataset; this held-out data is "
-                         f"{type(data).__name__}, already in batches")
-    return data
+        return DatasetBatches(data, batch_size)
+    raise InputError("a batch size applies to a map-style dataset of samples; this held-out data is "
+                     f"{type(data).__name__}, already in batches")
 
 
 def _on_host(per_soup: list[list[_DeviceSum]]) -> list[list[_BatchSum]]:
@@ -177,8 +174,9 @@ class Evaluator:
     """Scores weight sets with one resident model.
 
     model: an `nn.Module` or a zero-argument factory; moved to `device` when given, put in eval mode.
-    data + metric: held-out batches `(inputs, targets)` (re-iterable; a map-style dataset is
-      batched by `held_out`, and a sequence of batches is indexed, so a rank loads only its own)
+    data + metric: held-out batches `(inputs, targets)` (re-iterable; a map-style dataset of
+      samples is batched by `held_out(dataset, batch_size)`, and a sequence of batches is
+      indexed, so a rank loads only its own)
       and "accuracy" | "loss" | a callable `(outputs, targets) -> per-sample values`; `maximize` defaults to True for accuracy,
       False for loss, True for a callable.
     score: instead of data, a callable `score(model) -> float` (called under `torch.no_grad()`);
@@ -215,7 +213,7 @@ class Evaluator:
             model.to(device)
         self.model = model.eval()
         self.device = _model_device(model)
-        self.data = None if data is None else held_out(data)
+        self.data = data
         self.score_fn = score
         self.batched: BatchedMode = batched
         self._warned = False
@@ -334,11 +332,13 @@ class Evaluator:
                                f"{type(e).__name__}: {e}"))
             raise
         merged: list[list[_BatchSum]] = [[] for _ in range(len(sums) if count is None else count)]
-        for rank, (status, value) in enumerate(self.group.gather(mine)):  # one gather: every soup, every status
+        statuses = self.group.gather(mine)  # one gather: every soup, every status
+        for rank, (status, value) in enumerate(statuses):  # an error wins: every rank raises alike
+            if status == "error":
+                raise PeerFailed(f"rank {rank} failed evaluating a soup: {value}", 1, rank, self.group.rank)
+        for rank, (status, value) in enumerate(statuses):
             if status == "unbatched":
                 raise BatchedEvaluationUnavailable(f"on rank {rank}: {value}")
-            if status != "ok":
-                raise PeerFailed(f"rank {rank} failed evaluating a soup: {value}", 1, rank, self.group.rank)
             for j, part in zip(*value):
                 merged[j] += part
         return [_mean(sorted(m)) for m in merged]

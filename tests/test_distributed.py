@@ -295,6 +295,27 @@ def test_distributed_interpolate_equals_one_process(digits_ingredients: list[Pat
     assert not [p for p in os.listdir(tmp_path) if ".soupkern-" in p]
 
 
+def test_a_locked_output_is_refused_on_every_rank_before_any_evaluation(digits_ingredients: list[Path],  # noqa: F811
+                                                                       tmp_path: Path) -> None:
+    """Another run holds the output's lock: rank 0's refusal reaches every rank at once (an agreed
+    step), reported once, before any held-out batch is scored (was: the other ranks went on
+    into the evaluation's collectives and failed on a broken connection)."""
+    import time
+
+    from soupkern.io import atomic
+    from soupkern.io.writer import output_target
+
+    out = tmp_path / "w.safetensors"
+    args = [*map(str, digits_ingredients[:2]), *digits_hooks(tmp_path, 64, 32), "-o", str(out)]
+    with atomic.output_reserved(output_target(out)):
+        t0 = time.monotonic()
+        r = torchrun(2, ["interpolate", *args], tmp_path)
+    assert r.returncode != 0 and time.monotonic() - t0 < 30
+    assert r.stderr.count("soupkern: error:") == 1 and "Traceback" not in r.stderr.split("soupkern: error:")[0], \
+        r.stderr[-3000:]
+    assert not out.exists()
+
+
 def test_greedy_score_callable_is_refused_under_torchrun(inputs: list[Path], tmp_path: Path) -> None:
     (tmp_path / "hooks.py").write_text("def score(sd):\n    return 1.0\n")
     r = torchrun(2, ["greedy", *map(str, inputs), "--score", f"{tmp_path / 'hooks.py'}:score",

@@ -395,27 +395,30 @@ def signals_raise(make_exc: Callable[[int], BaseException]) -> Iterator[None]:
             signal.signal(s, h)  # type: ignore[arg-type]
 
 
-_CANCELLED: list[int] = []  # signals that asked writers outside the main thread to stop
+_CANCELLED: dict[int, int] = {}  # thread ident -> the signal that asked its writers to stop
 
 
-def cancel_other_threads(signum: int) -> None:
-    """Ask writers running outside the main thread (a torchrun rank's work under the heartbeat,
+def cancel_thread(ident: int | None, signum: int) -> None:
+    """Ask the writers of thread `ident` (a torchrun rank's work under the heartbeat,
     soupkern/distributed.py), which signals do not reach, to stop at their next chunk as one in
     the main thread would: `check_cancelled` then raises Interrupted(signum) there, and the
-    writer's cleanup runs in that thread. `clear_cancelled` ends the request."""
-    _CANCELLED.append(signum)
+    writer's cleanup runs in that thread. The thread ends the request (`clear_cancelled`)."""
+    if ident is not None:
+        _CANCELLED[ident] = signum
 
 
 def clear_cancelled() -> None:
-    _CANCELLED.clear()
+    """End a stop request for the calling thread."""
+    _CANCELLED.pop(threading.get_ident(), None)
 
 
 def check_cancelled() -> None:
-    """Raise Interrupted in a thread other than the main one when `cancel_other_threads` asked."""
-    if _CANCELLED and not _in_main_thread():
+    """Raise Interrupted in the calling thread when `cancel_thread` asked it to stop."""
+    signum = _CANCELLED.get(threading.get_ident())
+    if signum is not None:
         from soupkern.errors import Interrupted
 
-        raise Interrupted(_CANCELLED[0])
+        raise Interrupted(signum)
 
 
 @contextlib.contextmanager
@@ -455,5 +458,6 @@ def pause_point(point: str, pending: list[int] | None = None) -> None:
     print(f"soupkern-test-pause {point}", file=sys.stderr, flush=True)
     resume = os.environ.get("SOUPKERN_TEST_RESUME")
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not pending and not _CANCELLED and not (resume and os.path.exists(resume)):
+    while (time.monotonic() < deadline and not pending and threading.get_ident() not in _CANCELLED
+           and not (resume and os.path.exists(resume))):
         time.sleep(0.005)  # a raising signal handler interrupts this

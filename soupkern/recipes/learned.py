@@ -270,7 +270,7 @@ def _learned_soup(
     model: an `nn.Module` whose state-dict names match the ingredients' (its float tensors are the
       ones mixed and learned; it runs in eval mode through functional_call and is not modified).
     data: re-iterable held-out batches `(inputs, targets)` (a DataLoader or a list; a map-style
-      dataset: `soupkern.evaluate.held_out`, batches of 256 in index order); one epoch =
+      dataset of samples through `soupkern.evaluate.held_out(dataset, batch_size)`); one epoch =
       one pass in the given order, one AdamW step per batch; `steps` instead fixes the number of
       steps (cycling through the data). `eval_data` (default: `data`) gives the reported held-out
       loss/accuracy of the uniform and the learned soup.
@@ -296,11 +296,8 @@ def _learned_soup(
                           budget_bytes=budget_bytes, backend=backend, fsync=fsync, state_dict_key=state_dict_key,
                           copy_from=copy_from, allow_config_mismatch=allow_config_mismatch, int_policy=int_policy,
                           out_format=out_format, lora=lora)
-    from soupkern.evaluate import held_out
-
     loss_fn = loss_fn or F.cross_entropy
-    data = held_out(data)
-    eval_data = data if eval_data is None else held_out(eval_data)
+    eval_data = data if eval_data is None else eval_data
     kernel = get_backend(backend)
     t0 = time.perf_counter()
     k = len(ingredients)

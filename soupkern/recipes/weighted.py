@@ -16,10 +16,10 @@ import json
 import logging
 import os
 import time
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence, TypeVar, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence, TypeVar, Union
 
 from soupkern.backends import DEVICE_BACKENDS, get_backend, requested_backend
 from soupkern.engine import DEFAULT_BUDGET_BYTES, execute, fill_many, staging_bytes_for
@@ -561,6 +561,19 @@ def reserve_output(out: PathLike | None):  # -> context manager
     return atomic.output_reserved(output_target(out))
 
 
+@contextmanager
+def reserved_by_rank_0(out: PathLike | None, group: Any) -> Iterator[None]:
+    """`reserve_output(out)`, held by rank 0 alone under a process group `group`; a refusal (a
+    concurrent run holds the lock) is raised on every rank, before any evaluation."""
+    with ExitStack() as stack:
+        if group is None:
+            stack.enter_context(reserve_output(out))
+        else:
+            group.step(lambda: stack.enter_context(reserve_output(out)) if group.rank == 0 else None,
+                       "reserving the output")
+        yield
+
+
 def reserves_output(fn: F) -> F:
     """Decorator: run a recipe while its `out` argument's output lock is held (`reserve_output`;
     by rank 0 alone when the recipe runs with distributed=True in a process group)."""
@@ -572,7 +585,7 @@ def reserves_output(fn: F) -> F:
 
         out = sig.bind_partial(*args, **kwargs).arguments.get("out")
         group = distributed.active() if kwargs.get("distributed") else None
-        with reserve_output(out if group is None or group.rank == 0 else None):  # type: ignore[arg-type]
+        with reserved_by_rank_0(out, group):  # type: ignore[arg-type]
             return fn(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
