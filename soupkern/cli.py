@@ -194,9 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", metavar="MODULE:FUNCTION",
                    help="zero-argument function returning the held-out (inputs, targets) batches (a list or a "
                         "DataLoader, in the same order on every rank under torchrun), scored with --metric; needs --model")
-    p.add_argument("--batch-size", type=_positive_int, default=None, metavar="N",
-                   help="when --data returns a map-style Dataset of samples: samples per held-out batch, "
-                        "in index order; under torchrun each rank loads only its batches")
+    _batch_size_option(p)
     p.add_argument("--metric", default="accuracy", metavar="accuracy|loss|MODULE:FUNCTION",
                    help="with --data: accuracy (higher is better), loss (cross-entropy, lower is better) or "
                         "FUNCTION(outputs, targets) -> per-sample values (higher is better); default accuracy")
@@ -218,9 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, metavar="MODULE:FACTORY", help="zero-argument function returning the nn.Module")
     p.add_argument("--data", required=True, metavar="MODULE:FUNCTION",
                    help="zero-argument function returning the held-out batches, a list of (inputs, targets) or a DataLoader")
-    p.add_argument("--batch-size", type=_positive_int, default=None, metavar="N",
-                   help="when --data returns a map-style Dataset of samples: samples per held-out batch, "
-                        "in index order; under torchrun each rank loads only its batches")
+    _batch_size_option(p)
     p.add_argument("--mode", choices=("by_model", "by_layer"), default="by_model",
                    help="one coefficient per ingredient, or per ingredient and tensor")
     p.add_argument("--epochs", type=_positive_int, default=5, help="passes over the held-out data (default 5)")
@@ -235,9 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, metavar="MODULE:FACTORY", help="zero-argument function returning the nn.Module")
     p.add_argument("--data", required=True, metavar="MODULE:FUNCTION",
                    help="zero-argument function returning held-out (inputs, targets) batches")
-    p.add_argument("--batch-size", type=_positive_int, default=None, metavar="N",
-                   help="when --data returns a map-style Dataset of samples: samples per held-out batch, "
-                        "in index order; under torchrun each rank loads only its batches")
+    _batch_size_option(p)
     p.add_argument("--alphas", type=_alpha_grid, default=None, metavar="START:STOP:STEP|A,B,...",
                    help="the grid (default 0:1:0.1; values outside [0, 1] extrapolate)")
     p.add_argument("--metric", choices=("accuracy", "loss"), default="accuracy",
@@ -256,6 +250,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fast", action="store_true", help="fewer ingredients and seeds")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing; results still go to the workdir")
     return parser
+
+
+def _batch_size_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch-size", type=_positive_int, default=None, metavar="N",
+                   help="when --data returns a map-style Dataset of samples: samples per held-out batch, "
+                        "in index order; under torchrun each rank loads only its batches")
 
 
 def _held_out_data(args: argparse.Namespace) -> Any:
@@ -327,7 +327,8 @@ def _run_soup(args: argparse.Namespace, paths: list[str], coeffs: list[float] | 
     # Idle OpenMP threads sleep instead of spinning while this thread maps and writes (set before
     # the kernels load; the user's own setting wins): a file-to-file soup is I/O-bound, and the
     # spinning thread took the core the kernel's page-cache work needs (8 x ViT-G/14 bf16 larger
-    # than RAM: half the user time, about 10% faster; benchmarks/bench_io_regimes.py).
+    # than RAM, alternating with the I/O floor: user time 6-8 s instead of 12-15 s, wall 20.8 s
+    # instead of 22.7 s, medians of 3).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     _run_distributed(args, lambda a: _soup(a, paths, coeffs))
 
@@ -556,7 +557,7 @@ def _interpolate(args: argparse.Namespace) -> None:
         if group is None:
             report = finish()
         else:
-            report = group.step(finish if group.rank == 0 else lambda: None, "writing the soup", long=True)
+            report = group.on_rank_0(finish, "writing the soup", long=True)
     _summary(args, report)
 
 

@@ -133,6 +133,11 @@ class Group:
         rank, (kind, message, code) = failed[0]
         raise PeerFailed(f"rank {rank} failed while {what}: {kind}: {message}", code, rank, self.rank)
 
+    def on_rank_0(self, fn: Callable[[], T], what: str, *, long: bool = False) -> T | None:
+        """`fn` on rank 0 alone (writing the output, taking its lock), agreed as `step`: its
+        failure is raised on every rank; its result on rank 0, None elsewhere."""
+        return self.step(fn if self.rank == 0 else lambda: None, what, long=long)
+
 
 def _stop(worker: Any, finished: Any, signum: int | None) -> None:
     """Stop a rank's working thread, which signals do not reach: its writer raises Interrupted at

@@ -353,14 +353,8 @@ class Evaluator:
                              "process; under a process group scores and ensembles are distributed")
         if state is not None:
             self.load_(state)
-        outs, tgts = [], []
-        for batch in self.data:
-            inputs, targets = _split(batch)
-            outs.append(self.model(*_args(_to(inputs, self.device))))
-            tgts.append(targets.to(self.device, non_blocking=True))
-        if not outs:
-            _Totals(0.0, 0).mean()  # raises the empty-data error
-        return torch.cat(outs), torch.cat(tgts)
+        outputs, targets, _ = self.outputs_by_batch()
+        return outputs, targets
 
     @torch.no_grad()
     def outputs_by_batch(self) -> tuple[torch.Tensor, torch.Tensor, tuple[tuple[int, int, int], ...]]:

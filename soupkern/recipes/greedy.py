@@ -636,8 +636,7 @@ def _greedy_run(soup: _RunningSoup, ev: Evaluator, paths: list[Any], out: PathLi
         if ev.group is None:
             report = write_soup()
         else:  # every rank holds the same soup; rank 0 writes it, and its outcome is every rank's
-            report = ev.group.step(write_soup if ev.group.rank == 0 else lambda: None, "writing the greedy soup",
-                                   long=True)
+            report = ev.group.on_rank_0(write_soup, "writing the greedy soup", long=True)
     return replace(result, seconds=time.perf_counter() - t0, report=report)
 
 

@@ -385,7 +385,7 @@ def _learned_soup(
     if group is None:
         report = write()
     else:  # every rank learned the same coefficients; rank 0 writes, and its outcome is every rank's
-        report = group.step(write if group.rank == 0 else lambda: None, "writing the learned soup", long=True)
+        report = group.on_rank_0(write, "writing the learned soup", long=True)
     return dataclasses.replace(result, report=report, seconds=time.perf_counter() - t0)
 
 

@@ -569,8 +569,7 @@ def reserved_by_rank_0(out: PathLike | None, group: Any) -> Iterator[None]:
         if group is None:
             stack.enter_context(reserve_output(out))
         else:
-            group.step(lambda: stack.enter_context(reserve_output(out)) if group.rank == 0 else None,
-                       "reserving the output")
+            group.on_rank_0(lambda: stack.enter_context(reserve_output(out)), "reserving the output")
         yield
 
 
