@@ -22,22 +22,28 @@ through the backend's multi-tensor entry point.
 
 from __future__ import annotations
 
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
 
 from soupkern.dtype_codes import DTYPE_CODES
+from soupkern.errors import InputError
 from soupkern.io import SoupWriter, TensorInfo, dtype_itemsize
+from soupkern.io.reader import MappedFile, copies_beat_mapping
 from soupkern.options import MIN_BUDGET_BYTES
 
 if TYPE_CHECKING:
     from soupkern.backends import Backend
     from soupkern.plan import SoupPlan, TensorPlan
 
-__all__ = ["DEFAULT_BUDGET_BYTES", "MIN_BUDGET_BYTES", "WorkItem", "copy_op", "execute", "fill_many", "fill_tensor",
+__all__ = ["DEFAULT_BUDGET_BYTES", "MIN_BUDGET_BYTES", "READS", "CopyReader", "WorkItem", "copy_op", "execute", "fill_many", "fill_tensor",
            "plan_items", "run", "staging_bytes_for", "tensor_items", "weighted_sum_op"]
 
+log = logging.getLogger("soupkern")
 DEFAULT_BUDGET_BYTES = 64 << 20
 Progress = Callable[[int], None]
 
@@ -96,19 +102,64 @@ def plan_items(plan: SoupPlan, step: Callable[[TensorPlan], int],
         yield from tensor_items(tp, step(tp), coefficients=plan.coefficients_for(name), divisor=plan.divisor_for(name))
 
 
-def run(items: Iterable[WorkItem], op: Op, progress: Callable[[WorkItem], None] | None = None) -> bool:
+Range = tuple[Holder, TensorInfo, int, int]  # a source, its tensor, and the item's bytes [lo, hi) in it
+
+
+class CopyReader:
+    """Reads items' bytes with copies instead of mapped views, for sources that can (`read_into`:
+    mapped files), several sources at once on `workers` threads (pread releases the GIL), into
+    one reusable arena of the largest item's size. A context manager; `close` ends the threads."""
+
+    ALIGN = 64
+
+    def __init__(self, workers: int):
+        self._pool = ThreadPoolExecutor(max(workers, 1), thread_name_prefix="soupkern-read")
+        self._arena = np.empty(0, np.uint8)
+
+    def read(self, ranges: Sequence[Range]) -> dict[int, np.ndarray]:
+        """{index in `ranges`: the bytes read} for every range whose source has `read_into`; valid
+        until the next call."""
+        jobs, size = [], 0
+        for i, (f, info, lo, hi) in enumerate(ranges):
+            if getattr(f, "read_into", None) is not None:
+                jobs.append((i, f, info.begin + lo, size, hi - lo))
+                size += -(-(hi - lo) // self.ALIGN) * self.ALIGN
+        if size > self._arena.nbytes:
+            raw = np.empty(size + self.ALIGN, np.uint8)
+            skip = -raw.ctypes.data % self.ALIGN
+            self._arena = raw[skip:skip + size]
+        out = {i: self._arena[at:at + n] for i, _, _, at, n in jobs}
+        list(self._pool.map(lambda job: job[1].read_into(job[2], out[job[0]]), jobs))
+        return out
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        self._arena = np.empty(0, np.uint8)
+
+    def __enter__(self) -> CopyReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def run(items: Iterable[WorkItem], op: Op, progress: Callable[[WorkItem], None] | None = None, *,
+        reader: CopyReader | None = None) -> bool:
     """For each item in order: prefetch its byte range in every source, view them (zero-copy, in
-    `item.sources` order), `op(item, views)`, release the ranges, `progress(item)`. Stops after the
-    first op that returns False and returns False; True when every item ran. An op must not keep
-    the views: their pages are unmapped when it returns."""
+    `item.sources` order), `op(item, views)`, release the ranges, `progress(item)`. With a
+    `reader`, the sources it can read are copied into its buffers instead of mapped. Stops after
+    the first op that returns False and returns False; True when every item ran. An op must not
+    keep the views: their pages are unmapped, or their buffers reused, when it returns."""
     for item in items:
         ranges = [(f, info, *item.span(info.dtype)) for f, info in item.sources]
-        for f, info, lo, hi in ranges:
+        copied = reader.read(ranges) if reader is not None else {}
+        mapped = [r for i, r in enumerate(ranges) if i not in copied]
+        for f, info, lo, hi in mapped:
             f.prefetch(info.begin + lo, info.begin + hi)
-        views = [f.view(info, lo, hi) for f, info, lo, hi in ranges]
+        views = [copied[i] if i in copied else f.view(info, lo, hi) for i, (f, info, lo, hi) in enumerate(ranges)]
         result = op(item, views)
         del views
-        for f, info, lo, hi in ranges:
+        for f, info, lo, hi in mapped:
             f.release(info.begin + lo, info.begin + hi)
         if progress is not None:
             progress(item)
@@ -160,10 +211,46 @@ def _write_step(tp: TensorPlan, budget_bytes: int, staging: int) -> int:
     return max(step - step % 1024, 1024) if step >= 1024 else max(step, 1)
 
 
+READS = ("auto", "map", "copy")
+
+
+def reads_mode(reads: str | None) -> str:
+    """`reads`, or $SOUPKERN_READS, or "auto"; checked against READS."""
+    mode = reads if reads is not None else (os.environ.get("SOUPKERN_READS") or "auto")
+    if mode not in READS:
+        source = "reads" if reads is not None else "SOUPKERN_READS"
+        raise InputError(f"{source} must be one of {', '.join(READS)}, got {mode!r}")
+    return mode
+
+
+def _copy_reader(plan: SoupPlan, reads: str | None) -> CopyReader | None:
+    """The reader `execute` copies inputs with, or None to map them: "map", "copy", or "auto" =
+    copy when the mapped files' missing pages outnumber the free memory (copies_beat_mapping)."""
+    mode = reads_mode(reads)
+    if mode == "map":
+        return None
+    files = list({id(f): f for tp in plan.tensors for f, _ in tp.sources if isinstance(f, MappedFile)}.values())
+    if not files or (mode == "auto" and not copies_beat_mapping(files)):
+        log.debug("reads: mapped (%s)", mode)
+        return None
+    log.debug("reads: copied (%s)", mode)
+    return CopyReader(min(len(files), max(2, _usable_cpus())))
+
+
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def execute(plan: SoupPlan, writer: SoupWriter, backend: Backend, *, budget_bytes: int = DEFAULT_BUDGET_BYTES,
-            progress: Progress | None = None) -> None:
+            progress: Progress | None = None, reads: str | None = None) -> None:
     """Compute every tensor of `plan` into `writer`, in output-file order (sequential writes);
-    `progress(bytes read + bytes written)` after every item."""
+    `progress(bytes read + bytes written)` after every item. `reads`: how mapped input files are
+    read, "map" (zero-copy views of mapped pages), "copy" (pread into a buffer of one item, on
+    several threads) or "auto" (default; $SOUPKERN_READS sets it): copy when the pages to read
+    exceed the free memory. Same bytes out either way."""
     staging = writer.staging_bytes
     order = sorted(plan.tensors, key=lambda tp: writer.layout.where[tp.out.name])
 
@@ -173,7 +260,13 @@ def execute(plan: SoupPlan, writer: SoupWriter, backend: Backend, *, budget_byte
 
     done = None if progress is None else (
         lambda item: progress(item.nbytes_read + item.count * dtype_itemsize(item.tensor.out.dtype)))
-    run(plan_items(plan, lambda tp: _write_step(tp, budget_bytes, staging), order), _make_op(output, backend), done)
+    reader = _copy_reader(plan, reads)
+    try:
+        run(plan_items(plan, lambda tp: _write_step(tp, budget_bytes, staging), order), _make_op(output, backend), done,
+            reader=reader)
+    finally:
+        if reader is not None:
+            reader.close()
     writer.flush()
 
 

@@ -5,17 +5,19 @@ is the same bytes whatever the budget."""
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import soupkern
-from soupkern.engine import (MIN_BUDGET_BYTES, WorkItem, _write_step, plan_items, run, staging_bytes_for,
+from soupkern.engine import (MIN_BUDGET_BYTES, CopyReader, WorkItem, _write_step, plan_items, run, staging_bytes_for,
                              tensor_items)
 from soupkern.io import OutputTensor, TensorInfo, dtype_itemsize
+from soupkern.io.reader import SafetensorsFile
 from soupkern.plan import ArrayHolder, SoupPlan, TensorPlan
 
 NUMELS = (0, 1, 7, 1023, 1024, 1025, 4099, 65537)
@@ -165,3 +167,129 @@ def test_a_soup_is_the_same_bytes_whatever_the_budget(tmp_path: Path, backend: s
         soupkern.weighted_soup(paths, [0.2, 0.3, 0.5], outs[-1], dtype="bf16", budget_bytes=budget, backend=backend)
     first = outs[0].read_bytes()
     assert all(o.read_bytes() == first for o in outs[1:])
+
+
+# ---------------------------------------------------------------------------------------------
+# copied reads (pread) instead of mapped views
+
+@pytest.mark.parametrize("budget", [MIN_BUDGET_BYTES, MIN_BUDGET_BYTES + 12345, 1 << 30])
+def test_copied_reads_are_the_same_soup_as_mapped_ones(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       budget: int) -> None:
+    """safetensors, a .pt (served from its mapping, so copied too) and an in-memory state dict
+    (viewed, never copied) in one soup: the same bytes whichever way the files are read."""
+    paths: list[object] = list(save_ingredients(tmp_path))
+    pt = tmp_path / "m1.pt"
+    torch.save(load_file(str(paths[1])), pt)
+    state = load_file(str(paths[2]))
+    ingredients = [paths[0], pt, state]
+    outs = {}
+    for mode in ("map", "copy", "auto"):
+        monkeypatch.setenv("SOUPKERN_READS", mode)
+        outs[mode] = tmp_path / f"soup_{mode}.safetensors"
+        soupkern.weighted_soup(ingredients, [0.2, 0.3, 0.5], outs[mode], dtype="bf16", budget_bytes=budget)
+    assert outs["copy"].read_bytes() == outs["map"].read_bytes() == outs["auto"].read_bytes()
+
+
+def test_copy_reader_copies_files_and_leaves_other_sources_to_views(tmp_path: Path) -> None:
+    path = tmp_path / "f.safetensors"
+    data = np.arange(5000, dtype=np.float32)
+    save_file({"x": torch.from_numpy(data)}, str(path))
+    f = SafetensorsFile(path)
+    info = f.tensors["x"]
+    mem = Recording(data, "mem")
+    ranges = [(mem, info, 40, 400), (f, info, 4, 4000), (f, info, 0, 20000)]
+    with CopyReader(2) as reader:
+        got = reader.read(ranges)
+        assert sorted(got) == [1, 2]
+        assert bytes(got[1]) == data.tobytes()[4:4000] and bytes(got[2]) == data.tobytes()
+        assert all(a.ctypes.data % CopyReader.ALIGN == 0 for a in got.values())
+        again = reader.read(ranges[1:2])  # the arena is reused
+        assert again[0].ctypes.data == got[1].ctypes.data
+    assert mem.calls == []  # not read by the reader: the executor views it
+    f.close()
+
+
+def _evict(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def test_resident_bytes_and_the_automatic_choice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from soupkern.io import reader as reader_mod
+
+    path = tmp_path / "f.safetensors"
+    save_file({"x": torch.zeros(3 << 20)}, str(path))  # 12 MiB: 3 sampled windows
+    path.read_bytes()
+    f = SafetensorsFile(path)
+    if f.resident_bytes() is None:
+        pytest.skip("no mincore through the native mapping on this platform")
+    assert f.resident_bytes() == f.size
+    _evict(path)
+    if f.resident_bytes() > f.size // 2:
+        pytest.skip("the file system keeps pages that POSIX_FADV_DONTNEED asks to drop")
+    assert f.resident_bytes() == 0
+    monkeypatch.setattr(reader_mod, "free_memory_bytes", lambda: f.size - 1)
+    assert reader_mod.copies_beat_mapping([f])  # every page to read evicts another
+    monkeypatch.setattr(reader_mod, "free_memory_bytes", lambda: f.size)
+    assert not reader_mod.copies_beat_mapping([f])  # they fit in free memory
+    monkeypatch.setattr(reader_mod, "free_memory_bytes", lambda: 0)
+    f.read_into(0, np.empty(f.size, np.uint8))
+    assert f.resident_bytes() == f.size and not reader_mod.copies_beat_mapping([f])  # page-cached: mapped
+    monkeypatch.setattr(reader_mod, "free_memory_bytes", lambda: None)
+    assert not reader_mod.copies_beat_mapping([f])  # unknown free memory: mapped, as before
+    f.close()
+
+
+def test_auto_copies_exactly_when_the_choice_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    from soupkern import engine
+
+    paths = save_ingredients(tmp_path)
+    used = []
+    real = engine.CopyReader.read
+    monkeypatch.setattr(engine.CopyReader, "read", lambda self, ranges: used.append(1) or real(self, ranges))
+    for beats, copied in ((False, False), (True, True)):
+        used.clear()
+        monkeypatch.setattr(engine, "copies_beat_mapping", lambda files: beats)
+        soupkern.uniform_soup(paths, tmp_path / f"o{beats}.safetensors")
+        assert bool(used) == copied
+    monkeypatch.setattr(engine, "copies_beat_mapping", lambda files: True)
+    monkeypatch.setenv("SOUPKERN_READS", "map")
+    used.clear()
+    soupkern.uniform_soup(paths, tmp_path / "forced.safetensors")
+    assert not used
+    assert (tmp_path / "forced.safetensors").read_bytes() == (tmp_path / "oTrue.safetensors").read_bytes()
+
+
+def test_a_bad_reads_setting_is_refused_before_any_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    paths = save_ingredients(tmp_path)
+    monkeypatch.setenv("SOUPKERN_READS", "mmap")
+    out = tmp_path / "o.safetensors"
+    with pytest.raises(soupkern.InputError, match="SOUPKERN_READS must be one of auto, map, copy, got 'mmap'"):
+        soupkern.uniform_soup(paths, out)
+    assert not out.exists()
+    assert not [n for n in os.listdir(tmp_path) if ".soupkern-" in n]
+
+
+@pytest.mark.parametrize("change", ["truncated", "rewritten", "replaced"])
+def test_a_copied_read_of_a_changed_file_names_it(tmp_path: Path, change: str) -> None:
+    path = tmp_path / "f.safetensors"
+    save_file({"x": torch.arange(100_000, dtype=torch.float32)}, str(path))
+    f = SafetensorsFile(path)
+    info = f.tensors["x"]
+    if change == "truncated":
+        os.truncate(path, 4096)
+    elif change == "rewritten":
+        os.utime(path, ns=(0, 12345))
+    else:
+        other = tmp_path / "other"
+        save_file({"x": torch.arange(100_000, dtype=torch.float32)}, str(other))
+        os.replace(other, path)
+    what = "truncated" if change == "truncated" else "modified"
+    with pytest.raises(soupkern.InputError, match=f"^{path}: was {what} by another process while being read"):
+        f.read_into(info.begin, np.empty(1000, np.uint8))
+    f.close()

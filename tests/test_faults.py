@@ -335,10 +335,12 @@ def test_fsync_syncs_the_folder_after_the_rename(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------------
 # inputs changed under the soup
 
-@pytest.mark.parametrize("form", ["safetensors", "zip", "legacy"])
-def test_input_truncated_mid_soup_is_an_error_not_a_crash(tmp_path, form):
+@pytest.mark.parametrize("form,reads", [("safetensors", "map"), ("safetensors", "copy"), ("zip", "map"),
+                                        ("zip", "copy"), ("legacy", "map")])
+def test_input_truncated_mid_soup_is_an_error_not_a_crash(tmp_path, form, reads):
     """A truncation while the soup runs is exit 2 naming the file, not SIGBUS; .pt inputs (both
-    torch.save formats) are served from the same guarded mapping as safetensors files."""
+    torch.save formats) are served from the same guarded mapping as safetensors files; copied
+    reads (pread) see it too."""
     paths = ingredients(tmp_path / "in", n=1 << 18)
     if form != "safetensors":
         for i, st in enumerate(paths):
@@ -348,7 +350,8 @@ def test_input_truncated_mid_soup_is_an_error_not_a_crash(tmp_path, form):
             st.unlink()
     out = tmp_path / "out.safetensors"
     resume = tmp_path / "resume"
-    run = Run(uniform_args(paths, out, "--budget", "1MiB"), pause="writing", resume=resume)
+    run = Run(uniform_args(paths, out, "--budget", "1MiB"), pause="writing", resume=resume,
+              env={"SOUPKERN_READS": reads})
     os.truncate(paths[1], 4096)
     resume.touch()
     rc, lines = run.finish()
@@ -359,11 +362,12 @@ def test_input_truncated_mid_soup_is_an_error_not_a_crash(tmp_path, form):
     assert artifacts(tmp_path) == []
 
 
-def test_input_rewritten_in_place_mid_soup_is_an_error(tmp_path):
+@pytest.mark.parametrize("reads", ["map", "copy"])
+def test_input_rewritten_in_place_mid_soup_is_an_error(tmp_path, reads):
     paths = ingredients(tmp_path / "in")
     out = tmp_path / "out.safetensors"
     resume = tmp_path / "resume"
-    run = Run(uniform_args(paths, out), pause="writing", resume=resume)
+    run = Run(uniform_args(paths, out), pause="writing", resume=resume, env={"SOUPKERN_READS": reads})
     time.sleep(0.01)  # a distinct mtime even on coarse-grained clocks
     with open(paths[0], "r+b") as f:
         f.seek(-8, os.SEEK_END)

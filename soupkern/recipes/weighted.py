@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence, TypeVar, Union
 
 from soupkern.backends import DEVICE_BACKENDS, get_backend, requested_backend
-from soupkern.engine import DEFAULT_BUDGET_BYTES, execute, fill_many, staging_bytes_for
+from soupkern.engine import DEFAULT_BUDGET_BYTES, execute, fill_many, reads_mode, staging_bytes_for
 from soupkern import strict_json
 from soupkern.errors import InputError, OutputError
 from soupkern.io import Checkpoint, SoupWriter, open_checkpoint, plan_output
@@ -207,6 +207,7 @@ def weighted_soup(
     check_soup_options(budget_bytes=budget_bytes, dtype=dtype, keys=keys, max_shard_size=max_shard_size,
                        metadata=metadata, overwrite=overwrite, fsync=fsync)
     divisor = check_divisor(divisor)
+    reads_mode(None)  # a bad $SOUPKERN_READS is refused before any output
     if out_format not in ("safetensors", "dcp"):
         raise InputError(f"out_format must be 'safetensors' or 'dcp', got {out_format!r}")
     dev, kernels = _device_route(backend, device)
