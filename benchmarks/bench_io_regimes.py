@@ -57,10 +57,11 @@ def _cap(limit: int) -> list[str]:
     return ["sh", "-c", f'echo $$ > {CGROUP}/cgroup.procs && exec "$@"', "sh"]
 
 
-def _run(cmd: list[str]) -> tuple[float, int]:
+def _run(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, int]:
     """Wall seconds and peak RSS (KiB, /usr/bin/time) of `cmd` as a whole process."""
     t0 = time.perf_counter()
-    proc = subprocess.run(["/usr/bin/time", "-f", "%M", *cmd], capture_output=True, text=True)
+    proc = subprocess.run(["/usr/bin/time", "-f", "%M", *cmd], capture_output=True, text=True,
+                          env=None if env is None else {**os.environ, **env})
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd[:4])} ... failed:\n{proc.stderr[-3000:]}")
@@ -80,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cap-bytes", type=int, default=768 << 20)
     ap.add_argument("--cache", default="/tmp/soupkern-bench")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                    help="set in soupkern's environment (e.g. SOUPKERN_READS=map); repeatable")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from common import RESULTS_DIR, fmt, meminfo_kib, write_results
@@ -92,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         "floor": [sys.executable, os.path.abspath(__file__), "--floor", out, *paths],
         "soupkern": [sys.executable, "-m", "soupkern", "uniform", *paths, "-o", out, "-q", "--force"],
     }
+    env = dict(kv.split("=", 1) for kv in args.env)
     fits = inputs_gb * 1e9 < 0.8 * meminfo_kib()["MemTotal"] * 1024
     rows, records = [], []
     for regime in args.regimes.split(","):
@@ -106,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                 if regime in ("cold", "capped"):
                     _drop_caches()
                 prefix = _cap(args.cap_bytes) if regime == "capped" else []
-                seconds, peak = _run([*prefix, *cmd])
+                seconds, peak = _run([*prefix, *cmd], env if method == "soupkern" else None)
                 times[method].append(seconds)
                 rss[method].append(peak)
                 os.remove(out)
@@ -119,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     write_results(name, f"# Whole-process uniform soup vs the I/O floor: {args.n} x {args.model} {args.dtype} "
                   f"({inputs_gb:.1f} GB of inputs)\n\n"
                   f"`python benchmarks/bench_io_regimes.py --model {args.model} --dtype {args.dtype} -n {args.n} "
-                  f"--regimes {args.regimes} --repeats {args.repeats}`: whole processes (interpreter start and "
+                  f"--regimes {args.regimes} --repeats {args.repeats}{''.join(' --env ' + kv for kv in args.env)}`: whole processes (interpreter start and "
                   "imports included), soupkern and the floor alternating, medians of "
                   f"{args.repeats}; ratio = median of the per-pair soupkern / floor ratios.\n\n",
                   ["regime", "floor s", "soupkern s", "ratio", "ratio range", "soupkern peak RSS GiB"], rows,

@@ -33,7 +33,7 @@ import numpy as np
 from soupkern.dtype_codes import DTYPE_CODES
 from soupkern.errors import InputError
 from soupkern.io import SoupWriter, TensorInfo, dtype_itemsize
-from soupkern.io.reader import MappedFile, copies_beat_mapping
+from soupkern.io.reader import MappedFile, reads_may_evict
 from soupkern.options import MIN_BUDGET_BYTES
 
 if TYPE_CHECKING:
@@ -106,35 +106,51 @@ Range = tuple[Holder, TensorInfo, int, int]  # a source, its tensor, and the ite
 
 
 class CopyReader:
-    """Reads items' bytes with copies instead of mapped views, for sources that can (`read_into`:
-    mapped files), several sources at once on `workers` threads (pread releases the GIL), into
-    one reusable arena of the largest item's size. A context manager; `close` ends the threads."""
+    """Reads items' bytes with copies (pread) instead of mapped views, for the sources that can
+    (`read_into`: mapped files), several sources at once on `workers` threads (pread releases
+    the GIL), into two reusable arenas in turn: `run` starts reading the next item while the op
+    runs on this one. A context manager; `close` waits for reads in flight and ends the threads.
+    `copied`: bytes read."""
 
     ALIGN = 64
 
     def __init__(self, workers: int):
         self._pool = ThreadPoolExecutor(max(workers, 1), thread_name_prefix="soupkern-read")
-        self._arena = np.empty(0, np.uint8)
+        self._arenas = [np.empty(0, np.uint8), np.empty(0, np.uint8)]
+        self._turn = 0
+        self.copied = 0
 
-    def read(self, ranges: Sequence[Range]) -> dict[int, np.ndarray]:
-        """{index in `ranges`: the bytes read} for every range whose source has `read_into`; valid
-        until the next call."""
+    def start(self, ranges: Sequence[Range]) -> Callable[[], dict[int, np.ndarray]]:
+        """Start copying every range whose source has `read_into`; returns a wait() that gives
+        {index in `ranges`: its bytes}, valid until the second start() after this one."""
         jobs, size = [], 0
         for i, (f, info, lo, hi) in enumerate(ranges):
             if getattr(f, "read_into", None) is not None:
                 jobs.append((i, f, info.begin + lo, size, hi - lo))
                 size += -(-(hi - lo) // self.ALIGN) * self.ALIGN
-        if size > self._arena.nbytes:
+        arena = self._arenas[self._turn]
+        if size > arena.nbytes:
             raw = np.empty(size + self.ALIGN, np.uint8)
             skip = -raw.ctypes.data % self.ALIGN
-            self._arena = raw[skip:skip + size]
-        out = {i: self._arena[at:at + n] for i, _, _, at, n in jobs}
-        list(self._pool.map(lambda job: job[1].read_into(job[2], out[job[0]]), jobs))
-        return out
+            arena = self._arenas[self._turn] = raw[skip:skip + size]
+        self._turn ^= 1
+        out = {i: arena[at:at + n] for i, _, _, at, n in jobs}
+        futures = [self._pool.submit(f.read_into, begin, out[i]) for i, f, begin, _, _ in jobs]
+        self.copied += sum(n for *_, n in jobs)
+
+        def wait() -> dict[int, np.ndarray]:
+            for fut in futures:
+                fut.result()
+            return out
+        return wait
+
+    def read(self, ranges: Sequence[Range]) -> dict[int, np.ndarray]:
+        """start(ranges)() in one step."""
+        return self.start(ranges)()
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
-        self._arena = np.empty(0, np.uint8)
+        self._arenas = [np.empty(0, np.uint8), np.empty(0, np.uint8)]
 
     def __enter__(self) -> CopyReader:
         return self
@@ -143,16 +159,26 @@ class CopyReader:
         self.close()
 
 
+def _ranges(item: WorkItem) -> list[Range]:
+    return [(f, info, *item.span(info.dtype)) for f, info in item.sources]
+
+
 def run(items: Iterable[WorkItem], op: Op, progress: Callable[[WorkItem], None] | None = None, *,
         reader: CopyReader | None = None) -> bool:
     """For each item in order: prefetch its byte range in every source, view them (zero-copy, in
     `item.sources` order), `op(item, views)`, release the ranges, `progress(item)`. With a
-    `reader`, the sources it can read are copied into its buffers instead of mapped. Stops after
-    the first op that returns False and returns False; True when every item ran. An op must not
-    keep the views: their pages are unmapped, or their buffers reused, when it returns."""
-    for item in items:
-        ranges = [(f, info, *item.span(info.dtype)) for f, info in item.sources]
-        copied = reader.read(ranges) if reader is not None else {}
+    `reader`, the sources it can read are copied into its buffers instead, the next item's while
+    the op runs on this one. Stops after the first op that returns False and returns False; True
+    when every item ran. An op must not keep the views: their pages are unmapped, or their
+    buffers reused, once it returns."""
+    it = iter(items)
+    item = next(it, None)
+    pending = reader.start(_ranges(item)) if reader is not None and item is not None else None
+    while item is not None:
+        ranges = _ranges(item)
+        copied = pending() if pending is not None else {}
+        following = next(it, None)
+        pending = reader.start(_ranges(following)) if reader is not None and following is not None else None
         mapped = [r for i, r in enumerate(ranges) if i not in copied]
         for f, info, lo, hi in mapped:
             f.prefetch(info.begin + lo, info.begin + hi)
@@ -165,6 +191,7 @@ def run(items: Iterable[WorkItem], op: Op, progress: Callable[[WorkItem], None] 
             progress(item)
         if result is False:
             return False
+        item = following
     return True
 
 
@@ -224,16 +251,15 @@ def reads_mode(reads: str | None) -> str:
 
 
 def _copy_reader(plan: SoupPlan, reads: str | None) -> CopyReader | None:
-    """The reader `execute` copies inputs with, or None to map them: "map", "copy", or "auto" =
-    copy when the mapped files' missing pages outnumber the free memory (copies_beat_mapping)."""
+    """The reader `execute` copies the mapped input files with, or None to map them: "map",
+    "copy", or "auto" = copy when the files' pages not in the page cache may not fit in free
+    memory (reads_may_evict)."""
     mode = reads_mode(reads)
     if mode == "map":
         return None
     files = list({id(f): f for tp in plan.tensors for f, _ in tp.sources if isinstance(f, MappedFile)}.values())
-    if not files or (mode == "auto" and not copies_beat_mapping(files)):
-        log.debug("reads: mapped (%s)", mode)
+    if not files or (mode == "auto" and not reads_may_evict(files)):
         return None
-    log.debug("reads: copied (%s)", mode)
     return CopyReader(min(len(files), max(2, _usable_cpus())))
 
 
@@ -249,8 +275,9 @@ def execute(plan: SoupPlan, writer: SoupWriter, backend: Backend, *, budget_byte
     """Compute every tensor of `plan` into `writer`, in output-file order (sequential writes);
     `progress(bytes read + bytes written)` after every item. `reads`: how mapped input files are
     read, "map" (zero-copy views of mapped pages), "copy" (pread into a buffer of one item, on
-    several threads) or "auto" (default; $SOUPKERN_READS sets it): copy when the pages to read
-    exceed the free memory. Same bytes out either way."""
+    several threads, reading one item ahead) or "auto" (default; $SOUPKERN_READS sets it): copy
+    when the inputs' pages not in the page cache may not fit in free memory. Same bytes out
+    either way."""
     staging = writer.staging_bytes
     order = sorted(plan.tensors, key=lambda tp: writer.layout.where[tp.out.name])
 
@@ -261,12 +288,15 @@ def execute(plan: SoupPlan, writer: SoupWriter, backend: Backend, *, budget_byte
     done = None if progress is None else (
         lambda item: progress(item.nbytes_read + item.count * dtype_itemsize(item.tensor.out.dtype)))
     reader = _copy_reader(plan, reads)
+    # two items' copies are held at once (one read ahead): each gets half of the inputs' share
+    step_budget = budget_bytes if reader is None else staging + (budget_bytes - staging) // 2
     try:
-        run(plan_items(plan, lambda tp: _write_step(tp, budget_bytes, staging), order), _make_op(output, backend), done,
+        run(plan_items(plan, lambda tp: _write_step(tp, step_budget, staging), order), _make_op(output, backend), done,
             reader=reader)
     finally:
         if reader is not None:
             reader.close()
+            log.debug("reads: %d bytes copied", reader.copied)
     writer.flush()
 
 

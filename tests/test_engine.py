@@ -5,6 +5,7 @@ is the same bytes whatever the budget."""
 from __future__ import annotations
 
 import math
+import mmap
 import os
 from pathlib import Path
 
@@ -190,12 +191,17 @@ def test_copied_reads_are_the_same_soup_as_mapped_ones(tmp_path: Path, monkeypat
     assert outs["copy"].read_bytes() == outs["map"].read_bytes() == outs["auto"].read_bytes()
 
 
-def test_copy_reader_copies_files_and_leaves_other_sources_to_views(tmp_path: Path) -> None:
-    path = tmp_path / "f.safetensors"
-    data = np.arange(5000, dtype=np.float32)
+def one_tensor_file(folder: Path, numel: int) -> tuple[SafetensorsFile, TensorInfo, np.ndarray]:
+    """A safetensors file holding x = arange(numel) in fp32, opened."""
+    path = folder / "f.safetensors"
+    data = np.arange(numel, dtype=np.float32)
     save_file({"x": torch.from_numpy(data)}, str(path))
     f = SafetensorsFile(path)
-    info = f.tensors["x"]
+    return f, f.tensors["x"], data
+
+
+def test_copy_reader_copies_files_and_leaves_other_sources_to_views(tmp_path: Path) -> None:
+    f, info, data = one_tensor_file(tmp_path, 5000)
     mem = Recording(data, "mem")
     ranges = [(mem, info, 40, 400), (f, info, 4, 4000), (f, info, 0, 20000)]
     with CopyReader(2) as reader:
@@ -203,8 +209,11 @@ def test_copy_reader_copies_files_and_leaves_other_sources_to_views(tmp_path: Pa
         assert sorted(got) == [1, 2]
         assert bytes(got[1]) == data.tobytes()[4:4000] and bytes(got[2]) == data.tobytes()
         assert all(a.ctypes.data % CopyReader.ALIGN == 0 for a in got.values())
-        again = reader.read(ranges[1:2])  # the arena is reused
+        other = reader.start(ranges[1:2])  # the next item's read goes to the other arena ...
+        assert got[1].ctypes.data != other()[0].ctypes.data and bytes(got[1]) == data.tobytes()[4:4000]
+        again = reader.read(ranges[1:2])  # ... and the one after reuses the first
         assert again[0].ctypes.data == got[1].ctypes.data
+        assert reader.copied == 3996 * 3 + 20000
     assert mem.calls == []  # not read by the reader: the executor views it
     f.close()
 
@@ -232,37 +241,92 @@ def test_resident_bytes_and_the_automatic_choice(tmp_path: Path, monkeypatch: py
     if f.resident_bytes() > f.size // 2:
         pytest.skip("the file system keeps pages that POSIX_FADV_DONTNEED asks to drop")
     assert f.resident_bytes() == 0
-    monkeypatch.setattr(reader_mod, "free_memory_bytes", lambda: f.size - 1)
-    assert reader_mod.copies_beat_mapping([f])  # every page to read evicts another
-    monkeypatch.setattr(reader_mod, "free_memory_bytes", lambda: f.size)
-    assert not reader_mod.copies_beat_mapping([f])  # they fit in free memory
+    f.read_into(4 << 20, np.empty(256 << 10, np.uint8))  # one sampled window of 256 KiB back
+    sampled = sum(-(-min(256 << 10, f.size - off) // mmap.PAGESIZE) for off in range(0, f.size, 4 << 20))
+    assert f.resident_bytes() == round(f.size * 64 / sampled)
+    _evict(path)
+    watermark = reader_mod.reclaim_watermark_bytes()
+    monkeypatch.setattr(reader_mod, "memory_cgroup_limit", lambda: None)
+    monkeypatch.setattr(reader_mod, "free_memory_bytes", lambda: watermark + f.size - 1)
+    assert reader_mod.reads_may_evict([f])  # every page to read evicts another
+    monkeypatch.setattr(reader_mod, "memory_cgroup_limit", lambda: 768 << 20)
+    assert not reader_mod.reads_may_evict([f])  # under a cgroup limit mapped reads are faster
+    monkeypatch.setattr(reader_mod, "memory_cgroup_limit", lambda: None)
+    monkeypatch.setattr(reader_mod, "free_memory_bytes", lambda: watermark + f.size)
+    assert not reader_mod.reads_may_evict([f])  # they fit in free memory
     monkeypatch.setattr(reader_mod, "free_memory_bytes", lambda: 0)
     f.read_into(0, np.empty(f.size, np.uint8))
-    assert f.resident_bytes() == f.size and not reader_mod.copies_beat_mapping([f])  # page-cached: mapped
+    assert f.resident_bytes() == f.size and not reader_mod.reads_may_evict([f])  # page-cached: mapped
     monkeypatch.setattr(reader_mod, "free_memory_bytes", lambda: None)
-    assert not reader_mod.copies_beat_mapping([f])  # unknown free memory: mapped, as before
+    assert not reader_mod.reads_may_evict([f])  # unknown free memory: mapped, as before
     f.close()
 
 
-def test_auto_copies_exactly_when_the_choice_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                     caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize("version", [1, 2])
+def test_memory_cgroup_limit_reads_v1_and_v2(tmp_path: Path, version: int) -> None:
+    from soupkern.io.reader import memory_cgroup_limit
+
+    membership = tmp_path / "cgroup"
+    if version == 1:
+        membership.write_text("4:memory:/jobs/a\n3:cpuset:/\n0::/\n")
+        folder, name = tmp_path / "memory", "memory.limit_in_bytes"
+        unlimited = "9223372036854771712"
+    else:
+        membership.write_text("0::/jobs/a\n")
+        folder, name = tmp_path, "memory.max"
+        unlimited = "max"
+    (folder / "jobs" / "a").mkdir(parents=True)
+    (folder / name).write_text(unlimited + "\n")
+    (folder / "jobs" / "a" / name).write_text(unlimited + "\n")
+    assert memory_cgroup_limit(str(membership), str(tmp_path)) is None
+    (folder / "jobs" / name).write_text(f"{768 << 20}\n")  # a parent's limit binds its children
+    assert memory_cgroup_limit(str(membership), str(tmp_path)) == 768 << 20
+    (folder / "jobs" / "a" / name).write_text(f"{512 << 20}\n")
+    assert memory_cgroup_limit(str(membership), str(tmp_path)) == 512 << 20
+    assert memory_cgroup_limit(str(tmp_path / "absent"), str(tmp_path)) is None
+
+
+def test_auto_copies_exactly_when_reads_may_evict(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from soupkern import engine
 
     paths = save_ingredients(tmp_path)
-    used = []
-    real = engine.CopyReader.read
-    monkeypatch.setattr(engine.CopyReader, "read", lambda self, ranges: used.append(1) or real(self, ranges))
-    for beats, copied in ((False, False), (True, True)):
-        used.clear()
-        monkeypatch.setattr(engine, "copies_beat_mapping", lambda files: beats)
-        soupkern.uniform_soup(paths, tmp_path / f"o{beats}.safetensors")
-        assert bool(used) == copied
-    monkeypatch.setattr(engine, "copies_beat_mapping", lambda files: True)
+    made = []
+    monkeypatch.setattr(engine.CopyReader, "start", lambda self, ranges, real=engine.CopyReader.start:
+                        made.append(1) or real(self, ranges))
+    for evict in (False, True):
+        made.clear()
+        monkeypatch.setattr(engine, "reads_may_evict", lambda files: evict)
+        soupkern.uniform_soup(paths, tmp_path / f"o{evict}.safetensors")
+        assert bool(made) == evict
+    monkeypatch.setenv("SOUPKERN_READS", "copy")
+    made.clear()
+    soupkern.uniform_soup(paths, tmp_path / "copied.safetensors")
+    assert made
     monkeypatch.setenv("SOUPKERN_READS", "map")
-    used.clear()
+    made.clear()
     soupkern.uniform_soup(paths, tmp_path / "forced.safetensors")
-    assert not used
-    assert (tmp_path / "forced.safetensors").read_bytes() == (tmp_path / "oTrue.safetensors").read_bytes()
+    assert not made
+    first = (tmp_path / "oFalse.safetensors").read_bytes()
+    assert all((tmp_path / n).read_bytes() == first for n in ("oTrue.safetensors", "copied.safetensors",
+                                                               "forced.safetensors"))
+
+
+def test_run_with_a_reader_reads_one_item_ahead_and_stops_early(tmp_path: Path) -> None:
+    f, info, data = one_tensor_file(tmp_path, 10_000)
+    tp = TensorPlan(OutputTensor("x", "F32", (10_000,)), ((f, info),), True)
+    seen, starts = [], []
+    with CopyReader(2) as reader:
+        real = reader.start
+        reader.start = lambda ranges: starts.append(ranges[0][2]) or real(ranges)  # type: ignore[method-assign]
+
+        def op(item: WorkItem, views: list[np.ndarray]) -> bool:
+            assert starts[-1] == min(item.start + 3000, 9000) * 4  # the next item is already being read
+            seen.append(views[0].view(np.float32).copy())
+            return item.start < 6000
+        assert run(tensor_items(tp, 3000), op, reader=reader) is False
+    assert starts == [0, 12000, 24000, 36000]  # stopped at item 3 (start 6000) after reading item 4 ahead
+    assert np.array_equal(np.concatenate(seen), data[:9000])
+    f.close()
 
 
 def test_a_bad_reads_setting_is_refused_before_any_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
