@@ -22,13 +22,19 @@ from soupkern.errors import (
 )
 from soupkern.io.sources import renamed
 from soupkern.recipes import SoupReport, uniform_soup, uniform_state_dict, weighted_soup, weighted_state_dict
-from soupkern.recipes.ensemble import EnsembleResult, greedy_ensemble, ingredient_outputs, logit_ensemble
-from soupkern.recipes.greedy import GreedyResult, GreedyStep, greedy_soup
 
 __version__ = "0.1.0"
 
-# Names whose modules import torch at load time: resolved on first use, so `import soupkern` stays cheap.
+# Names resolved on first use, so `import soupkern` (and every command's start-up) stays cheap: modules
+# that import torch at load time, and recipes a file-to-file soup does not need.
 _LAZY = {
+    "EnsembleResult": "soupkern.recipes.ensemble",
+    "greedy_ensemble": "soupkern.recipes.ensemble",
+    "ingredient_outputs": "soupkern.recipes.ensemble",
+    "logit_ensemble": "soupkern.recipes.ensemble",
+    "GreedyResult": "soupkern.recipes.greedy",
+    "GreedyStep": "soupkern.recipes.greedy",
+    "greedy_soup": "soupkern.recipes.greedy",
     "Evaluator": "soupkern.evaluate",
     "learned_soup": "soupkern.recipes.learned",
     "LearnedSoupResult": "soupkern.recipes.learned",

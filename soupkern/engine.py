@@ -6,7 +6,10 @@
   of at most `step` elements, `plan_items` every tensor of a plan under a step rule.
 - `run` executes items in order: it maps each item's byte range in every source (`prefetch`),
   takes zero-copy views of them, calls `op(item, views)`, unmaps the pages (they stay in the page
-  cache) and reports progress. An op returning False stops the run early.
+  cache) and reports progress. An op returning False stops the run early. With a `CopyReader`,
+  mapped files are read with pread into buffers instead, one item ahead on worker threads: what
+  `execute` does when the inputs' missing pages exceed the free memory, where faulting in
+  mapped pages is the slow way to read (benchmarks/README.md, bench_io_regimes).
 - Ops: `weighted_sum_op` (backend.weighted_sum into an output), `copy_op`, and, built on `run`
   elsewhere, byte equality (plan._identical), the fp64 Gram reduction (analysis.delta_gram), the
   fp64 dot reduction (recipes.learned) and greedy's per-tensor reads (recipes.greedy).

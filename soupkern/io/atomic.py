@@ -20,23 +20,22 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import errno
 import fcntl
-import hashlib
 import json
 import logging
 import os
 import re
 import shutil
 import signal
-import socket
 import struct
 import sys
 import threading
 import time
 from pathlib import Path
 from typing import Callable, Iterator
+
+from soupkern.libc import libc
 
 log = logging.getLogger("soupkern")
 
@@ -56,6 +55,8 @@ def artifact_key(name: str) -> str:
     raw = name.encode("utf-8", "surrogateescape")
     if len(raw) <= _MAX_KEY_BYTES:
         return name
+    import hashlib  # here: loading OpenSSL costs every run's start-up several ms
+
     head = raw[:120].decode("utf-8", "ignore")
     return f"{head}~{hashlib.sha256(raw).hexdigest()[:16]}"
 
@@ -156,7 +157,7 @@ class OutputLock:
 
     def write_owner(self) -> None:
         assert self.fd is not None
-        info = {"output": self.target.name, "pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
+        info = {"output": self.target.name, "pid": os.getpid(), "host": os.uname().nodename, "started": time.time()}
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, json.dumps(info).encode(), 0)
 
@@ -290,15 +291,9 @@ def sweep(folder: Path, own: OutputLock | None = None,
 # ---------------------------------------------------------------------------------------------
 # renames
 
-_libc: ctypes.CDLL | None = None
-
-
 def _renameat2(src: Path, dst: Path, flags: int) -> None:
     """renameat2(2) through libc; OSError(ENOSYS/EINVAL) where the kernel, libc or filesystem lacks it."""
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    fn = getattr(_libc, "renameat2", None)
+    fn = getattr(libc(), "renameat2", None)
     if fn is None or os.environ.get("SOUPKERN_TEST_NO_RENAMEAT2"):
         raise OSError(errno.ENOSYS, "renameat2 is not available")
     r = fn(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), ctypes.c_uint(flags))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import mmap
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from soupkern.errors import HeaderError, InputError
+from soupkern.libc import function
 from soupkern.io.format import MAX_HEADER_BYTES, TensorInfo, parse_header, parse_index
 
 log = logging.getLogger("soupkern")
@@ -135,26 +137,6 @@ def _map(fd: int, size: int) -> tuple[object, object]:
         return m, m.buffer
     m = _native.Mapping(fd, size)
     return m, m
-
-
-_MINCORE: list[object] = []
-
-
-def _mincore() -> object:
-    """libc's mincore(addr, length, vec) through ctypes, or None where it is not available."""
-    if not _MINCORE:
-        fn = None
-        try:
-            import ctypes
-            import ctypes.util
-
-            fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).mincore
-            fn.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
-            fn.restype = ctypes.c_int
-        except (OSError, AttributeError):
-            fn = None
-        _MINCORE.append(fn)
-    return _MINCORE[0]
 
 
 def _meminfo(key: bytes) -> int | None:
@@ -379,7 +361,7 @@ class MappedFile:
         256 KiB of every 4 MiB (page cache fills and empties in runs of pages, so the sample
         reads 1/16 of the pages for a close estimate); None without the native mapping."""
         base = getattr(self._mm, "address", None)
-        mincore = _mincore()
+        mincore = function("mincore", (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p))
         if base is None or mincore is None or self.size == 0:
             return None
         window, stride = 256 << 10, 4 << 20

@@ -15,7 +15,6 @@ are served from soupkern's own mapping of the file, as safetensors files are.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import mmap
 import os
@@ -27,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from soupkern.errors import InputError
+from soupkern.libc import function
 from soupkern.io.format import TensorInfo, _new_tensor_info
 from soupkern.io.reader import Checkpoint, _looks_like, _signature, open_regular
 
@@ -118,21 +118,17 @@ class TensorHolder(LazyBytes):
         return super().address(info)
 
 
-_libc: Any = None
 HUGE_PAGE = 2 << 20
 MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", 14)  # Linux's value
 
 
 def _madvise(address: int, length: int, advice: int, page: int = PAGE) -> None:
     """madvise(advice) over the whole `page`-sized pages inside [address, address + length)."""
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        _libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    madvise = function("madvise", (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int))
     b = -(-address // page) * page
     e = (address + length) // page * page
-    if e > b:
-        _libc.madvise(b, e - b, advice)
+    if e > b and madvise is not None:
+        madvise(b, e - b, advice)
 
 
 def prefer_huge_pages(t: torch.Tensor) -> None:
