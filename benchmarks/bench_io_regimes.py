@@ -57,15 +57,30 @@ def _cap(limit: int) -> list[str]:
     return ["sh", "-c", f'echo $$ > {CGROUP}/cgroup.procs && exec "$@"', "sh"]
 
 
-def _run(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, int]:
-    """Wall seconds and peak RSS (KiB, /usr/bin/time) of `cmd` as a whole process."""
+def _disk_reads() -> int:
+    """Bytes the system has read from block devices so far (/proc/vmstat pgpgin, KiB), or 0."""
+    try:
+        for line in Path("/proc/vmstat").read_text().splitlines():
+            if line.startswith("pgpgin "):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _run(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, int, dict[str, float]]:
+    """Wall seconds, peak RSS (KiB) and {user s, system s, disk GB read system-wide} of `cmd` as a
+    whole process (/usr/bin/time; /proc/vmstat around it)."""
+    before = _disk_reads()
     t0 = time.perf_counter()
-    proc = subprocess.run(["/usr/bin/time", "-f", "%M", *cmd], capture_output=True, text=True,
+    proc = subprocess.run(["/usr/bin/time", "-f", "%U %S %M", *cmd], capture_output=True, text=True,
                           env=None if env is None else {**os.environ, **env})
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd[:4])} ... failed:\n{proc.stderr[-3000:]}")
-    return seconds, int(proc.stderr.strip().splitlines()[-1])
+    user, system, peak = proc.stderr.strip().splitlines()[-1].split()
+    return seconds, int(peak), {"user_s": float(user), "system_s": float(system),
+                                "disk_read_gb": (_disk_reads() - before) / 1e9}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         times: dict[str, list[float]] = {m: [] for m in commands}
         rss: dict[str, list[int]] = {m: [] for m in commands}
+        cpu_io: dict[str, list[dict[str, float]]] = {m: [] for m in commands}
         if regime == "warm":
             floor(out, paths)
         for _ in range(args.repeats):
@@ -110,23 +126,32 @@ def main(argv: list[str] | None = None) -> int:
                 if regime in ("cold", "capped"):
                     _drop_caches()
                 prefix = _cap(args.cap_bytes) if regime == "capped" else []
-                seconds, peak = _run([*prefix, *cmd], env if method == "soupkern" else None)
+                seconds, peak, usage = _run([*prefix, *cmd], env if method == "soupkern" else None)
                 times[method].append(seconds)
                 rss[method].append(peak)
+                cpu_io[method].append(usage)
                 os.remove(out)
         ratios = [s / f for s, f in zip(times["soupkern"], times["floor"])]
+        def med(method: str, key: str) -> str:
+            return f"{statistics.median(u[key] for u in cpu_io[method]):.1f}"
         rows.append((regime, fmt(statistics.median(times["floor"]), 2), fmt(statistics.median(times["soupkern"]), 2),
                      f"{statistics.median(ratios):.2f}", f"{min(ratios):.2f}-{max(ratios):.2f}",
-                     fmt(max(rss["soupkern"]) / 2**20, 2)))
-        records.append({"regime": regime, "seconds": times, "peak_rss_kib": rss, "ratios": ratios})
+                     fmt(max(rss["soupkern"]) / 2**20, 2),
+                     f"{med('floor', 'user_s')} / {med('floor', 'system_s')}",
+                     f"{med('soupkern', 'user_s')} / {med('soupkern', 'system_s')}",
+                     f"{med('floor', 'disk_read_gb')} / {med('soupkern', 'disk_read_gb')}"))
+        records.append({"regime": regime, "seconds": times, "peak_rss_kib": rss, "ratios": ratios, "usage": cpu_io})
     name = args.out or str(RESULTS_DIR / f"io_regimes_{args.model}_{args.dtype}_n{args.n}")
     write_results(name, f"# Whole-process uniform soup vs the I/O floor: {args.n} x {args.model} {args.dtype} "
                   f"({inputs_gb:.1f} GB of inputs)\n\n"
                   f"`python benchmarks/bench_io_regimes.py --model {args.model} --dtype {args.dtype} -n {args.n} "
                   f"--regimes {args.regimes} --repeats {args.repeats}{''.join(' --env ' + kv for kv in args.env)}`: whole processes (interpreter start and "
                   "imports included), soupkern and the floor alternating, medians of "
-                  f"{args.repeats}; ratio = median of the per-pair soupkern / floor ratios.\n\n",
-                  ["regime", "floor s", "soupkern s", "ratio", "ratio range", "soupkern peak RSS GiB"], rows,
+                  f"{args.repeats}; ratio = median of the per-pair soupkern / floor ratios; user / sys: CPU seconds "
+                  "of the process (/usr/bin/time), medians; disk GB read: /proc/vmstat pgpgin over the run "
+                  "(system-wide), medians.\n\n",
+                  ["regime", "floor s", "soupkern s", "ratio", "ratio range", "soupkern peak RSS GiB",
+                   "floor user / sys s", "soupkern user / sys s", "disk GB read floor / soupkern"], rows,
                   {"results": records})
     return 0
 
