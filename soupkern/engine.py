@@ -27,17 +27,17 @@ from __future__ import annotations
 
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
 
 from soupkern.dtype_codes import DTYPE_CODES
-from soupkern.errors import InputError
 from soupkern.io import SoupWriter, TensorInfo, dtype_itemsize
 from soupkern.io.reader import MappedFile, reads_may_evict
-from soupkern.options import MIN_BUDGET_BYTES
+from soupkern.options import MIN_BUDGET_BYTES, READS, reads_mode
 
 if TYPE_CHECKING:
     from soupkern.backends import Backend
@@ -112,24 +112,59 @@ class CopyReader:
     """Reads items' bytes with copies (pread) instead of mapped views, for the sources that can
     (`read_into`: mapped files), several sources at once on `workers` threads (pread releases
     the GIL), into two reusable arenas in turn: `run` starts reading the next item while the op
-    runs on this one. A context manager; `close` waits for reads in flight and ends the threads.
-    `copied`: bytes read."""
+    runs on this one. Each file is read through one descriptor kept open (up to `max_open`, the
+    least recently used closed beyond), so a file's permissions changing mid-run do not matter,
+    as with a mapping. A context manager; `close` waits for reads in flight, closes the
+    descriptors and ends the threads. `copied`: bytes read."""
 
     ALIGN = 64
 
-    def __init__(self, workers: int):
+    def __init__(self, workers: int, max_open: int | None = None):
         self._pool = ThreadPoolExecutor(max(workers, 1), thread_name_prefix="soupkern-read")
         self._arenas = [np.empty(0, np.uint8), np.empty(0, np.uint8)]
         self._turn = 0
+        self._inflight: list[Future[None]] = []
+        self._fds: OrderedDict[int, tuple[object, int]] = OrderedDict()
+        self._max_open = max_open if max_open is not None else _descriptor_allowance()
         self.copied = 0
 
+    def drain(self) -> None:
+        """Wait for the reads in flight; their errors are dropped (whoever wanted the bytes has
+        stopped waiting for them)."""
+        for fut in self._inflight:
+            try:
+                fut.result()
+            except Exception:  # noqa: BLE001 - an abandoned read's failure concerns no one
+                pass
+        self._inflight = []
+
+    def _descriptor(self, f: object, held: set[int]) -> int | None:
+        """f's kept descriptor (opened on first use), or None (read_into then opens its own) when
+        every kept one is in use by the current item and no more may be opened."""
+        key = id(f)
+        if key in self._fds:
+            self._fds.move_to_end(key)
+            return self._fds[key][1]
+        if len(self._fds) >= self._max_open:
+            victim = next((k for k in self._fds if k not in held), None)
+            if victim is None:
+                return None
+            os.close(self._fds.pop(victim)[1])
+        fd = f.open_for_reads()  # type: ignore[attr-defined]
+        self._fds[key] = (f, fd)  # the file object is kept too, so its id is not reused
+        return fd
+
     def start(self, ranges: Sequence[Range]) -> Callable[[], dict[int, np.ndarray]]:
-        """Start copying every range whose source has `read_into`; returns a wait() that gives
-        {index in `ranges`: its bytes}, valid until the second start() after this one."""
-        jobs, size = [], 0
+        """Start copying every range whose source has `read_into` (after the reads still in
+        flight end); returns a wait() that gives {index in `ranges`: its bytes}, valid until the
+        second start() after this one."""
+        self.drain()
+        jobs, size, held = [], 0, set()
         for i, (f, info, lo, hi) in enumerate(ranges):
             if getattr(f, "read_into", None) is not None:
-                jobs.append((i, f, info.begin + lo, size, hi - lo))
+                fd = self._descriptor(f, held)
+                held.add(id(f))
+                jobs.append((i, f, fd, info.begin + lo, size, hi - lo))
                 size += -(-(hi - lo) // self.ALIGN) * self.ALIGN
         arena = self._arenas[self._turn]
         if size > arena.nbytes:
@@ -137,8 +172,9 @@ class CopyReader:
             skip = -raw.ctypes.data % self.ALIGN
             arena = self._arenas[self._turn] = raw[skip:skip + size]
         self._turn ^= 1
-        out = {i: arena[at:at + n] for i, _, _, at, n in jobs}
-        futures = [self._pool.submit(f.read_into, begin, out[i]) for i, f, begin, _, _ in jobs]
+        out = {i: arena[at:at + n] for i, _, _, _, at, n in jobs}
+        futures = [self._pool.submit(f.read_into, begin, out[i], fd) for i, f, fd, begin, _, _ in jobs]
+        self._inflight = futures
         self.copied += sum(n for *_, n in jobs)
 
         def wait() -> dict[int, np.ndarray]:
@@ -152,7 +188,11 @@ class CopyReader:
         return self.start(ranges)()
 
     def close(self) -> None:
+        self.drain()
         self._pool.shutdown(wait=True)
+        for _, fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
         self._arenas = [np.empty(0, np.uint8), np.empty(0, np.uint8)]
 
     def __enter__(self) -> CopyReader:
@@ -160,6 +200,19 @@ class CopyReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _descriptor_allowance() -> int:
+    """How many descriptors a CopyReader keeps open: a quarter of the soft RLIMIT_NOFILE, 16 to 1024."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):
+        return 16
+    if soft == getattr(resource, "RLIM_INFINITY", -1) or soft < 0:
+        return 1024
+    return max(16, min(soft // 4, 1024))
 
 
 def _ranges(item: WorkItem) -> list[Range]:
@@ -177,25 +230,29 @@ def run(items: Iterable[WorkItem], op: Op, progress: Callable[[WorkItem], None] 
     it = iter(items)
     item = next(it, None)
     pending = reader.start(_ranges(item)) if reader is not None and item is not None else None
-    while item is not None:
-        ranges = _ranges(item)
-        copied = pending() if pending is not None else {}
-        following = next(it, None)
-        pending = reader.start(_ranges(following)) if reader is not None and following is not None else None
-        mapped = [r for i, r in enumerate(ranges) if i not in copied]
-        for f, info, lo, hi in mapped:
-            f.prefetch(info.begin + lo, info.begin + hi)
-        views = [copied[i] if i in copied else f.view(info, lo, hi) for i, (f, info, lo, hi) in enumerate(ranges)]
-        result = op(item, views)
-        del views
-        for f, info, lo, hi in mapped:
-            f.release(info.begin + lo, info.begin + hi)
-        if progress is not None:
-            progress(item)
-        if result is False:
-            return False
-        item = following
-    return True
+    try:
+        while item is not None:
+            ranges = _ranges(item)
+            copied = pending() if pending is not None else {}
+            following = next(it, None)
+            pending = reader.start(_ranges(following)) if reader is not None and following is not None else None
+            mapped = [r for i, r in enumerate(ranges) if i not in copied]
+            for f, info, lo, hi in mapped:
+                f.prefetch(info.begin + lo, info.begin + hi)
+            views = [copied[i] if i in copied else f.view(info, lo, hi) for i, (f, info, lo, hi) in enumerate(ranges)]
+            result = op(item, views)
+            del views
+            for f, info, lo, hi in mapped:
+                f.release(info.begin + lo, info.begin + hi)
+            if progress is not None:
+                progress(item)
+            if result is False:
+                return False
+            item = following
+        return True
+    finally:
+        if reader is not None:
+            reader.drain()  # a read ahead must not land in a buffer after the run returns
 
 
 Output = Callable[[WorkItem], np.ndarray]  # the writable output bytes of an item
@@ -241,29 +298,21 @@ def _write_step(tp: TensorPlan, budget_bytes: int, staging: int) -> int:
     return max(step - step % 1024, 1024) if step >= 1024 else max(step, 1)
 
 
-READS = ("auto", "map", "copy")
-
-
-def reads_mode(reads: str | None) -> str:
-    """`reads`, or $SOUPKERN_READS, or "auto"; checked against READS."""
-    mode = reads if reads is not None else (os.environ.get("SOUPKERN_READS") or "auto")
-    if mode not in READS:
-        source = "reads" if reads is not None else "SOUPKERN_READS"
-        raise InputError(f"{source} must be one of {', '.join(READS)}, got {mode!r}")
-    return mode
-
-
 def _copy_reader(plan: SoupPlan, reads: str | None) -> CopyReader | None:
     """The reader `execute` copies the mapped input files with, or None to map them: "map",
-    "copy", or "auto" = copy when the files' pages not in the page cache may not fit in free
-    memory (reads_may_evict)."""
+    "copy", or "auto" = copy when the bytes the plan reads from them that are not in the page
+    cache may not fit in free memory (reads_may_evict)."""
     mode = reads_mode(reads)
     if mode == "map":
         return None
-    files = list({id(f): f for tp in plan.tensors for f, _ in tp.sources if isinstance(f, MappedFile)}.values())
-    if not files or (mode == "auto" and not reads_may_evict(files)):
+    needs: dict[MappedFile, int] = {}
+    for tp in plan.tensors:
+        for f, info in tp.sources if tp.average else tp.sources[:1]:
+            if isinstance(f, MappedFile):
+                needs[f] = needs.get(f, 0) + info.nbytes
+    if not needs or (mode == "auto" and not reads_may_evict(needs)):
         return None
-    return CopyReader(min(len(files), max(2, _usable_cpus())))
+    return CopyReader(min(len(needs), max(2, _usable_cpus())))
 
 
 def _usable_cpus() -> int:

@@ -133,3 +133,16 @@ def check_device(device: object) -> Any:
         if backend is None or not getattr(backend, "is_available", lambda: False)():
             raise InputError(f"device {device!r}: no {dev.type} device is usable here")
     return dev
+
+
+READS = ("auto", "map", "copy")
+
+
+def reads_mode(reads: str | None) -> str:
+    """How a file-to-file soup reads its mapped inputs: `reads`, or $SOUPKERN_READS, or "auto";
+    InputError naming the setting when it is not one of READS."""
+    mode = reads if reads is not None else (os.environ.get("SOUPKERN_READS") or "auto")
+    if mode not in READS:
+        source = "reads" if reads is not None else "SOUPKERN_READS"
+        raise InputError(f"{source} must be one of {', '.join(READS)}, got {mode!r}")
+    return mode

@@ -191,6 +191,22 @@ def test_copied_reads_are_the_same_soup_as_mapped_ones(tmp_path: Path, monkeypat
     assert outs["copy"].read_bytes() == outs["map"].read_bytes() == outs["auto"].read_bytes()
 
 
+def test_a_copied_soup_reads_every_file_byte_through_the_reader(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from soupkern import engine
+
+    paths = save_ingredients(tmp_path)
+    readers: list[CopyReader] = []
+    real = engine.CopyReader.__init__
+    opened: list[str] = []
+    real_open = SafetensorsFile.open_for_reads
+    monkeypatch.setattr(engine.CopyReader, "__init__", lambda self, *a, **k: readers.append(self) or real(self, *a, **k))
+    monkeypatch.setattr(SafetensorsFile, "open_for_reads", lambda self: opened.append(self.path) or real_open(self))
+    monkeypatch.setenv("SOUPKERN_READS", "copy")
+    report = soupkern.weighted_soup(paths, [0.2, 0.3, 0.5], tmp_path / "o.safetensors", budget_bytes=MIN_BUDGET_BYTES)
+    assert len(readers) == 1 and readers[0].copied == report.bytes_read  # no byte came from a mapped view
+    assert sorted(opened) == sorted(map(str, paths))  # one descriptor per file, kept for the run
+
+
 def one_tensor_file(folder: Path, numel: int) -> tuple[SafetensorsFile, TensorInfo, np.ndarray]:
     """A safetensors file holding x = arange(numel) in fp32, opened."""
     path = folder / "f.safetensors"
@@ -243,22 +259,23 @@ def test_resident_bytes_and_the_automatic_choice(tmp_path: Path, monkeypatch: py
     assert f.resident_bytes() == 0
     f.read_into(4 << 20, np.empty(256 << 10, np.uint8))  # one sampled window of 256 KiB back
     sampled = sum(-(-min(256 << 10, f.size - off) // mmap.PAGESIZE) for off in range(0, f.size, 4 << 20))
-    assert f.resident_bytes() == round(f.size * 64 / sampled)
+    assert f.resident_bytes() == round(f.size * ((256 << 10) // mmap.PAGESIZE) / sampled)
     _evict(path)
     watermark = reader_mod.reclaim_watermark_bytes()
     monkeypatch.setattr(reader_mod, "memory_cgroup_limit", lambda: None)
     monkeypatch.setattr(reader_mod, "free_memory_bytes", lambda: watermark + f.size - 1)
-    assert reader_mod.reads_may_evict([f])  # every page to read evicts another
+    assert reader_mod.reads_may_evict({f: f.size})  # every page to read evicts another
+    assert not reader_mod.reads_may_evict({f: f.size // 2})  # the plan reads half of it: that fits
     monkeypatch.setattr(reader_mod, "memory_cgroup_limit", lambda: 768 << 20)
-    assert not reader_mod.reads_may_evict([f])  # under a cgroup limit mapped reads are faster
+    assert not reader_mod.reads_may_evict({f: f.size})  # under a cgroup limit mapped reads are faster
     monkeypatch.setattr(reader_mod, "memory_cgroup_limit", lambda: None)
     monkeypatch.setattr(reader_mod, "free_memory_bytes", lambda: watermark + f.size)
-    assert not reader_mod.reads_may_evict([f])  # they fit in free memory
+    assert not reader_mod.reads_may_evict({f: f.size})  # they fit in free memory
     monkeypatch.setattr(reader_mod, "free_memory_bytes", lambda: 0)
     f.read_into(0, np.empty(f.size, np.uint8))
-    assert f.resident_bytes() == f.size and not reader_mod.reads_may_evict([f])  # page-cached: mapped
+    assert f.resident_bytes() == f.size and not reader_mod.reads_may_evict({f: f.size})  # page-cached: mapped
     monkeypatch.setattr(reader_mod, "free_memory_bytes", lambda: None)
-    assert not reader_mod.reads_may_evict([f])  # unknown free memory: mapped, as before
+    assert not reader_mod.reads_may_evict({f: f.size})  # unknown free memory: mapped, as before
     f.close()
 
 
@@ -284,6 +301,10 @@ def test_memory_cgroup_limit_reads_v1_and_v2(tmp_path: Path, version: int) -> No
     (folder / "jobs" / "a" / name).write_text(f"{512 << 20}\n")
     assert memory_cgroup_limit(str(membership), str(tmp_path)) == 512 << 20
     assert memory_cgroup_limit(str(tmp_path / "absent"), str(tmp_path)) is None
+    (folder / "jobs" / "a" / name).write_text("\u00b2\n")  # str.isdigit() says yes, int() says no
+    assert memory_cgroup_limit(str(membership), str(tmp_path)) == 768 << 20
+    membership.write_bytes(membership.read_bytes().replace(b"/jobs/a", b"/jobs/\xff\xfe"))  # not UTF-8
+    assert memory_cgroup_limit(str(membership), str(tmp_path)) == 768 << 20  # its parent's limit still binds
 
 
 def test_auto_copies_exactly_when_reads_may_evict(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -321,6 +342,7 @@ def test_run_with_a_reader_reads_one_item_ahead_and_stops_early(tmp_path: Path) 
 
         def op(item: WorkItem, views: list[np.ndarray]) -> bool:
             assert starts[-1] == min(item.start + 3000, 9000) * 4  # the next item is already being read
+            assert views[0].flags.writeable  # the reader's buffer, not the (read-only) mapping
             seen.append(views[0].view(np.float32).copy())
             return item.start < 6000
         assert run(tensor_items(tp, 3000), op, reader=reader) is False
@@ -337,6 +359,10 @@ def test_a_bad_reads_setting_is_refused_before_any_output(tmp_path: Path, monkey
         soupkern.uniform_soup(paths, out)
     assert not out.exists()
     assert not [n for n in os.listdir(tmp_path) if ".soupkern-" in n]
+    from soupkern.recipes.weighted import check_soup_output
+
+    with pytest.raises(soupkern.InputError, match="SOUPKERN_READS must be one of"):
+        check_soup_output(paths, out)  # what greedy, learned and interpolate check before their long work
 
 
 @pytest.mark.parametrize("change", ["truncated", "rewritten", "replaced"])
@@ -357,3 +383,52 @@ def test_a_copied_read_of_a_changed_file_names_it(tmp_path: Path, change: str) -
     with pytest.raises(soupkern.InputError, match=f"^{path}: was {what} by another process while being read"):
         f.read_into(info.begin, np.empty(1000, np.uint8))
     f.close()
+
+
+def test_a_reader_reused_after_an_early_stop_gets_no_stale_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The read ahead of a run that stopped early must not land in a buffer the next run uses."""
+    import time
+
+    zeros, ones = tmp_path / "z.safetensors", tmp_path / "o.safetensors"
+    save_file({"x": torch.zeros(4096)}, str(zeros))
+    save_file({"x": torch.ones(4096)}, str(ones))
+    z, o = SafetensorsFile(zeros), SafetensorsFile(ones)
+    real = SafetensorsFile.read_into
+
+    def slow(self, begin, out, fd=None):  # type: ignore[no-untyped-def]
+        if self is z:
+            time.sleep(0.3)
+        return real(self, begin, out, fd)
+
+    monkeypatch.setattr(SafetensorsFile, "read_into", slow)
+
+    def plan_of(f: SafetensorsFile) -> TensorPlan:
+        return TensorPlan(OutputTensor("x", "F32", (4096,)), ((f, f.tensors["x"]),), True)
+
+    with CopyReader(2) as reader:
+        assert run(tensor_items(plan_of(z), 1024), lambda item, views: False, reader=reader) is False
+        seen = []
+        run(tensor_items(plan_of(o), 1024), lambda item, views: seen.append(views[0].view(np.float32).copy()), reader=reader)
+    assert np.array_equal(np.concatenate(seen), np.ones(4096, np.float32))
+    z.close()
+    o.close()
+
+
+def test_a_file_truncated_during_copied_reads_names_it_and_writes_nothing(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    paths = save_ingredients(tmp_path)
+    real = SafetensorsFile.read_into
+    calls = []
+
+    def truncating(self, begin, out, fd=None):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        if len(calls) == 4:
+            os.truncate(paths[1], 4096)
+        return real(self, begin, out, fd)
+
+    monkeypatch.setattr(SafetensorsFile, "read_into", truncating)
+    monkeypatch.setenv("SOUPKERN_READS", "copy")
+    out = tmp_path / "o.safetensors"
+    with pytest.raises(soupkern.InputError, match=f"^{paths[1]}: was truncated by another process while being read"):
+        soupkern.uniform_soup(paths, out, budget_bytes=MIN_BUDGET_BYTES)
+    assert not out.exists() and not [n for n in os.listdir(tmp_path) if ".soupkern-" in n]

@@ -11,6 +11,7 @@ import re
 import stat
 import struct
 import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -177,11 +178,12 @@ def reclaim_watermark_bytes() -> int:
 
 def memory_cgroup_limit(membership: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> int | None:
     """The smallest memory limit on this process's cgroup and its ancestors (cgroup v1 memory
-    controller, or v2 memory.max, mounted under `root`) below the machine's memory, or None."""
+    controller, or v2 memory.max, mounted under `root`) below the machine's memory, or None
+    (also when the files say something unexpected)."""
     total = _meminfo(b"MemTotal:")
     try:
-        with open(membership) as f:
-            lines = f.read().splitlines()
+        with open(membership, "rb") as f:
+            lines = f.read().decode("utf-8", "surrogateescape").splitlines()
     except OSError:
         return None
     candidates = []
@@ -195,35 +197,36 @@ def memory_cgroup_limit(membership: str = "/proc/self/cgroup", root: str = "/sys
         elif controllers == "":
             candidates += [(r, path, "memory.max") for r in (root, os.path.join(root, "unified"))]
     limits = []
-    for root, path, name in candidates:
+    for base, path, name in candidates:
         parts = [p for p in path.split("/") if p]
         for depth in range(len(parts), -1, -1):
             try:
-                with open(os.path.join(root, *parts[:depth], name)) as f:
+                with open(os.path.join(base, *parts[:depth], name), "rb") as f:
                     text = f.read().strip()
-            except OSError:
+                if text.isdigit():  # bytes.isdigit: ASCII digits only
+                    limits.append(int(text))
+            except (OSError, ValueError):
                 continue
-            if text.isdigit():
-                limits.append(int(text))
     finite = [x for x in limits if total is None or x < total]
     return min(finite) if finite else None
 
 
-def reads_may_evict(files: list[MappedFile]) -> bool:
-    """Whether a streaming pass over `files` may have to evict page-cache pages to read them:
-    their bytes not in the page cache exceed the free memory above the reclaim watermark. False
-    under a memory cgroup limit: there, mapped reads measured faster than copies (4 x ViT-L/14
-    and 8 x ViT-G/14 in 768 MiB, benchmarks/README.md)."""
+def reads_may_evict(needs: Mapping[MappedFile, int]) -> bool:
+    """Whether reading `needs[f]` bytes of each mapped file f in one streaming pass may have to
+    evict page-cache pages: the part of them not in the page cache (each file's resident share,
+    sampled) exceeds the free memory above the reclaim watermark. False under a memory cgroup
+    limit: there, mapped reads measured faster than copies (4 x ViT-L/14 and 8 x ViT-G/14 in 768
+    MiB, README)."""
     free = free_memory_bytes()
-    if free is None or not files or memory_cgroup_limit() is not None:
+    if free is None or not needs or memory_cgroup_limit() is not None:
         return False
     room = max(free - reclaim_watermark_bytes(), 0)
-    missing = 0
-    for f in files:
+    missing = 0.0
+    for f, need in needs.items():
         resident = f.resident_bytes()
         if resident is None:
             return False
-        missing += f.size - resident
+        missing += need * (1 - resident / f.size) if f.size else 0
         if missing > room:
             return True
     return False
@@ -333,17 +336,38 @@ class MappedFile:
         if err:  # kernel without MADV_POPULATE_READ: fall back to ordinary faults
             self._can_populate = False
 
-    def read_into(self, begin: int, out: np.ndarray) -> None:
+    def open_for_reads(self) -> int:
+        """A new read-only descriptor of this file for `read_into` (the caller closes it), checked
+        to be the file that was opened; InputError naming the file otherwise."""
+        try:
+            fd = open_regular(self.path)
+        except InputError:
+            try:
+                os.stat(self.path)
+                reason = "it cannot be opened now"
+            except OSError as e:
+                reason = e.strerror
+            raise InputError(f"was removed or became unreadable while being read ({reason}); "
+                             f"the soup was not written", path=self.path) from None
+        try:
+            self._check_signature(_signature(os.fstat(fd)))
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def read_into(self, begin: int, out: np.ndarray, fd: int | None = None) -> None:
         """Copy file bytes [begin, begin + out.nbytes) into `out` (a writable uint8 array) with
-        pread, through a descriptor opened for this call (so any number of inputs stays under
-        `ulimit -n`); thread-safe. Raises InputError, naming the file, when it was replaced,
-        modified or truncated since it was opened."""
+        pread, through `fd` (from `open_for_reads`) or else a descriptor opened for this call;
+        thread-safe. Raises InputError, naming the file, when it was replaced, modified, removed
+        or truncated since it was opened."""
         n = out.nbytes
         if ACCESS_LOG is not None and n:
             ACCESS_LOG.append((self.path, begin, begin + n))
-        fd = open_regular(self.path)
+        own = fd is None
+        if own:
+            fd = self.open_for_reads()
         try:
-            self._check_signature(_signature(os.fstat(fd)))
             done = 0
             while done < n:
                 try:
@@ -354,7 +378,8 @@ class MappedFile:
                     raise InputError(_TRUNCATED, path=self.path)
                 done += got
         finally:
-            os.close(fd)
+            if own:
+                os.close(fd)
 
     def resident_bytes(self) -> int | None:
         """About how many of this file's bytes are in the page cache: mincore over the first

@@ -22,14 +22,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence, TypeVar, Union
 
 from soupkern.backends import DEVICE_BACKENDS, get_backend, requested_backend
-from soupkern.engine import DEFAULT_BUDGET_BYTES, execute, fill_many, reads_mode, staging_bytes_for
+from soupkern.engine import DEFAULT_BUDGET_BYTES, execute, fill_many, staging_bytes_for
 from soupkern import strict_json
 from soupkern.errors import InputError, OutputError
 from soupkern.io import Checkpoint, SoupWriter, open_checkpoint, plan_output
 from soupkern.io.writer import check_metadata
 from soupkern.io.sources import labels
 from soupkern.options import (check_budget, check_device, check_divisor, check_flag, check_shard_size,
-                              coefficient_vector, ingredient_list)
+                              coefficient_vector, ingredient_list, reads_mode)
 from soupkern.plan import KeyPolicy, SoupPlan, build_plan, normalize_dtype
 
 if TYPE_CHECKING:
@@ -207,7 +207,6 @@ def weighted_soup(
     check_soup_options(budget_bytes=budget_bytes, dtype=dtype, keys=keys, max_shard_size=max_shard_size,
                        metadata=metadata, overwrite=overwrite, fsync=fsync)
     divisor = check_divisor(divisor)
-    reads_mode(None)  # a bad $SOUPKERN_READS is refused before any output
     if out_format not in ("safetensors", "dcp"):
         raise InputError(f"out_format must be 'safetensors' or 'dcp', got {out_format!r}")
     dev, kernels = _device_route(backend, device)
@@ -532,6 +531,7 @@ def check_soup_options(*, budget_bytes: object = DEFAULT_BUDGET_BYTES, dtype: ob
     check_metadata(metadata)  # type: ignore[arg-type]
     check_flag(overwrite, "overwrite")
     check_flag(fsync, "fsync")
+    reads_mode(None)  # $SOUPKERN_READS
 
 
 def _device_route(backend: str | None, device: object) -> tuple[object, DeviceKernels | None]:
