@@ -432,3 +432,21 @@ def test_a_file_truncated_during_copied_reads_names_it_and_writes_nothing(tmp_pa
     with pytest.raises(soupkern.InputError, match=f"^{paths[1]}: was truncated by another process while being read"):
         soupkern.uniform_soup(paths, out, budget_bytes=MIN_BUDGET_BYTES)
     assert not out.exists() and not [n for n in os.listdir(tmp_path) if ".soupkern-" in n]
+
+
+def test_a_reader_keeps_at_most_max_open_descriptors(tmp_path: Path) -> None:
+    files, data = [], []
+    for i in range(3):
+        path = tmp_path / f"f{i}.safetensors"
+        data.append(np.full(1000, i, np.float32))
+        save_file({"x": torch.from_numpy(data[-1])}, str(path))
+        files.append(SafetensorsFile(path))
+    ranges = [(f, f.tensors["x"], 0, 4000) for f in files]
+    with CopyReader(2, max_open=1) as reader:
+        for chosen in (ranges, ranges[1:], ranges[::-1]):
+            got = reader.read(chosen)
+            assert [bytes(got[i]) for i in range(len(chosen))] == [data[files.index(r[0])].tobytes() for r in chosen]
+            assert len(reader._fds) == 1
+    assert not reader._fds
+    for f in files:
+        f.close()
