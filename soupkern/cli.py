@@ -327,8 +327,8 @@ def _run_soup(args: argparse.Namespace, paths: list[str], coeffs: list[float] | 
     # Idle OpenMP threads sleep instead of spinning while this thread maps and writes (set before
     # the kernels load; the user's own setting wins): a file-to-file soup is I/O-bound, and the
     # spinning thread took the core the kernel's page-cache work needs (8 x ViT-G/14 bf16 larger
-    # than RAM, alternating with the I/O floor: user time 6-8 s instead of 12-15 s, wall 20.8 s
-    # instead of 22.7 s, medians of 3).
+    # than RAM read through mapped pages, alternating with the I/O floor: user time 6-8 s instead
+    # of 12-15 s, wall 20.8 s instead of 22.7 s, medians of 3).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     _run_distributed(args, lambda a: _soup(a, paths, coeffs))
 

@@ -37,14 +37,14 @@ import numpy as np
 from soupkern.dtype_codes import DTYPE_CODES
 from soupkern.io import SoupWriter, TensorInfo, dtype_itemsize
 from soupkern.io.reader import MappedFile, reads_may_evict
-from soupkern.options import MIN_BUDGET_BYTES, READS, reads_mode
+from soupkern.options import MIN_BUDGET_BYTES, reads_mode
 
 if TYPE_CHECKING:
     from soupkern.backends import Backend
     from soupkern.plan import SoupPlan, TensorPlan
 
-__all__ = ["DEFAULT_BUDGET_BYTES", "MIN_BUDGET_BYTES", "READS", "CopyReader", "WorkItem", "copy_op", "execute", "fill_many", "fill_tensor",
-           "plan_items", "run", "staging_bytes_for", "tensor_items", "weighted_sum_op"]
+__all__ = ["DEFAULT_BUDGET_BYTES", "MIN_BUDGET_BYTES", "CopyReader", "WorkItem", "copy_op", "execute", "fill_many",
+           "fill_tensor", "plan_items", "run", "staging_bytes_for", "tensor_items", "weighted_sum_op"]
 
 log = logging.getLogger("soupkern")
 DEFAULT_BUDGET_BYTES = 64 << 20

@@ -96,6 +96,7 @@ _MAGIC = ((b"\x89HDF", "an HDF5 file (Keras .h5?)"), (b"\x1f\x8b", "gzip-compres
           (b"GGUF", "a GGUF file (llama.cpp)"), (b"\x08", "possibly a protobuf (ONNX / TensorFlow?)"))
 
 
+_REMOVED = "was removed or became unreadable while being read ({}); the soup was not written"
 _TRUNCATED = ("was truncated by another process while being read; the soup was not written "
               "(rerun once the file is stable)")
 
@@ -300,8 +301,7 @@ class MappedFile:
         try:
             now = _signature(os.stat(self.path))
         except OSError as e:
-            raise InputError(f"was removed or became unreadable while being read ({e.strerror}); "
-                             f"the soup was not written", path=self.path) from None
+            raise InputError(_REMOVED.format(e.strerror), path=self.path) from None
         self._check_signature(now)
 
     def _check_signature(self, now: tuple[int, int, int, int]) -> None:
@@ -347,8 +347,7 @@ class MappedFile:
                 reason = "it cannot be opened now"
             except OSError as e:
                 reason = e.strerror
-            raise InputError(f"was removed or became unreadable while being read ({reason}); "
-                             f"the soup was not written", path=self.path) from None
+            raise InputError(_REMOVED.format(reason), path=self.path) from None
         try:
             self._check_signature(_signature(os.fstat(fd)))
         except BaseException:

@@ -28,7 +28,7 @@ import numpy as np
 from soupkern.errors import InputError
 from soupkern.libc import function
 from soupkern.io.format import TensorInfo, _new_tensor_info
-from soupkern.io.reader import Checkpoint, _looks_like, _signature, open_regular
+from soupkern.io.reader import _REMOVED, Checkpoint, _looks_like, _signature, open_regular
 
 if TYPE_CHECKING:
     import torch
@@ -258,8 +258,7 @@ class _PickleFile:
         try:
             now = _signature(os.stat(self.path))
         except OSError as e:
-            raise InputError(f"was removed or became unreadable while being read ({e.strerror}); "
-                             "the soup was not written", path=self.path) from None
+            raise InputError(_REMOVED.format(e.strerror), path=self.path) from None
         if now != self.signature:
             raise InputError("was modified by another process while being read; the soup was not written "
                              "(rerun once the file is stable)", path=self.path)
