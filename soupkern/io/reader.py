@@ -216,8 +216,8 @@ def reads_may_evict(needs: Mapping[MappedFile, int]) -> bool:
     """Whether reading `needs[f]` bytes of each mapped file f in one streaming pass may have to
     evict page-cache pages: the part of them not in the page cache (each file's resident share,
     sampled) exceeds the free memory above the reclaim watermark. False under a memory cgroup
-    limit: there, mapped reads measured faster than copies (4 x ViT-L/14 and 8 x ViT-G/14 in 768
-    MiB, README)."""
+    limit: there, mapped reads measured as fast or faster than copies (768 MiB: 4 x ViT-L/14
+    0.91-0.97x the floor mapped, 1.08x copied; 8 x ViT-G/14 even; README)."""
     free = free_memory_bytes()
     if free is None or not needs or memory_cgroup_limit() is not None:
         return False
