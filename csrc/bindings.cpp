@@ -6,6 +6,7 @@
 #include <omp.h>
 
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <stdexcept>
 #include <string>
@@ -105,6 +106,15 @@ void copy_py(const py::object& dst, const py::object& src, std::size_t nbytes, i
   soupkern::parallel_copy(d.ptr, s.ptr, nbytes, threads);
 }
 
+bool equal_py(const py::object& a, const py::object& b) {
+  py::buffer_info x = byte_view(a, 0, false, "a");
+  py::buffer_info y = byte_view(b, 0, false, "b");
+  const std::size_t n = static_cast<std::size_t>(x.size) * static_cast<std::size_t>(x.itemsize);
+  if (n != static_cast<std::size_t>(y.size) * static_cast<std::size_t>(y.itemsize)) return false;
+  py::gil_scoped_release release;
+  return n == 0 || std::memcmp(x.ptr, y.ptr, n) == 0;
+}
+
 uint64_t read_py(const py::sequence& buffers, std::size_t nbytes, int threads) {
   std::vector<py::buffer_info> infos;
   std::vector<const void*> ptrs;
@@ -132,6 +142,8 @@ PYBIND11_MODULE(_native, m) {
         "BF16=3); the caller keeps the memory alive.");
   m.def("copy", &copy_py, py::arg("dst"), py::arg("src"), py::arg("nbytes"), py::arg("threads") = 0,
         "OpenMP memcpy of nbytes: the same-run memory-copy baseline for the kernel.");
+  m.def("equal", &equal_py, py::arg("a"), py::arg("b"),
+        "Whether two contiguous buffers hold the same bytes (memcmp, without the GIL).");
   m.def("read", &read_py, py::arg("buffers"), py::arg("nbytes"), py::arg("threads") = 0,
         "Read nbytes of every buffer once and return a checksum: the same-run read-only floor.");
   const char* isa = nullptr;

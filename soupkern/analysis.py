@@ -36,6 +36,8 @@ from soupkern.recipes.weighted import open_ingredients
 
 if TYPE_CHECKING:
     import torch
+
+    from soupkern.io.buffers import Bytes
     from torch import nn
 
     from soupkern.evaluate import MetricFn
@@ -44,8 +46,9 @@ PathLike = str | os.PathLike[str]
 _FLOAT_NP = {"F64": np.float64, "F32": np.float32, "F16": np.float16}
 
 
-def decode_f64(raw: np.ndarray, dtype: str) -> np.ndarray:
+def decode_f64(raw: Bytes, dtype: str) -> np.ndarray:
     """Raw little-endian bytes of a float tensor (F64/F32/F16/BF16) -> float64 values, exactly."""
+    raw = np.frombuffer(raw, dtype=np.uint8)
     if dtype == "BF16":
         return (raw.view("<u2").astype(np.uint32) << 16).view(np.float32).astype(np.float64)
     return raw.view(np.dtype(_FLOAT_NP[dtype]).newbyteorder("<")).astype(np.float64)

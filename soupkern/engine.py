@@ -32,10 +32,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Mapping, Protocol, Sequence
 
-import numpy as np
-
 from soupkern.dtype_codes import DTYPE_CODES
 from soupkern.io import SoupWriter, TensorInfo, dtype_itemsize
+from soupkern.io.buffers import Bytes, aligned_bytes
 from soupkern.io.reader import MappedFile, reads_may_evict
 from soupkern.options import MIN_BUDGET_BYTES, reads_mode
 
@@ -55,7 +54,7 @@ class Holder(Protocol):
     """What the executor reads a tensor through (a mapped file, an in-memory tensor, ...); byte
     offsets of prefetch/release are the file's (`info.begin` + offset in the tensor)."""
 
-    def view(self, info: TensorInfo, start: int = 0, stop: int | None = None) -> np.ndarray: ...
+    def view(self, info: TensorInfo, start: int = 0, stop: int | None = None) -> Bytes: ...
     def prefetch(self, begin: int, end: int) -> None: ...
     def release(self, begin: int, end: int) -> None: ...
 
@@ -84,7 +83,7 @@ class WorkItem:
         return self.count * sum(dtype_itemsize(info.dtype) for _, info in self.sources)
 
 
-Op = Callable[[WorkItem, list[np.ndarray]], object]
+Op = Callable[[WorkItem, list[Bytes]], object]
 
 
 def tensor_items(tp: TensorPlan, step: int, *, sources: Sequence[Source] | None = None,
@@ -121,7 +120,7 @@ class CopyReader:
 
     def __init__(self, workers: int, max_open: int | None = None):
         self._pool = ThreadPoolExecutor(max(workers, 1), thread_name_prefix="soupkern-read")
-        self._arenas = [np.empty(0, np.uint8), np.empty(0, np.uint8)]
+        self._arenas = [aligned_bytes(0), aligned_bytes(0)]
         self._turn = 0
         self._inflight: list[Future[None]] = []
         self._fds: OrderedDict[int, tuple[object, int]] = OrderedDict()
@@ -154,7 +153,7 @@ class CopyReader:
         self._fds[key] = (f, fd)  # the file object is kept too, so its id is not reused
         return fd
 
-    def start(self, ranges: Sequence[Range]) -> Callable[[], dict[int, np.ndarray]]:
+    def start(self, ranges: Sequence[Range]) -> Callable[[], dict[int, Bytes]]:
         """Start copying every range whose source has `read_into` (after the reads still in
         flight end); returns a wait() that gives {index in `ranges`: its bytes}, valid until the
         second start() after this one."""
@@ -168,22 +167,20 @@ class CopyReader:
                 size += -(-(hi - lo) // self.ALIGN) * self.ALIGN
         arena = self._arenas[self._turn]
         if size > arena.nbytes:
-            raw = np.empty(size + self.ALIGN, np.uint8)
-            skip = -raw.ctypes.data % self.ALIGN
-            arena = self._arenas[self._turn] = raw[skip:skip + size]
+            arena = self._arenas[self._turn] = aligned_bytes(size)
         self._turn ^= 1
         out = {i: arena[at:at + n] for i, _, _, _, at, n in jobs}
         futures = [self._pool.submit(f.read_into, begin, out[i], fd) for i, f, fd, begin, _, _ in jobs]
         self._inflight = futures
         self.copied += sum(n for *_, n in jobs)
 
-        def wait() -> dict[int, np.ndarray]:
+        def wait() -> dict[int, Bytes]:
             for fut in futures:
                 fut.result()
             return out
         return wait
 
-    def read(self, ranges: Sequence[Range]) -> dict[int, np.ndarray]:
+    def read(self, ranges: Sequence[Range]) -> dict[int, Bytes]:
         """start(ranges)() in one step."""
         return self.start(ranges)()
 
@@ -193,7 +190,7 @@ class CopyReader:
         for _, fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
-        self._arenas = [np.empty(0, np.uint8), np.empty(0, np.uint8)]
+        self._arenas = [aligned_bytes(0), aligned_bytes(0)]
 
     def __enter__(self) -> CopyReader:
         return self
@@ -255,13 +252,13 @@ def run(items: Iterable[WorkItem], op: Op, progress: Callable[[WorkItem], None] 
             reader.drain()  # a read ahead must not land in a buffer after the run returns
 
 
-Output = Callable[[WorkItem], np.ndarray]  # the writable output bytes of an item
+Output = Callable[[WorkItem], Bytes]  # the writable output bytes of an item
 
 
 def weighted_sum_op(output: Output, backend: Backend) -> Op:
     """out = round((Σ_k c_k x_k) / divisor) in the tensor's output dtype, exact and independent of
     the item boundaries (the backend's contract)."""
-    def op(item: WorkItem, views: list[np.ndarray]) -> None:
+    def op(item: WorkItem, views: list[Bytes]) -> None:
         tp = item.tensor
         backend.weighted_sum(output(item), tp.out.dtype, views, [info.dtype for _, info in item.sources],
                              item.coefficients, item.count, item.divisor)
@@ -270,8 +267,8 @@ def weighted_sum_op(output: Output, backend: Backend) -> Op:
 
 def copy_op(output: Output) -> Op:
     """out = the first source's bytes."""
-    def op(item: WorkItem, views: list[np.ndarray]) -> None:
-        np.copyto(output(item), views[0])
+    def op(item: WorkItem, views: list[Bytes]) -> None:
+        output(item)[:] = views[0]
     return op
 
 
@@ -333,7 +330,7 @@ def execute(plan: SoupPlan, writer: SoupWriter, backend: Backend, *, budget_byte
     staging = writer.staging_bytes
     order = sorted(plan.tensors, key=lambda tp: writer.layout.where[tp.out.name])
 
-    def output(item: WorkItem) -> np.ndarray:
+    def output(item: WorkItem) -> Bytes:
         lo, hi = item.span(item.tensor.out.dtype)
         return writer.reserve(item.tensor.out.name, lo, hi - lo)
 
@@ -352,7 +349,7 @@ def execute(plan: SoupPlan, writer: SoupWriter, backend: Backend, *, budget_byte
     writer.flush()
 
 
-def fill_tensor(tp: TensorPlan, coeffs: tuple[float, ...], out: np.ndarray, backend: Backend,
+def fill_tensor(tp: TensorPlan, coeffs: tuple[float, ...], out: Bytes, backend: Backend,
                 divisor: float = 1.0) -> None:
     """Compute one whole tensor into `out` (a writable uint8 array of its output bytes), as one item."""
     run(tensor_items(tp, max(tp.numel, 1), coefficients=coeffs, divisor=divisor), _make_op(lambda item: out, backend))
@@ -361,7 +358,7 @@ def fill_tensor(tp: TensorPlan, coeffs: tuple[float, ...], out: np.ndarray, back
 MANY_BATCH_BYTES = 256 << 20
 
 
-def fill_many(plan: SoupPlan, targets: Mapping[str, tuple[int, Callable[[], np.ndarray]]], backend: Backend,
+def fill_many(plan: SoupPlan, targets: Mapping[str, tuple[int, Callable[[], Bytes]]], backend: Backend,
               *, batch_bytes: int = MANY_BATCH_BYTES) -> None:
     """Compute every tensor of `plan` into host memory: targets[name] = (address of the output
     bytes, a function returning them as a writable uint8 array).

@@ -531,14 +531,10 @@ def tensor_view(ck: Checkpoint, name: str) -> torch.Tensor:
 
     Valid while the checkpoint is open; never write to it (the mapping is read-only).
     """
-    from soupkern.torch_dtypes import TORCH_DTYPES
+    from soupkern.torch_dtypes import torch_view
 
     f, info = ck.tensors[name]
-    raw = f.view(info)
-    with warnings.catch_warnings():  # torch warns that the numpy array is not writable; it is never written
-        warnings.simplefilter("ignore", UserWarning)
-        t = torch.from_numpy(raw)
-    return t.view(TORCH_DTYPES[info.dtype]).reshape(info.shape)
+    return torch_view(f.view(info), info.dtype).reshape(info.shape)
 
 
 def module_from_checkpoint(path: str | os.PathLike[str], device: str | torch.device | None = None, *,

@@ -35,11 +35,10 @@ from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
-import numpy as np
-
 from soupkern.engine import WorkItem, execute, fill_tensor, plan_items, run
 from soupkern.errors import InputError
 from soupkern.io import SoupWriter, dtype_itemsize
+from soupkern.io.buffers import Bytes
 from soupkern.plan import SoupPlan, TensorPlan
 
 if TYPE_CHECKING:
@@ -199,18 +198,18 @@ class DeviceStreamer:
 
     # ---- host side ----------------------------------------------------------------------
 
-    def _memcpy(self, dst: np.ndarray, src: np.ndarray) -> None:
+    def _memcpy(self, dst: Bytes, src: Bytes) -> None:
         if self._copy is not None and src.nbytes >= _PARALLEL_COPY_BYTES:
             self._copy(dst, src, src.nbytes, self.threads)
         else:
-            np.copyto(dst, src)
+            dst[:] = src
 
     def _fill(self, slot: int, batch: Batch) -> None:
         """Copy the batch's inputs from the mapped files into host slot `slot`."""
         buf = self.host_np[slot]
         chunks = iter(batch.chunks)  # run() takes the items in the batch's order
 
-        def copy_in(item: WorkItem, views: list[np.ndarray]) -> None:
+        def copy_in(item: WorkItem, views: list[Bytes]) -> None:
             for off, view in zip(next(chunks).in_offsets, views):
                 self._memcpy(buf[off: off + view.nbytes], view)
 

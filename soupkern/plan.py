@@ -9,21 +9,24 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal, Mapping, Sequence
-
-import numpy as np
+from typing import TYPE_CHECKING, Callable, Literal, Mapping, Sequence
 
 from soupkern.engine import run, tensor_items
 from soupkern.errors import InputError, MismatchError
 from soupkern.options import coefficient_vector
 from soupkern.io import FLOAT_DTYPES, Checkpoint, OutputTensor, SafetensorsFile, TensorInfo, dtype_itemsize
+from soupkern.io.buffers import equal
+
+if TYPE_CHECKING:
+    import numpy as np
 
 KeyPolicy = Literal["same", "intersection"]
 IntPolicy = Literal["auto", "first", "max", "mean", "refuse"]
 INT_POLICIES = ("auto", "first", "max", "mean", "refuse")
-# numpy views of the dtypes an integer policy combines (fp8 has no numpy dtype: always refused)
-_NP_INT = {"BOOL": np.bool_, "U8": np.uint8, "I8": np.int8, "I16": np.int16, "U16": np.uint16, "I32": np.int32,
-           "U32": np.uint32, "I64": np.int64, "U64": np.uint64}
+# numpy dtypes (little-endian, as safetensors stores them) of the dtypes an integer policy
+# combines (fp8 has no numpy dtype: always refused); numpy is imported only when one is combined
+_NP_INT = {"BOOL": "?", "U8": "u1", "I8": "i1", "I16": "<i2", "U16": "<u2", "I32": "<i4", "U32": "<u4", "I64": "<i8",
+           "U64": "<u8"}
 DTYPE_ALIASES = {
     "fp32": "F32", "float32": "F32", "f32": "F32",
     "fp16": "F16", "float16": "F16", "half": "F16", "f16": "F16",
@@ -41,6 +44,8 @@ class ArrayHolder:
     __slots__ = ("path", "_bytes")
 
     def __init__(self, data: np.ndarray, path: str):
+        import numpy as np
+
         self.path = path
         self._bytes = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
 
@@ -151,7 +156,7 @@ def _identical(a: tuple[SafetensorsFile, TensorInfo], b: tuple[SafetensorsFile, 
     info = a[1]
     pair = TensorPlan(OutputTensor(info.name, info.dtype, info.shape), (a, b), average=False)
     step = max(_COMPARE_BLOCK // dtype_itemsize(info.dtype), 1)
-    return run(tensor_items(pair, step, sources=(a, b)), lambda item, views: np.array_equal(views[0], views[1]))
+    return run(tensor_items(pair, step, sources=(a, b)), lambda item, views: equal(views[0], views[1]))
 
 
 def build_plan(
@@ -343,6 +348,8 @@ def _combine(name: str, sources: tuple[tuple[SafetensorsFile, TensorInfo], ...],
         raise MismatchError(f"{i0.dtype} tensors are not averaged, and this one differs from {f0.path} "
                             "(--int-policy first|max|mean / int_policy= combines integer tensors)",
                             path=differs[0].path, tensor=name)
+    import numpy as np
+
     values = []
     for f, info in sources:
         values.append(np.frombuffer(f.view(info), dtype=_NP_INT[info.dtype]).copy())

@@ -207,9 +207,11 @@ def test_analyze_json_is_strict(tmp_path, pair):
     assert data["cosine"][0][1] is None  # a zero delta has no angle: null, not NaN
 
 
-def test_file_to_file_soups_never_import_torch(tmp_path, pair):
-    """`import soupkern` and a file-to-file soup (API and CLI) load neither torch nor triton: the
-    path whose cost is measured against the I/O floor carries no framework import."""
+@pytest.mark.parametrize("reads", ["map", "copy"])
+def test_file_to_file_soups_never_import_torch_or_numpy(tmp_path, pair, reads):
+    """`import soupkern` and a file-to-file soup (API and CLI, mapped or copied reads) load
+    neither torch, triton nor numpy (nor tqdm without a terminal): the path whose cost is
+    measured against the I/O floor, start-up included, carries no framework import."""
     script = textwrap.dedent(f"""
         import sys, runpy
         import soupkern
@@ -218,8 +220,9 @@ def test_file_to_file_soups_never_import_torch(tmp_path, pair):
                                max_shard_size=64)
         from soupkern.cli import main
         assert main(["uniform", *{[os.fspath(p) for p in pair]!r}, "-o", {os.fspath(tmp_path / 'c.safetensors')!r}, "-q"]) == 0
-        print(sorted(m for m in ("torch", "triton") if m in sys.modules))
+        print(sorted(m for m in ("torch", "triton", "numpy", "tqdm") if m in sys.modules))
     """)
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "SOUPKERN_READS": reads})
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"

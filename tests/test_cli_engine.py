@@ -163,3 +163,27 @@ def test_per_tensor_coefficients(tmp_path: Path) -> None:
     with pytest.raises(soupkern.InputError, match="default"):
         soupkern.weighted_soup(paths, [1, 0, 0], tmp_path / "bad.safetensors", default=[1, 0, 0])
     assert not (tmp_path / "bad.safetensors").exists()
+
+
+def test_progress_bar_only_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bar is drawn when stderr is a terminal, and not otherwise (no carriage returns in
+    logs; tqdm is then not even imported: test_api_validation checks that)."""
+    import io
+    from contextlib import nullcontext
+
+    from tqdm import tqdm
+
+    from soupkern.recipes.weighted import _progress_bar
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    with _progress_bar(1000, True) as bar:
+        assert isinstance(bar, tqdm)
+        bar.update(1000)
+    assert "soup" in sys.stderr.getvalue()
+    assert isinstance(_progress_bar(1000, False), nullcontext)
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    assert isinstance(_progress_bar(1000, True), nullcontext)

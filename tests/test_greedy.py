@@ -6,6 +6,7 @@ import json
 import math
 import operator
 import random
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from safetensors.torch import load_file
 from soupkern.errors import InputError, MismatchError
 from soupkern.evaluate import Evaluator
 from soupkern.examples import digits
-from soupkern.recipes.greedy import GreedyResult, greedy_select, greedy_soup, sort_order
+from soupkern.recipes.greedy import RECOMPUTE_MAX, GreedyResult, greedy_select, greedy_soup, sort_order
 
 U32 = 2.0**-24
 
@@ -207,12 +208,18 @@ def test_written_soup_and_metadata(digits_ingredients: list[Path], digits_splits
             assert torch.equal(written[k], v)
 
 
-@pytest.mark.parametrize("count", range(1, 9))
+@pytest.mark.parametrize("count", range(1, 10))
 def test_written_soup_is_the_scored_soup_for_every_count(digits_ingredients: list[Path], digits_splits: digits.Splits,
                                                          tmp_path: Path, count: int) -> None:
     """Every candidate is the uniform soup of its ingredients under the engine's exact contract, so
-    the file written for K kept ingredients is the last scored soup bit for bit, K = 1..8."""
-    paths = digits_ingredients[:count]
+    the file written for K kept ingredients is the last scored soup bit for bit, K = 1..9 (past
+    RECOMPUTE_MAX = 8 the candidates come from the fp64 running sum instead of the files)."""
+    paths = list(digits_ingredients[:count])
+    if count > len(paths):  # a ninth ingredient: a copy of the first under another name
+        shutil.copyfile(paths[0], tmp_path / "ninth.safetensors")
+        paths.append(tmp_path / "ninth.safetensors")
+        assert count > RECOMPUTE_MAX  # so this count takes the running-sum path
+    assert len(paths) == count
     model = digits.make_model()
     seen = []
 

@@ -3,7 +3,8 @@
 Four backends: "cpp" (C++/OpenMP, soupkern._native), "torch" (plain torch ops), "cuda"
 (soupkern._cuda) and "triton" (soupkern/kernels). Host kernels implement the contract in
 csrc/soupkern.h on raw byte buffers: `weighted_sum(out, out_dtype, inputs, in_dtypes, weights, n, divisor=1.0)`
-with `out` a writable uint8 array and each input a uint8 array, dtypes named as in safetensors
+with `out` writable bytes and each input bytes (`soupkern.io.buffers.Bytes`: flat uint8
+memoryviews on the file path, which imports no numpy or torch), dtypes named as in safetensors
 (F64, F32, F16, BF16); `get_backend` returns one. Device kernels (device.py's DeviceKernels:
 CUDA, Triton, torch) work on torch tensors on a GPU; `device_kernels` returns one, and
 file-to-file or to-device soups reach them through the streaming pipeline
@@ -32,8 +33,6 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
-import numpy as np
-
 from soupkern.errors import BackendUnavailableError
 
 log = logging.getLogger("soupkern")
@@ -54,9 +53,9 @@ class Backend(Protocol):
 
     def weighted_sum(
         self,
-        out: np.ndarray,
+        out: Bytes,
         out_dtype: str,
-        inputs: Sequence[np.ndarray],
+        inputs: Sequence[Bytes],
         in_dtypes: Sequence[str],
         weights: Sequence[float],
         n: int,
@@ -167,3 +166,4 @@ def device_kernels(device: object, name: str | None = None) -> DeviceKernels:
 
 if TYPE_CHECKING:
     from soupkern.backends.device import DeviceKernels
+    from soupkern.io.buffers import Bytes

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-import numpy as np
+if TYPE_CHECKING:
+    from soupkern.io.buffers import Bytes
 
 
 class CppBackend:
@@ -19,9 +20,9 @@ class CppBackend:
 
     def weighted_sum(
         self,
-        out: np.ndarray,
+        out: Bytes,
         out_dtype: str,
-        inputs: Sequence[np.ndarray],
+        inputs: Sequence[Bytes],
         in_dtypes: Sequence[str],
         weights: Sequence[float],
         n: int,

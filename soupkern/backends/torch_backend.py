@@ -9,12 +9,12 @@ only where that straddles an output rounding boundary.
 
 from __future__ import annotations
 
-import warnings
-from typing import Any, Sequence
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, Sequence
 
 from soupkern.io import dtype_itemsize
+
+if TYPE_CHECKING:
+    from soupkern.io.buffers import Bytes
 
 
 class TorchBackend:
@@ -23,19 +23,20 @@ class TorchBackend:
     def __init__(self) -> None:
         import torch
 
+        from soupkern.torch_dtypes import byte_tensor
+
         self.torch = torch
+        self._bytes = byte_tensor
         self.dtypes = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
-    def _tensor(self, buf: np.ndarray, dtype: str, n: int):  # -> torch.Tensor
-        with warnings.catch_warnings():  # read-only mmap views: we never write through them
-            warnings.simplefilter("ignore", UserWarning)
-            return self.torch.from_numpy(buf[: n * dtype_itemsize(dtype)]).view(self.dtypes[dtype])
+    def _tensor(self, buf: Bytes, dtype: str, n: int):  # -> torch.Tensor
+        return self._bytes(buf[: n * dtype_itemsize(dtype)]).view(self.dtypes[dtype])  # never written when read-only
 
     def weighted_sum(
         self,
-        out: np.ndarray,
+        out: Bytes,
         out_dtype: str,
-        inputs: Sequence[np.ndarray],
+        inputs: Sequence[Bytes],
         in_dtypes: Sequence[str],
         weights: Sequence[float],
         n: int,

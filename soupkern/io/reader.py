@@ -14,12 +14,15 @@ import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from soupkern.errors import HeaderError, InputError
 from soupkern.libc import function
+from soupkern.io.buffers import count_odd
 from soupkern.io.format import MAX_HEADER_BYTES, TensorInfo, parse_header, parse_index
+
+if TYPE_CHECKING:
+    from soupkern.io.buffers import Bytes
 
 log = logging.getLogger("soupkern")
 PAGE = mmap.PAGESIZE
@@ -309,12 +312,12 @@ class MappedFile:
             raise InputError(_TRUNCATED if now[0] < self.signature[0] else _TRUNCATED.replace("truncated", "modified"),
                              path=self.path)
 
-    def view(self, info: TensorInfo, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """Read-only uint8 view of bytes [start, stop) of a tensor's data; no copy."""
+    def view(self, info: TensorInfo, start: int = 0, stop: int | None = None) -> memoryview:
+        """Read-only uint8 memoryview of bytes [start, stop) of a tensor's data; no copy."""
         stop = info.nbytes if stop is None else stop
         if ACCESS_LOG is not None:
             ACCESS_LOG.append((self.path, info.begin + start, info.begin + stop))
-        return np.frombuffer(self._buffer, dtype=np.uint8, count=stop - start, offset=info.begin + start)
+        return memoryview(self._buffer)[info.begin + start:info.begin + stop]
 
     def address(self, info: TensorInfo) -> int | None:
         """The address of a tensor's bytes in this process (None without the native mapping)."""
@@ -355,8 +358,8 @@ class MappedFile:
             raise
         return fd
 
-    def read_into(self, begin: int, out: np.ndarray, fd: int | None = None) -> None:
-        """Copy file bytes [begin, begin + out.nbytes) into `out` (a writable uint8 array) with
+    def read_into(self, begin: int, out: Bytes, fd: int | None = None) -> None:
+        """Copy file bytes [begin, begin + out.nbytes) into `out` (writable bytes) with
         pread, through `fd` (from `open_for_reads`) or else a descriptor opened for this call;
         thread-safe. Raises InputError, naming the file, when it was replaced, modified, removed
         or truncated since it was opened."""
@@ -389,14 +392,14 @@ class MappedFile:
         if base is None or mincore is None or self.size == 0:
             return None
         window, stride = 256 << 10, 4 << 20
-        vec = np.empty(window // PAGE, np.uint8)
+        vec = ctypes.create_string_buffer(window // PAGE)
         resident = sampled = 0
         for off in range(0, self.size, stride):
             n = min(window, self.size - off)
             pages = -(-n // PAGE)
-            if mincore(base + off, n, vec.ctypes.data) != 0:
+            if mincore(base + off, n, ctypes.addressof(vec)) != 0:
                 return None
-            resident += int(np.count_nonzero(vec[:pages] & 1))
+            resident += count_odd(vec.raw[:pages])
             sampled += pages
         return round(self.size * resident / sampled)
 

@@ -23,14 +23,13 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
-import numpy as np
-
 from soupkern.errors import InputError
 from soupkern.libc import function
 from soupkern.io.format import TensorInfo, _new_tensor_info
 from soupkern.io.reader import _REMOVED, Checkpoint, _looks_like, _signature, open_regular
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 log = logging.getLogger("soupkern")

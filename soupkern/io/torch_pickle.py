@@ -19,14 +19,13 @@ import struct
 import zipfile
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from soupkern.errors import InputError
 from soupkern.io.format import TensorInfo, _new_tensor_info
 from soupkern.io.reader import MappedFile
 from soupkern.io.sources import LazyBytes, _safe_globals
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
@@ -180,14 +179,12 @@ class _Strided(LazyBytes):
         self.file, self.storage, self.layout = file, storage, layout
 
     def _load(self) -> np.ndarray:
-        import warnings
-
         import torch
 
+        from soupkern.torch_dtypes import byte_tensor
+
         t = self.layout
-        with warnings.catch_warnings():  # a read-only view of the mapping: read, never written
-            warnings.simplefilter("ignore", UserWarning)
-            values = torch.from_numpy(self.file.view(self.storage)).view(t.dtype)
+        values = byte_tensor(self.file.view(self.storage)).view(t.dtype)  # read, never written
         dense = values.as_strided(tuple(t.shape), t.stride(), t.storage_offset()).contiguous()
         self.file.release(self.storage.begin, self.storage.end)
         return dense.reshape(-1).view(torch.uint8).numpy()

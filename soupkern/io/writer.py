@@ -27,10 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-import numpy as np
-
 from soupkern.errors import InputError, Interrupted, OutputError
 from soupkern.io import atomic
+from soupkern.io.buffers import aligned_bytes
 from soupkern.options import check_shard_size
 from soupkern.io.format import DTYPES, MAX_HEADER_BYTES, METADATA_KEY, parse_index
 from soupkern.io.reader import INDEX_NAME, SINGLE_NAME, SafetensorsFile, open_regular
@@ -261,7 +260,7 @@ class StagedWriter:
     contiguous or on `flush`. Subclasses own the files (`_fds[shard]`) and `target`."""
 
     layout: OutputLayout
-    _staging: np.ndarray
+    _staging: memoryview
     _fds: Any
     _win: tuple[int, int, int] | None
     bytes_written: int
@@ -274,7 +273,7 @@ class StagedWriter:
     def staging_bytes(self) -> int:
         return len(self._staging)
 
-    def reserve(self, name: str, start: int, nbytes: int) -> np.ndarray:
+    def reserve(self, name: str, start: int, nbytes: int) -> memoryview:
         """Writable view for bytes [start, start + nbytes) of tensor `name`'s data.
 
         Valid until the next `reserve`/`flush`; nbytes must not exceed `staging_bytes`.
@@ -297,7 +296,7 @@ class StagedWriter:
         if self._win is not None:
             shard, wstart, used = self._win
             self._win = None
-            self._pwrite(self._fds[shard], self._staging.data[:used], wstart)
+            self._pwrite(self._fds[shard], self._staging[:used], wstart)
             self.bytes_written += used
 
     def _guard_io(self, fn: Callable[..., object], *args: object) -> object:
@@ -322,7 +321,7 @@ class ShardWriter(StagedWriter):
 
     def __init__(self, layout: OutputLayout, stage: Path, shards: Iterable[int], staging_bytes: int = 8 << 20):
         self.layout = layout
-        self._staging = np.empty(max(staging_bytes, 1), dtype=np.uint8)
+        self._staging = aligned_bytes(max(staging_bytes, 1))
         self._win = None
         self.bytes_written = 0
         self._fds: dict[int, int] = {}
@@ -388,8 +387,8 @@ class SoupWriter(StagedWriter):
         self._extra = dict(extra_files or {})
         if self._extra and not layout.folder:
             raise InputError("extra files need a folder output")
-        self._staging = np.empty(max(staging_bytes, 1), dtype=np.uint8)
-        self._staging.fill(0)  # fault the pages in once, here, not in the hot loop
+        self._staging = aligned_bytes(max(staging_bytes, 1))
+        self._staging[:] = bytes(len(self._staging))  # fault the pages in once, here, not in the hot loop
         self._fds: list[int] = []
         self._stage: Path | None = None  # the temporary file, or the temporary folder
         self._lock: atomic.OutputLock | None = None

@@ -15,6 +15,7 @@ import inspect
 import json
 import logging
 import os
+import sys
 import time
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -932,10 +933,12 @@ def uniform_state_dict(ingredients: Sequence[Ingredient], **kwargs: object) -> d
 
 
 def _progress_bar(total: int, enabled: bool):  # -> context manager yielding a tqdm or None
-    if not enabled:
+    # only on a terminal, so logs and pipes get no carriage-return noise (tqdm's disable=None,
+    # checked here first so a run without a bar does not import tqdm: start-up counts)
+    isatty = getattr(sys.stderr, "isatty", None)
+    if not enabled or isatty is None or not isatty():
         return nullcontext()
     from tqdm import tqdm
 
-    # disable=None: draw only on a terminal, so logs and pipes get no carriage-return noise
     return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc="soup", dynamic_ncols=True,
                 leave=False, disable=None)
