@@ -5,7 +5,7 @@ analysis of ingredient deltas; see README.md for their exact specifications. Ing
 tensor source: safetensors files or folders, PyTorch pickles, DCP folders, in-memory state dicts
 or modules (soupkern.io.open_checkpoint).
 
-Importing soupkern is cheap: it loads neither torch, triton nor CUDA and touches no device.
+Importing soupkern is cheap: it loads neither torch, triton, numpy nor CUDA and touches no device.
 """
 
 from typing import Any
