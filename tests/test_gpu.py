@@ -239,3 +239,26 @@ def test_state_dicts_on_the_gpu(name: str) -> None:
                                           {k: v.cpu().clone() for k, v in other.items()}], backend="cpp")
     soupkern.uniform_state_dict([tied, other], out=tied, backend=name)
     assert torch.equal(tied["emb"].cpu(), expect["emb"]) and torch.equal(tied["head"].cpu(), expect["head"])
+
+
+@pytest.mark.parametrize("kernels", ["cuda", "triton"])
+def test_resident_learned_soup_on_the_gpu(tmp_path: Path, kernels: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model on the GPU trains from device copies by default (no tensor formed from the files),
+    with the streaming CPU run's forward bits at the start and its coefficients at the end."""
+    import soupkern.recipes.learned as learned_mod
+    from soupkern.examples import digits
+
+    paths = digits.make_ingredients(tmp_path, n=3, seed=0)
+    val = digits.batches(digits.make_splits(0).val, 128)
+    cpu = learned_mod.learned_soup(paths, model=digits.make_model(), data=val, steps=4, lr=0.1)
+    real = learned_mod.fill_tensor
+    calls = []
+    learned_mod.fill_tensor = lambda *a: calls.append(1) or real(*a)  # type: ignore[assignment]
+    monkeypatch.setenv("SOUPKERN_BACKEND", kernels)  # the device kernels (host soups ignore a device name)
+    try:
+        gpu = learned_mod.learned_soup(paths, model=digits.make_model().cuda(), data=val, steps=4, lr=0.1)
+    finally:
+        learned_mod.fill_tensor = real  # type: ignore[assignment]
+    assert not calls
+    assert gpu.uniform_loss == pytest.approx(cpu.uniform_loss, rel=1e-6)  # cuDNN/cuBLAS forward, same weights
+    np.testing.assert_allclose(gpu.coefficients, cpu.coefficients, rtol=1e-4)

@@ -180,3 +180,72 @@ def test_temperature_and_bf16_ingredients(setup, tmp_path: Path) -> None:
     assert r.temperature is not None and r.temperature != 1.0
     assert r.learned_loss <= r.uniform_loss
     assert "learned soup (by_layer)" in r.to_table() and r.to_dict()["mode"] == "by_layer"
+
+
+def _resident_problem(paths: list[Path], stack, model: torch.nn.Module):  # type: ignore[no-untyped-def]
+    cks = [stack.enter_context(open_checkpoint(p)) for p in paths]
+    plan = build_plan(cks, [1 / len(paths)] * len(paths), dtype="fp32")
+    return learned_mod._problem(model, plan, "by_layer", cks[0].path)
+
+
+def test_resident_mixing_is_the_engine_soup_and_its_gradient_the_autograd_one(setup) -> None:
+    """Resident mixing from device copies (the Triton kernels here, under the interpreter) forms
+    the same bits as the host engine from the mapped files, and its on-device fp64 gradient
+    equals the streaming path's (fp64 dots, only their summation order differs)."""
+    from contextlib import ExitStack
+
+    from torch.func import functional_call
+
+    from soupkern.backends import device_kernels, get_backend
+
+    paths, splits = setup
+    model = digits.make_model()
+    x, y = splits.val.x[:50], splits.val.y[:50]
+    logits0 = torch.tensor([0.3, -0.2, 0.1, 0.5])
+    grads, mixed = [], []
+    with ExitStack() as stack:
+        prob = _resident_problem(paths, stack, model)
+        on_device = learned_mod._Resident(prob, torch.device("cpu"), device_kernels("cpu", "triton"))
+        assert all(len(xs) == len(paths) for xs in on_device.xs.values())
+        for resident in (None, on_device):
+            a = logits0.repeat(len(prob.groups), 1).requires_grad_()
+            params = learned_mod._mixed_params(prob, torch.softmax(a, -1), get_backend(), resident)
+            torch.nn.functional.cross_entropy(functional_call(model, params, (x,)), y).backward()
+            mixed.append({n: t.detach().clone() for n, t in params.items()})
+            grads.append(a.grad.clone())  # type: ignore[union-attr]
+    for name in mixed[0]:
+        assert torch.equal(mixed[0][name], mixed[1][name]), name
+    np.testing.assert_allclose(grads[1].numpy(), grads[0].numpy(), rtol=1e-6, atol=1e-9)
+
+
+def test_resident_learned_soup_matches_streaming(setup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """resident=True trains from device copies (never forming a tensor from the files) and
+    learns the streaming run's coefficients; the CPU model is never resident by default."""
+    paths, splits = setup
+    val = digits.batches(splits.val, 128)
+    streamed = learned_soup(paths, tmp_path / "a.safetensors", model=digits.make_model(), data=val, steps=6, lr=0.1)
+
+    def forbidden(*args: object) -> None:
+        raise AssertionError("a resident run formed a tensor from the mapped files")
+
+    with monkeypatch.context() as m:
+        m.setattr(learned_mod, "fill_tensor", forbidden)
+        resident = learned_soup(paths, model=digits.make_model(), data=val, steps=6, lr=0.1, resident=True,
+                                backend="triton")
+    assert resident.uniform_loss == streamed.uniform_loss  # the same forward bits at the start
+    np.testing.assert_allclose(resident.loss_history, streamed.loss_history, rtol=1e-5)
+    np.testing.assert_allclose(resident.coefficients, streamed.coefficients, rtol=1e-5)
+    assert learned_mod._use_resident(None, None, torch.device("cpu"), "x") is False  # type: ignore[arg-type]
+
+
+def test_resident_refuses_f64_ingredients(tmp_path: Path) -> None:
+    paths = []
+    for i in range(2):
+        sd = {k: v.double() for k, v in digits.make_model().state_dict().items()}
+        paths.append(tmp_path / f"f64_{i}.safetensors")
+        save_file(sd, str(paths[-1]))
+    data = [(torch.zeros(4, 64), torch.zeros(4, dtype=torch.int64))]
+    with pytest.raises(InputError, match="resident=True needs fp32, fp16 or bf16"):
+        learned_soup(paths, model=digits.make_model(), data=data, steps=1, resident=True)
+    r = learned_soup(paths, model=digits.make_model(), data=data, steps=1)  # automatic: streams
+    assert r.steps == 1

@@ -15,7 +15,11 @@ fp32 tensor (`engine.fill_tensor`); its gradient with respect to the coefficient
 views of the K sources over the same elements). Peak memory is one fp32 copy of the model (the
 soup being evaluated, held by autograd) plus activations and one work item, never K copies. The
 model itself is only run through `torch.func.functional_call`; its own weights are not changed.
-Mixing runs on the CPU; the mixed tensors are moved to the model's device.
+Mixing runs on the CPU; the mixed tensors are moved to the model's device. Resident (`resident=`,
+by default when the model is on a CUDA device with room for them): the K ingredients' mixed tensors
+are copied onto the device once, and mixing (the device kernels), the coefficient gradients
+(fp64 dots) and the optimizer step all run there, with one host synchronization per step (to
+read the coefficients the kernels take as scalars).
 
 Result: the coefficients (softmax of the final logits, in fp64) are written into the output's
 metadata (`soupkern.learned.*`) and the soup is produced by the engine: by_model through
@@ -38,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from soupkern.backends import Backend, get_backend
+from soupkern.backends import Backend, device_kernels, get_backend
 from soupkern.engine import DEFAULT_BUDGET_BYTES, WorkItem, fill_tensor, run, tensor_items
 from soupkern import strict_json
 from soupkern.io.sources import labels
@@ -49,11 +53,13 @@ from soupkern.recipes.weighted import SoupReport, check_soup_output, open_ingred
 from soupkern.torch_dtypes import TORCH_DTYPES, torch_view
 
 if TYPE_CHECKING:
+    from soupkern.backends.device import DeviceKernels
     from soupkern.distributed import Group
 
 PathLike = str | os.PathLike[str]
 LearnedMode = Literal["by_model", "by_layer"]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+_DEVICE_NAMES = ("cuda", "triton", "torch")  # backend= names that also name device kernels
 _GRAD_CHUNK = 1 << 20  # elements per chunk of the coefficient-gradient reduction (2 × 8 MiB of fp64)
 
 
@@ -166,11 +172,84 @@ def _problem(model: nn.Module, plan: SoupPlan, mode: LearnedMode, path: str) -> 
     return _Problem(names, {n: by_name[n] for n in names}, targets, group_of, groups)
 
 
-def _mixed_params(prob: _Problem, coeffs: torch.Tensor, backend: Backend) -> dict[str, torch.Tensor]:
-    """Every mixed tensor, formed one at a time from the mmap views ([G, K] coefficients)."""
-    out = {}
+class _MixResident(torch.autograd.Function):
+    """W = Σ_k c_k W_k for one tensor from the K ingredients' copies on the model's device, by the
+    device kernels (the same exact-arithmetic contract as the engine's, fp32 out; `weights` are
+    the coefficients as floats, read once per step). Backward: ∂L/∂c_k = <∂L/∂W, W_k> in fp64 on
+    the device, returned there (no host synchronization)."""
+
+    @staticmethod
+    def forward(ctx: Any, coeffs: torch.Tensor, xs: list[torch.Tensor], weights: tuple[float, ...],  # type: ignore[override]
+                kernels: DeviceKernels) -> torch.Tensor:
+        out = torch.empty(xs[0].shape, dtype=torch.float32, device=xs[0].device)
+        kernels.weighted_sum(out.view(-1), [x.view(-1) for x in xs], weights)
+        ctx.xs = xs
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:  # type: ignore[override]
+        g64 = grad.detach().reshape(-1).to(torch.float64)
+        acc = torch.stack([torch.dot(g64, x.reshape(-1).to(torch.float64)) for x in ctx.xs])
+        return acc.to(grad.dtype), None, None, None
+
+
+class _Resident:
+    """The K ingredients' float tensors the problem mixes, copied once onto `device` (what the
+    resident learned soup trains from), with the device kernels that mix them."""
+
+    def __init__(self, prob: _Problem, device: torch.device, kernels: DeviceKernels):
+        self.kernels = kernels
+        self.xs: dict[str, list[torch.Tensor]] = {}
+        for name in prob.names:
+            tp = prob.plans[name]
+            row = []
+            for f, info in tp.sources:
+                row.append(torch_view(f.view(info), info.dtype).view(tp.out.shape).to(device, copy=True))
+                f.release(info.begin, info.end)
+            self.xs[name] = row
+
+
+def resident_bytes(prob: _Problem) -> int | None:
+    """Device bytes the resident learned soup holds (every source of every mixed tensor), or None
+    when a source's dtype is not one the device kernels take (fp32, fp16, bf16)."""
+    total = 0
     for name in prob.names:
-        w = _MixFromMmap.apply(coeffs[prob.group_of[name]], prob.plans[name], backend)
+        for _, info in prob.plans[name].sources:
+            if info.dtype not in ("F32", "F16", "BF16"):
+                return None
+            total += info.nbytes
+    return total
+
+
+def _use_resident(resident: bool | None, prob: _Problem, device: torch.device, path: str) -> bool:
+    """Whether to train from device copies: `resident` True/False, or None (automatic) when the
+    model is on a CUDA device and the copies take at most half of its free memory."""
+    if resident is False or (resident is None and device.type != "cuda"):
+        return False
+    need = resident_bytes(prob)
+    if resident is True:
+        if need is None:
+            raise InputError("resident=True needs fp32, fp16 or bf16 ingredients (the device kernels' dtypes)",
+                             path=path)
+        return True
+    if need is None:
+        return False
+    free, _ = torch.cuda.mem_get_info(device)
+    return need <= free // 2
+
+
+def _mixed_params(prob: _Problem, coeffs: torch.Tensor, backend: Backend,
+                  resident: _Resident | None = None) -> dict[str, torch.Tensor]:
+    """Every mixed tensor, formed one at a time ([G, K] coefficients): from the mmap views by
+    the host kernel, or from the device copies by the device kernels when `resident` is given."""
+    out = {}
+    rows = None if resident is None else [tuple(r) for r in coeffs.detach().to(torch.float64).tolist()]
+    for name in prob.names:
+        g = prob.group_of[name]
+        if resident is None:
+            w = _MixFromMmap.apply(coeffs[g], prob.plans[name], backend)
+        else:
+            w = _MixResident.apply(coeffs[g], resident.xs[name], rows[g], resident.kernels)  # type: ignore[index]
         target = prob.targets[name]
         out[name] = w.to(device=target.device, dtype=target.dtype)
     return out
@@ -195,16 +274,19 @@ def _heldout(model: nn.Module, params: dict[str, torch.Tensor], data: Iterable[A
              loss_fn: LossFn, group: Group | None = None) -> tuple[float, float]:
     """(mean loss, top-1 accuracy) of the soup `params` over `data`, fp64 sums over samples.
     Under a process group rank r scores batches r, r + W, ...; the per-batch sums are gathered
-    and added in batch order: the floats one process computes."""
+    and added in batch order: the floats one process computes. The per-batch sums stay on the
+    model's device until the pass ends (one host synchronization per pass)."""
     from soupkern.distributed import in_order, shard
 
-    sums = []
+    batches = []
     for i, batch in shard(data, group):
         inputs, targets = _split(batch)
         out = _forward(model, params, inputs, device)
         targets = targets.to(out.device)
-        sums.append((i, float(loss_fn(out.float(), targets)) * len(targets), float((out.argmax(-1) == targets).sum()),
-                     len(targets)))
+        batches.append((i, torch.stack([loss_fn(out.float(), targets).to(torch.float64) * len(targets),
+                                        (out.argmax(-1) == targets).sum().to(torch.float64)]), len(targets)))
+    values = torch.stack([v for _, v, _ in batches]).tolist() if batches else []
+    sums = [(i, v[0], v[1], n) for (i, _, n), v in zip(batches, values)]
     total_loss = correct = 0.0
     n = 0
     for _, batch_loss, batch_correct, count in in_order(sums, group):
@@ -264,6 +346,7 @@ def _learned_soup(
     out_format: str = "safetensors",
     lora: str = "refuse",
     distributed: bool = False,
+    resident: bool | None = None,
 ) -> LearnedSoupResult:
     """Learn softmax mixing coefficients on held-out `data`, then write the soup to `out` (if given).
 
@@ -284,6 +367,13 @@ def _learned_soup(
       every rank takes the single-process step up to the order of the gradient sums (`loss_fn`
       must be a mean over samples); held-out scores are split by batches and gathered in batch
       order. Rank 0 alone holds the output lock and writes the soup.
+    resident: train from copies of the ingredients' mixed tensors on the model's device (made
+      once; mixing by the device kernels and the coefficient gradients reduced there, the
+      coefficients kept there: one host synchronization per step, to read them) instead of
+      forming every tensor from the mapped files on the host each step. None (default): when the
+      model is on a CUDA device and the copies take at most half of its free memory. Same
+      forward values either way where the device kernels are the fused ones (cuda, triton), the
+      gradients up to the order of the fp64 dot products.
     """
     if mode not in ("by_model", "by_layer"):
         raise InputError(f"mode must be 'by_model' or 'by_layer', got {mode!r}")
@@ -314,24 +404,31 @@ def _learned_soup(
             checkpoints = open_ingredients(stack, ingredients, state_dict_key)
             plan = build_plan(checkpoints, [1.0 / k] * k, dtype="fp32", keys=keys, int_policy=int_policy, lora=lora)
             prob = _problem(model, plan, mode, checkpoints[0].path)
-            logits = torch.zeros(len(prob.groups), k, dtype=torch.float32, requires_grad=True)
-            beta = torch.ones((), dtype=torch.float32, requires_grad=learn_temperature)
+            on_device = None
+            if _use_resident(resident, prob, device, checkpoints[0].path):
+                on_device = _Resident(prob, device, device_kernels(device, backend if backend in _DEVICE_NAMES else None))
+            where = device if on_device is not None else torch.device("cpu")
+            logits = torch.zeros(len(prob.groups), k, dtype=torch.float32, device=where, requires_grad=True)
+            beta = torch.ones((), dtype=torch.float32, device=where, requires_grad=learn_temperature)
             opt = torch.optim.AdamW([logits, beta] if learn_temperature else [logits], lr=lr, weight_decay=weight_decay)
+
+            def mixed(coeffs: torch.Tensor) -> dict[str, torch.Tensor]:
+                return _mixed_params(prob, coeffs, kernel, on_device)
+
             with torch.no_grad():
-                uniform = _heldout(model, _mixed_params(prob, torch.softmax(logits, -1), kernel), eval_data, device,
-                                   loss_fn, group)
+                uniform = _heldout(model, mixed(torch.softmax(logits, -1)), eval_data, device, loss_fn, group)
 
             def train_step(batch: Any) -> None:
                 inputs, targets = _split(batch)
                 opt.zero_grad(set_to_none=True)
                 if group is None:
-                    params = _mixed_params(prob, torch.softmax(logits, -1), kernel)
+                    params = mixed(torch.softmax(logits, -1))
                     outputs = _forward(model, params, inputs, device)
                     loss = loss_fn(outputs.float() * beta.to(outputs.device), targets.to(outputs.device))
                     loss.backward()
                     value = float(loss.detach())
                 else:
-                    value = _distributed_step(group, prob, logits, beta, kernel, model, inputs, targets, device, loss_fn)
+                    value = _distributed_step(group, mixed, logits, beta, model, inputs, targets, device, loss_fn)
                 opt.step()
                 history.append(value)
                 if progress is not None:
@@ -350,8 +447,7 @@ def _learned_soup(
                 epoch += 1
             final = torch.softmax(logits.detach().to(torch.float64), -1)
             with torch.no_grad():
-                learned = _heldout(model, _mixed_params(prob, final.to(torch.float32), kernel), eval_data, device,
-                                   loss_fn, group)
+                learned = _heldout(model, mixed(final.to(torch.float32)), eval_data, device, loss_fn, group)
     finally:
         model.train(was_training)
     coeffs = tuple(tuple(float(c) for c in row) for row in final.tolist())
@@ -393,21 +489,21 @@ def _rows(x: Any, lo: int, hi: int) -> Any:
     return tuple(t[lo:hi] for t in x) if isinstance(x, (tuple, list)) else x[lo:hi]
 
 
-def _distributed_step(group: Group, prob: _Problem, logits: torch.Tensor, beta: torch.Tensor, kernel: Backend,
-                      model: nn.Module, inputs: Any, targets: torch.Tensor, device: torch.device,
+def _distributed_step(group: Group, mixed: Callable[[torch.Tensor], dict[str, torch.Tensor]], logits: torch.Tensor,
+                      beta: torch.Tensor, model: nn.Module, inputs: Any, targets: torch.Tensor, device: torch.device,
                       loss_fn: LossFn) -> float:
     """This rank's rows of the batch: loss scaled by their share, backward, then the gradients
     and the loss summed over the ranks (each rank ends with the whole batch's)."""
     rows = len(targets)
     lo, hi = rows * group.rank // group.world_size, rows * (group.rank + 1) // group.world_size
-    params = _mixed_params(prob, torch.softmax(logits, -1), kernel)
+    params = mixed(torch.softmax(logits, -1))
     if hi > lo:
         outputs = _forward(model, params, _rows(inputs, lo, hi), device)
         loss = loss_fn(outputs.float() * beta.to(outputs.device), targets[lo:hi].to(outputs.device)) * ((hi - lo) / rows)
         loss.backward()
-        value = loss.detach().to("cpu", torch.float32).reshape(1)
+        value = loss.detach().to(logits.device, torch.float32).reshape(1)
     else:  # fewer rows than ranks: this rank adds nothing, but joins the sums
-        value = torch.zeros(1)
+        value = torch.zeros(1, device=logits.device)
     shared = [p for p in (logits, beta) if p.requires_grad]
     for p in shared:
         if p.grad is None:
