@@ -23,7 +23,8 @@ them), and one tensor of one ingredient at a time: ingredients are read through 
 items (soupkern/engine.py; one item per tensor, zero-copy through mmap, its pages released after
 use), and a candidate recomputed from the files is `engine.fill_tensor` per tensor. On a GPU model
 the sum lives on the GPU and candidates are formed there, tensor by tensor
-(`soupkern.backends.device` kernels).
+(`soupkern.backends.device` kernels), each ingredient tensor copied in through two pinned staging
+buffers in turn (the host fills one while the device copies the other in; `_Staged`).
 
 Speculative greedy (`speculative=S > 1`): the next S candidates are formed as if every earlier one
 were rejected (all from the same sum and n), stacked [S, ...] and scored in one batched pass
@@ -48,6 +49,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from contextlib import nullcontext
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
@@ -204,6 +206,7 @@ class _RunningSoup:
         self.state_dict_key = state_dict_key
         self.device = evaluator.device
         self.kernels = _device_kernels(self.device)
+        self.staged = _staging_for(self.device)
         with self.open(0) as ck:
             evaluator.check_names(ck.tensors, path=ck.path)
             self.names = sorted(n for n, (_, info) in ck.tensors.items() if info.dtype in FLOAT_DTYPES)
@@ -266,7 +269,7 @@ class _RunningSoup:
     def _each_tensor(self, index: int, op: Callable[[str, torch.Tensor], object]) -> None:
         """Check ingredient `index` (`_check`), then op(name, x) for each of its non-empty averaged
         tensors in `names` order, x its values on the model's device (on a CPU a zero-copy view,
-        valid only during the call). Read through the engine, one work item per tensor, whose
+        valid only during the call; on a GPU copied in through pinned staging, `_Staged`). Read through the engine, one work item per tensor, whose
         pages are released after its op: residency stays at about one tensor."""
         import torch
 
@@ -281,9 +284,12 @@ class _RunningSoup:
                 tp = TensorPlan(OutputTensor(n, info.dtype, info.shape), ((f, info),), average=False)
                 yield from tensor_items(tp, max(tp.numel, 1))
 
-        def call(item: WorkItem, views: list[np.ndarray]) -> None:
+        def call(item: WorkItem, views: list[memoryview]) -> None:
             out = item.tensor.out
-            op(out.name, torch_view(views[0], out.dtype).view(out.shape).to(self.device))
+            if self.staged is not None:
+                op(out.name, self.staged.to_device(views[0], out.dtype, out.shape))
+            else:
+                op(out.name, torch_view(views[0], out.dtype).view(out.shape).to(self.device))
 
         with self.open(index) as ck, torch.no_grad():
             self._check(ck)
@@ -473,6 +479,72 @@ class _SumState:
             except BufferError:  # views still alive: the mapping goes with the last one
                 pass
             self._map = None
+
+
+class _Staged:
+    """Ingredient bytes to a CUDA device through two pinned staging buffers used in turn: the
+    host copies piece i + 1 out of the mapped file while the device copies piece i in (on a side
+    stream, asynchronously), and the caller's stream waits for the copies instead of the host —
+    in place of one synchronous copy from pageable memory per tensor. On a CPU device (tests)
+    the same steps run synchronously."""
+
+    PIECE_BYTES = 32 << 20
+
+    def __init__(self, device: torch.device, piece_bytes: int = PIECE_BYTES):
+        import torch
+
+        self.torch = torch
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.piece = piece_bytes
+        stage = [torch.empty(piece_bytes, dtype=torch.uint8, pin_memory=self.cuda) for _ in range(2)]
+        self.stage = [memoryview(s.numpy()) for s in stage]
+        self._stage_tensors = stage
+        self.left = [torch.cuda.Event() if self.cuda else None for _ in range(2)]  # a piece's copy-in done
+        self.stream = torch.cuda.Stream(device) if self.cuda else None
+        self.turn = 0
+        self.pieces = 0
+        try:
+            from soupkern._native import copy  # type: ignore[attr-defined]  # multi-threaded memcpy
+        except ImportError:
+            copy = None
+        self._copy = copy
+
+    def to_device(self, raw: memoryview, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
+        """A new tensor on the device holding the bytes `raw` (of `dtype`, `shape`), ready for the
+        current stream's work (its copies are ordered before it)."""
+        from soupkern.torch_dtypes import TORCH_DTYPES
+
+        torch = self.torch
+        n = raw.nbytes
+        out = torch.empty(n, dtype=torch.uint8, device=self.device)
+        current = torch.cuda.current_stream(self.device) if self.cuda else None
+        if self.stream is not None:
+            self.stream.wait_stream(current)  # `out` may be memory the current stream just freed
+        for lo in range(0, n, self.piece):
+            hi = min(lo + self.piece, n)
+            slot, self.turn = self.turn, self.turn ^ 1
+            if self.left[slot] is not None:
+                self.left[slot].synchronize()  # the piece that used this buffer has been copied in
+            dst = self.stage[slot][:hi - lo]
+            if self._copy is not None and hi - lo >= 1 << 20:
+                self._copy(dst, raw[lo:hi], hi - lo, 0)
+            else:
+                dst[:] = raw[lo:hi]
+            with torch.cuda.stream(self.stream) if self.stream is not None else nullcontext():
+                out[lo:hi].copy_(self._stage_tensors[slot][:hi - lo], non_blocking=self.cuda)
+            if self.left[slot] is not None:
+                self.left[slot].record(self.stream)
+            self.pieces += 1
+        if current is not None:
+            current.wait_stream(self.stream)
+        return out.view(TORCH_DTYPES[dtype]).view(shape)
+
+
+def _staging_for(device: torch.device) -> _Staged | None:
+    """How `_RunningSoup` moves ingredient tensors to its device: pinned staging on a CUDA device,
+    None (zero-copy views of the mapped files) on the CPU."""
+    return _Staged(device) if device.type == "cuda" else None
 
 
 def _device_kernels(device: torch.device) -> DeviceKernels:
