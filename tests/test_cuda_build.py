@@ -99,6 +99,8 @@ def test_table_packing_and_argument_errors() -> None:
         _cuda.pack_table(buf.ctypes.data, nbytes, 1, [16, 32], [3, 1], [0, 16, 48, 4], [3, 3, 1, 1], [1, 1], [1.0, 1.0], 0.0)
     with pytest.raises(ValueError, match="greedy"):
         _cuda.launch(_cuda.OP_GREEDY_ACCEPT, 1, 0, 1, 3, 1, 0, 0)
+    with pytest.raises(ValueError, match="input_dtype must be F32, F16, BF16 or -1"):  # refused before any CUDA call
+        _cuda.launch(_cuda.OP_WEIGHTED_SUM, 4, 64, 1, 2, 1, 0, 0, _cuda.F64)
     # greedy tables: input 0 is the fp64 running sum (so at most 4-wide), accept writes it back
     assert _cuda.access_widths([16], [_cuda.F64], [16, 32], [_cuda.F64, _cuda.BF16], 2) == [4]
     greedy = dict(outs=[16], ins=[16, 32], numels=[5], weights=[1.0, 1.0])
@@ -210,3 +212,16 @@ def test_not_built_is_reported(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
     monkeypatch.setattr(cuda_backend, "BUILD_INFO", tmp_path / "missing.json")
     kernels, reason = cuda_backend.load()
     assert kernels is None and reason.startswith("not built: soupkern._cuda cannot be imported")
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH: the CUDA extension is not built here")
+def test_same_dtype_launches_are_specialized() -> None:
+    """A weighted-sum launch whose inputs share one dtype names it (the kernel specialized for it
+    reads no per-input dtype); a mix, or a greedy op, launches the general kernel."""
+    from soupkern import _cuda  # type: ignore[attr-defined]
+    from soupkern.backends.cuda import shared_input_dtype
+
+    assert shared_input_dtype(True, [_cuda.BF16] * 6) == _cuda.BF16
+    assert shared_input_dtype(True, [_cuda.F32, _cuda.F32]) == _cuda.F32
+    assert shared_input_dtype(True, [_cuda.BF16, _cuda.F16]) == -1
+    assert shared_input_dtype(False, [_cuda.F64, _cuda.F64]) == -1

@@ -91,17 +91,19 @@ std::int64_t pack_table(std::uintptr_t host, std::size_t nbytes, int width, cons
 }
 
 void launch(int op, int width, std::uintptr_t table, std::int64_t tensors, int k, std::int64_t tiles, int device,
-            std::uintptr_t stream) {
+            std::uintptr_t stream, int input_dtype) {
   if (op < skc::kWeightedSum || op > skc::kGreedyAccept) throw py::value_error("unknown op " + std::to_string(op));
   if (width != 1 && width != 4 && width != 8) throw py::value_error("access width must be 1, 4 or 8");
   if (op != skc::kWeightedSum && width == 8) throw py::value_error("access width 8 is for the weighted sum only");
   if (op != skc::kWeightedSum && k != 2) throw py::value_error("the greedy ops take k = 2 (running sum, candidate)");
   if (tiles > 0 && table == 0) throw py::value_error("table address is null");
+  if (input_dtype != -1 && input_dtype != soupkern::F32 && input_dtype != soupkern::F16 && input_dtype != soupkern::BF16)
+    throw py::value_error("input_dtype must be F32, F16, BF16 or -1 (mixed), got " + std::to_string(input_dtype));
   int code = 0;
   {
     py::gil_scoped_release release;
     code = skc::launch(static_cast<skc::Op>(op), width, reinterpret_cast<const void*>(table), tensors, k, tiles, device,
-                       stream);
+                       stream, input_dtype);
   }
   if (code != 0) raise_cuda("kernel launch", code);
 }
@@ -125,8 +127,9 @@ PYBIND11_MODULE(_cuda, m) {
         "Write the launch table of `op` with one access width into host memory at address `host` (nbytes long; fp64 "
         "weights and divisor); returns the tile count. Launch it with the same op.");
   m.def("launch", &launch, py::arg("op"), py::arg("width"), py::arg("table"), py::arg("tensors"), py::arg("k"), py::arg("tiles"),
-        py::arg("device"), py::arg("stream"),
-        "Launch `op` over a device copy of a packed table on `stream` (cudaStream_t as int) of `device`.");
+        py::arg("device"), py::arg("stream"), py::arg("input_dtype") = -1,
+        "Launch `op` over a device copy of a packed table on `stream` (cudaStream_t as int) of `device`; "
+        "input_dtype: the dtype code all inputs share (a specialized kernel), or -1 for any mix.");
   m.attr("archs") = SOUPKERN_CUDA_ARCHS;
   m.attr("OP_WEIGHTED_SUM") = static_cast<int>(skc::kWeightedSum);
   m.attr("OP_GREEDY_CANDIDATE") = static_cast<int>(skc::kGreedyCandidate);

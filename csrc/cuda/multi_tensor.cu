@@ -98,26 +98,39 @@ struct Row {
   int k;
 };
 
+// DT: the dtype every input of the launch shares, a compile-time constant (no dtype branch per
+// element: the common all-bf16 / all-fp32 checkpoint), or kMixed to read each input's from the row.
+constexpr int kMixed = -1;
+
+// Input k's U accesses of a pass (zeros where an access is not wholly inside the tile: never
+// computed on uninitialized registers).
+template <int E, int U, int DT>
+__device__ __forceinline__ void load_input(uint4 (&raw)[U], const Row& r, int k, long long base, const bool (&full)[U]) {
+  const void* p = r.in[k];
+  const int dt = DT == kMixed ? static_cast<int>(r.dtype[k]) : DT;
+#pragma unroll
+  for (int u = 0; u < U; ++u) raw[u] = full[u] ? load_raw<E>(p, dt, base + u * kThreads * E) : make_uint4(0u, 0u, 0u, 0u);
+}
+
 // kWeightedSum, elements [begin, end) with E-element accesses, in passes of kThreads * U * E
-// elements: in a pass, thread j owns accesses j, j + kThreads, ... (U of them, loaded together
-// so that U loads are in flight). Accesses not wholly inside [begin, end) are skipped
+// elements: in a pass, thread j owns accesses j, j + kThreads, ... (U of them). Input k + 1's U
+// loads are issued before input k's arithmetic, so 2U loads per thread are in flight across
+// inputs (not U, serialized input by input). Accesses not wholly inside [begin, end) are skipped
 // (tile_tail).
-template <int E, int U>
+template <int E, int U, int DT>
 __device__ __forceinline__ void tile_vector(const Row& r, long long begin, long long end, double divisor) {
   for (long long base = begin + static_cast<long long>(threadIdx.x) * E; base < end; base += kThreads * U * E) {
     bool full[U];
 #pragma unroll
     for (int u = 0; u < U; ++u) full[u] = base + u * kThreads * E + E <= end;
     double acc[U][E];
+    uint4 raw[U], next[U];
+    load_input<E, U, DT>(raw, r, 0, base, full);
 #pragma unroll 1
     for (int k = 0; k < r.k; ++k) {
-      const void* p = r.in[k];
-      const int dt = r.dtype[k];
+      const int dt = DT == kMixed ? static_cast<int>(r.dtype[k]) : DT;
       const double w = r.weight[k];
-      uint4 raw[U];
-#pragma unroll
-      for (int u = 0; u < U; ++u)
-        if (full[u]) raw[u] = load_raw<E>(p, dt, base + u * kThreads * E);
+      if (k + 1 < r.k) load_input<E, U, DT>(next, r, k + 1, base, full);
 #pragma unroll
       for (int u = 0; u < U; ++u)
 #pragma unroll
@@ -125,6 +138,10 @@ __device__ __forceinline__ void tile_vector(const Row& r, long long begin, long 
           const double x = element<E>(raw[u], dt, e);
           acc[u][e] = k == 0 ? convert::first_term<kWeightedSum>(w, x) : convert::next_term<kWeightedSum>(w, x, acc[u][e]);
         }
+      if (k + 1 < r.k) {
+#pragma unroll
+        for (int u = 0; u < U; ++u) raw[u] = next[u];
+      }
     }
 #pragma unroll
     for (int u = 0; u < U; ++u) {
@@ -232,7 +249,9 @@ __device__ __forceinline__ void tile_greedy(const Row& r, long long begin, long 
 
 // E = 8 or 4: every tensor of the table has 16-byte aligned addresses (and, for 8, only 2-byte
 // dtypes); E = 1: any addresses. The host groups tensors by access width (pack_table checks).
-template <Op OP, int E>
+// DT: every input's dtype when the launch's inputs share one (weighted sum, E = 4 or 8), else
+// kMixed; the host passes it from the dtypes it packed (launch checks the value).
+template <Op OP, int E, int DT = kMixed>
 __global__ void __launch_bounds__(kThreads, 4) multi_tensor_kernel(const unsigned char* table, long long tensors, int k,
                                                                  long long tiles) {
   const TableLayout l = table_layout(tensors, k, tiles);
@@ -271,7 +290,7 @@ __global__ void __launch_bounds__(kThreads, 4) multi_tensor_kernel(const unsigne
     } else if constexpr (E == 1) {
       tile_scalar<4>(r, begin, end, divisor);
     } else {
-      tile_vector<E, E == 8 ? 1 : 2>(r, begin, end, divisor);
+      tile_vector<E, E == 8 ? 1 : 2, DT>(r, begin, end, divisor);
       tile_tail<E>(r, begin, end, divisor);
     }
   }
@@ -291,9 +310,20 @@ KernelFn kernel_for_width(int width) {
   return width == 4 ? multi_tensor_kernel<OP, 4> : multi_tensor_kernel<OP, 1>;
 }
 
-KernelFn kernel_for(Op op, int width) {
+// The weighted sum specialized for one input dtype shared by every input (E = 8: the 2-byte
+// dtypes only); the mixed kernel for any other combination.
+KernelFn weighted_sum_for(int width, int input_dtype) {
+  if (width == 8 && input_dtype == F16) return multi_tensor_kernel<kWeightedSum, 8, F16>;
+  if (width == 8 && input_dtype == BF16) return multi_tensor_kernel<kWeightedSum, 8, BF16>;
+  if (width == 4 && input_dtype == F32) return multi_tensor_kernel<kWeightedSum, 4, F32>;
+  if (width == 4 && input_dtype == F16) return multi_tensor_kernel<kWeightedSum, 4, F16>;
+  if (width == 4 && input_dtype == BF16) return multi_tensor_kernel<kWeightedSum, 4, BF16>;
+  return kernel_for_width<kWeightedSum>(width);
+}
+
+KernelFn kernel_for(Op op, int width, int input_dtype) {
   switch (op) {
-    case kWeightedSum: return kernel_for_width<kWeightedSum>(width);
+    case kWeightedSum: return weighted_sum_for(width, input_dtype);
     case kGreedyCandidate: return kernel_for_width<kGreedyCandidate>(width);
     default: return kernel_for_width<kGreedyAccept>(width);
   }
@@ -305,9 +335,9 @@ std::size_t shared_bytes(int k) { return static_cast<std::size_t>(k) * (8 + 8 + 
 std::mutex grid_mu;
 std::map<std::tuple<int, int, int>, int> grid_cache;
 
-cudaError_t resident_blocks(int device, Op op, int width, int k, int* blocks) {
+cudaError_t resident_blocks(int device, Op op, int width, int input_dtype, int k, int* blocks) {
   std::lock_guard<std::mutex> lock(grid_mu);
-  const auto key = std::make_tuple(device, static_cast<int>(op) * 16 + width, k);
+  const auto key = std::make_tuple(device, (static_cast<int>(op) * 16 + width) * 16 + input_dtype + 1, k);
   const auto hit = grid_cache.find(key);
   if (hit != grid_cache.end()) {
     *blocks = hit->second;
@@ -316,7 +346,8 @@ cudaError_t resident_blocks(int device, Op op, int width, int k, int* blocks) {
   int sms = 0, per_sm = 0;
   cudaError_t err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   if (err != cudaSuccess) return err;
-  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel_for(op, width), kThreads, shared_bytes(k));
+  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel_for(op, width, input_dtype), kThreads,
+                                                      shared_bytes(k));
   if (err != cudaSuccess) return err;
   *blocks = grid_cache[key] = sms * (per_sm > 0 ? per_sm : 1);
   return cudaSuccess;
@@ -325,19 +356,20 @@ cudaError_t resident_blocks(int device, Op op, int width, int k, int* blocks) {
 }  // namespace
 
 int launch(Op op, int width, const void* device_table, std::int64_t tensors, int k, std::int64_t tiles, int device,
-           std::uintptr_t stream) {
+           std::uintptr_t stream, int input_dtype) {
   if (tiles <= 0) return cudaSuccess;
   if (k < 1 || k > kMaxInputs || tensors < 1 || (width != 1 && width != 4 && width != 8)) return cudaErrorInvalidValue;
-  if (kernel_for(op, width) == nullptr) return cudaErrorInvalidValue;
+  if (input_dtype != kMixed && input_dtype != F32 && input_dtype != F16 && input_dtype != BF16) return cudaErrorInvalidValue;
+  if (kernel_for(op, width, input_dtype) == nullptr) return cudaErrorInvalidValue;
   int current = -1;
   cudaError_t err = cudaGetDevice(&current);
   if (err == cudaSuccess && current != device) err = cudaSetDevice(device);
   if (err != cudaSuccess) return err;
   int blocks = 0;
-  err = resident_blocks(device, op, width, k, &blocks);
+  err = resident_blocks(device, op, width, input_dtype, k, &blocks);
   if (err != cudaSuccess) return err;
   const long long grid = tiles < blocks ? tiles : blocks;
-  kernel_for(op, width)<<<static_cast<unsigned>(grid), kThreads, shared_bytes(k), reinterpret_cast<cudaStream_t>(stream)>>>(
+  kernel_for(op, width, input_dtype)<<<static_cast<unsigned>(grid), kThreads, shared_bytes(k), reinterpret_cast<cudaStream_t>(stream)>>>(
       static_cast<const unsigned char*>(device_table), tensors, k, tiles);
   return cudaGetLastError();
 }

@@ -97,9 +97,11 @@ std::int64_t pack_table(void* host, Op op, int width, std::int64_t tensors, int 
 // `stream` (a cudaStream_t as an integer; 0 = the legacy default stream) of device `device`
 // (made current only when it is not already). Returns the cudaError_t value (0 = success): the
 // launch's own status, not that of the kernel's execution. Width 8 exists for kWeightedSum only
-// (cudaErrorInvalidValue otherwise).
+// (cudaErrorInvalidValue otherwise). `input_dtype`: the dtype tag every input of the table has
+// (F32, F16, BF16: a kernel specialized for it), or -1 for any mix; the caller derives it from
+// the dtypes it packed, and a wrong tag reads the inputs as the wrong type.
 int launch(Op op, int width, const void* device_table, std::int64_t tensors, int k, std::int64_t tiles, int device,
-           std::uintptr_t stream);
+           std::uintptr_t stream, int input_dtype = -1);
 
 // cudaGetDeviceCount's status and count (count = 0 on any error).
 int device_count(int* count);

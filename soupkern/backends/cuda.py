@@ -180,13 +180,20 @@ class CudaKernels:
                 member_numels = [numels[i] for i in members]
                 nbytes = ext.table_bytes(member_numels, k)
                 host = np.empty(nbytes // 8, np.int64)  # the table's sections are 8-byte aligned
+                member_codes = [in_codes[i * k + j] for i in members for j in range(k)]
                 tiles = ext.pack_table(
                     host.ctypes.data, nbytes, width, [out_ptrs[i] for i in members], [out_codes[i] for i in members],
-                    [in_ptrs[i * k + j] for i in members for j in range(k)],
-                    [in_codes[i * k + j] for i in members for j in range(k)],
+                    [in_ptrs[i * k + j] for i in members for j in range(k)], member_codes,
                     member_numels, [float(w) for w in weights], divisor, op)
                 table = device_table(host, device)
-                ext.launch(op, width, table.data_ptr(), len(members), k, tiles, device.index, stream)
+                ext.launch(op, width, table.data_ptr(), len(members), k, tiles, device.index, stream,
+                           input_dtype=shared_input_dtype(op == ext.OP_WEIGHTED_SUM, member_codes))
+
+
+def shared_input_dtype(weighted_sum: bool, codes: Sequence[int]) -> int:
+    """The dtype code every input of a weighted-sum launch has (its kernel is specialized for
+    it), or -1: a mix, or a greedy op (their inputs are an fp64 sum and a candidate)."""
+    return codes[0] if weighted_sum and codes and all(c == codes[0] for c in codes) else -1
 
 
 def load() -> tuple[CudaKernels | None, str]:
