@@ -271,6 +271,12 @@ def main(argv: list[str] | None = None) -> int:
         prov["triton"] = triton.__version__
     except ImportError:
         prov["triton"] = None
+    try:  # the Triton launch configurations measured during the run (kernels/tuning.py)
+        from soupkern.kernels.tuning import chosen
+
+        prov["triton_configs"] = {f"{d} in={i} out={o}": list(c) for (d, i, o), c in chosen().items()}
+    except ImportError:
+        prov["triton_configs"] = None
     slug = re.sub(r"[^a-z0-9]+", "_", device_name.lower()).strip("_")
     results_dir.mkdir(parents=True, exist_ok=True)
     stem = results_dir / f"gpu_{slug}"

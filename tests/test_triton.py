@@ -775,3 +775,50 @@ def test_each_object_implements_one_protocol(monkeypatch: pytest.MonkeyPatch) ->
     assert isinstance(host, HostAdapter) and host.kernels is kernels and host.name == "triton"
     assert list(inspect.signature(kernels.weighted_sum).parameters) == ["out", "inputs", "weights", "divisor"]
     assert backends.get_backend("triton") is host  # cached
+
+
+def test_launch_config_is_measured_once_per_key_and_the_fastest_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    """kernels/tuning.py: one measurement per (device, input dtype, output dtype), the lowest
+    median kept (the first listed on a tie); under the interpreter, unmeasured, the fixed block."""
+    from soupkern.kernels import tuning
+
+    monkeypatch.setattr(tuning, "_chosen", {})
+    calls = []
+
+    def fake(key, configs):  # type: ignore[no-untyped-def]
+        calls.append(key)
+        return {c: (1.0 if c == (4096, 8) else 2.0) if key[1] == 3 else 1.0 for c in configs}
+
+    dev = torch.device("cuda", 0)
+    assert tuning.launch_config(dev, 3, 3, measure=fake) == (4096, 8)
+    assert tuning.launch_config(dev, 3, 3, measure=fake) == (4096, 8)
+    assert tuning.launch_config(dev, 1, 3, measure=fake) == tuning.CONFIGS[0]  # all tied: the first
+    assert calls == [("cuda:0", 3, 3), ("cuda:0", 1, 3)]
+    assert tuning.chosen() == {("cuda:0", 3, 3): (4096, 8), ("cuda:0", 1, 3): tuning.CONFIGS[0]}
+    assert tuning.launch_config(torch.device("cpu"), 3, 3) == (ws.INTERPRETER_BLOCK, ws.GPU_WARPS)
+
+
+def test_kernels_launch_with_the_tuned_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Neither block nor num_warps given: the launches take the tuned configuration (here a fake
+    one of 256 elements per program, so 3000 elements span many programs and a masked tail), and
+    the bits are the C++ kernel's."""
+    from soupkern.kernels import tuning
+
+    asked = []
+
+    def fake(device, in_code, out_code, *, measure=None):  # type: ignore[no-untyped-def]
+        asked.append((in_code, out_code))
+        return 256, 2
+
+    monkeypatch.setattr(tuning, "launch_config", fake)
+    g = torch.Generator().manual_seed(5)
+    xs = [torch.randn(3000, generator=g).to(torch.bfloat16) for _ in range(3)]
+    out = torch.empty(3000, dtype=torch.bfloat16)
+    ws.weighted_sum(out, xs, [1.0, 1.0, 1.0], 3.0)
+    outs = [torch.empty(3000, dtype=torch.float32), torch.empty(700, dtype=torch.float32)]
+    mws.multi_weighted_sum(outs, [xs, [x[:700].float() for x in xs]], [1.0, 1.0, 1.0], 3.0)
+    ref = np.empty(3000 * 2, np.uint8)
+    _native.weighted_sum(ref, "BF16", [x.view(torch.uint8).numpy() for x in xs], ["BF16"] * 3, [1.0] * 3, 3000,
+                         divisor=3.0)
+    assert out.view(torch.uint8).numpy().tobytes() == ref.tobytes()
+    assert asked == [(ws.BF16.value, ws.BF16.value), (ws.BF16.value, ws.F32.value), (ws.F32.value, ws.F32.value)]

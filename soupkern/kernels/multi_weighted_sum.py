@@ -32,8 +32,8 @@ from soupkern.errors import InputError
 from soupkern.kernels.table import block_entry, build_table, table_sections
 from soupkern.kernels.table_cache import device_table
 from soupkern.kernels.weighted_sum import (
-    GPU_WARPS, TORCH_CODES, all_aligned, check_block, check_device, check_divisor, check_tensor,
-    input_code, weighted_sum_block)
+    TORCH_CODES, all_aligned, check_block, check_device, check_divisor, check_tensor, input_code,
+    launch_settings, weighted_sum_block)
 
 
 @triton.jit
@@ -62,7 +62,7 @@ def launch_groups(keys: Sequence[KeyT], numels: Sequence[int]) -> Iterator[tuple
 
 def multi_weighted_sum(outs: Sequence[torch.Tensor], inputs: Sequence[Sequence[torch.Tensor]],
                        weights: Sequence[float], divisor: float = 1.0, *, block: int | None = None,
-                       num_warps: int = GPU_WARPS) -> None:
+                       num_warps: int | None = None) -> None:
     """outs[t] = round((Σ_k weights[k] · inputs[t][k]) / divisor) for every t, one launch per dtype group.
 
     inputs[t] lists tensor t of each of the K ingredients (same K and weights for every t);
@@ -78,7 +78,8 @@ def multi_weighted_sum(outs: Sequence[torch.Tensor], inputs: Sequence[Sequence[t
         raise InputError("multi_weighted_sum needs at least one input per tensor")
     device = check_tensor(outs[0], "outs[0]").device
     check_device(device)
-    block = check_block(block)
+    if block is not None:
+        check_block(block)
     keys = []
     for t, (out, xs) in enumerate(zip(outs, inputs)):
         check_tensor(out, f"outs[{t}]", device)
@@ -88,13 +89,14 @@ def multi_weighted_sum(outs: Sequence[torch.Tensor], inputs: Sequence[Sequence[t
             check_tensor(x, f"inputs[{t}][{i}]", device, out.numel())
         keys.append((tuple(TORCH_CODES[x.dtype] for x in xs), TORCH_CODES[out.dtype]))
     for (codes, out_code), members in launch_groups(keys, [out.numel() for out in outs]):
+        group_block, warps = launch_settings(device, input_code(codes), out_code, block, num_warps)
         rows = [[x.data_ptr() for x in inputs[t]] + [outs[t].data_ptr()] for t in members]
         host, programs = build_table(rows, [[*codes, out_code]] * len(members), [outs[t].numel() for t in members],
-                                     weights, d, block)
+                                     weights, d, group_block)
         tensors = [x for t in members for x in (*inputs[t], outs[t])]
         _multi_weighted_sum_kernel[(programs,)](
             device_table(host, device), len(members), k, IN_CODE=input_code(codes), OUT_CODE=out_code,
-            DIVIDE=d != 1.0, ALIGNED=all_aligned(tensors), BLOCK=block, num_warps=num_warps)
+            DIVIDE=d != 1.0, ALIGNED=all_aligned(tensors), BLOCK=group_block, num_warps=warps)
 
 
 def bytes_moved(numels: Sequence[int], in_itemsizes: Sequence[int], out_itemsize: int) -> int:

@@ -254,12 +254,23 @@ def input_code(codes: Sequence[int]) -> int:
     return codes[0] if len(set(codes)) == 1 else MIXED.value
 
 
+def launch_settings(device: torch.device, in_code: int, out_code: int, block: int | None,
+                    num_warps: int | None) -> tuple[int, int]:
+    """(BLOCK, num_warps): as given, the default for one left out, or, neither given, the
+    measured configuration (soupkern/kernels/tuning.py)."""
+    if block is None and num_warps is None:
+        from soupkern.kernels.tuning import launch_config
+
+        block, num_warps = launch_config(device, in_code, out_code)
+    return check_block(block), num_warps or GPU_WARPS
+
+
 def all_aligned(tensors: Sequence[torch.Tensor]) -> bool:
     return all(t.data_ptr() % 16 == 0 for t in tensors)
 
 
 def weighted_sum(out: torch.Tensor, inputs: Sequence[torch.Tensor], weights: Sequence[float],
-                 divisor: float = 1.0, *, block: int | None = None, num_warps: int = GPU_WARPS) -> torch.Tensor:
+                 divisor: float = 1.0, *, block: int | None = None, num_warps: int | None = None) -> torch.Tensor:
     """out = round((Σ_k weights[k] · inputs[k]) / divisor) (the module's contract), one launch;
     returns `out`.
 
@@ -267,7 +278,8 @@ def weighted_sum(out: torch.Tensor, inputs: Sequence[torch.Tensor], weights: Seq
     one CUDA device (CPU under TRITON_INTERPRET=1); shapes may differ (flat element order).
     `out` may be one of the inputs: every element is read by the program that writes it, before
     it writes it.
-    `block` (a power of two, elements per program) and `num_warps` are tuning knobs.
+    `block` (a power of two, elements per program) and `num_warps`: the launch configuration;
+    neither given: the one measured fastest for these dtypes on this device (kernels/tuning.py).
     """
     out = check_tensor(out, "out")
     check_device(out.device)
@@ -281,8 +293,8 @@ def weighted_sum(out: torch.Tensor, inputs: Sequence[torch.Tensor], weights: Seq
     xs = [check_tensor(x, f"inputs[{i}]", out.device, n) for i, x in enumerate(inputs)]
     if n == 0:
         return out
-    block = check_block(block)
     codes = [TORCH_CODES[x.dtype] for x in xs]
+    block, num_warps = launch_settings(out.device, input_code(codes), TORCH_CODES[out.dtype], block, num_warps)
     host, _ = build_table([[x.data_ptr() for x in xs] + [out.data_ptr()]], [codes + [TORCH_CODES[out.dtype]]], [n],
                           weights, d, None)
     grid = (triton.cdiv(n, block),)
