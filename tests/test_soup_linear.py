@@ -235,3 +235,48 @@ def test_triton_on_gpu(dtype: torch.dtype) -> None:
     check(y.cpu(), x, w, bias, a, UNIT_W[dtype], 0.0)  # on a GPU the bf16 conversion rounds to nearest
     y_native = soup_linear_triton(x.cuda(), w.cuda(), bias.cuda() if bias is not None else None, a.cuda())
     check(y_native.cpu(), x, w, bias, a, UNIT_W[dtype], UNIT_W[dtype] if dtype != torch.float32 else 0.0)
+
+
+def test_every_tuning_candidate_meets_the_contract_and_the_fastest_is_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With no blocks given on a GPU, soup-linear measures `LINEAR_CONFIGS` on its own call and
+    keeps the fastest. Here (interpreter, fp32: no bf16 work-around needed) with the timing
+    replaced: every candidate's output meets the contract's bound, the measurement runs once per
+    key, and the chosen candidate is the one launched."""
+    import soupkern.kernels.soup_linear as sl
+    from soupkern.kernels import tuning
+
+    monkeypatch.setattr(sl, "_INTERPRET", False)  # take the GPU's tuned path
+    monkeypatch.setattr(tuning, "_chosen", {})
+    x, w, bias, a = make(3, 4, 19, 37, 45, False, True, torch.float32)
+    measured = []
+
+    def fake_time(device, run, configs):  # type: ignore[no-untyped-def]
+        measured.append(tuple(configs))
+        times = {}
+        for i, config in enumerate(configs):
+            run(config)
+            times[config] = 1.0 if config == sl.LINEAR_CONFIGS[2] else 2.0 + i
+        return times
+
+    launched = []
+    real_kernel = sl._soup_linear_kernel
+
+    class Spy:
+        def __getitem__(self, grid):  # type: ignore[no-untyped-def]
+            def call(*args, **kw):  # type: ignore[no-untyped-def]
+                launched.append((kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], kw["num_warps"], kw["num_stages"]))
+                return real_kernel[grid](*args, **kw)
+            return call
+
+    monkeypatch.setattr(tuning, "time_calls", fake_time)
+    monkeypatch.setattr(sl, "_soup_linear_kernel", Spy())
+    y = soup_linear_triton(x, w, bias, a, out_dtype=torch.float32)
+    check(y, x, w, bias, a, 0.0, 0.0)  # the chosen candidate's result (written last)
+    assert measured == [sl.LINEAR_CONFIGS] and launched == [*sl.LINEAR_CONFIGS, sl.LINEAR_CONFIGS[2]]
+    for config in sl.LINEAR_CONFIGS:  # each candidate alone meets the contract
+        bm, bn, bk, warps, stages = config
+        yc = soup_linear_triton(x, w, bias, a, out_dtype=torch.float32, block_m=bm, block_n=bn, block_k=bk,
+                                num_warps=warps, num_stages=stages)
+        check(yc, x, w, bias, a, 0.0, 0.0)
+    soup_linear_triton(x, w, bias, a, out_dtype=torch.float32)  # cached: no second measurement
+    assert len(measured) == 1 and launched[-1] == sl.LINEAR_CONFIGS[2]

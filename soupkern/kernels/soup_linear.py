@@ -57,6 +57,12 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 Backend = Literal["auto", "triton", "torch"]
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 DEFAULT_CPU_BUDGET_BYTES = 64 << 20  # the engine's default budget too
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the Triton kernel: the default, and the
+# candidates measured on a GPU (2-4 stages: the loop over IN software-pipelined, W_k tiles of the
+# next step loaded while this step's are mixed)
+DEFAULT_LINEAR_CONFIG = (64, 64, 32, 4, 3)
+LINEAR_CONFIGS = ((64, 64, 32, 4, 3), (64, 64, 32, 4, 2), (64, 128, 32, 4, 3), (128, 64, 32, 4, 3),
+                  (32, 64, 64, 4, 3), (128, 128, 32, 8, 3), (16, 128, 64, 4, 4))
 
 
 if triton is not None:
@@ -159,20 +165,26 @@ def soup_linear_triton(
     coeffs: torch.Tensor,
     *,
     out_dtype: torch.dtype | None = None,
-    block_m: int = 64,
-    block_n: int = 64,
-    block_k: int = 32,
-    num_warps: int = 4,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    block_k: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
 ) -> torch.Tensor:
     """The module contract with the Triton kernel: validates, allocates [S, B, OUT], launches.
 
     CUDA tensors, or CPU tensors under TRITON_INTERPRET=1. Blocks must be powers of two ≥ 16.
+    Launch configuration (blocks, warps, software-pipeline stages of the loop over IN): as given,
+    or, none given, on a GPU the fastest of `LINEAR_CONFIGS` for these dtypes and this batch-size
+    bucket, measured on this call's own tensors on first use (kernels/tuning.py); under the
+    interpreter, and for any left out of a partial choice, `DEFAULT_LINEAR_CONFIG`.
     """
     if triton is None:
         raise BackendUnavailableError("the triton soup-linear kernel needs the 'triton' package")
     s, k, b, n_out, n_in, y_dtype = _check(x, weights, bias, coeffs, out_dtype)
+    given = (block_m, block_n, block_k, num_warps, num_stages)
     for name, v in (("block_m", block_m), ("block_n", block_n), ("block_k", block_k)):
-        if v < 16 or v & (v - 1):
+        if v is not None and (v < 16 or v & (v - 1)):
             raise InputError(f"{name} must be a power of two >= 16, got {v}")
     a = coeffs.to(torch.float32)
     y = torch.empty((s, b, n_out), dtype=y_dtype, device=x.device)
@@ -183,14 +195,25 @@ def soup_linear_triton(
     xs = (0, x.stride(0), x.stride(1)) if x.dim() == 2 else x.stride()
     bias_t = bias if bias is not None else weights  # dummy pointer, never read when HAS_BIAS is False
     bs = bias.stride() if bias is not None else (0, 0)
-    grid = (s, triton.cdiv(b, block_m), triton.cdiv(n_out, block_n))
-    _soup_linear_kernel[grid](
-        x, weights, bias_t, a, y,
-        b, n_out, n_in, k,
-        *xs, *weights.stride(), *bs, *a.stride(), *y.stride(),
-        HAS_BIAS=bias is not None, UPCAST=_INTERPRET and x.dtype == torch.bfloat16, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=num_warps,
-    )
+
+    def launch(config: tuple[int, int, int, int, int]) -> None:
+        bm, bn, bk, warps, stages = config
+        _soup_linear_kernel[(s, triton.cdiv(b, bm), triton.cdiv(n_out, bn))](
+            x, weights, bias_t, a, y,
+            b, n_out, n_in, k,
+            *xs, *weights.stride(), *bs, *a.stride(), *y.stride(),
+            HAS_BIAS=bias is not None, UPCAST=_INTERPRET and x.dtype == torch.bfloat16, BLOCK_M=bm, BLOCK_N=bn,
+            BLOCK_K=bk, num_warps=warps, num_stages=stages,
+        )
+
+    if all(v is None for v in given) and not _INTERPRET:
+        from soupkern.kernels.tuning import time_calls, tuned
+
+        key = ("soup_linear", str(x.device), x.dtype, weights.dtype, x.dim(), min(triton.next_power_of_2(b), 256))
+        config = tuned(key, LINEAR_CONFIGS, lambda configs: time_calls(x.device, launch, configs))
+    else:
+        config = tuple(d if v is None else v for v, d in zip(given, DEFAULT_LINEAR_CONFIG))  # type: ignore[assignment]
+    launch(config)
     return y
 
 

@@ -1,19 +1,22 @@
-"""Launch configurations of the Triton weighted sums: (elements per program, warps), measured once
-per (device, input dtype, output dtype) on the GPU instead of fixed.
+"""Launch configurations of the Triton kernels, measured once per process on the GPU instead of
+fixed: the weighted sums' (elements per program, warps) per (device, input dtype, output dtype),
+and soup-linear's blocks, warps and pipeline stages per (device, dtypes, batch size bucket).
 
-Every configuration gives the same bits (an element's arithmetic does not depend on which program
-computes it), so the choice changes speed only. The measurement runs each of `CONFIGS` on
-synthetic tensors of about `TUNE_BYTES` moved (K = 4 inputs; K is a run-time argument, not a
-compile-time one, so it does not key the choice), once to compile and three times timed with
-CUDA events, and keeps the lowest median (the first listed on a tie). Under the Triton
-interpreter (TRITON_INTERPRET=1, tests) nothing is measured: the interpreter's fixed block.
+A weighted-sum configuration changes speed only: an element's arithmetic does not depend on which
+program computes it, so every candidate gives the same bits. Soup-linear's candidates may differ
+in the fp32 summation order of the matmul, as any two matmul tilings do (its contract allows it). The weighted-sum measurement runs each of
+`CONFIGS` on synthetic tensors of about `TUNE_BYTES` moved (K = 4 inputs; K is a run-time
+argument, not a compile-time one, so it does not key the choice); soup-linear times its own call
+(it allocates its output, so repeating it changes nothing). Each candidate runs once to compile
+and three times timed with CUDA events; the lowest median is kept (the first listed on a tie).
+Under the Triton interpreter (TRITON_INTERPRET=1, tests) nothing is measured: fixed defaults.
 """
 
 from __future__ import annotations
 
 import statistics
 import threading
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable, Hashable, Sequence, TypeVar
 
 if TYPE_CHECKING:
     import torch
@@ -21,13 +24,25 @@ if TYPE_CHECKING:
 Config = tuple[int, int]  # (BLOCK, num_warps)
 Key = tuple[str, int, int]  # (device, input dtype code or -1 for a mix, output dtype code)
 Measure = Callable[[Key, tuple[Config, ...]], dict[Config, float]]
+C = TypeVar("C", bound=Hashable)
 
 CONFIGS: tuple[Config, ...] = ((1024, 4), (2048, 4), (2048, 8), (4096, 8), (8192, 8))
 TUNE_BYTES = 192 << 20
 TUNE_K = 4
 
-_lock = threading.Lock()
-_chosen: dict[Key, Config] = {}
+_lock = threading.RLock()
+_chosen: dict[Hashable, Any] = {}
+
+
+def tuned(key: Hashable, configs: Sequence[C], measure: Callable[[Sequence[C]], dict[C, float]]) -> C:
+    """The configuration of `configs` with the lowest `measure` time (seconds per candidate),
+    measured on the first call for `key` and cached for the process (one measurement per key,
+    even with several threads)."""
+    with _lock:
+        if key not in _chosen:
+            times = measure(configs)
+            _chosen[key] = min(configs, key=lambda c: times[c])
+        return _chosen[key]  # type: ignore[no-any-return]
 
 
 def launch_config(device: torch.device, in_code: int, out_code: int, *, measure: Measure | None = None) -> Config:
@@ -40,17 +55,34 @@ def launch_config(device: torch.device, in_code: int, out_code: int, *, measure:
     if measure is None and interpreted():
         return INTERPRETER_BLOCK, GPU_WARPS
     key = (str(device), in_code, out_code)
-    with _lock:  # one measurement per key, even with several threads launching
-        if key not in _chosen:
-            times = (measure or _measure)(key, CONFIGS)
-            _chosen[key] = min(CONFIGS, key=lambda c: times[c])
-        return _chosen[key]
+    return tuned(key, CONFIGS, lambda configs: (measure or _measure)(key, tuple(configs)))
 
 
-def chosen() -> dict[Key, Config]:
+def chosen() -> dict[Hashable, Any]:
     """The configurations measured so far in this process (for benchmark reports)."""
     with _lock:
         return dict(_chosen)
+
+
+def time_calls(device: torch.device, run: Callable[[C], object], configs: Sequence[C]) -> dict[C, float]:
+    """Median seconds of `run(config)` on `device` per config: once untimed (compiles), then three
+    times between CUDA events."""
+    import torch
+
+    times = {}
+    with torch.cuda.device(device):
+        for config in configs:
+            samples = []
+            for r in range(4):
+                start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                run(config)
+                stop.record()
+                stop.synchronize()
+                if r:
+                    samples.append(start.elapsed_time(stop) / 1e3)
+            times[config] = statistics.median(samples)
+    return times
 
 
 def _measure(key: Key, configs: tuple[Config, ...]) -> dict[Config, float]:
@@ -64,20 +96,7 @@ def _measure(key: Key, configs: tuple[Config, ...]) -> dict[Config, float]:
     in_dtypes = [dtypes[in_code]] * TUNE_K if in_code >= 0 else [torch.float32, torch.bfloat16] * (TUNE_K // 2)
     per_element = sum(torch.empty((), dtype=d).element_size() for d in in_dtypes) + dtypes[out_code].itemsize
     n = max(TUNE_BYTES // per_element // 8192 * 8192, 8192)
-    with torch.cuda.device(device):
-        xs = [torch.ones(n, dtype=d, device=device) for d in in_dtypes]
-        out = torch.empty(n, dtype=dtypes[out_code], device=device)
-        weights = [1.0 / TUNE_K] * TUNE_K
-        times = {}
-        for block, warps in configs:
-            samples = []
-            for r in range(4):  # the first run compiles
-                start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                weighted_sum(out, xs, weights, block=block, num_warps=warps)
-                stop.record()
-                stop.synchronize()
-                if r:
-                    samples.append(start.elapsed_time(stop) / 1e3)
-            times[(block, warps)] = statistics.median(samples)
-    return times
+    xs = [torch.ones(n, dtype=d, device=device) for d in in_dtypes]
+    out = torch.empty(n, dtype=dtypes[out_code], device=device)
+    weights = [1.0 / TUNE_K] * TUNE_K
+    return time_calls(device, lambda c: weighted_sum(out, xs, weights, block=c[0], num_warps=c[1]), configs)
