@@ -399,3 +399,54 @@ def test_staged_device_copies_give_the_same_soup(digits_ingredients: list[Path],
     assert staged.kept == plain.kept and staged.ingredient_scores == plain.ingredient_scores
     for (name, a), b in zip(plain_model.state_dict().items(), staged_model.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("speculative", [1, 3])
+def test_prefetched_ingredients_give_the_same_picks_and_soup(digits_ingredients: list[Path],
+                                                             digits_splits: digits.Splits,
+                                                             monkeypatch: pytest.MonkeyPatch, speculative: int) -> None:
+    """On a GPU the next ingredients are read on a worker thread while the current candidates are
+    evaluated. Here the same prefetcher on the CPU (its synchronous staging stand-in): the reads
+    are taken from it, and the picks and soup bits equal a run without it."""
+    import soupkern.recipes.greedy as greedy_mod
+
+    held_out = digits.batches(digits_splits.val, 128)
+    monkeypatch.setattr(greedy_mod, "RECOMPUTE_MAX", 0)  # every candidate read through _each_tensor
+    plain_model = digits.make_model()
+    plain = greedy_soup(digits_ingredients, model=plain_model, data=held_out, speculative=speculative)
+    made: list[greedy_mod._Prefetcher] = []
+
+    def prefetcher(soup: greedy_mod._RunningSoup, ahead: int) -> greedy_mod._Prefetcher:
+        made.append(greedy_mod._Prefetcher(soup, 3, greedy_mod._Staged(soup.device, piece_bytes=4096)))
+        return made[-1]
+
+    monkeypatch.setattr(greedy_mod, "_prefetcher_for", prefetcher)
+    model = digits.make_model()
+    got = greedy_soup(digits_ingredients, model=model, data=held_out, speculative=speculative)
+    assert made and made[0].taken >= len(digits_ingredients)  # every ingredient's own score read ahead, at least
+    assert got.kept == plain.kept and got.steps == plain.steps
+    for (name, a), b in zip(plain_model.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_a_prefetched_read_that_fails_is_reported_at_its_turn(digits_ingredients: list[Path], tmp_path: Path) -> None:
+    """An ingredient that changes after it was checked fails its prefetched read; the error names
+    the file when that ingredient is taken, not before, and the prefetcher shuts down cleanly."""
+    import soupkern.recipes.greedy as greedy_mod
+
+    paths = [tmp_path / f"{i}.safetensors" for i in range(3)]
+    for src, dst in zip(digits_ingredients, paths):
+        shutil.copyfile(src, dst)
+    ev = soupkern.Evaluator(digits.make_model(), score=lambda m: 1.0)
+    soup = greedy_mod._RunningSoup(ev, paths)
+    soup.prefetcher = greedy_mod._Prefetcher(soup, 2, greedy_mod._Staged(soup.device))
+    try:
+        paths[1].write_bytes(b"not a checkpoint")
+        soup.prefetch([0, 1, 2])
+        xs = soup.prefetcher.take(0)
+        assert xs is not None and set(xs) <= set(soup.names)
+        with pytest.raises(soupkern.SoupkernError, match="1.safetensors"):
+            soup.prefetcher.take(1)
+    finally:
+        soup.close()
+    assert soup.prefetcher.pool._shutdown  # type: ignore[attr-defined]

@@ -24,7 +24,9 @@ items (soupkern/engine.py; one item per tensor, zero-copy through mmap, its page
 use), and a candidate recomputed from the files is `engine.fill_tensor` per tensor. On a GPU model
 the sum lives on the GPU and candidates are formed there, tensor by tensor
 (`soupkern.backends.device` kernels), each ingredient tensor copied in through two pinned staging
-buffers in turn (the host fills one while the device copies the other in; `_Staged`).
+buffers in turn (the host fills one while the device copies the other in; `_Staged`), and the
+ingredients greedy reads next are copied to the device on a worker thread while the current
+candidates are evaluated (`_Prefetcher`).
 
 Speculative greedy (`speculative=S > 1`): the next S candidates are formed as if every earlier one
 were rejected (all from the same sum and n), stacked [S, ...] and scored in one batched pass
@@ -207,6 +209,7 @@ class _RunningSoup:
         self.device = evaluator.device
         self.kernels = _device_kernels(self.device)
         self.staged = _staging_for(self.device)
+        self.prefetcher: _Prefetcher | None = None  # set by greedy_soup on a GPU (`_prefetcher_for`)
         with self.open(0) as ck:
             evaluator.check_names(ck.tensors, path=ck.path)
             self.names = sorted(n for n, (_, info) in ck.tensors.items() if info.dtype in FLOAT_DTYPES)
@@ -266,10 +269,12 @@ class _RunningSoup:
                 raise MismatchError(f"non-float tensor differs from {self.labels[0]}; it cannot be averaged",
                                     path=ck.path, tensor=n)
 
-    def _each_tensor(self, index: int, op: Callable[[str, torch.Tensor], object]) -> None:
+    def _each_tensor(self, index: int, op: Callable[[str, torch.Tensor], object], *,
+                     staged: _Staged | None = None) -> None:
         """Check ingredient `index` (`_check`), then op(name, x) for each of its non-empty averaged
         tensors in `names` order, x its values on the model's device (on a CPU a zero-copy view,
-        valid only during the call; on a GPU copied in through pinned staging, `_Staged`). Read through the engine, one work item per tensor, whose
+        valid only during the call; on a GPU copied in through pinned staging, `_Staged`, or
+        taken from the copies `prefetch` made while the previous candidates were evaluated). Read through the engine, one work item per tensor, whose
         pages are released after its op: residency stays at about one tensor."""
         import torch
 
@@ -284,10 +289,19 @@ class _RunningSoup:
                 tp = TensorPlan(OutputTensor(n, info.dtype, info.shape), ((f, info),), average=False)
                 yield from tensor_items(tp, max(tp.numel, 1))
 
+        staged = staged or self.staged
+        ahead = self.prefetcher.take(index) if self.prefetcher is not None and staged is self.staged else None
+        if ahead is not None:
+            with torch.no_grad():
+                for n in self.names:
+                    if n in ahead:
+                        op(n, ahead.pop(n))
+            return
+
         def call(item: WorkItem, views: list[memoryview]) -> None:
             out = item.tensor.out
-            if self.staged is not None:
-                op(out.name, self.staged.to_device(views[0], out.dtype, out.shape))
+            if staged is not None:
+                op(out.name, staged.to_device(views[0], out.dtype, out.shape))
             else:
                 op(out.name, torch_view(views[0], out.dtype).view(out.shape).to(self.device))
 
@@ -367,7 +381,15 @@ class _RunningSoup:
                 tp = TensorPlan(out, tuple(ck.tensors[name] for ck in cks), average=True)
                 fill_tensor(tp, ones, target.detach().view(-1).view(torch.uint8).numpy(), kernel, float(len(members)))
 
+    def prefetch(self, indices: Sequence[int]) -> None:
+        """Hint: ingredients `indices` are read next, in that order (copied to the device ahead
+        when a prefetcher is set; otherwise nothing)."""
+        if self.prefetcher is not None:
+            self.prefetcher.hint(indices)
+
     def close(self) -> None:
+        if self.prefetcher is not None:
+            self.prefetcher.close()
         if self._state is not None:
             self._state.close()
 
@@ -547,6 +569,87 @@ def _staging_for(device: torch.device) -> _Staged | None:
     return _Staged(device) if device.type == "cuda" else None
 
 
+class _Prefetcher:
+    """Device copies of the ingredients greedy reads next, made on a worker thread (its own pinned
+    staging and CUDA stream) while the device evaluates the current candidates: at most `limit`
+    ingredients held or in flight. `hint` names the next ones (dropping others); `take(index)`
+    gives {tensor name: device tensor}, ordered before the caller's stream's work, or None when
+    `index` was not prefetched (the caller then reads it itself). A read's error (a changed
+    file, a mismatched ingredient) surfaces at its `take`."""
+
+    def __init__(self, soup: _RunningSoup, limit: int, staged: _Staged):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.soup = soup
+        self.limit = max(limit, 1)
+        self.staged = staged
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="soupkern-prefetch")
+        self.pending: dict[int, Any] = {}  # index -> Future of (tensors, event), submitted in hint order
+        self.queue: list[int] = []  # hinted, not yet submitted
+        self.taken = 0
+
+    def hint(self, indices: Sequence[int]) -> None:
+        wanted = list(dict.fromkeys(indices))
+        for i in [i for i in self.pending if i not in wanted]:
+            self.pending.pop(i).cancel()  # a copy already running finishes; its tensors are dropped
+        self.queue = [i for i in wanted if i not in self.pending]
+        self._fill()
+
+    def _fill(self) -> None:
+        while self.queue and len(self.pending) < self.limit:
+            i = self.queue.pop(0)
+            self.pending[i] = self.pool.submit(self._read, i)
+
+    def _read(self, index: int) -> tuple[dict[str, torch.Tensor], Any]:
+        import torch
+
+        xs: dict[str, torch.Tensor] = {}
+        self.soup._each_tensor(index, xs.__setitem__, staged=self.staged)
+        event = None
+        if self.staged.cuda:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(self.soup.device))
+        return xs, event
+
+    def take(self, index: int) -> dict[str, torch.Tensor] | None:
+        import torch
+
+        future = self.pending.pop(index, None)
+        self._fill()
+        if future is None or future.cancelled():
+            return None
+        xs, event = future.result()
+        if event is not None:
+            torch.cuda.current_stream(self.soup.device).wait_event(event)
+        self.taken += 1
+        return xs  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        for future in self.pending.values():
+            future.cancel()
+        self.pending.clear()
+        self.pool.shutdown(wait=True)
+
+
+PREFETCH_SHARE = 0.25  # of the device's free memory that prefetched ingredients may take
+
+
+def _prefetcher_for(soup: _RunningSoup, ahead: int) -> _Prefetcher | None:
+    """On a CUDA device, a prefetcher of up to `ahead` ingredients, as many as fit in
+    PREFETCH_SHARE of the free device memory (none if not one fits); None on the CPU, where
+    ingredients are zero-copy views and there is nothing to overlap."""
+    if soup.device.type != "cuda":
+        return None
+    import torch
+
+    from soupkern.io import dtype_itemsize
+
+    size = sum(math.prod(shape) * dtype_itemsize(dtype) for n, (dtype, shape) in soup.layout.items() if n in soup.names)
+    free, _ = torch.cuda.mem_get_info(soup.device)
+    fits = int(free * PREFETCH_SHARE // max(size, 1))
+    return _Prefetcher(soup, min(ahead, fits), _Staged(soup.device)) if fits >= 1 else None
+
+
 def _device_kernels(device: torch.device) -> DeviceKernels:
     """The greedy candidate/accept kernels for `device` (CUDA/Triton on a GPU, torch ops otherwise)."""
     from soupkern.backends.device import device_kernels
@@ -649,6 +752,7 @@ def greedy_soup(
             soup.close()
             raise
     try:
+        soup.prefetcher = _prefetcher_for(soup, 2 * speculative)  # this window and the next
         return _greedy_run(soup, ev, paths, out, t0, ingredient_scores=ingredient_scores, speculative=speculative,
                            tie=tie, sort=sort, on_step=on_step, write=write, progress=progress, metadata=metadata)
     finally:
@@ -672,6 +776,7 @@ def _greedy_run(soup: _RunningSoup, ev: Evaluator, paths: list[Any], out: PathLi
         if len(scores) != len(paths):
             raise InputError(f"{len(scores)} ingredient scores for {len(paths)} ingredients")
     order = sort_order(scores, maximize=ev.maximize, sort=sort)
+    position = {j: p for p, j in enumerate(order)}
     passes = 0
 
     def score_candidates(kept: tuple[int, ...], window: Sequence[int]) -> list[float]:
@@ -680,6 +785,9 @@ def _greedy_run(soup: _RunningSoup, ev: Evaluator, paths: list[Any], out: PathLi
         while soup.n < len(kept):
             soup.accept(kept[soup.n])
         passes += 1
+        if mesh is None:  # read ahead while this window is evaluated: the next one if none of it is kept
+            after = position[window[-1]] + 1
+            soup.prefetch([*window, *order[after:after + speculative]])
         if len(window) == 1 or not ev.can_batch():
             out_scores = []
             for j in window:
@@ -725,6 +833,8 @@ def _score_ingredients(soup: _RunningSoup, speculative: int, mesh: CandidateMesh
     ev = soup.ev
     scores: list[float] = []
     count = len(soup.paths)
+    if mesh is None:
+        soup.prefetch(range(count))  # read in input order
     if speculative > 1 and ev.can_batch():
         for start in range(0, count, speculative):
             idx = list(range(start, min(start + speculative, count)))
