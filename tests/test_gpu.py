@@ -262,3 +262,35 @@ def test_resident_learned_soup_on_the_gpu(tmp_path: Path, kernels: str, monkeypa
     assert not calls
     assert gpu.uniform_loss == pytest.approx(cpu.uniform_loss, rel=1e-6)  # cuDNN/cuBLAS forward, same weights
     np.testing.assert_allclose(gpu.coefficients, cpu.coefficients, rtol=1e-4)
+
+
+def test_greedy_on_the_gpu_reads_ahead_and_equals_the_cpu_run(tmp_path: Path) -> None:
+    """Greedy with the model on the GPU (pinned staging, ingredients read ahead on a worker
+    thread) keeps what the CPU run keeps and forms the same soup, bit for bit, with a scorer that
+    is a deterministic function of the weights."""
+    import soupkern.recipes.greedy as greedy_mod
+    from soupkern.examples import digits
+
+    paths = digits.make_ingredients(tmp_path, n=5, seed=1)
+
+    def score(model: torch.nn.Module) -> float:  # a function of the weights alone: no device rounding
+        return -float(sum(t.detach().cpu().double().abs().sum() for t in model.state_dict().values()))
+
+    made = []
+    real = greedy_mod._prefetcher_for
+
+    def spy(soup, ahead):  # type: ignore[no-untyped-def]
+        made.append(real(soup, ahead))
+        return made[-1]
+
+    cpu_model, gpu_model = digits.make_model(), digits.make_model().cuda()
+    cpu = greedy_mod.greedy_soup(paths, model=cpu_model, score=score)
+    greedy_mod._prefetcher_for = spy  # type: ignore[assignment]
+    try:
+        gpu = greedy_mod.greedy_soup(paths, model=gpu_model, score=score)
+    finally:
+        greedy_mod._prefetcher_for = real  # type: ignore[assignment]
+    assert made and made[0] is not None and made[0].taken >= len(paths)
+    assert gpu.kept == cpu.kept and gpu.ingredient_scores == cpu.ingredient_scores
+    for (name, a), b in zip(cpu_model.state_dict().items(), gpu_model.state_dict().values()):
+        assert torch.equal(a, b.cpu()), name
