@@ -62,10 +62,11 @@ def _scale(config: dict[str, Any]) -> float:
 
 
 def concat_soup(items: Sequence[Any], coefficients: Sequence[float], out: Any, *, overwrite: bool = False,
-                fsync: bool = False, metadata: dict[str, str] | None = None) -> list[Path]:
+                fsync: bool = False, metadata: dict[str, str] | None = None) -> tuple[list[Path], int, int, int]:
     """Write the rank-concatenated soup of PEFT adapter folders `items` (weights `coefficients`)
     to the folder `out`: adapter_model.safetensors and adapter_config.json (r = lora_alpha =
-    Σ r_k), loadable with `PeftModel.from_pretrained`. Returns the files written."""
+    Σ r_k), loadable with `PeftModel.from_pretrained`. Returns (the files written, tensors
+    written, tensor bytes read, tensor bytes written)."""
     import torch
 
     from soupkern.backends.torch_backend import round_f64
@@ -88,9 +89,11 @@ def concat_soup(items: Sequence[Any], coefficients: Sequence[float], out: Any, *
                                 "do not apply to the same modules", path=folders[i])
     tensors: dict[str, torch.Tensor] = {}
     with_names = []
+    read = 0
     for x, label in zip(items, labels(items)):
         with open_checkpoint(x, label=label) as ck:  # adapters are small: one copy each, out of the mapping
             with_names.append({n: tensor_view(ck, n).clone() for n in ck.tensors})
+            read += sum(info.nbytes for _, info in ck.tensors.values())
     names = sorted(with_names[0])
     for i, sd in enumerate(with_names[1:], 1):
         if sorted(sd) != names:
@@ -128,4 +131,5 @@ def concat_soup(items: Sequence[Any], coefficients: Sequence[float], out: Any, *
                 chunk = data[start:start + step]
                 writer.reserve(name, start, len(chunk))[:] = chunk
         writer.flush()
-        return writer.commit()
+        written = sum(t.numel() * t.element_size() for t in tensors.values())
+        return writer.commit(), len(tensors), read, written

@@ -150,6 +150,10 @@ def test_lora_adapters_concatenated_along_the_rank(tmp_path: Path) -> None:
                         "--lora", "concat", "-o", f"{tmp_path}/soup/", "-q"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "soup" / "adapter_config.json").read_text())["r"] == 6
+    loud = subprocess.run([sys.executable, "-m", "soupkern", "uniform", *map(str, adapters), "--lora", "concat", "-o",
+                           f"{tmp_path}/soup2/"], capture_output=True, text=True)
+    written = load_file(str(tmp_path / "soup2" / "adapter_model.safetensors"))
+    assert loud.returncode == 0 and f": {len(written)} tensors, " in loud.stderr, loud.stderr  # the summary counts them
     base = LlamaForCausalLM.from_pretrained(tmp_path / "base")
     before = {n: p.detach().double().clone() for n, p in base.named_parameters()}
     merged = PeftModel.from_pretrained(base, tmp_path / "soup").merge_and_unload()

@@ -220,9 +220,10 @@ def weighted_soup(
                              "in the adapters' dtype (no dtype, max_shard_size, device or DCP output)")
         from soupkern.lora import concat_soup
 
-        paths = concat_soup(items, [c / divisor for c in coefficients], out, overwrite=overwrite, fsync=fsync,
-                            metadata=metadata)
-        return SoupReport(tuple(paths), 0, 0, 0, time.perf_counter() - t0, "torch", tuple(c / divisor for c in coefficients))
+        paths, count, read, written = concat_soup(items, [c / divisor for c in coefficients], out, overwrite=overwrite,
+                                                  fsync=fsync, metadata=metadata)
+        return SoupReport(tuple(paths), count, read, written, time.perf_counter() - t0, "torch",
+                          tuple(c / divisor for c in coefficients))
     from soupkern import distributed as spmd
 
     group = spmd.group_for(check_flag(distributed, "distributed"))
