@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Literal, Mapping, Sequence
@@ -27,6 +28,8 @@ INT_POLICIES = ("auto", "first", "max", "mean", "refuse")
 # combines (fp8 has no numpy dtype: always refused); numpy is imported only when one is combined
 _NP_INT = {"BOOL": "?", "U8": "u1", "I8": "i1", "I16": "<i2", "U16": "<u2", "I32": "<i4", "U32": "<u4", "I64": "<i8",
            "U64": "<u8"}
+_STRUCT_INT = {"BOOL": "<?", "U8": "<B", "I8": "<b", "I16": "<h", "U16": "<H", "I32": "<i", "U32": "<I", "I64": "<q",
+               "U64": "<Q"}
 DTYPE_ALIASES = {
     "fp32": "F32", "float32": "F32", "f32": "F32",
     "fp16": "F16", "float16": "F16", "half": "F16", "f16": "F16",
@@ -43,17 +46,17 @@ class ArrayHolder:
 
     __slots__ = ("path", "_bytes")
 
-    def __init__(self, data: np.ndarray, path: str):
-        import numpy as np
-
+    def __init__(self, data: bytes | np.ndarray, path: str):
         self.path = path
-        self._bytes = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+        self._bytes = bytearray(data if isinstance(data, (bytes, bytearray)) else data.tobytes())  # type: ignore[union-attr]
 
-    def view(self, info: TensorInfo, start: int = 0, stop: int | None = None) -> np.ndarray:
-        return self._bytes[start:info.nbytes if stop is None else stop]
+    def view(self, info: TensorInfo, start: int = 0, stop: int | None = None) -> memoryview:
+        return memoryview(self._bytes)[start:info.nbytes if stop is None else stop]
 
     def address(self, info: TensorInfo) -> int:
-        return int(self._bytes.ctypes.data)
+        import ctypes
+
+        return ctypes.addressof((ctypes.c_char * len(self._bytes)).from_buffer(self._bytes))
 
     def prefetch(self, begin: int, end: int) -> None:
         pass
@@ -348,20 +351,45 @@ def _combine(name: str, sources: tuple[tuple[SafetensorsFile, TensorInfo], ...],
         raise MismatchError(f"{i0.dtype} tensors are not averaged, and this one differs from {f0.path} "
                             "(--int-policy first|max|mean / int_policy= combines integer tensors)",
                             path=differs[0].path, tensor=name)
-    import numpy as np
-
-    values = []
+    raws = []
     for f, info in sources:
-        values.append(np.frombuffer(f.view(info), dtype=_NP_INT[info.dtype]).copy())
+        raws.append(bytes(f.view(info)))
         f.release(info.begin, info.end)
-    if policy == "first":
-        result = values[0]
-    elif policy == "max":
-        result = np.maximum.reduce(values)
-    else:
-        mean = np.rint(np.mean(np.stack(values).astype(np.float64), axis=0))
-        result = mean.astype(values[0].dtype) if i0.dtype != "BOOL" else mean.astype(bool)
-    shown = f"{[v.item() for v in values]} -> {result.item()}" if result.size == 1 else f"{result.size} elements"
+    result = raws[0] if policy == "first" else _combine_values(raws, i0.dtype, policy)
+    count = len(raws[0]) // dtype_itemsize(i0.dtype)
+    shown = (f"{[_scalar(r, i0.dtype) for r in raws]} -> {_scalar(result, i0.dtype)}" if count == 1
+             else f"{count} elements")
     log.warning("'%s' (%s) differs between the ingredients: the soup takes the %s (%s)", name, i0.dtype,
                 policy, shown)
     return ((ArrayHolder(result, f"<{policy} of {len(sources)} ingredients>"), i0),)
+
+
+def _scalar(raw: bytes, dtype: str) -> int | bool:
+    return struct.unpack(_STRUCT_INT[dtype], raw)[0]  # type: ignore[no-any-return]
+
+
+def _combine_values(raws: list[bytes], dtype: str, policy: str) -> bytes:
+    """The elementwise "max" (logical or for bool) or "mean" (exact, rounded to nearest, ties to
+    even) of integer tensors' little-endian bytes. One element (0-dim counters, the usual case):
+    Python integers, no numpy; more: numpy, with exact Python-integer sums for 64-bit values,
+    whose sums and means fp64 does not hold exactly."""
+    from fractions import Fraction
+
+    k = len(raws)
+    if len(raws[0]) == dtype_itemsize(dtype):
+        values = [int(_scalar(r, dtype)) for r in raws]
+        value = max(values) if policy == "max" else round(Fraction(sum(values), k))
+        return struct.pack(_STRUCT_INT[dtype], bool(value) if dtype == "BOOL" else value)
+    import numpy as np
+
+    arrays = [np.frombuffer(r, dtype=_NP_INT[dtype]) for r in raws]
+    if policy == "max":
+        return bytes(np.maximum.reduce(arrays).tobytes())
+    if dtype in ("I64", "U64"):
+        sums = np.stack(arrays).astype(object).sum(axis=0)
+        means = np.array([round(Fraction(int(s), k)) for s in sums], dtype=_NP_INT[dtype])
+        return bytes(means.tobytes())
+    # the sum of K values below 2^32 is exact in fp64 and its quotient by K lies at least 1/(2K)
+    # from a half-integer unless it is one, far more than fp64's error: rint gives the exact rounding
+    mean = np.rint(np.stack(arrays).astype(np.float64).sum(axis=0) / k)
+    return bytes(mean.astype(bool if dtype == "BOOL" else _NP_INT[dtype]).tobytes())

@@ -249,3 +249,43 @@ def test_resident_refuses_f64_ingredients(tmp_path: Path) -> None:
         learned_soup(paths, model=digits.make_model(), data=data, steps=1, resident=True)
     r = learned_soup(paths, model=digits.make_model(), data=data, steps=1)  # automatic: streams
     assert r.steps == 1
+
+
+@pytest.mark.parametrize("resident", [False, True])
+def test_tied_weights_are_learned_once(tmp_path: Path, resident: bool) -> None:
+    """A model whose head is tied to its embedding (one parameter, two names): the tensor is mixed
+    once, under the name the ingredients hold, and functional_call ties the other."""
+    class Tied(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = torch.nn.Embedding(10, 6)
+            self.head = torch.nn.Linear(6, 10, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.emb(x).mean(1))
+
+    torch.manual_seed(0)
+    paths = []
+    for i in range(3):
+        sd = {"emb.weight": torch.randn(10, 6)}  # saved once, as save_pretrained does with tied weights
+        paths.append(tmp_path / f"{i}.safetensors")
+        save_file(sd, str(paths[-1]))
+    x = torch.randint(0, 10, (32, 4))
+    data = [(x, x[:, 0])]
+    r = learned_soup(paths, model=Tied(), data=data, steps=3, lr=0.1, mode="by_layer", resident=resident,
+                     backend="triton" if resident else None)
+    assert r.groups == ("emb.weight",) and r.steps == 3
+
+
+def test_a_one_element_loss_and_a_bad_resident_value(setup) -> None:
+    """A loss_fn returning shape [1] (accepted by training) also works for the held-out passes;
+    resident= other than True/False/None is refused by name."""
+    paths, splits = setup
+    val = digits.batches(splits.val, 128)
+    r = learned_soup(paths, model=digits.make_model(), data=val, steps=2,
+                     loss_fn=lambda o, t: torch.nn.functional.cross_entropy(o, t).reshape(1))
+    assert r.steps == 2 and math.isfinite(r.uniform_loss) and math.isfinite(r.learned_loss)
+    for bad in (0, 1, "no"):
+        with pytest.raises(InputError, match="resident must be True, False or None"):
+            learned_soup(paths, model=digits.make_model(), data=val, steps=1, resident=bad)

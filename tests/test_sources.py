@@ -1261,3 +1261,35 @@ def test_renamed_ingredients(tmp_path):
     assert torch.equal(load_file(str(tmp_path / "o.safetensors"))["model.w"], got["model.w"])
     with safe_open(str(tmp_path / "o.safetensors"), framework="pt") as f:
         assert json.loads(f.metadata()["soupkern.ingredients"])[0].endswith("a.safetensors")
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.uint64, torch.int32, torch.int8, torch.bool])
+@pytest.mark.parametrize("dim", [0, 1])
+def test_int_policy_results_are_exact_for_every_width(tmp_path, dtype, dim):
+    """max and mean of integer tensors against Python integers: exact at the ends of 64-bit
+    ranges (fp64 would lose 2^62 + 2 in the mean of 2^62 + 1 and 2^62 + 3), ties to even, and a
+    0-dim counter (the usual case) combined without numpy."""
+    from fractions import Fraction
+
+    info = torch.iinfo(dtype) if dtype != torch.bool else None
+    if dtype == torch.bool:
+        cols = [[True, False, True], [False, False, True], [True, True, True]]
+    elif dtype == torch.uint64:
+        cols = [[2**62 + 1, 2**64 - 1, 0], [2**62 + 3, 2**64 - 3, 1], [7, 2**64 - 2, 2]]
+    else:
+        cols = [[info.max - 2, info.min, 1], [info.max, info.min + 3, 2], [info.max - 1, info.min, 0]]
+    sds = [{"w": torch.ones(2), "c": torch.tensor(col if dim else col[:1][0], dtype=dtype)} for col in zip(*cols)]
+    for policy in ("max", "mean"):
+        got = soupkern.uniform_state_dict(sds, int_policy=policy)["c"]
+        values = [[int(v) for v in (sd["c"].reshape(-1).tolist())] for sd in sds]
+        want = [max(col) if policy == "max" else round(Fraction(sum(col), len(col))) for col in zip(*values)]
+        assert [int(v) for v in got.reshape(-1).tolist()] == want, (policy, got)
+    if dim == 0 and dtype != torch.uint64:  # a 0-dim counter from files: no numpy import
+        paths = []
+        for i, sd in enumerate(sds):
+            paths.append(str(tmp_path / f"{i}.safetensors"))
+            save_file(sd, paths[-1])
+        code = ("import sys; sys.modules['numpy'] = None; import soupkern; "
+                f"soupkern.uniform_soup({paths!r}, {str(tmp_path / 'o.safetensors')!r})")
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr

@@ -18,8 +18,8 @@ model itself is only run through `torch.func.functional_call`; its own weights a
 Mixing runs on the CPU; the mixed tensors are moved to the model's device. Resident (`resident=`,
 by default when the model is on a CUDA device with room for them): the K ingredients' mixed tensors
 are copied onto the device once, and mixing (the device kernels), the coefficient gradients
-(fp64 dots) and the optimizer step all run there, with one host synchronization per step (to
-read the coefficients the kernels take as scalars).
+(fp64 dots, in chunks of 2^24 elements) and the optimizer step all run there, with two host
+synchronizations per step (reading the coefficients the kernels take as scalars, and the loss).
 
 Result: the coefficients (softmax of the final logits, in fp64) are written into the output's
 metadata (`soupkern.learned.*`) and the soup is produced by the engine: by_model through
@@ -60,7 +60,8 @@ PathLike = str | os.PathLike[str]
 LearnedMode = Literal["by_model", "by_layer"]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 _DEVICE_NAMES = ("cuda", "triton", "torch")  # backend= names that also name device kernels
-_GRAD_CHUNK = 1 << 20  # elements per chunk of the coefficient-gradient reduction (2 × 8 MiB of fp64)
+_GRAD_CHUNK = 1 << 20
+_RESIDENT_GRAD_CHUNK = 1 << 24  # on the device: 2 x 128 MiB of fp64 temporaries, few launches  # elements per chunk of the coefficient-gradient reduction (2 × 8 MiB of fp64)
 
 
 @dataclass(frozen=True)
@@ -151,10 +152,17 @@ class _Problem:
 def _problem(model: nn.Module, plan: SoupPlan, mode: LearnedMode, path: str) -> _Problem:
     by_name = {tp.out.name: tp for tp in plan.tensors}
     targets = dict(model.state_dict(keep_vars=True))
+    # tied tensors (one parameter under several names, e.g. an LM head tied to the embedding) are
+    # mixed once, under the first of their names the ingredients hold: functional_call ties the rest
+    tied: dict[int, list[str]] = {}
+    for name, t in sorted(targets.items()):
+        tied.setdefault(id(t), []).append(name)
+    mixed_as = {ns[0]: next((n for n in ns if n in by_name), ns[0]) for ns in tied.values()}
     names = []
     for name, t in sorted(targets.items()):
-        if not t.is_floating_point():
-            continue  # integer buffers (e.g. num_batches_tracked) keep the model's values
+        if not t.is_floating_point() or name not in mixed_as:
+            continue  # integer buffers (e.g. num_batches_tracked) keep the model's values; tied names: once
+        name = mixed_as[name]
         tp = by_name.get(name)
         if tp is None:
             raise InputError("the model has this float tensor but the ingredients do not", path=path, tensor=name)
@@ -188,8 +196,12 @@ class _MixResident(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:  # type: ignore[override]
-        g64 = grad.detach().reshape(-1).to(torch.float64)
-        acc = torch.stack([torch.dot(g64, x.reshape(-1).to(torch.float64)) for x in ctx.xs])
+        g = grad.detach().reshape(-1)
+        acc = torch.zeros(len(ctx.xs), dtype=torch.float64, device=g.device)
+        for lo in range(0, g.numel(), _RESIDENT_GRAD_CHUNK):  # fp64 copies of one chunk at a time
+            g64 = g[lo:lo + _RESIDENT_GRAD_CHUNK].to(torch.float64)
+            acc += torch.stack([torch.dot(g64, x.reshape(-1)[lo:lo + _RESIDENT_GRAD_CHUNK].to(torch.float64))
+                                for x in ctx.xs])
         return acc.to(grad.dtype), None, None, None
 
 
@@ -224,6 +236,8 @@ def resident_bytes(prob: _Problem) -> int | None:
 def _use_resident(resident: bool | None, prob: _Problem, device: torch.device, path: str) -> bool:
     """Whether to train from device copies: `resident` True/False, or None (automatic) when the
     model is on a CUDA device and the copies take at most half of its free memory."""
+    if resident is not None and not isinstance(resident, bool):
+        raise InputError(f"resident must be True, False or None (automatic), got {resident!r}")
     if resident is False or (resident is None and device.type != "cuda"):
         return False
     need = resident_bytes(prob)
@@ -283,8 +297,9 @@ def _heldout(model: nn.Module, params: dict[str, torch.Tensor], data: Iterable[A
         inputs, targets = _split(batch)
         out = _forward(model, params, inputs, device)
         targets = targets.to(out.device)
-        batches.append((i, torch.stack([loss_fn(out.float(), targets).to(torch.float64) * len(targets),
-                                        (out.argmax(-1) == targets).sum().to(torch.float64)]), len(targets)))
+        loss = loss_fn(out.float(), targets).detach().reshape(()).to(out.device, torch.float64)  # a [1] loss too
+        batches.append((i, torch.stack([loss * len(targets), (out.argmax(-1) == targets).sum().to(torch.float64)]),
+                        len(targets)))
     values = torch.stack([v for _, v, _ in batches]).tolist() if batches else []
     sums = [(i, v[0], v[1], n) for (i, _, n), v in zip(batches, values)]
     total_loss = correct = 0.0
@@ -369,7 +384,7 @@ def _learned_soup(
       order. Rank 0 alone holds the output lock and writes the soup.
     resident: train from copies of the ingredients' mixed tensors on the model's device (made
       once; mixing by the device kernels and the coefficient gradients reduced there, the
-      coefficients kept there: one host synchronization per step, to read them) instead of
+      coefficients kept there: two host synchronizations per step, to read them and the loss) instead of
       forming every tensor from the mapped files on the host each step. None (default): when the
       model is on a CUDA device and the copies take at most half of its free memory. Same
       forward values either way where the device kernels are the fused ones (cuda, triton), the
