@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     try:  # the Triton launch configurations measured during the run (kernels/tuning.py)
         from soupkern.kernels.tuning import chosen
 
-        prov["triton_configs"] = {f"{d} in={i} out={o}": list(c) for (d, i, o), c in chosen().items()}
+        prov["triton_configs"] = {str(key): list(config) for key, config in chosen().items()}
     except ImportError:
         prov["triton_configs"] = None
     slug = re.sub(r"[^a-z0-9]+", "_", device_name.lower()).strip("_")

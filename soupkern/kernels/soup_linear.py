@@ -175,8 +175,8 @@ def soup_linear_triton(
 
     CUDA tensors, or CPU tensors under TRITON_INTERPRET=1. Blocks must be powers of two ≥ 16.
     Launch configuration (blocks, warps, software-pipeline stages of the loop over IN): as given,
-    or, none given, on a GPU the fastest of `LINEAR_CONFIGS` for these dtypes and this batch-size
-    bucket, measured on this call's own tensors on first use (kernels/tuning.py); under the
+    or, none given, on a GPU the fastest of `LINEAR_CONFIGS` for these dtypes and shapes (the batch
+    size in power-of-two buckets), measured on this call's own tensors on first use (kernels/tuning.py); under the
     interpreter, and for any left out of a partial choice, `DEFAULT_LINEAR_CONFIG`.
     """
     if triton is None:
@@ -209,7 +209,8 @@ def soup_linear_triton(
     if all(v is None for v in given) and not _INTERPRET:
         from soupkern.kernels.tuning import time_calls, tuned
 
-        key = ("soup_linear", str(x.device), x.dtype, weights.dtype, x.dim(), min(triton.next_power_of_2(b), 256))
+        key = ("soup_linear", str(x.device), x.dtype, weights.dtype, y_dtype, bias is not None, x.dim(), s, k, n_out, n_in,
+               min(triton.next_power_of_2(b), 256))
         config = tuned(key, LINEAR_CONFIGS, lambda configs: time_calls(x.device, launch, configs))
     else:
         config = tuple(d if v is None else v for v, d in zip(given, DEFAULT_LINEAR_CONFIG))  # type: ignore[assignment]

@@ -541,25 +541,27 @@ class _Staged:
         n = raw.nbytes
         out = torch.empty(n, dtype=torch.uint8, device=self.device)
         current = torch.cuda.current_stream(self.device) if self.cuda else None
-        if self.stream is not None:
+        if self.stream is not None and current != self.stream:
             self.stream.wait_stream(current)  # `out` may be memory the current stream just freed
-        for lo in range(0, n, self.piece):
-            hi = min(lo + self.piece, n)
-            slot, self.turn = self.turn, self.turn ^ 1
-            if self.left[slot] is not None:
-                self.left[slot].synchronize()  # the piece that used this buffer has been copied in
-            dst = self.stage[slot][:hi - lo]
-            if self._copy is not None and hi - lo >= 1 << 20:
-                self._copy(dst, raw[lo:hi], hi - lo, 0)
-            else:
-                dst[:] = raw[lo:hi]
-            with torch.cuda.stream(self.stream) if self.stream is not None else nullcontext():
-                out[lo:hi].copy_(self._stage_tensors[slot][:hi - lo], non_blocking=self.cuda)
-            if self.left[slot] is not None:
-                self.left[slot].record(self.stream)
-            self.pieces += 1
-        if current is not None:
-            current.wait_stream(self.stream)
+        try:
+            for lo in range(0, n, self.piece):
+                hi = min(lo + self.piece, n)
+                slot, self.turn = self.turn, self.turn ^ 1
+                if self.left[slot] is not None:
+                    self.left[slot].synchronize()  # the piece that used this buffer has been copied in
+                dst = self.stage[slot][:hi - lo]
+                if self._copy is not None and hi - lo >= 1 << 20:
+                    self._copy(dst, raw[lo:hi], hi - lo, 0)
+                else:
+                    dst[:] = raw[lo:hi]
+                with torch.cuda.stream(self.stream) if self.stream is not None else nullcontext():
+                    out[lo:hi].copy_(self._stage_tensors[slot][:hi - lo], non_blocking=self.cuda)
+                if self.left[slot] is not None:
+                    self.left[slot].record(self.stream)
+                self.pieces += 1
+        finally:  # also on an error: `out` is freed on the current stream only after its copies
+            if current is not None and current != self.stream:
+                current.wait_stream(self.stream)
         return out.view(TORCH_DTYPES[dtype]).view(shape)
 
 
@@ -600,15 +602,23 @@ class _Prefetcher:
             i = self.queue.pop(0)
             self.pending[i] = self.pool.submit(self._read, i)
 
-    def _read(self, index: int) -> tuple[dict[str, torch.Tensor], Any]:
+    def _read(self, index: int) -> tuple[dict[str, torch.Tensor], Any] | None:
+        """Ingredient `index` on the device, allocated and copied on the staging's own stream (so
+        the copies never wait for the evaluation queued on the caller's stream), and the event
+        after them; None when the device is out of memory (the caller then reads it itself)."""
         import torch
 
         xs: dict[str, torch.Tensor] = {}
-        self.soup._each_tensor(index, xs.__setitem__, staged=self.staged)
-        event = None
-        if self.staged.cuda:
-            event = torch.cuda.Event()
-            event.record(torch.cuda.current_stream(self.soup.device))
+        if not self.staged.cuda:
+            self.soup._each_tensor(index, xs.__setitem__, staged=self.staged)
+            return xs, None
+        try:
+            with torch.cuda.stream(self.staged.stream):
+                self.soup._each_tensor(index, xs.__setitem__, staged=self.staged)
+                event = torch.cuda.Event()
+                event.record(self.staged.stream)
+        except torch.cuda.OutOfMemoryError:
+            return None
         return xs, event
 
     def take(self, index: int) -> dict[str, torch.Tensor] | None:
@@ -618,9 +628,15 @@ class _Prefetcher:
         self._fill()
         if future is None or future.cancelled():
             return None
-        xs, event = future.result()
+        done = future.result()
+        if done is None:
+            return None
+        xs, event = done
         if event is not None:
-            torch.cuda.current_stream(self.soup.device).wait_event(event)
+            stream = torch.cuda.current_stream(self.soup.device)
+            stream.wait_event(event)
+            for x in xs.values():  # allocated on the staging stream, used (and freed) on this one
+                x.record_stream(stream)
         self.taken += 1
         return xs  # type: ignore[no-any-return]
 
@@ -646,7 +662,8 @@ def _prefetcher_for(soup: _RunningSoup, ahead: int) -> _Prefetcher | None:
 
     size = sum(math.prod(shape) * dtype_itemsize(dtype) for n, (dtype, shape) in soup.layout.items() if n in soup.names)
     free, _ = torch.cuda.mem_get_info(soup.device)
-    fits = int(free * PREFETCH_SHARE // max(size, 1))
+    free -= (ahead // 2) * size  # what speculation's stacked candidates (about one model each) will take
+    fits = int(max(free, 0) * PREFETCH_SHARE // max(size, 1))
     return _Prefetcher(soup, min(ahead, fits), _Staged(soup.device)) if fits >= 1 else None
 
 

@@ -420,7 +420,12 @@ def _learned_soup(
             plan = build_plan(checkpoints, [1.0 / k] * k, dtype="fp32", keys=keys, int_policy=int_policy, lora=lora)
             prob = _problem(model, plan, mode, checkpoints[0].path)
             on_device = None
-            if _use_resident(resident, prob, device, checkpoints[0].path):
+            use = _use_resident(resident, prob, device, checkpoints[0].path)
+            if group is not None:  # every rank decides alike (free memory differs per GPU): all or none
+                flag = torch.tensor([int(use)])
+                group.dist.all_reduce(flag, op=group.dist.ReduceOp.MIN)
+                use = bool(flag.item())
+            if use:
                 on_device = _Resident(prob, device, device_kernels(device, backend if backend in _DEVICE_NAMES else None))
             where = device if on_device is not None else torch.device("cpu")
             logits = torch.zeros(len(prob.groups), k, dtype=torch.float32, device=where, requires_grad=True)
