@@ -182,13 +182,14 @@ def test_temperature_and_bf16_ingredients(setup, tmp_path: Path) -> None:
     assert "learned soup (by_layer)" in r.to_table() and r.to_dict()["mode"] == "by_layer"
 
 
-def _resident_problem(paths: list[Path], stack, model: torch.nn.Module):  # type: ignore[no-untyped-def]
+def _resident_problem(paths: list[Path], stack, model: torch.nn.Module, mode: str = "by_layer"):  # type: ignore[no-untyped-def]
     cks = [stack.enter_context(open_checkpoint(p)) for p in paths]
     plan = build_plan(cks, [1 / len(paths)] * len(paths), dtype="fp32")
-    return learned_mod._problem(model, plan, "by_layer", cks[0].path)
+    return learned_mod._problem(model, plan, mode, cks[0].path)
 
 
-def test_resident_mixing_is_the_engine_soup_and_its_gradient_the_autograd_one(setup) -> None:
+@pytest.mark.parametrize("mode", ["by_layer", "by_model"])  # by_model: one multi-tensor call for all tensors
+def test_resident_mixing_is_the_engine_soup_and_its_gradient_the_autograd_one(setup, mode: str) -> None:
     """Resident mixing from device copies (the Triton kernels here, under the interpreter) forms
     the same bits as the host engine from the mapped files, and its on-device fp64 gradient
     equals the streaming path's (fp64 dots, only their summation order differs)."""
@@ -204,7 +205,7 @@ def test_resident_mixing_is_the_engine_soup_and_its_gradient_the_autograd_one(se
     logits0 = torch.tensor([0.3, -0.2, 0.1, 0.5])
     grads, mixed = [], []
     with ExitStack() as stack:
-        prob = _resident_problem(paths, stack, model)
+        prob = _resident_problem(paths, stack, model, mode)
         on_device = learned_mod._Resident(prob, torch.device("cpu"), device_kernels("cpu", "triton"))
         assert all(len(xs) == len(paths) for xs in on_device.xs.values())
         for resident in (None, on_device):
@@ -215,7 +216,11 @@ def test_resident_mixing_is_the_engine_soup_and_its_gradient_the_autograd_one(se
             grads.append(a.grad.clone())  # type: ignore[union-attr]
     for name in mixed[0]:
         assert torch.equal(mixed[0][name], mixed[1][name]), name
-    np.testing.assert_allclose(grads[1].numpy(), grads[0].numpy(), rtol=1e-6, atol=1e-9)
+    # by_layer: the same fp64 dots rounded once to fp32 (order of the dots aside). by_model: the
+    # streaming path rounds each tensor's contribution to fp32 and autograd adds those in fp32;
+    # the one resident call adds them in fp64: agreement to a few fp32 ulps of the sum
+    np.testing.assert_allclose(grads[1].numpy(), grads[0].numpy(), rtol=1e-6 if mode == "by_layer" else 1e-5,
+                               atol=1e-9)
 
 
 def test_resident_learned_soup_matches_streaming(setup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

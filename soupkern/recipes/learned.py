@@ -17,7 +17,8 @@ soup being evaluated, held by autograd) plus activations and one work item, neve
 model itself is only run through `torch.func.functional_call`; its own weights are not changed.
 Mixing runs on the CPU; the mixed tensors are moved to the model's device. Resident (`resident=`,
 by default when the model is on a CUDA device with room for them): the K ingredients' mixed tensors
-are copied onto the device once, and mixing (the device kernels), the coefficient gradients
+are copied onto the device once, and mixing (the device kernels; by_model: one multi-tensor call
+for every tensor), the coefficient gradients
 (fp64 dots, in chunks of 2^24 elements) and the optimizer step all run there, with two host
 synchronizations per step (reading the coefficients the kernels take as scalars, and the loss).
 
@@ -196,13 +197,36 @@ class _MixResident(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:  # type: ignore[override]
-        g = grad.detach().reshape(-1)
-        acc = torch.zeros(len(ctx.xs), dtype=torch.float64, device=g.device)
-        for lo in range(0, g.numel(), _RESIDENT_GRAD_CHUNK):  # fp64 copies of one chunk at a time
-            g64 = g[lo:lo + _RESIDENT_GRAD_CHUNK].to(torch.float64)
-            acc += torch.stack([torch.dot(g64, x.reshape(-1)[lo:lo + _RESIDENT_GRAD_CHUNK].to(torch.float64))
-                                for x in ctx.xs])
-        return acc.to(grad.dtype), None, None, None
+        return _resident_dots(grad, ctx.xs).to(grad.dtype), None, None, None
+
+
+class _MixResidentMany(torch.autograd.Function):
+    """Every mixed tensor of one coefficient vector (by_model), as _MixResident, in one
+    multi-tensor call of the device kernels instead of one launch per tensor."""
+
+    @staticmethod
+    def forward(ctx: Any, coeffs: torch.Tensor, rows: list[list[torch.Tensor]], weights: tuple[float, ...],  # type: ignore[override]
+                kernels: DeviceKernels) -> tuple[torch.Tensor, ...]:
+        outs = [torch.empty(xs[0].shape, dtype=torch.float32, device=xs[0].device) for xs in rows]
+        kernels.multi_weighted_sum([o.view(-1) for o in outs], [[x.view(-1) for x in xs] for xs in rows], weights)
+        ctx.rows = rows
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:  # type: ignore[override]
+        acc = sum(_resident_dots(g, xs) for g, xs in zip(grads, ctx.rows))
+        return acc.to(grads[0].dtype), None, None, None  # type: ignore[union-attr]
+
+
+def _resident_dots(grad: torch.Tensor, xs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """[<grad, x_k> for each k] in fp64 on grad's device, in chunks of _RESIDENT_GRAD_CHUNK
+    elements (fp64 copies of one chunk at a time)."""
+    g = grad.detach().reshape(-1)
+    acc = torch.zeros(len(xs), dtype=torch.float64, device=g.device)
+    for lo in range(0, g.numel(), _RESIDENT_GRAD_CHUNK):
+        g64 = g[lo:lo + _RESIDENT_GRAD_CHUNK].to(torch.float64)
+        acc += torch.stack([torch.dot(g64, x.reshape(-1)[lo:lo + _RESIDENT_GRAD_CHUNK].to(torch.float64)) for x in xs])
+    return acc
 
 
 class _Resident:
@@ -258,6 +282,13 @@ def _mixed_params(prob: _Problem, coeffs: torch.Tensor, backend: Backend,
     the host kernel, or from the device copies by the device kernels when `resident` is given."""
     out = {}
     rows = None if resident is None else [tuple(r) for r in coeffs.detach().to(torch.float64).tolist()]
+    if resident is not None and len(prob.groups) == 1:  # by_model: every tensor in one multi-tensor call
+        mixed = _MixResidentMany.apply(coeffs[0], [resident.xs[n] for n in prob.names], rows[0],  # type: ignore[index]
+                                       resident.kernels)
+        for name, w in zip(prob.names, mixed):
+            target = prob.targets[name]
+            out[name] = w.to(device=target.device, dtype=target.dtype)
+        return out
     for name in prob.names:
         g = prob.group_of[name]
         if resident is None:
