@@ -124,7 +124,12 @@ class Group:
                 status = (type(e).__name__, str(e), _exit_code(e))
         if isinstance(error, (KeyboardInterrupt, SystemExit)):
             raise error
-        statuses = self.gather(status)
+        try:
+            statuses = self.gather(status)
+        except BaseException as e:  # a signal in the agreement after `fn` committed its output: say so
+            if error is None and getattr(e, "committed", None) == ():
+                e.committed = tuple(getattr(result, "paths", ()))  # type: ignore[attr-defined]
+            raise
         failed = [(r, s) for r, s in enumerate(statuses) if s is not None]
         if not failed:
             return result

@@ -551,3 +551,34 @@ def test_distributed_ensembles_equal_one_process(digits_ingredients: list[Path],
                [*map(str, digits_ingredients[:2])])
     for rank in (0, 1):  # both ranks passed the curve's assertion
         assert (tmp_path / f"ok{rank}.txt").read_text().split() == ["accuracy", "loss"]
+
+
+@pytest.mark.parametrize("long", [False, True])
+def test_a_signal_after_the_commit_reports_the_output(long: bool) -> None:
+    """A signal that arrives while the ranks agree on a step whose output is already committed
+    (the last gather) reports that output, not "no output was written"."""
+    import signal
+    import types
+
+    from soupkern.distributed import Group
+    from soupkern.errors import Interrupted
+
+    class Dist:
+        ReduceOp = types.SimpleNamespace(MIN="min")
+
+        def get_rank(self) -> int:
+            return 0
+
+        def get_world_size(self) -> int:
+            return 1
+
+        def all_reduce(self, tensor, op=None):  # type: ignore[no-untyped-def]
+            return None
+
+        def all_gather_object(self, out, obj):  # type: ignore[no-untyped-def]
+            raise Interrupted(signal.SIGTERM)
+
+    report = types.SimpleNamespace(paths=("/out/soup.safetensors",))
+    with pytest.raises(Interrupted) as caught:
+        Group(Dist()).step(lambda: report, "writing the soup", long=long)
+    assert caught.value.committed == ("/out/soup.safetensors",)
