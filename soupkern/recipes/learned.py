@@ -17,9 +17,9 @@ soup being evaluated, held by autograd) plus activations and one work item, neve
 model itself is only run through `torch.func.functional_call`; its own weights are not changed.
 Mixing runs on the CPU; the mixed tensors are moved to the model's device. Resident (`resident=`,
 by default when the model is on a CUDA device with room for them): the K ingredients' mixed tensors
-are copied onto the device once, and mixing (the device kernels; by_model: one multi-tensor call
-for every tensor), the coefficient gradients
-(fp64 dots, in chunks of 2^24 elements) and the optimizer step all run there, with two host
+are copied onto the device once, and mixing (one multi-tensor call of the device kernels per
+coefficient vector: one in all for by_model), the coefficient gradients (fp64 dots, in chunks of
+2^24 elements) and the optimizer step all run there, with two host
 synchronizations per step (reading the coefficients the kernels take as scalars, and the loss).
 
 Result: the coefficients (softmax of the final logits, in fp64) are written into the output's
@@ -182,27 +182,11 @@ def _problem(model: nn.Module, plan: SoupPlan, mode: LearnedMode, path: str) -> 
 
 
 class _MixResident(torch.autograd.Function):
-    """W = Σ_k c_k W_k for one tensor from the K ingredients' copies on the model's device, by the
-    device kernels (the same exact-arithmetic contract as the engine's, fp32 out; `weights` are
-    the coefficients as floats, read once per step). Backward: ∂L/∂c_k = <∂L/∂W, W_k> in fp64 on
-    the device, returned there (no host synchronization)."""
-
-    @staticmethod
-    def forward(ctx: Any, coeffs: torch.Tensor, xs: list[torch.Tensor], weights: tuple[float, ...],  # type: ignore[override]
-                kernels: DeviceKernels) -> torch.Tensor:
-        out = torch.empty(xs[0].shape, dtype=torch.float32, device=xs[0].device)
-        kernels.weighted_sum(out.view(-1), [x.view(-1) for x in xs], weights)
-        ctx.xs = xs
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:  # type: ignore[override]
-        return _resident_dots(grad, ctx.xs).to(grad.dtype), None, None, None
-
-
-class _MixResidentMany(torch.autograd.Function):
-    """Every mixed tensor of one coefficient vector (by_model), as _MixResident, in one
-    multi-tensor call of the device kernels instead of one launch per tensor."""
+    """W_t = Σ_k c_k W_{t,k} for tensors t sharing one coefficient vector (every tensor for
+    by_model, one for by_layer), from the K ingredients' copies on the model's device, by one
+    multi-tensor call of the device kernels (the engine's exact-arithmetic contract, fp32 out;
+    `weights` are the coefficients as floats, read once per step). Backward: ∂L/∂c_k =
+    Σ_t <∂L/∂W_t, W_{t,k}> in fp64 on the device, returned there (no host synchronization)."""
 
     @staticmethod
     def forward(ctx: Any, coeffs: torch.Tensor, rows: list[list[torch.Tensor]], weights: tuple[float, ...],  # type: ignore[override]
@@ -281,22 +265,22 @@ def _mixed_params(prob: _Problem, coeffs: torch.Tensor, backend: Backend,
     """Every mixed tensor, formed one at a time ([G, K] coefficients): from the mmap views by
     the host kernel, or from the device copies by the device kernels when `resident` is given."""
     out = {}
-    rows = None if resident is None else [tuple(r) for r in coeffs.detach().to(torch.float64).tolist()]
-    if resident is not None and len(prob.groups) == 1:  # by_model: every tensor in one multi-tensor call
-        mixed = _MixResidentMany.apply(coeffs[0], [resident.xs[n] for n in prob.names], rows[0],  # type: ignore[index]
-                                       resident.kernels)
-        for name, w in zip(prob.names, mixed):
-            target = prob.targets[name]
-            out[name] = w.to(device=target.device, dtype=target.dtype)
+
+    def place(name: str, w: torch.Tensor) -> None:  # each fp32 tensor goes as soon as it is converted
+        out[name] = w.to(device=prob.targets[name].device, dtype=prob.targets[name].dtype)
+
+    if resident is None:
+        for name in prob.names:
+            place(name, _MixFromMmap.apply(coeffs[prob.group_of[name]], prob.plans[name], backend))
         return out
+    rows = [tuple(r) for r in coeffs.detach().to(torch.float64).tolist()]
+    groups: dict[int, list[str]] = {}
     for name in prob.names:
-        g = prob.group_of[name]
-        if resident is None:
-            w = _MixFromMmap.apply(coeffs[g], prob.plans[name], backend)
-        else:
-            w = _MixResident.apply(coeffs[g], resident.xs[name], rows[g], resident.kernels)  # type: ignore[index]
-        target = prob.targets[name]
-        out[name] = w.to(device=target.device, dtype=target.dtype)
+        groups.setdefault(prob.group_of[name], []).append(name)
+    for g, names in groups.items():  # one multi-tensor call per coefficient vector: one in all for by_model
+        for name, w in zip(names, _MixResident.apply(coeffs[g], [resident.xs[n] for n in names], rows[g],
+                                                     resident.kernels)):
+            place(name, w)
     return out
 
 
