@@ -274,8 +274,10 @@ class _RunningSoup:
         """Check ingredient `index` (`_check`), then op(name, x) for each of its non-empty averaged
         tensors in `names` order, x its values on the model's device (on a CPU a zero-copy view,
         valid only during the call; on a GPU copied in through pinned staging, `_Staged`, or
-        taken from the copies `prefetch` made while the previous candidates were evaluated). Read through the engine, one work item per tensor, whose
-        pages are released after its op: residency stays at about one tensor."""
+        taken from the copies `prefetch` made while the previous candidates were evaluated).
+        Read through the engine, one work item per tensor, whose pages are released after its
+        op: residency stays at about one tensor. `staged`: this staging instead of the soup's
+        own (the prefetcher's worker), which also bypasses the prefetched copies."""
         import torch
 
         from soupkern.engine import WorkItem, run, tensor_items
